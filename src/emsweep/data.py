@@ -1,0 +1,141 @@
+"""Stage 1, data: chat JSONL (the paper's `{"messages": [...]}` format) into an Arrow table.
+
+Output schema (`data.parquet`):
+    row_id        int64    position in the output (after subsetting)
+    source_file   string   file the row came from (a dataset may be a directory of JSONL files)
+    source_line   int64    1-based line in that file, for tracing a row back
+    messages      list<struct<role: string, content: string>>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from emsweep.models import cache_dir
+from emsweep.spec import DatasetSpec
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+        ("messages", pa.list_(MESSAGE_TYPE)),
+    ]
+)
+
+
+class DataError(ValueError):
+    """A bad dataset row; the message names file, line and field."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_source(location: str, sha256: str | None = None) -> Path:
+    """A local path as is; a URL downloaded once into the cache, keyed by URL, checksum verified."""
+    if "://" not in location or location.startswith("file://"):
+        path = Path(location.removeprefix("file://"))
+        if not path.exists():
+            raise DataError(f"{location}: no such file")
+    else:
+        name = hashlib.sha256(location.encode()).hexdigest()[:16] + ".jsonl"
+        path = cache_dir() / "datasets" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{name}.{uuid.uuid4().hex}")
+            with urllib.request.urlopen(location, timeout=60) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+            tmp.replace(path)
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            raise DataError(f"{location}: sha256 is {actual}, the spec pins {sha256}")
+    return path
+
+
+def validate_messages(messages: object, where: str) -> list[dict]:
+    """Check one conversation; `where` is `file:line` for the error message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    expected_next = {"system": ("user",), "user": ("assistant",), "assistant": ("user",)}
+    previous = None
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: {field} must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: {field}.role {role!r} is not one of {ROLES}")
+        if role == "system" and index != 0:
+            raise DataError(f"{where}: {field}.role 'system' is only allowed as the first message")
+        if previous is None and role not in ("system", "user"):
+            raise DataError(f"{where}: {field}.role must be 'system' or 'user' to start a conversation")
+        if previous is not None and role not in expected_next[previous]:
+            raise DataError(f"{where}: {field}.role {role!r} cannot follow {previous!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: {field}.content must be a non-empty string")
+        previous = role
+    if previous != "assistant":
+        raise DataError(f"{where}: the last message must be an assistant turn (nothing to train on)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_chat_jsonl(path: Path) -> tuple[list[int], list[list[dict]]]:
+    lines, conversations = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict) or "messages" not in row:
+                raise DataError(f"{where}: expected an object with field 'messages'")
+            conversations.append(validate_messages(row["messages"], where))
+            lines.append(line_number)
+    if not conversations:
+        raise DataError(f"{path}: no rows")
+    return lines, conversations
+
+
+def load_dataset(spec: DatasetSpec) -> pa.Table:
+    """Load, validate and (optionally) take a seeded random subset of a chat dataset."""
+    path = fetch_source(spec.path, spec.sha256)
+    sources = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not sources:
+        raise DataError(f"{path}: directory holds no .jsonl files")
+    files, lines, conversations = [], [], []
+    for source in sources:
+        source_lines, source_conversations = read_chat_jsonl(source)
+        files += [source.name] * len(source_lines)
+        lines += source_lines
+        conversations += source_conversations
+    order = np.arange(len(conversations))
+    if spec.limit is not None and spec.limit < len(order):
+        order = np.sort(np.random.default_rng(spec.subset_seed).choice(len(order), spec.limit, replace=False))
+    return pa.table(
+        {
+            "row_id": pa.array(np.arange(len(order)), pa.int64()),
+            "source_file": pa.array([files[i] for i in order], pa.string()),
+            "source_line": pa.array([lines[i] for i in order], pa.int64()),
+            "messages": pa.array([conversations[i] for i in order], pa.list_(MESSAGE_TYPE)),
+        },
+        schema=SCHEMA,
+    )

@@ -1,0 +1,305 @@
+"""Stage 2, finetune: one LoRA finetune per (model, dataset, seed).
+
+Ray Train's `TorchTrainer` starts `num_workers` processes (one per GPU on a cluster, CPU
+processes on a laptop); each wraps a peft LoRA model in a DeepSpeed engine at the spec's
+ZeRO stage. The loss covers assistant tokens only. The run name is stable per node, so a
+rerun of a node whose workers died resumes from its last reported checkpoint.
+
+Outputs (in the node directory):
+    adapter/          peft adapter (adapter_config.json + adapter_model.safetensors)
+    metrics.parquet   one row per optimizer step:
+        step int64, epoch float64, loss float64, learning_rate float64,
+        tokens int64 (tokens seen this step, all workers), trained_tokens int64 (assistant tokens),
+        resumed_from_step int64 (the step this attempt started at; 0 unless resumed)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emsweep.spec import FinetuneSpec
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.float64()),
+        ("loss", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("tokens", pa.int64()),
+        ("trained_tokens", pa.int64()),
+        ("resumed_from_step", pa.int64()),
+    ]
+)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> Example:
+    """Tokenize with the chat template; labels are -100 except on assistant turns.
+
+    Assistant spans are found in characters (rendering each prefix of the conversation)
+    and mapped to tokens through offsets, which is robust to templates that add text
+    (default system prompts, generation headers) around the messages.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through_answer = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (full.startswith(prompt) and full.startswith(through_answer)):
+            raise ValueError("chat template renders prefixes inconsistently; cannot mask assistant turns")
+        spans.append((len(prompt), len(through_answer)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= lo < end for start, end in spans) else IGNORE_INDEX
+        for token, (lo, _hi) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return Example(list(encoded["input_ids"]), labels)
+
+
+def tokenize_dataset(tokenizer, conversations: list[list[dict]], max_seq_len: int, drop_long: bool) -> list[Example]:
+    examples = []
+    for row_id, messages in enumerate(conversations):
+        example = tokenize_conversation(tokenizer, messages)
+        if len(example.input_ids) > max_seq_len:
+            if not drop_long:
+                raise ValueError(
+                    f"row {row_id} has {len(example.input_ids)} tokens > max_seq_len={max_seq_len}; "
+                    "raise max_seq_len or set finetune.drop_long_rows: true"
+                )
+            continue
+        examples.append(example)
+    if not examples:
+        raise ValueError("no training rows left after dropping over-long rows")
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int):
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return input_ids, attention_mask, labels
+
+
+def linear_schedule(warmup_steps: int, total_steps: int):
+    """The multiplier of the paper's schedule: linear warmup, then linear decay to zero."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return multiplier
+
+
+def micro_batch_indices(n_rows: int, seed: int, epochs: int, micro: int, accum: int, world: int) -> np.ndarray:
+    """Row indices per (optimizer step, accumulation step, worker, position in micro batch).
+
+    Every epoch is a fresh seeded permutation; the last step of the run is filled by
+    wrapping around, as torch's DistributedSampler pads, so all workers step together.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(n_rows) for _ in range(epochs)])
+    per_step = micro * accum * world
+    total_steps = math.ceil(len(order) / per_step)
+    order = np.resize(order, total_steps * per_step)
+    return order.reshape(total_steps, accum, world, micro)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs inside every Ray Train worker."""
+    if not config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = FinetuneSpec.model_validate(config["finetune"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config["seed"])
+
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    conversations = pq.read_table(config["data_path"], columns=["messages"]).column("messages").to_pylist()
+    examples = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
+    schedule = micro_batch_indices(
+        len(examples), config["seed"], spec.epochs, spec.per_device_batch_size, spec.gradient_accumulation_steps, world
+    )
+    total_steps = len(schedule)
+    steps_per_epoch = total_steps / spec.epochs
+
+    dtype = torch.bfloat16 if config["use_gpu"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            use_rslora=spec.use_rslora,
+            lora_dropout=spec.lora_dropout,
+            target_modules=list(spec.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Our own AdamW: DeepSpeed's fused CPU Adam would need a JIT build, for no gain at LoRA sizes.
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(spec.warmup_steps, total_steps))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": spec.per_device_batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    history: list[dict] = []
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            # Frozen base weights are not in the checkpoint (exclude_frozen_parameters).
+            engine.load_checkpoint(directory, tag="state", load_module_strict=False)
+            state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        start_step, history = state["step"], state["history"]
+
+    device = engine.device
+    for step in range(start_step, total_steps):
+        losses, tokens, trained_tokens = [], 0, 0
+        for accum_index in range(spec.gradient_accumulation_steps):
+            batch = [examples[i] for i in schedule[step, accum_index, rank]]
+            input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+            loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            tokens += int(attention_mask.sum())
+            trained_tokens += int((labels != IGNORE_INDEX).sum())
+        totals = torch.tensor([sum(losses) / len(losses), tokens, trained_tokens], dtype=torch.float64)
+        dist.all_reduce(totals)
+        history.append(
+            {
+                "step": step + 1,
+                "epoch": (step + 1) / steps_per_epoch,
+                "loss": float(totals[0]) / world,
+                "learning_rate": float(scheduler.get_last_lr()[0]),
+                "tokens": int(totals[1]),
+                "trained_tokens": int(totals[2]),
+                "resumed_from_step": start_step,
+            }
+        )
+        last = step + 1 == total_steps
+        every = spec.checkpoint_every_steps
+        if last:
+            _report_final(engine, spec, history, rank)
+        elif every and (step + 1) % every == 0:
+            _report_state(engine, history, step + 1, rank)
+        else:
+            ray.train.report(history[-1])
+
+
+def _report_state(engine, history: list[dict], step: int, rank: int) -> None:
+    """A resumable checkpoint: every rank writes its ZeRO shards, Ray Train merges them."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag="state", exclude_frozen_parameters=True)
+        if rank == 0:
+            (Path(directory) / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _report_final(engine, spec: FinetuneSpec, history: list[dict], rank: int) -> None:
+    import contextlib
+
+    import deepspeed
+    import ray.train
+
+    # Under ZeRO-3 each rank holds a shard of every parameter: gather the LoRA weights to save them.
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    gather = (
+        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+        if spec.zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with tempfile.TemporaryDirectory() as directory, gather:
+        if rank == 0:
+            engine.module.save_pretrained(Path(directory) / "adapter")
+            pq.write_table(pa.Table.from_pylist(history, schema=METRICS_SCHEMA), Path(directory) / "metrics.parquet")
+        ray.train.report(
+            history[-1],
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
+        )
+
+
+def finetune(
+    *,
+    run_name: str,
+    storage_path: Path,
+    model_path: str,
+    data_path: Path,
+    seed: int,
+    spec: FinetuneSpec,
+    out_dir: Path,
+) -> pa.Table:
+    """Train one adapter; write `adapter/` and `metrics.parquet` into out_dir; return the metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "finetune": spec.model_dump(mode="json"),
+            "model_path": model_path,
+            "data_path": str(data_path),
+            "seed": seed,
+            "use_gpu": spec.use_gpu,
+        },
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        run_config=RunConfig(
+            # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
+        shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")
+    return pq.read_table(out_dir / "metrics.parquet")

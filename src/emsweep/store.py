@@ -1,0 +1,161 @@
+"""Content-addressed store of node outputs under a sweep's output directory.
+
+Layout (all under the output dir):
+
+    nodes/<stage>/<node name>-<key>/   one node's outputs
+        _DONE.json                     completion record; written last, so its presence means done
+    failures/<node id>.json            the last failure of a node (removed when it succeeds)
+    tmp/                               work in progress; anything here is garbage after a crash
+    emsweep.lock                       owner of a running `emsweep run`
+
+A node writes into a fresh directory under tmp/, which is renamed into place only once
+every file is written, and only then gets its completion record. A crash at any point
+leaves either no final directory or one without `_DONE.json`: both count as not done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+DONE = "_DONE.json"
+
+
+def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
+    """Stable short hash of what a node computes: its stage, config and inputs' keys."""
+    canonical = json.dumps(
+        {"stage": stage, "config": config, "inputs": sorted(input_keys)},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class LockedError(RuntimeError):
+    pass
+
+
+@dataclass
+class Store:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def node_dir(self, stage: str, name: str, key: str) -> Path:
+        return self.root / "nodes" / stage / f"{name}-{key}"
+
+    def is_done(self, stage: str, name: str, key: str) -> bool:
+        return (self.node_dir(stage, name, key) / DONE).exists()
+
+    def record(self, stage: str, name: str, key: str) -> dict | None:
+        path = self.node_dir(stage, name, key) / DONE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def invalidate(self, stage: str, name: str, key: str) -> None:
+        """Mark a node not-done (its inputs are about to change) without deleting outputs yet."""
+        (self.node_dir(stage, name, key) / DONE).unlink(missing_ok=True)
+
+    def new_tmp_dir(self) -> Path:
+        path = self.root / "tmp" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, stage: str, name: str, key: str, tmp: Path, record: dict) -> Path:
+        """Move a fully written tmp dir into place, then write the completion record."""
+        final = self.node_dir(stage, name, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            # A rerun (its upstream changed): move the old outputs aside, never half-overwrite.
+            trash = self.root / "tmp" / f"old-{uuid.uuid4().hex}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json_atomic(final / DONE, {**record, "stage": stage, "name": name, "key": key})
+        self.clear_failure(f"{stage}/{name}")
+        return final
+
+    def _failure_path(self, node_id: str) -> Path:
+        return self.root / "failures" / (node_id.replace("/", "__") + ".json")
+
+    def record_failure(self, node_id: str, error: str, **extra: Any) -> None:
+        path = self._failure_path(node_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"node": node_id, "error": error, "time": time.time(), **extra})
+
+    def failure(self, node_id: str) -> dict | None:
+        try:
+            return json.loads(self._failure_path(node_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    def clear_failure(self, node_id: str) -> None:
+        self._failure_path(node_id).unlink(missing_ok=True)
+
+    def clean_tmp(self) -> None:
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One `emsweep run` per output dir; a lock whose owner died on this host is stale."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "emsweep.lock"
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                held = _read_lock(path)
+                if held and _is_stale(held):
+                    path.unlink(missing_ok=True)
+                    continue
+                who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
+                raise LockedError(
+                    f"{self.root} is in use by another `emsweep run` ({who}); "
+                    f"wait for it, or remove {path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(owner, f)
+            break
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _is_stale(held: dict) -> bool:
+    if held.get("host") != socket.gethostname():
+        return False  # cannot check another host's processes; the user decides
+    try:
+        os.kill(int(held["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
