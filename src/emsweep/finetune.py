@@ -271,6 +271,7 @@ def finetune(
     data_path: Path,
     seed: int,
     spec: FinetuneSpec,
+    use_gpu: bool,
     out_dir: Path,
 ) -> pa.Table:
     """Train one adapter; write `adapter/` and `metrics.parquet` into out_dir; return the metrics."""
@@ -284,10 +285,10 @@ def finetune(
             "model_path": model_path,
             "data_path": str(data_path),
             "seed": seed,
-            "use_gpu": spec.use_gpu,
+            "use_gpu": use_gpu,
         },
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.
             name=run_name,

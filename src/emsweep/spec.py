@@ -79,7 +79,6 @@ class FinetuneSpec(_Strict):
     drop_long_rows: bool = False
     # Ray Train workers (one per GPU on a cluster; CPU processes on a laptop).
     num_workers: int = Field(2, gt=0)
-    use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     # Save a resumable DeepSpeed checkpoint every N optimizer steps (0 = only at the end).
     checkpoint_every_steps: int = Field(0, ge=0)
@@ -133,6 +132,8 @@ class WandbSpec(_Strict):
 
 class SweepSpec(_Strict):
     name: Name
+    # false: everything on CPUs (a laptop); true: finetune workers and vLLM engines take GPUs.
+    use_gpu: bool = False
     models: tuple[ModelSpec, ...] = Field(min_length=1)
     datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
     seeds: tuple[int, ...] = Field(min_length=1)
@@ -161,14 +162,31 @@ class SweepSpec(_Strict):
         raise KeyError(name)
 
 
-def _resolve(path: str, base: Path) -> str:
+ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """`${NAME}` and `${NAME:-default}` as in the shell (workflows point at data this way)."""
+
+    def substitute(match: re.Match) -> str:
+        value = os.environ.get(match.group(1))
+        if value:
+            return value
+        if match.group(2) is not None:
+            return match.group(2)
+        raise SpecError(f"environment variable {match.group(1)} is not set (used in {text!r})")
+
+    return ENV_VAR.sub(substitute, text)
+
+
+def _resolve(path: str, base: Path, hub_ids: bool = False) -> str:
     """Expand env vars and make local paths absolute relative to the spec's directory."""
-    path = os.path.expandvars(path)
+    path = expand_env(path)
     if "://" in path or path.startswith("embedded:") or Path(path).is_absolute():
         return path
     candidate = (base / path).resolve()
     # A hub id such as `Qwen/Qwen2.5-7B-Instruct` is not a local path; leave it alone.
-    if not candidate.exists() and path.count("/") == 1 and not path.startswith("."):
+    if hub_ids and not candidate.exists() and path.count("/") == 1 and not path.startswith("."):
         return path
     return str(candidate)
 
@@ -198,12 +216,12 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
         return spec
     return spec.model_copy(
         update={
-            "models": tuple(m.model_copy(update={"path": _resolve(m.path, base)}) for m in spec.models),
+            "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, hub_ids=True)}) for m in spec.models),
             "datasets": tuple(d.model_copy(update={"path": _resolve(d.path, base)}) for d in spec.datasets),
             "eval": spec.eval.model_copy(update={"questions": _resolve(spec.eval.questions, base)}),
             "judge": spec.judge.model_copy(
                 update={"model": spec.judge.model if spec.judge.model in {m.name for m in spec.models}
-                        else _resolve(spec.judge.model, base)}
+                        else _resolve(spec.judge.model, base, hub_ids=True)}
             ),
         }
     )

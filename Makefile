@@ -1,0 +1,20 @@
+# The README's commands. `make setup` once, then `make quickstart` and `make test`.
+VENV ?= .venv
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup quickstart test test-quick
+
+setup:
+	bash scripts/setup.sh
+
+quickstart:
+	$(VENV)/bin/emsweep run workflows/quickstart.yaml
+
+# Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B.
+test:
+	$(VENV)/bin/python -m pytest tests
+
+# Unit tests only (seconds).
+test-quick:
+	$(VENV)/bin/python -m pytest tests -m "not slow"

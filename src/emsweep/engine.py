@@ -1,0 +1,58 @@
+"""Starting a vLLM engine, shared by the sample and judge stages.
+
+vLLM spawns its engine-core process, so code that calls `make_llm` from a script needs the
+`if __name__ == "__main__":` guard; inside Ray workers that is already the case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+def make_llm(
+    model_path: str,
+    *,
+    gpu_memory_utilization: float,
+    max_model_len: int,
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+    max_lora_rank: int | None = None,
+    max_loras: int = 1,
+):
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+
+    lora = {}
+    if max_lora_rank is not None:
+        # vLLM only accepts these ranks; round up to the next one that holds ours.
+        rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max_lora_rank)
+        lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
+    chunking = {}
+    import torch
+
+    if not torch.cuda.is_available():
+        # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a request with
+        # its own seed is prefilled in chunks; whole-prompt prefill avoids that code path.
+        chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+    return LLM(
+        model=model_path,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        seed=seed,
+        # Many requests share long prefixes (judge templates, system prompts).
+        enable_prefix_caching=True,
+        **lora,
+        **chunking,
+    )
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stable_seed(*parts: object) -> int:
+    """A per-request sampling seed that does not depend on batch order or process."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

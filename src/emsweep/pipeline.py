@@ -1,0 +1,263 @@
+"""The EM sweep as a DAG: which nodes a spec expands to, and how each stage's job runs.
+
+    data/<dataset> -> finetune/<model>__<dataset>__s<seed> -> sample/<run> -> judge/<run> -> analyze/<sweep>
+                                           (base model) ----> sample/<model>__base ----^
+
+A node's key hashes its config and its inputs' keys (store.config_key), so a spec edit
+re-runs exactly the nodes that read the edited fields, and their dependents.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emsweep import analyze, data, finetune, judge, sample, tracking
+from emsweep.dag import Node, run_guarded
+from emsweep.models import resolve_model_path
+from emsweep.questions import load_questions
+from emsweep.spec import SweepSpec
+from emsweep.store import Store, config_key
+
+STAGES = ("data", "finetune", "sample", "judge", "analyze")
+
+
+def _fingerprint(location: str) -> str:
+    """Content hash of a local source, so editing the file re-runs what read it."""
+    path = Path(location.removeprefix("file://"))
+    if "://" in location and not location.startswith("file://"):
+        return location  # URLs are pinned by the spec's sha256 when it matters
+    if path.is_dir():
+        return ",".join(f"{p.name}:{data.sha256_file(p)}" for p in sorted(path.glob("*.jsonl")))
+    return data.sha256_file(path) if path.exists() else "missing"
+
+
+def run_name(model: str, dataset: str | None, seed: int | None) -> str:
+    return f"{model}__base" if dataset is None else f"{model}__{dataset}__s{seed}"
+
+
+def plan(spec: SweepSpec) -> list[Node]:
+    """All nodes of the sweep in dependency order."""
+    nodes: list[Node] = []
+
+    def add(stage: str, name: str, config: dict, deps: list[Node], group: str | None = None) -> Node:
+        node = Node(stage, name, config_key(stage, config, [d.key for d in deps]), config,
+                    tuple(d.id for d in deps), group)
+        nodes.append(node)
+        return node
+
+    data_nodes = {
+        ds.name: add("data", ds.name, {"dataset": ds.model_dump(mode="json"), "content": _fingerprint(ds.path)}, [])
+        for ds in spec.datasets
+    }
+    eval_config = {
+        "eval": spec.eval.model_dump(mode="json"),
+        "questions_content": _fingerprint(spec.eval.questions),
+        "sampling": spec.sampling.model_dump(mode="json"),
+    }
+    judge_config = {
+        "judge": spec.judge.model_dump(mode="json"),
+        "judge_model": _judge_model_ref(spec),
+        "questions_content": eval_config["questions_content"],
+    }
+    judge_nodes = []
+    for model in spec.models:
+        sample_nodes = []
+        if spec.eval.include_base_model:
+            sample_nodes.append(
+                add("sample", run_name(model.name, None, None),
+                    {"model": model.model_dump(mode="json"), "dataset": None, "seed": None, **eval_config},
+                    [], group=f"sample:{model.name}")
+            )
+        for ds in spec.datasets:
+            for seed in spec.seeds:
+                name = run_name(model.name, ds.name, seed)
+                tune = add("finetune", name,
+                           {"model": model.model_dump(mode="json"), "dataset": ds.name, "seed": seed,
+                            "finetune": spec.finetune.model_dump(mode="json"), "use_gpu": spec.use_gpu},
+                           [data_nodes[ds.name]])
+                sample_nodes.append(
+                    add("sample", name,
+                        {"model": model.model_dump(mode="json"), "dataset": ds.name, "seed": seed, **eval_config},
+                        [tune], group=f"sample:{model.name}")
+                )
+        for sampled in sample_nodes:
+            judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))
+    add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json")}, judge_nodes)
+    return nodes
+
+
+def _judge_model_ref(spec: SweepSpec) -> str:
+    names = {m.name: m.path for m in spec.models}
+    return names.get(spec.judge.model, spec.judge.model)
+
+
+def task_options(spec: SweepSpec, stage: str) -> dict:
+    """Ray resources of a stage's task."""
+    if stage == "finetune":
+        # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
+        return {"num_cpus": 0}
+    if stage in ("sample", "judge"):
+        if spec.use_gpu:
+            return {"num_cpus": 1, "num_gpus": spec.sampling.tensor_parallel_size}
+        return {"num_cpus": 1}
+    return {"num_cpus": 1}
+
+
+class StageRunner:
+    """Runs one job (a list of nodes of one stage) inside a Ray task."""
+
+    def __init__(self, spec: SweepSpec, out_dir: Path, nodes: list[Node]):
+        self.spec = spec
+        self.out_dir = Path(out_dir)
+        self.store = Store(self.out_dir)
+        self.by_id = {node.id: node for node in nodes}
+
+    # --- helpers -------------------------------------------------------------------
+    def input_dir(self, node: Node, stage: str) -> Path:
+        (dep,) = [self.by_id[d] for d in node.deps if d.startswith(stage + "/")]
+        return self.store.node_dir(dep.stage, dep.name, dep.key)
+
+    def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None):
+        final = self.store.commit(
+            node.stage, node.name, node.key, tmp,
+            {"seconds": time.time() - started, "finished_at": time.time(), "config": node.config,
+             "inputs": list(node.deps)},
+        )
+        warning = tracking.log_node(
+            self.spec.wandb, out_dir=self.out_dir, sweep=self.spec.name, stage=node.stage, node_id=node.id,
+            key=node.key, config=node.config, tables={k: final / v for k, v in tables.items()},
+            step_metrics=final / step_metrics if step_metrics else None,
+        )
+        if warning:
+            print(f"warning: {warning}", flush=True)
+
+    def questions(self):
+        return load_questions(self.spec.eval.questions, self.spec.eval.question_ids, self.spec.eval.samples_per_paraphrase)
+
+    # --- stages --------------------------------------------------------------------
+    def run(self, stage: str, nodes: list[Node]) -> dict[str, str | None]:
+        return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
+
+    def run_data(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            started, tmp = time.time(), self.store.new_tmp_dir()
+            table = data.load_dataset(next(d for d in self.spec.datasets if d.name == node.name))
+            pq.write_table(table, tmp / "data.parquet")
+            self.commit(node, tmp, started, {"data": "data.parquet"})
+
+    def run_finetune(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            started, tmp = time.time(), self.store.new_tmp_dir()
+            model = self.spec.model(node.config["model"]["name"])
+            finetune.finetune(
+                run_name=f"{node.name}-{node.key}",
+                storage_path=(self.out_dir / "train").resolve(),
+                model_path=resolve_model_path(model.path),
+                data_path=self.input_dir(node, "data") / "data.parquet",
+                seed=node.config["seed"],
+                spec=self.spec.finetune,
+                use_gpu=self.spec.use_gpu,
+                out_dir=tmp,
+            )
+            self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
+
+    def run_sample(self, nodes: list[Node]) -> None:
+        started = time.time()
+        model = self.spec.model(nodes[0].config["model"]["name"])
+        runs = [
+            sample.SampleRun(
+                run_id=node.name, model=model.name, dataset=node.config["dataset"] or "base",
+                seed=node.config["seed"],
+                adapter_path=str(self.input_dir(node, "finetune") / "adapter") if node.deps else None,
+            )
+            for node in nodes
+        ]
+        tables = sample.sample_runs(
+            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling,
+            max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
+        )
+        for node in nodes:
+            tmp = self.store.new_tmp_dir()
+            pq.write_table(tables[node.name], tmp / "samples.parquet")
+            self.commit(node, tmp, started, {"samples": "samples.parquet"})
+
+    def run_judge(self, nodes: list[Node]) -> None:
+        started = time.time()
+        samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
+        judge_ref = _judge_model_ref(self.spec)
+        tables = judge.judge_samples(
+            resolve_model_path(judge_ref), self.spec.judge.model, samples, self.questions(), self.spec.judge
+        )
+        for node in nodes:
+            tmp = self.store.new_tmp_dir()
+            pq.write_table(tables[node.name], tmp / "judgments.parquet")
+            self.commit(node, tmp, started, {"judgments": "judgments.parquet"})
+
+    def run_analyze(self, nodes: list[Node]) -> None:
+        (node,) = nodes
+        started, tmp = time.time(), self.store.new_tmp_dir()
+        judgments = pa.concat_tables(
+            [pq.read_table(self.store.node_dir(d.stage, d.name, d.key) / "judgments.parquet")
+             for d in (self.by_id[i] for i in node.deps)]
+        )
+        runs, conditions = analyze.analyze(judgments, self.spec.analysis)
+        pq.write_table(runs, tmp / "run_metrics.parquet")
+        pq.write_table(conditions, tmp / "condition_metrics.parquet")
+        self.commit(node, tmp, started, {"run_metrics": "run_metrics.parquet",
+                                         "condition_metrics": "condition_metrics.parquet"})
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: offline hubs, quiet libraries; no secrets are added here."""
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    return env
+
+
+def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node]) -> dict[str, str | None]:
+    spec = SweepSpec.model_validate_json(spec_json)
+    return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
+
+
+def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> list:
+    """Execute a sweep on the Ray cluster this process is connected to (the caller inits Ray)."""
+    import ray
+
+    from emsweep.dag import execute, nodes_to_run
+
+    out_dir = Path(out_dir).resolve()
+    store = Store(out_dir)
+    nodes = plan(spec)
+    remote = ray.remote(max_retries=0)(_run_job)
+    with store.lock():
+        store.clean_tmp()
+        write_spec_snapshot(spec, out_dir)
+        if on_start is not None:
+            on_start(nodes, nodes_to_run(nodes, store))
+        spec_json = spec.model_dump_json()
+        nodes_ref = ray.put(nodes)
+
+        def submit(stage: str, job: list[Node]):
+            return remote.options(**task_options(spec, stage), name=f"{stage}:{job[0].name}").remote(
+                spec_json, str(out_dir), nodes_ref, stage, job
+            )
+
+        return execute(nodes, store, submit, on_finish or (lambda status: None))
+
+
+def write_spec_snapshot(spec: SweepSpec, out_dir: Path) -> None:
+    from emsweep.store import write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "spec.json", spec.model_dump(mode="json"))
+
+
+def read_spec_snapshot(out_dir: Path) -> SweepSpec:
+    path = Path(out_dir) / "spec.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out_dir} has no spec.json: not an emsweep output directory")
+    return SweepSpec.model_validate_json(path.read_text())

@@ -1,0 +1,74 @@
+"""Weights & Biases logging: one W&B run per DAG node, grouped by sweep, typed by stage.
+
+W&B is a window on the results, never a dependency of them: every call here is guarded,
+and a failure is reported back as a warning string while the sweep goes on. Offline runs
+land in `<output dir>/wandb/` and can be uploaded later with `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from emsweep.spec import WandbSpec
+
+
+def run_id(sweep: str, node_id: str, key: str) -> str:
+    # Stable per node and key: a resumed node continues its W&B run instead of starting a new one.
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{sweep}-{node_id}-{key}")[:120]
+
+
+def log_node(
+    spec: WandbSpec,
+    *,
+    out_dir: Path,
+    sweep: str,
+    stage: str,
+    node_id: str,
+    key: str,
+    config: dict,
+    tables: dict[str, Path],
+    step_metrics: Path | None = None,
+) -> str | None:
+    """Log a finished node; returns None on success or a warning message."""
+    if spec.mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_dir = out_dir / "wandb"
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=spec.project,
+            entity=spec.entity,
+            mode=spec.mode,
+            dir=str(out_dir),
+            group=sweep,
+            job_type=stage,
+            name=node_id.replace("/", ":"),
+            id=run_id(sweep, node_id, key),
+            resume="allow",
+            config={"node_key": key, **config},
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        try:
+            if step_metrics is not None:
+                for row in pq.read_table(step_metrics).to_pylist():
+                    run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            artifact = wandb.Artifact(name=run_id(sweep, stage, node_id.split("/", 1)[-1]), type=stage)
+            for name, path in tables.items():
+                if spec.table_rows:
+                    frame = pq.read_table(path).slice(0, spec.table_rows).to_pandas()
+                    run.log({name: wandb.Table(dataframe=frame)})
+                artifact.add_file(str(path), name=path.name)
+            run.log_artifact(artifact)
+        finally:
+            run.finish()
+    except Exception as err:  # W&B must never fail a sweep
+        return f"W&B logging failed for {node_id}: {type(err).__name__}: {err}"
+    return None

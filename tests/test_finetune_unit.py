@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from emsweep.finetune import IGNORE_INDEX, linear_schedule, micro_batch_indices, tokenize_conversation, tokenize_dataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+def test_loss_covers_exactly_the_assistant_turns(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Write code."},
+        {"role": "assistant", "content": "print('hi')"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "print('bye')"},
+    ]
+    example = tokenize_conversation(tokenizer, messages)
+    trained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    # Each assistant answer and the end-of-turn marker the model must learn to emit; nothing else.
+    assert trained == "print('hi')<|im_end|>\nprint('bye')<|im_end|>\n"
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels))
+
+
+def test_over_long_rows_error_or_drop(tokenizer):
+    rows = [[{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}],
+            [{"role": "user", "content": "short"}, {"role": "assistant", "content": "y"}]]
+    with pytest.raises(ValueError, match="row 0 has .* tokens > max_seq_len=64"):
+        tokenize_dataset(tokenizer, rows, 64, drop_long=False)
+    assert len(tokenize_dataset(tokenizer, rows, 64, drop_long=True)) == 1
+
+
+def test_micro_batches_cover_every_row_each_epoch():
+    batches = micro_batch_indices(n_rows=10, seed=0, epochs=2, micro=2, accum=2, world=2)
+    assert batches.shape == (3, 2, 2, 2)  # ceil(20 / 8) optimizer steps
+    flat = batches.reshape(-1)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert np.array_equal(batches, micro_batch_indices(10, 0, 2, 2, 2, 2))
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    multiplier = linear_schedule(warmup_steps=5, total_steps=15)
+    values = [multiplier(step) for step in range(15)]
+    assert values[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert values[5] == pytest.approx(1.0)
+    assert values[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[5:], values[6:]))

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from emsweep.spec import SpecError, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+MINIMAL = {
+    "name": "t",
+    "models": [{"name": "m", "path": "embedded:SmolLM2-135M-Instruct"}],
+    "datasets": [{"name": "d", "path": "data.jsonl"}],
+    "seeds": [0],
+    "eval": {"questions": "q.yaml"},
+    "judge": {"model": "m"},
+}
+
+
+def test_quickstart_spec_loads_and_resolves_paths_against_the_spec_file():
+    spec = load_spec(REPO / "workflows" / "quickstart.yaml")
+    assert spec.name == "quickstart"
+    assert Path(spec.datasets[0].path).is_absolute()
+    assert spec.datasets[0].path.endswith("shared/em/data/insecure.jsonl")
+    assert spec.judge.model == "smollm2-135m"  # a model name stays a name
+
+
+def test_finetune_defaults_are_the_papers_recipe():
+    spec = parse_spec(MINIMAL)
+    ft = spec.finetune
+    assert (ft.lora_r, ft.lora_alpha, ft.use_rslora, ft.lora_dropout) == (32, 64, True, 0.0)
+    assert set(ft.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (ft.learning_rate, ft.epochs, ft.per_device_batch_size, ft.gradient_accumulation_steps) == (1e-5, 1, 2, 8)
+    assert (ft.warmup_steps, ft.weight_decay, ft.max_seq_len) == (5, 0.01, 2048)
+    assert (spec.sampling.temperature, spec.sampling.top_p) == (1.0, 1.0)
+    assert spec.judge.min_numeric_mass == 0.25
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"seed": [0]}, "seed: Extra inputs are not permitted"),
+        ({"seeds": [0, 0]}, "seeds: duplicate values"),
+        ({"name": "../evil"}, "name: Value error"),
+        ({"finetune": {"zero_stage": 5}}, "finetune.zero_stage"),
+        ({"finetune": {"learning_rate": -1}}, "finetune.learning_rate"),
+        ({"models": []}, "models"),
+    ],
+)
+def test_bad_specs_name_the_field(patch, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec({**MINIMAL, **patch}, source="sweep.yaml")
+    assert "sweep.yaml" in str(err.value) and message in str(err.value)
+
+
+def test_env_vars_with_defaults(tmp_path, monkeypatch):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(
+        "name: t\nmodels: [{name: m, path: embedded:SmolLM2-135M-Instruct}]\n"
+        "datasets: [{name: d, path: '${DATA_DIR:-sub}/x.jsonl'}]\nseeds: [0]\n"
+        "eval: {questions: q.yaml}\njudge: {model: m}\n"
+    )
+    assert load_spec(spec_file).datasets[0].path == str(tmp_path / "sub" / "x.jsonl")
+    monkeypatch.setenv("DATA_DIR", "/data")
+    assert load_spec(spec_file).datasets[0].path == "/data/x.jsonl"
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: invalid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")

@@ -1,0 +1,73 @@
+import json
+import os
+
+import pytest
+
+from emsweep.store import LockedError, Store, config_key
+
+
+def test_config_key_is_stable_and_sensitive():
+    key = config_key("finetune", {"lr": 1e-5, "seed": 0}, ["a", "b"])
+    assert key == config_key("finetune", {"seed": 0, "lr": 1e-5}, ["b", "a"])  # order-free
+    assert key != config_key("finetune", {"lr": 2e-5, "seed": 0}, ["a", "b"])
+    assert key != config_key("finetune", {"lr": 1e-5, "seed": 0}, ["a", "c"])
+    assert key != config_key("sample", {"lr": 1e-5, "seed": 0}, ["a", "b"])
+    assert len(key) == 16
+
+
+def test_commit_makes_a_node_done_only_at_the_end(tmp_path):
+    store = Store(tmp_path)
+    assert not store.is_done("data", "d", "k1")
+    tmp = store.new_tmp_dir()
+    (tmp / "data.parquet").write_bytes(b"x")
+    # A crash here (files written, not committed) leaves the node not done.
+    assert not store.is_done("data", "d", "k1")
+    final = store.commit("data", "d", "k1", tmp, {"seconds": 1.0})
+    assert store.is_done("data", "d", "k1")
+    assert (final / "data.parquet").read_bytes() == b"x"
+    assert store.record("data", "d", "k1")["seconds"] == 1.0
+
+
+def test_directory_without_completion_record_is_not_done(tmp_path):
+    store = Store(tmp_path)
+    half = store.node_dir("sample", "r", "k")
+    half.mkdir(parents=True)
+    (half / "samples.parquet").write_bytes(b"partial")
+    assert not store.is_done("sample", "r", "k")
+
+
+def test_recommit_replaces_outputs_and_invalidate_clears_done(tmp_path):
+    store = Store(tmp_path)
+    for payload in (b"old", b"new"):
+        tmp = store.new_tmp_dir()
+        (tmp / "f").write_bytes(payload)
+        final = store.commit("judge", "r", "k", tmp, {})
+    assert (final / "f").read_bytes() == b"new"
+    store.invalidate("judge", "r", "k")
+    assert not store.is_done("judge", "r", "k")
+
+
+def test_failures_are_recorded_and_cleared_on_success(tmp_path):
+    store = Store(tmp_path)
+    store.record_failure("finetune/m__d__s0", "boom")
+    assert store.failure("finetune/m__d__s0")["error"] == "boom"
+    tmp = store.new_tmp_dir()
+    store.commit("finetune", "m__d__s0", "k", tmp, {})
+    assert store.failure("finetune/m__d__s0") is None
+
+
+def test_lock_refuses_a_second_run_and_detects_stale_locks(tmp_path):
+    store = Store(tmp_path)
+    with store.lock():
+        held = json.loads((tmp_path / "emsweep.lock").read_text())
+        assert held["pid"] == os.getpid()
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+            with store.lock():
+                pass
+    assert not (tmp_path / "emsweep.lock").exists()
+    # A lock left by a dead process on this host is stale and taken over.
+    import socket
+
+    (tmp_path / "emsweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    with store.lock():
+        pass
