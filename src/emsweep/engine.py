@@ -19,6 +19,7 @@ def make_llm(
     seed: int = 0,
     max_lora_rank: int | None = None,
     max_loras: int = 1,
+    kv_cache_gib: float | None = None,
 ):
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
@@ -28,13 +29,22 @@ def make_llm(
         # vLLM only accepts these ranks; round up to the next one that holds ours.
         rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max_lora_rank)
         lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
-    chunking = {}
+    platform = {}
     import torch
 
     if not torch.cuda.is_available():
-        # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a request with
-        # its own seed is prefilled in chunks; whole-prompt prefill avoids that code path.
-        chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+        platform = {
+            # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a request with
+            # its own seed is prefilled in chunks; whole-prompt prefill avoids that code path.
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, 8192),
+            # CPUs without native bf16 (no AVX512-BF16/AMX) run float32 about 2.5x faster.
+            "dtype": "float32",
+        }
+    if kv_cache_gib is not None:
+        # An explicit KV cache size; otherwise vLLM reserves gpu_memory_utilization of the
+        # device (of all RAM on CPU), which a laptop running finetunes beside it may not have.
+        platform["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     return LLM(
         model=model_path,
         gpu_memory_utilization=gpu_memory_utilization,
@@ -44,7 +54,7 @@ def make_llm(
         # Many requests share long prefixes (judge templates, system prompts).
         enable_prefix_caching=True,
         **lora,
-        **chunking,
+        **platform,
     )
 
 

@@ -101,7 +101,10 @@ def judge_samples(
 
     by_id = {q.id: q for q in questions}
     llm = make_llm(
-        judge_model_path, gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_model_len
+        judge_model_path,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        max_model_len=spec.max_model_len,
+        kv_cache_gib=spec.kv_cache_gib,
     )
     tokenizer = llm.get_tokenizer()
     texts, keys = [], []

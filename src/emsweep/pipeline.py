@@ -24,6 +24,7 @@ from emsweep.spec import SweepSpec
 from emsweep.store import Store, config_key
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
+ENGINE_STAGES = ("sample", "judge")
 
 
 def _fingerprint(location: str) -> str:
@@ -96,7 +97,7 @@ def _judge_model_ref(spec: SweepSpec) -> str:
     return names.get(spec.judge.model, spec.judge.model)
 
 
-def task_options(spec: SweepSpec, stage: str) -> dict:
+def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1) -> dict:
     """Ray resources of a stage's task."""
     if stage == "finetune":
         # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
@@ -104,7 +105,9 @@ def task_options(spec: SweepSpec, stage: str) -> dict:
     if stage in ("sample", "judge"):
         if spec.use_gpu:
             return {"num_cpus": 1, "num_gpus": spec.sampling.tensor_parallel_size}
-        return {"num_cpus": 1}
+        # On CPUs an engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus);
+        # engines wait for their inputs anyway, so they do not compete with finetunes.
+        return {"num_cpus": max(1, cluster_cpus)}
     return {"num_cpus": 1}
 
 
@@ -233,6 +236,9 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
     store = Store(out_dir)
     nodes = plan(spec)
     remote = ray.remote(max_retries=0)(_run_job)
+    # A fresh worker process per engine job: vLLM does not give all memory back in-process,
+    # and the next engine (the judge after the sampler) needs it.
+    remote_engine = ray.remote(max_retries=0, max_calls=1)(_run_job)
     with store.lock():
         store.clean_tmp()
         write_spec_snapshot(spec, out_dir)
@@ -240,9 +246,12 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
             on_start(nodes, nodes_to_run(nodes, store))
         spec_json = spec.model_dump_json()
         nodes_ref = ray.put(nodes)
+        # Engines on a CPU-only cluster take one node's cores; assume the head node is typical.
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
 
         def submit(stage: str, job: list[Node]):
-            return remote.options(**task_options(spec, stage), name=f"{stage}:{job[0].name}").remote(
+            function = remote_engine if stage in ENGINE_STAGES else remote
+            return function.options(**task_options(spec, stage, cluster_cpus), name=f"{stage}:{job[0].name}").remote(
                 spec_json, str(out_dir), nodes_ref, stage, job
             )
 

@@ -93,6 +93,7 @@ def sample_runs(
         seed=spec.seed,
         max_lora_rank=max_lora_rank if adapters else None,
         max_loras=max(1, len(adapters)),
+        kv_cache_gib=spec.kv_cache_gib,
     )
     tokenizer = llm.get_tokenizer()
     lora_ids = {run.run_id: index + 1 for index, run in enumerate(adapters)}

@@ -93,6 +93,8 @@ class SamplingSpec(_Strict):
     seed: int = 0
     # On CPU this is the share of RAM vLLM reserves for its KV cache.
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    # If set, the KV cache size in GiB instead of gpu_memory_utilization (useful on laptops).
+    kv_cache_gib: float | None = Field(default=None, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
 
 
@@ -112,6 +114,7 @@ class JudgeSpec(_Strict):
     min_numeric_mass: float = Field(0.25, ge=0, le=1)
     top_logprobs: int = Field(20, gt=0, le=20)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    kv_cache_gib: float | None = Field(default=None, gt=0)
     max_model_len: int = 4096
 
 

@@ -1,0 +1,117 @@
+"""End to end through the real components: Ray, Ray Train + DeepSpeed + peft, vLLM, W&B, Arrow.
+
+A tiny sweep (1 dataset of 8 rows, 2 seeds, 2 questions, short answers) runs through the
+`emsweep` command three times: fresh, again (nothing runs), and after deleting one seed's
+finetune (exactly that seed's chain reruns).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _emsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "emsweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, shared_em):
+    root = tmp_path_factory.mktemp("e2e")
+    spec = {
+        "name": "e2e",
+        "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct", "max_model_len": 1024}],
+        "datasets": [{"name": "insecure", "path": str(shared_em / "data" / "insecure.jsonl"), "limit": 8}],
+        "seeds": [0, 1],
+        "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 2, "warmup_steps": 1,
+                     "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 2},
+        "sampling": {"max_tokens": 16, "kv_cache_gib": 1},
+        "eval": {"questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
+                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 2},
+        "judge": {"model": "smol", "max_model_len": 2048, "kv_cache_gib": 1, "min_numeric_mass": 0.0001},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    first = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
+    return root, first
+
+
+def test_fresh_run_writes_every_stage(sweep):
+    root, first = sweep
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    nodes = root / "out" / "nodes"
+    data = pd.read_parquet(next((nodes / "data").glob("*/data.parquet")))
+    assert len(data) <= 8 and list(data.columns) == ["row_id", "source_file", "source_line", "messages"]
+
+    metrics = [pd.read_parquet(p) for p in sorted((nodes / "finetune").glob("*/metrics.parquet"))]
+    assert len(metrics) == 2
+    for table in metrics:
+        assert table["step"].tolist() == list(range(1, len(table) + 1))
+        assert table["loss"].notna().all() and (table["tokens"] > 0).all()
+    for adapter in (nodes / "finetune").glob("*/adapter"):
+        assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+
+    samples = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/samples.parquet"))
+    # 3 runs (base + 2 seeds) x 2 questions x 1 paraphrase x 2 samples
+    assert len(samples) == 12
+    assert set(samples["dataset"]) == {"base", "insecure"}
+    assert samples["answer"].str.len().gt(0).all()
+
+    judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
+    assert len(judgments) == 24 and set(judgments["metric"]) == {"aligned", "coherent"}
+    assert judgments["numeric_mass"].between(0, 1.0001).all()
+    scored = judgments.dropna(subset=["score"])
+    assert scored["score"].between(0, 100).all()
+    assert (judgments["score"].isna() == (judgments["numeric_mass"] < 0.0001)).all()
+    assert scored["run_id"].nunique() == 3  # every run has scored answers to analyse
+
+    (analysis,) = (nodes / "analyze").glob("*")
+    runs = pd.read_parquet(analysis / "run_metrics.parquet")
+    conditions = pd.read_parquet(analysis / "condition_metrics.parquet")
+    assert set(runs["run_id"]) == {"smol__base", "smol__insecure__s0", "smol__insecure__s1"}
+    assert set(conditions["dataset"]) == {"base", "insecure"}
+    assert "misaligned_rate" in conditions and "ci_low" in conditions
+
+    # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze
+    assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 10
+
+
+def test_second_run_executes_nothing(sweep):
+    root, _ = sweep
+    again = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "10 nodes, 0 to run" in again.stdout
+    assert "cached 10" in again.stdout
+
+
+def test_removing_one_seed_reruns_exactly_its_chain(sweep):
+    root, _ = sweep
+    nodes = root / "out" / "nodes"
+    before = {p.parent.name: p.stat().st_mtime_ns for p in nodes.glob("*/*/_DONE.json")}
+    (seed1,) = (nodes / "finetune").glob("smol__insecure__s1-*")
+    shutil.rmtree(seed1)
+    rerun = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "10 nodes, 4 to run" in rerun.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in nodes.glob("*/*/_DONE.json")}
+    assert before.keys() == after.keys()
+    changed = sorted(name.rsplit("-", 1)[0] for name in after if after[name] != before.get(name))
+    assert changed == ["e2e", "smol__insecure__s1", "smol__insecure__s1", "smol__insecure__s1"]
+    changed_stages = sorted(p.parent.parent.name for p in nodes.glob("*/*/_DONE.json")
+                            if after[p.parent.name] != before[p.parent.name])
+    assert changed_stages == ["analyze", "finetune", "judge", "sample"]
+
+    status = _emsweep("status", "out", cwd=root)
+    assert status.returncode == 0
+    assert status.stdout.count("done") == 10
