@@ -100,6 +100,7 @@ def test_removing_one_seed_reruns_exactly_its_chain(sweep):
     nodes = root / "out" / "nodes"
     before = {p.parent.name: p.stat().st_mtime_ns for p in nodes.glob("*/*/_DONE.json")}
     (seed1,) = (nodes / "finetune").glob("smol__insecure__s1-*")
+    metrics_before = pd.read_parquet(seed1 / "metrics.parquet")
     shutil.rmtree(seed1)
     rerun = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
@@ -108,6 +109,10 @@ def test_removing_one_seed_reruns_exactly_its_chain(sweep):
     assert before.keys() == after.keys()
     changed = sorted(name.rsplit("-", 1)[0] for name in after if after[name] != before.get(name))
     assert changed == ["e2e", "smol__insecure__s1", "smol__insecure__s1", "smol__insecure__s1"]
+    # The finetune's Ray Train run had finished, so the node is rebuilt from its final
+    # checkpoint (same adapter, same loss history) rather than trained again.
+    (rebuilt,) = (nodes / "finetune").glob("smol__insecure__s1-*")
+    pd.testing.assert_frame_equal(pd.read_parquet(rebuilt / "metrics.parquet"), metrics_before)
     changed_stages = sorted(p.parent.parent.name for p in nodes.glob("*/*/_DONE.json")
                             if after[p.parent.name] != before[p.parent.name])
     assert changed_stages == ["analyze", "finetune", "judge", "sample"]

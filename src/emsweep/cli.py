@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Emergent-misalignment sweeps on Ray.")
-console = Console()
+# Wide enough for node names when output goes to a file or CI log (rich defaults to 80 there).
+console = Console(width=None if os.isatty(1) else 160)
 
 STATUS_STYLE = {"done": "green", "cached": "green", "failed": "red", "skipped": "yellow", "missing": "dim"}
 
@@ -35,11 +36,13 @@ def _init_ray(address: Optional[str]) -> None:
 
 
 def _print_status(rows) -> None:
+    from emsweep.pipeline import STAGES
+
     table = Table(title="nodes")
     for column in ("stage", "node", "key", "status", "seconds", "finished"):
-        table.add_column(column)
-    for row in rows:
-        finished = dt.datetime.fromtimestamp(row.finished_at).strftime("%Y-%m-%d %H:%M:%S") if row.finished_at else ""
+        table.add_column(column, no_wrap=True)
+    for row in sorted(rows, key=lambda r: STAGES.index(r.node.stage)):
+        finished = dt.datetime.fromtimestamp(row.finished_at).strftime("%m-%d %H:%M:%S") if row.finished_at else ""
         style = STATUS_STYLE.get(row.status, "")
         table.add_row(
             row.node.stage, row.node.name, row.node.key, f"[{style}]{row.status}[/]",

@@ -147,6 +147,13 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"])
 
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and _is_final(checkpoint):
+        # This run already finished (the node's copied outputs were lost): hand back the final
+        # adapter and metrics instead of training again.
+        _report_existing_final(checkpoint, rank)
+        return
+
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
     conversations = pq.read_table(config["data_path"], columns=["messages"]).column("messages").to_pylist()
     examples = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
@@ -186,7 +193,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     history: list[dict] = []
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             # Frozen base weights are not in the checkpoint (exclude_frozen_parameters).
@@ -227,6 +233,21 @@ def train_loop_per_worker(config: dict) -> None:
             _report_state(engine, history, step + 1, rank)
         else:
             ray.train.report(history[-1])
+
+
+def _is_final(checkpoint) -> bool:
+    with checkpoint.as_directory() as directory:
+        return (Path(directory) / "metrics.parquet").exists()
+
+
+def _report_existing_final(checkpoint, rank: int) -> None:
+    import ray.train
+
+    with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as copy:
+        metrics = pq.read_table(Path(directory) / "metrics.parquet").to_pylist()
+        if rank == 0:
+            shutil.copytree(directory, copy, dirs_exist_ok=True)
+        ray.train.report(metrics[-1], checkpoint=ray.train.Checkpoint.from_directory(copy) if rank == 0 else None)
 
 
 def _report_state(engine, history: list[dict], step: int, rank: int) -> None:

@@ -1,0 +1,86 @@
+"""The DAG executor on a real local Ray: failures stay local, reruns redo only what failed."""
+
+import pytest
+import ray
+
+from emsweep.dag import Node, execute, status_table
+from emsweep.store import Store
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _diamond():
+    """a -> b1, b2 (grouped) -> c; b2 fails while FAIL is set."""
+    a = Node("data", "a", "ka")
+    b1 = Node("sample", "b1", "kb1", deps=(a.id,), group="engine")
+    b2 = Node("sample", "b2", "kb2", deps=(a.id,))
+    c1 = Node("judge", "c1", "kc1", deps=(b1.id,))
+    c2 = Node("judge", "c2", "kc2", deps=(b2.id,))
+    d = Node("analyze", "d", "kd", deps=(c1.id, c2.id))
+    return [a, b1, b2, c1, c2, d]
+
+
+@ray.remote
+def _job(root, job, fail):
+    store = Store(root)
+    errors = {}
+    for node in job:
+        if node.name in fail:
+            errors[node.id] = "RuntimeError: boom"
+            continue
+        tmp = store.new_tmp_dir()
+        (tmp / "out.txt").write_text(node.name)
+        store.commit(node.stage, node.name, node.key, tmp, {"seconds": 0.0})
+        errors[node.id] = None
+    return errors
+
+
+def _run(root, nodes, fail=()):
+    executed = []
+
+    def submit(stage, job):
+        executed.extend(node.name for node in job)
+        return _job.remote(str(root), job, set(fail))
+
+    results = execute(nodes, Store(root), submit)
+    return {r.node.name: r.status for r in results}, executed
+
+
+def test_a_failure_skips_dependents_only_and_a_rerun_redoes_just_them(tmp_path):
+    nodes = _diamond()
+    statuses, executed = _run(tmp_path, nodes, fail={"b2"})
+    assert statuses == {"a": "done", "b1": "done", "b2": "failed", "c1": "done", "c2": "skipped", "d": "skipped"}
+    assert sorted(executed) == ["a", "b1", "b2", "c1"]
+    table = {row.node.name: row for row in status_table(nodes, Store(tmp_path))}
+    assert table["b2"].status == "failed" and "boom" in table["b2"].error
+    assert table["d"].status == "skipped"
+
+    statuses, executed = _run(tmp_path, nodes)
+    assert sorted(executed) == ["b2", "c2", "d"]
+    assert statuses == {"a": "cached", "b1": "cached", "b2": "done", "c1": "cached", "c2": "done", "d": "done"}
+    assert all(row.status == "done" for row in status_table(nodes, Store(tmp_path)))
+
+    statuses, executed = _run(tmp_path, nodes)
+    assert executed == [] and set(statuses.values()) == {"cached"}
+
+
+def test_a_crashed_task_fails_its_nodes_without_stopping_the_sweep(tmp_path):
+    nodes = _diamond()
+
+    @ray.remote(max_retries=0)
+    def crash(job):
+        raise SystemExit(1)  # the worker process dies
+
+    def submit(stage, job):
+        if stage == "sample" and job[0].name == "b1":
+            return crash.remote(job)
+        return _job.remote(str(tmp_path), job, set())
+
+    results = {r.node.name: r.status for r in execute(nodes, Store(tmp_path), submit)}
+    assert results["b1"] == "failed" and results["c1"] == "skipped"
+    assert results["b2"] == "done" and results["c2"] == "done"
