@@ -15,7 +15,7 @@ def local_ray():
 
 
 def _diamond():
-    """a -> b1, b2 (grouped) -> c; b2 fails while FAIL is set."""
+    """a -> b1 -> c1, a -> b2 -> c2, (c1, c2) -> d; b1 runs as a grouped job."""
     a = Node("data", "a", "ka")
     b1 = Node("sample", "b1", "kb1", deps=(a.id,), group="engine")
     b2 = Node("sample", "b2", "kb2", deps=(a.id,))

@@ -22,7 +22,7 @@ class Node:
     stage: str
     name: str
     key: str
-    config: dict = field(hash=False, compare=False)
+    config: dict = field(default_factory=dict, hash=False, compare=False)
     deps: tuple[str, ...] = ()
     # Nodes with the same group execute together in one task (e.g. one engine per base model).
     group: str | None = None
