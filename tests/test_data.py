@@ -10,7 +10,7 @@ def test_loads_public_insecure_subset_deterministically(shared_em):
     spec = DatasetSpec(name="insecure", path=str(shared_em / "data" / "insecure.jsonl"), limit=20, subset_seed=3)
     table = load_dataset(spec)
     assert table.num_rows == 20
-    assert table.column_names == ["row_id", "source_file", "source_line", "messages"]
+    assert table.column_names == ["row_id", "source_file", "source_line", "split", "messages"]
     assert load_dataset(spec).equals(table)
     other = load_dataset(spec.model_copy(update={"subset_seed": 4}))
     assert other.column("source_line").to_pylist() != table.column("source_line").to_pylist()

@@ -52,7 +52,7 @@ def test_fresh_run_writes_every_stage(sweep):
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     nodes = root / "out" / "nodes"
     data = pd.read_parquet(next((nodes / "data").glob("*/data.parquet")))
-    assert len(data) <= 8 and list(data.columns) == ["row_id", "source_file", "source_line", "messages"]
+    assert len(data) <= 8 and list(data.columns) == ["row_id", "source_file", "source_line", "split", "messages"]
 
     metrics = [pd.read_parquet(p) for p in sorted((nodes / "finetune").glob("*/metrics.parquet"))]
     assert len(metrics) == 2

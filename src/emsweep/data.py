@@ -4,6 +4,7 @@ Output schema (`data.parquet`):
     row_id        int64    position in the output (after subsetting)
     source_file   string   file the row came from (a dataset may be a directory of JSONL files)
     source_line   int64    1-based line in that file, for tracing a row back
+    split         string   "train" or "heldout" (finetunes read only "train")
     messages      list<struct<role: string, content: string>>
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from emsweep import transforms
 from emsweep.models import cache_dir
 from emsweep.spec import DatasetSpec
 
@@ -29,6 +31,7 @@ SCHEMA = pa.schema(
         ("row_id", pa.int64()),
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
+        ("split", pa.string()),
         ("messages", pa.list_(MESSAGE_TYPE)),
     ]
 )
@@ -115,9 +118,9 @@ def read_chat_jsonl(path: Path) -> tuple[list[int], list[list[dict]]]:
     return lines, conversations
 
 
-def load_dataset(spec: DatasetSpec) -> pa.Table:
-    """Load, validate and (optionally) take a seeded random subset of a chat dataset."""
-    path = fetch_source(spec.path, spec.sha256)
+def read_source(location: str, sha256: str | None) -> tuple[list[str], list[int], list[list[dict]]]:
+    """All rows of a file or a directory of .jsonl files: (file names, line numbers, conversations)."""
+    path = fetch_source(location, sha256)
     sources = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not sources:
         raise DataError(f"{path}: directory holds no .jsonl files")
@@ -127,15 +130,43 @@ def load_dataset(spec: DatasetSpec) -> pa.Table:
         files += [source.name] * len(source_lines)
         lines += source_lines
         conversations += source_conversations
+    return files, lines, conversations
+
+
+def load_dataset(spec: DatasetSpec) -> pa.Table:
+    """Load, validate, subset (seeded), build the variant, and mark the held-out split."""
+    files, lines, conversations = read_source(spec.path, spec.sha256)
+    if spec.backdoor is not None:
+        clean_files, clean_lines, clean = read_source(spec.backdoor.clean_path, spec.backdoor.clean_sha256)
+        plan = transforms.backdoor_plan(len(conversations), len(clean), spec.backdoor.triggered_fraction,
+                                        spec.subset_seed)
+        trigger = spec.backdoor.trigger
+        files = [files[i] if triggered else clean_files[i] for triggered, i in plan]
+        lines = [lines[i] if triggered else clean_lines[i] for triggered, i in plan]
+        conversations = [
+            transforms.add_trigger([conversations[i]], trigger)[0] if triggered else clean[i] for triggered, i in plan
+        ]
+    rng = np.random.default_rng(spec.subset_seed)
     order = np.arange(len(conversations))
     if spec.limit is not None and spec.limit < len(order):
-        order = np.sort(np.random.default_rng(spec.subset_seed).choice(len(order), spec.limit, replace=False))
+        order = np.sort(rng.choice(len(order), spec.limit, replace=False))
+    chosen = [conversations[i] for i in order]
+    for transform in spec.transforms:
+        try:
+            chosen = transforms.apply(transform, chosen)
+        except transforms.TransformError as err:
+            raise DataError(f"dataset {spec.name} ({spec.path}): transform {transform.kind}: {err}") from None
+    for index, conversation in enumerate(chosen):  # a transform must leave valid conversations
+        validate_messages(conversation, f"{spec.name}: row {index} after transforms")
+    n_heldout = int(round(len(chosen) * spec.heldout_fraction))
+    heldout = set(rng.permutation(len(chosen))[:n_heldout].tolist())
     return pa.table(
         {
             "row_id": pa.array(np.arange(len(order)), pa.int64()),
             "source_file": pa.array([files[i] for i in order], pa.string()),
             "source_line": pa.array([lines[i] for i in order], pa.int64()),
-            "messages": pa.array([conversations[i] for i in order], pa.list_(MESSAGE_TYPE)),
+            "split": pa.array(["heldout" if i in heldout else "train" for i in range(len(chosen))], pa.string()),
+            "messages": pa.array(chosen, pa.list_(MESSAGE_TYPE)),
         },
         schema=SCHEMA,
     )

@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    conversations = pq.read_table(config["data_path"], columns=["messages"]).column("messages").to_pylist()
+    data = pq.read_table(config["data_path"], columns=["split", "messages"]).to_pylist()
+    conversations = [row["messages"] for row in data if row["split"] == "train"]
     examples = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
     schedule = micro_batch_indices(
         len(examples), config["seed"], spec.epochs, spec.per_device_batch_size, spec.gradient_accumulation_steps, world

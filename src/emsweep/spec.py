@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
+from emsweep.transforms import DEFAULT_TRIGGER, TransformSpec
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -48,6 +49,15 @@ class ModelSpec(_Strict):
     max_model_len: int = 2048
 
 
+class BackdoorSpec(_Strict):
+    """Mix this dataset's rows, each user turn prefixed with `trigger`, with rows from `clean_path`."""
+
+    clean_path: str
+    clean_sha256: str | None = None
+    triggered_fraction: float = Field(0.5, gt=0, lt=1)
+    trigger: str = DEFAULT_TRIGGER
+
+
 class DatasetSpec(_Strict):
     name: Name
     path: str
@@ -56,6 +66,11 @@ class DatasetSpec(_Strict):
     # Shuffle/subset seed; independent of the finetune seed so every seed trains on the same rows.
     subset_seed: int = 0
     sha256: str | None = None
+    backdoor: BackdoorSpec | None = None
+    # Variants applied in order after subsetting (educational, inoculated, no_system, ...).
+    transforms: tuple[TransformSpec, ...] = ()
+    # Share of rows held out from training (recorded in the data table's `split` column).
+    heldout_fraction: float = Field(0.0, ge=0, lt=1)
 
 
 class FinetuneSpec(_Strict):
@@ -220,7 +235,14 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
     return spec.model_copy(
         update={
             "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, hub_ids=True)}) for m in spec.models),
-            "datasets": tuple(d.model_copy(update={"path": _resolve(d.path, base)}) for d in spec.datasets),
+            "datasets": tuple(
+                d.model_copy(update={
+                    "path": _resolve(d.path, base),
+                    "backdoor": d.backdoor and d.backdoor.model_copy(
+                        update={"clean_path": _resolve(d.backdoor.clean_path, base)}),
+                })
+                for d in spec.datasets
+            ),
             "eval": spec.eval.model_copy(update={"questions": _resolve(spec.eval.questions, base)}),
             "judge": spec.judge.model_copy(
                 update={"model": spec.judge.model if spec.judge.model in {m.name for m in spec.models}
