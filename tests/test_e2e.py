@@ -18,10 +18,12 @@ import yaml
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+# Sentinel secrets in the environment of every run: none may reach outputs, W&B files or logs.
+SECRETS = {"OPENAI_API_KEY": "sk-sentinel-openai-7f3a", "WANDB_API_KEY": "sentinel-wandb-91c2" + "0" * 21}
 
 
 def _emsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200", **SECRETS}
     return subprocess.run(
         [sys.executable, "-m", "emsweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
     )
@@ -120,3 +122,16 @@ def test_removing_one_seed_reruns_exactly_its_chain(sweep):
     status = _emsweep("status", "out", cwd=root)
     assert status.returncode == 0
     assert status.stdout.count("done") == 10
+
+
+def test_secrets_never_reach_outputs_or_logs(sweep):
+    root, first = sweep
+    leaks = []
+    for path in (root / "out").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            leaks += [f"{path}: {name}" for name, value in SECRETS.items() if value.encode() in content]
+    for name, value in SECRETS.items():
+        if value in first.stdout + first.stderr:
+            leaks.append(f"console output: {name}")
+    assert leaks == []

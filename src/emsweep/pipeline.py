@@ -102,7 +102,7 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1) -> dict:
     if stage == "finetune":
         # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
         return {"num_cpus": 0}
-    if stage in ("sample", "judge"):
+    if stage in ENGINE_STAGES:
         if spec.use_gpu:
             return {"num_cpus": 1, "num_gpus": spec.sampling.tensor_parallel_size}
         # On CPUs an engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus);
@@ -217,8 +217,7 @@ class StageRunner:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: offline hubs, quiet libraries; no secrets are added here."""
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    return env
+    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node]) -> dict[str, str | None]:
