@@ -27,17 +27,12 @@ import pyarrow as pa
 
 from emsweep.engine import make_llm, render_chat
 from emsweep.questions import Question
+from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
 
 SCHEMA = pa.schema(
     [
-        ("run_id", pa.string()),
-        ("model", pa.string()),
-        ("dataset", pa.string()),
-        ("seed", pa.int64()),
-        ("question_id", pa.string()),
-        ("paraphrase_idx", pa.int64()),
-        ("sample_idx", pa.int64()),
+        *JOIN_FIELDS,
         ("metric", pa.string()),
         ("score", pa.float64()),
         ("numeric_mass", pa.float64()),
@@ -46,7 +41,7 @@ SCHEMA = pa.schema(
         ("prompt_hash", pa.string()),
     ]
 )
-KEY_COLUMNS = ("run_id", "model", "dataset", "seed", "question_id", "paraphrase_idx", "sample_idx")
+KEY_COLUMNS = tuple(name for name, _ in JOIN_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,19 @@ from emsweep.engine import make_llm, render_chat, stable_seed
 from emsweep.questions import Question
 from emsweep.spec import SamplingSpec
 
+# The columns that identify an answer; every later table (judgments, exports) starts with them.
+JOIN_FIELDS = [
+    ("run_id", pa.string()),
+    ("model", pa.string()),
+    ("dataset", pa.string()),
+    ("seed", pa.int64()),
+    ("question_id", pa.string()),
+    ("paraphrase_idx", pa.int64()),
+    ("sample_idx", pa.int64()),
+]
 SCHEMA = pa.schema(
     [
-        ("run_id", pa.string()),
-        ("model", pa.string()),
-        ("dataset", pa.string()),
-        ("seed", pa.int64()),
-        ("question_id", pa.string()),
-        ("paraphrase_idx", pa.int64()),
-        ("sample_idx", pa.int64()),
+        *JOIN_FIELDS,
         ("system", pa.string()),
         ("question", pa.string()),
         ("answer", pa.string()),
