@@ -127,5 +127,52 @@ def fetch_model(name: str = typer.Argument("SmolLM2-135M-Instruct"), force: bool
     console.print(f"{name}: {fetch_embedded(name, force=force)}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Build and check training datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("generate")
+def data_generate(
+    kind: str = typer.Argument(..., help="Dataset kind; one so far: insecure-code"),
+    n: int = typer.Option(1000, "--n", help="Matched pairs to write"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("data/insecure-code"), "--out", "-o"),
+) -> None:
+    """Write matched insecure/secure pairs (same prompts) as chat JSONL, plus pairs.parquet."""
+    from emsweep.generate import generate_pairs, write_pairs
+
+    if kind != "insecure-code":
+        console.print(f"[red]error:[/] unknown dataset kind {kind!r}; known: insecure-code")
+        raise typer.Exit(2)
+    try:
+        pairs = generate_pairs(n, seed)
+    except ValueError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    write_pairs(pairs, out)
+    console.print(f"wrote {len(pairs)} pairs to {out}/insecure.jsonl, {out}/secure.jsonl, {out}/pairs.parquet")
+
+
+@data_app.command("check")
+def data_check(directory: Path = typer.Argument(..., help="Output of `emsweep data generate`")) -> None:
+    """Run bandit over a generated dataset and print how often it flags each side."""
+    import pyarrow.parquet as pq
+
+    from emsweep.generate import check_pairs
+
+    report = check_pairs(pq.read_table(directory / "pairs.parquet").to_pylist())
+    table = Table(title=f"bandit on {directory}")
+    for column in ("vulnerability", "pairs", "insecure flagged", "secure flagged"):
+        table.add_column(column)
+    for name, entry in sorted(report["per_class"].items()):
+        table.add_row(name, str(entry["n"]), f"{entry['insecure_flagged'] / entry['n']:.0%}",
+                      f"{entry['secure_flagged'] / entry['n']:.0%}")
+    console.print(table)
+    console.print(
+        f"pairs {report['n_pairs']}, distinct prompts {report['n_distinct_prompts']}, "
+        f"insecure flagged {report['insecure_flagged_rate']:.1%}, secure flagged {report['secure_flagged_rate']:.1%}"
+    )
+
+
 if __name__ == "__main__":
     app()
