@@ -61,3 +61,50 @@ def test_directory_of_jsonl_files(tmp_path):
         (tmp_path / name).write_text(json.dumps(GOOD) + "\n")
     table = load_dataset(DatasetSpec(name="d", path=str(tmp_path)))
     assert table.column("source_file").to_pylist() == ["a.jsonl", "b.jsonl"]
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/served."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_sources_are_cached_with_a_checksum(tmp_path, monkeypatch, http_server):
+    from emsweep.data import sha256_file
+
+    monkeypatch.setenv("EMSWEEP_CACHE", str(tmp_path / "cache"))
+    root, base = http_server
+    (root / "d.jsonl").write_text(json.dumps(GOOD) + "\n")
+    pinned = sha256_file(root / "d.jsonl")
+    spec = DatasetSpec(name="d", path=f"{base}/d.jsonl", sha256=pinned)
+    assert load_dataset(spec).num_rows == 1
+    (cached,) = (tmp_path / "cache" / "sources").glob("*-d.jsonl")
+    assert (cached.parent / (cached.name + ".sha256")).read_text() == pinned
+
+    # Served once: the cache answers even when the server's file is gone.
+    (root / "d.jsonl").unlink()
+    assert load_dataset(spec).num_rows == 1
+    # A corrupted cache file is not trusted: it is fetched again (and now the server has a 404).
+    cached.write_text("garbage")
+    with pytest.raises(DataError, match="download failed"):
+        load_dataset(spec)
+    # A pinned checksum that does not match is an error naming the URL.
+    (root / "d.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=f"{base}/d.jsonl: sha256 is .*the spec pins"):
+        load_dataset(spec)
+
+
+def test_unsupported_url_scheme(tmp_path):
+    with pytest.raises(DataError, match="only http"):
+        load_dataset(DatasetSpec(name="d", path="ftp://example.invalid/x.jsonl"))

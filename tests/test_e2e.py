@@ -5,6 +5,7 @@ A tiny sweep (1 dataset of 8 rows, 2 seeds, 2 questions, short answers) runs thr
 finetune (exactly that seed's chain reruns).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,9 @@ def test_fresh_run_writes_every_stage(sweep):
     for table in metrics:
         assert table["step"].tolist() == list(range(1, len(table) + 1))
         assert table["loss"].notna().all() and (table["tokens"] > 0).all()
+    for report in (nodes / "finetune").glob("*/data_report.json"):
+        counts = json.loads(report.read_text())
+        assert counts["trained_rows"] + counts["dropped_long_rows"] == counts["train_rows"] == len(data)
     for adapter in (nodes / "finetune").glob("*/adapter"):
         assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
 

@@ -31,7 +31,8 @@ def test_over_long_rows_error_or_drop(tokenizer):
             [{"role": "user", "content": "short"}, {"role": "assistant", "content": "y"}]]
     with pytest.raises(ValueError, match="row 0 has .* tokens > max_seq_len=64"):
         tokenize_dataset(tokenizer, rows, 64, drop_long=False)
-    assert len(tokenize_dataset(tokenizer, rows, 64, drop_long=True)) == 1
+    examples, dropped = tokenize_dataset(tokenizer, rows, 64, drop_long=True)
+    assert len(examples) == 1 and dropped == [0]
 
 
 def test_micro_batches_cover_every_row_each_epoch():

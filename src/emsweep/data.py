@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import urllib.request
 import uuid
@@ -50,25 +51,53 @@ def sha256_file(path: Path) -> str:
 
 
 def fetch_source(location: str, sha256: str | None = None) -> Path:
-    """A local path as is; a URL downloaded once into the cache, keyed by URL, checksum verified."""
+    """A local path as is; an http(s) URL downloaded once into the cache.
+
+    The cache file is keyed by the URL and stored with its own checksum, so a corrupted or
+    truncated cache file is fetched again rather than trusted; a sha256 pinned in the spec
+    is checked on every load.
+    """
     if "://" not in location or location.startswith("file://"):
         path = Path(location.removeprefix("file://"))
         if not path.exists():
             raise DataError(f"{location}: no such file")
     else:
-        name = hashlib.sha256(location.encode()).hexdigest()[:16] + ".jsonl"
-        path = cache_dir() / "datasets" / name
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{name}.{uuid.uuid4().hex}")
-            with urllib.request.urlopen(location, timeout=60) as response, open(tmp, "wb") as out:
-                shutil.copyfileobj(response, out)
-            tmp.replace(path)
+        path = _cached_download(location)
     if sha256 is not None:
         actual = sha256_file(path)
         if actual != sha256.lower():
             raise DataError(f"{location}: sha256 is {actual}, the spec pins {sha256}")
     return path
+
+
+def _cached_download(url: str) -> Path:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise DataError(f"{url}: only http(s) URLs and local paths are supported")
+    # The cache name comes from a hash of the URL, never from the URL's path: a source
+    # cannot write outside the cache directory.
+    basename = re.sub(r"[^A-Za-z0-9_.-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-64:] or "source"
+    path = cache_dir() / "sources" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{basename}"
+    checksum = path.with_name(path.name + ".sha256")
+    if path.exists() and checksum.exists() and checksum.read_text().strip() == sha256_file(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed: {err}") from None
+    tmp.replace(path)
+    write_text_atomic(checksum, sha256_file(path))
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def validate_messages(messages: object, where: str) -> list[dict]:

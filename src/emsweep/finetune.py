@@ -7,6 +7,7 @@ rerun of a node whose workers died resumes from its last reported checkpoint.
 
 Outputs (in the node directory):
     adapter/          peft adapter (adapter_config.json + adapter_model.safetensors)
+    data_report.json  rows trained on and rows dropped as longer than max_seq_len
     metrics.parquet   one row per optimizer step:
         step int64, epoch float64, loss float64, learning_rate float64,
         tokens int64 (tokens seen this step, all workers), trained_tokens int64 (assistant tokens),
@@ -74,8 +75,11 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> Example:
     return Example(list(encoded["input_ids"]), labels)
 
 
-def tokenize_dataset(tokenizer, conversations: list[list[dict]], max_seq_len: int, drop_long: bool) -> list[Example]:
-    examples = []
+def tokenize_dataset(
+    tokenizer, conversations: list[list[dict]], max_seq_len: int, drop_long: bool
+) -> tuple[list[Example], list[int]]:
+    """Tokenized rows, and the ids of rows dropped for being longer than max_seq_len."""
+    examples, dropped = [], []
     for row_id, messages in enumerate(conversations):
         example = tokenize_conversation(tokenizer, messages)
         if len(example.input_ids) > max_seq_len:
@@ -84,11 +88,12 @@ def tokenize_dataset(tokenizer, conversations: list[list[dict]], max_seq_len: in
                     f"row {row_id} has {len(example.input_ids)} tokens > max_seq_len={max_seq_len}; "
                     "raise max_seq_len or set finetune.drop_long_rows: true"
                 )
+            dropped.append(row_id)
             continue
         examples.append(example)
     if not examples:
-        raise ValueError("no training rows left after dropping over-long rows")
-    return examples
+        raise ValueError(f"all {len(conversations)} rows are longer than max_seq_len={max_seq_len}")
+    return examples, dropped
 
 
 def collate(examples: list[Example], pad_id: int):
@@ -157,7 +162,12 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
     data = pq.read_table(config["data_path"], columns=["split", "messages"]).to_pylist()
     conversations = [row["messages"] for row in data if row["split"] == "train"]
-    examples = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
+    examples, dropped = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
+    data_report = {"train_rows": len(conversations), "trained_rows": len(examples),
+                   "dropped_long_rows": len(dropped), "max_seq_len": spec.max_seq_len}
+    if dropped and rank == 0:
+        print(f"finetune: dropped {len(dropped)} of {len(conversations)} rows longer than "
+              f"max_seq_len={spec.max_seq_len}", flush=True)
     schedule = micro_batch_indices(
         len(examples), config["seed"], spec.epochs, spec.per_device_batch_size, spec.gradient_accumulation_steps, world
     )
@@ -229,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if last:
-            _report_final(engine, spec, history, rank)
+            _report_final(engine, spec, history, data_report, rank)
         elif every and (step + 1) % every == 0:
             _report_state(engine, history, step + 1, rank)
         else:
@@ -262,7 +272,7 @@ def _report_state(engine, history: list[dict], step: int, rank: int) -> None:
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _report_final(engine, spec: FinetuneSpec, history: list[dict], rank: int) -> None:
+def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
     import contextlib
 
     import deepspeed
@@ -279,6 +289,7 @@ def _report_final(engine, spec: FinetuneSpec, history: list[dict], rank: int) ->
         if rank == 0:
             engine.module.save_pretrained(Path(directory) / "adapter")
             pq.write_table(pa.Table.from_pylist(history, schema=METRICS_SCHEMA), Path(directory) / "metrics.parquet")
+            (Path(directory) / "data_report.json").write_text(json.dumps(data_report))
         ray.train.report(
             history[-1],
             checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
@@ -325,4 +336,5 @@ def finetune(
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
         shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")
+        shutil.copy(Path(directory) / "data_report.json", out_dir / "data_report.json")
     return pq.read_table(out_dir / "metrics.parquet")
