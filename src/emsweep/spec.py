@@ -127,6 +127,9 @@ class JudgeSpec(_Strict):
     model: str
     # Scores whose probability mass on number tokens is below this are null (the paper uses 0.25).
     min_numeric_mass: float = Field(0.25, ge=0, le=1)
+    # exact: probability of every number 0-100 over all its token paths (right for any tokenizer);
+    # first_token: the paper's top-20 first tokens (exact only when numbers are single tokens).
+    scoring: Literal["exact", "first_token"] = "exact"
     top_logprobs: int = Field(20, gt=0, le=20)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
