@@ -66,18 +66,17 @@ def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
     return rows
 
 
-# A job runner executes a list of nodes of one stage (a group) and returns, per node id,
-# None on success or an error message. It is called inside a Ray task.
-JobRunner = Callable[[list[Node]], dict[str, str | None]]
-
-
 def execute(
     nodes: list[Node],
     store: Store,
     submit: Callable[[str, list[Node]], object],
     on_finish: Callable[[NodeStatus], None] = lambda status: None,
 ) -> list[NodeStatus]:
-    """Run what is not done. `submit(stage, nodes)` returns a Ray ObjectRef of a job's results."""
+    """Run what is not done.
+
+    `submit(stage, nodes)` starts a job and returns a Ray ObjectRef of its result: per node id,
+    None on success or an error message.
+    """
     import ray
 
     by_id = {node.id: node for node in nodes}

@@ -24,6 +24,7 @@ import pyarrow as pa
 from emsweep import transforms
 from emsweep.models import cache_dir
 from emsweep.spec import DatasetSpec
+from emsweep.store import write_text_atomic
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -92,12 +93,6 @@ def _cached_download(url: str) -> Path:
     tmp.replace(path)
     write_text_atomic(checksum, sha256_file(path))
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def validate_messages(messages: object, where: str) -> list[dict]:
