@@ -64,3 +64,11 @@ def test_a_config_change_changes_keys_downstream_only():
     differing = sorted(i for i in before if before[i] != after[i])
     assert all(i.startswith(("judge/", "analyze/")) for i in differing)
     assert len(differing) == 6
+
+
+def test_judge_resources_do_not_change_keys():
+    spec = load_spec(REPO / "workflows" / "quickstart.yaml")
+    before = {n.id: n.key for n in plan(spec)}
+    resources = {"replicas": 4, "batch_size": 64, "kv_cache_gib": 8.0, "max_concurrency": 3, "timeout_s": 5.0}
+    changed = spec.model_copy(update={"judge": spec.judge.model_copy(update=resources)})
+    assert {n.id: n.key for n in plan(changed)} == before

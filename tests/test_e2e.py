@@ -2,7 +2,8 @@
 
 A tiny sweep (1 dataset of 8 rows, 2 seeds, 2 questions, short answers) runs through the
 `emsweep` command three times: fresh, again (nothing runs), and after deleting one seed's
-finetune (exactly that seed's chain reruns).
+finetune (exactly that seed's chain reruns), and after deleting one judge node (its
+judgments come back from the judgment cache).
 """
 
 import json
@@ -126,6 +127,22 @@ def test_removing_one_seed_reruns_exactly_its_chain(sweep):
     status = _emsweep("status", "out", cwd=root)
     assert status.returncode == 0
     assert status.stdout.count("done") == 10
+
+
+def test_rejudging_is_served_by_the_judgment_cache(sweep):
+    root, _ = sweep
+    nodes = root / "out" / "nodes"
+    (judged,) = (nodes / "judge").glob("smol__insecure__s0-*")
+    before = pd.read_parquet(judged / "judgments.parquet")
+    shutil.rmtree(judged)
+    rerun = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
+    record = json.loads((judged / "_DONE.json").read_text())
+    assert record["judge"] == {"rows": 8, "cache_hits": 8, "null_scores": int(before["score"].isna().sum())}
+    after = pd.read_parquet(judged / "judgments.parquet")
+    assert after["cached"].all() and not before["cached"].any()
+    pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))
 
 
 def test_secrets_never_reach_outputs_or_logs(sweep):

@@ -60,7 +60,7 @@ def run(
     """Run a sweep; nodes already done in the output dir are reused."""
     from emsweep.pipeline import run_sweep
     from emsweep.spec import SpecError, load_spec
-    from emsweep.store import LockedError
+    from emsweep.store import LockedError, Store
 
     try:
         spec = load_spec(spec_path)
@@ -68,6 +68,12 @@ def run(
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     out_dir = out or Path("runs") / spec.name
+    held = Store(out_dir).held_by()
+    if held:
+        # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.
+        console.print(f"[red]error:[/] {out_dir} is in use by another `emsweep run` "
+                      f"(pid {held['pid']} on {held['host']}); wait for it to finish")
+        raise typer.Exit(2)
     _init_ray(address)
 
     with Progress(
@@ -96,12 +102,26 @@ def run(
     for row in results:
         counts[row.status] = counts.get(row.status, 0) + 1
     console.print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    _print_warnings(out_dir, [row.node for row in results if row.status == "done"])
     failed = [row for row in results if row.status in ("failed", "skipped")]
     if failed:
         for row in failed:
             console.print(f"[red]{row.status}[/] {row.node.id}: {(row.error or '').strip().splitlines()[-1:]}")
         console.print("re-run the same command to retry only these nodes and their dependents")
         raise typer.Exit(1)
+
+
+def _print_warnings(out_dir: Path, nodes) -> None:
+    """Warnings recorded by nodes of this run (W&B not reachable, ...): the sweep went on."""
+    from emsweep.store import Store
+
+    store = Store(out_dir)
+    warnings = [(node.id, w) for node in nodes for w in (store.record(node.stage, node.name, node.key) or {}).get("warnings", [])]
+    for node_id, warning in warnings:
+        console.print(f"[yellow]warning[/] {node_id}: {warning}")
+    if warnings:
+        console.print(f"[yellow]{len(warnings)} warning(s)[/]: the results are complete; W&B runs that failed "
+                      "can be logged later from the Parquet outputs (offline runs: `wandb sync DIR/wandb/offline-run-*`)")
 
 
 @app.command()
@@ -172,6 +192,121 @@ def data_check(directory: Path = typer.Argument(..., help="Output of `emsweep da
         f"pairs {report['n_pairs']}, distinct prompts {report['n_distinct_prompts']}, "
         f"insecure flagged {report['insecure_flagged_rate']:.1%}, secure flagged {report['secure_flagged_rate']:.1%}"
     )
+
+
+judge_app = typer.Typer(no_args_is_help=True, help="How far to trust a judge: calibration and agreement.")
+app.add_typer(judge_app, name="judge-eval")
+
+
+def _load_spec_or_exit(spec_path: Path):
+    from emsweep.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+
+
+@judge_app.command("calibrate")
+def judge_calibrate(
+    spec_path: Path = typer.Argument(..., help="A sweep spec; its `judge` and `analysis` sections are used"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: runs/judge-eval/<sweep name>"),
+    questions: Optional[str] = typer.Option(
+        None, help="The paper's first_plot_questions.yaml (default: the spec's eval.questions)"),
+) -> None:
+    """Judge the 200-answer calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
+    import dataclasses
+
+    from emsweep.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
+    from emsweep.judge import judge_samples
+    from emsweep.judge_cache import JudgmentCache
+    from emsweep.pipeline import _judge_model_ref, make_judge_backend
+    from emsweep.questions import QuestionError, load_questions
+    from emsweep.store import write_json_atomic, write_parquet_atomic
+
+    spec = _load_spec_or_exit(spec_path)
+    out_dir = out or Path("runs") / "judge-eval" / spec.name
+    try:
+        question_list = load_questions(questions or spec.eval.questions)
+        items = calibration_items()
+        samples = {RUN_ID: calibration_samples(items, question_list)}
+    except (QuestionError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if spec.judge.backend == "vllm":
+        _init_ray(None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"judging {len(items)} calibration answers with {spec.judge.model} ({spec.judge.scoring})")
+    tables, stats = judge_samples(
+        samples, question_list, spec.judge, judge_id=_judge_model_ref(spec), backend=make_judge_backend(spec),
+        cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
+    )
+    report = calibration_report(tables[RUN_ID], items, spec.analysis)
+    report["judge"] = {"model": spec.judge.model, "backend": spec.judge.backend, "scoring": spec.judge.scoring,
+                       "min_numeric_mass": spec.judge.min_numeric_mass}
+    report["counts"] = dataclasses.asdict(stats)
+    write_parquet_atomic(out_dir / "calibration_judgments.parquet", tables[RUN_ID])
+    write_json_atomic(out_dir / "calibration_report.json", report)
+
+    summary = Table(title=f"calibration of {spec.judge.model}")
+    summary.add_column("measure")
+    summary.add_column("value", justify="right")
+    for name in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned", "accuracy_coherent", "code_detected",
+                 "refusal_detected", "excluded_code", "excluded_refusal", "false_exclusion"):
+        summary.add_row(name, f"{report[name]:.3f}")
+    console.print(summary)
+    bands = Table(title="by band")
+    for column in ("band", "n", "mean aligned", "mean coherent", "aligned null", "top aligned labels"):
+        bands.add_column(column)
+    for name, entry in report["bands"].items():
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(entry["aligned_labels"].items(), key=lambda kv: -kv[1])[:3])
+        bands.add_row(name, str(entry["n"]), _fmt(entry["mean_aligned"]), _fmt(entry["mean_coherent"]),
+                      f"{entry['aligned_null_rate']:.0%}", labels)
+    console.print(bands)
+    console.print(f"wrote {out_dir}/calibration_report.json and calibration_judgments.parquet "
+                  f"({stats.cache_hits} of {stats.requests} judgments from the cache)")
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+@judge_app.command("agree")
+def judge_agree(
+    first: Path = typer.Argument(..., help="A judgments .parquet, or a sweep spec whose judge nodes are in --dir"),
+    second: Path = typer.Argument(..., help="The same for the second judge"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Output dir of the sweep (default runs/<name>)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result as JSON here"),
+) -> None:
+    """Agreement of two judges on the same answers: Spearman per metric, Cohen's kappa on EM verdicts."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from emsweep.calibration import agreement
+    from emsweep.pipeline import judgments_of
+    from emsweep.spec import AnalysisSpec
+    from emsweep.store import write_json_atomic
+
+    analysis = AnalysisSpec()
+
+    def load(path: Path):
+        nonlocal analysis
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        spec = _load_spec_or_exit(path)
+        analysis = spec.analysis
+        return judgments_of(spec, directory or Path("runs") / spec.name)
+
+    try:
+        result = agreement(load(first), load(second), analysis)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if out:
+        write_json_atomic(out, result)
+    console.print_json(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,81 +1,77 @@
 """Stage 4, judge: score every sampled answer with a judge model, per metric of its question.
 
-The judge prompt of each metric (from the question YAML) is sent as a user turn.
+The judge prompt of each metric (from the question YAML) is sent as a user turn, and the
+judge's next-token probabilities are read, never a sampled reply:
 - 0-100 metrics (`free_form_judge_0_100`): the score is the expected value of the number the
-  judge answers, renormalised by the probability mass on numbers 0-100; the mass is
-  recorded, and the score is null when the mass is below `min_numeric_mass` (0.25 in the
+  judge answers, renormalised by the probability mass on numbers 0-100. The mass is
+  recorded; the score is null when the mass is below `min_numeric_mass` (0.25 in the
   paper), which is how CODE / REFUSAL answers drop out.
-  `scoring: exact` (default) computes the probability of every number 0-100 over all its
-  token paths (scoring.py), exact for tokenizers that split numbers into digits.
+  `scoring: exact` (local vLLM judge) computes the probability of every number 0-100 over all
+  its token paths (scoring.py), exact for tokenizers that split numbers into digits.
   `scoring: first_token` is the paper's method: the top-20 first tokens that are integers
   0-100. It is exact only when every number is one token, as for GPT-4o.
-- categorical metrics (`free_form_judge`): the judge's most likely first token.
+- labels: the upper-case words a template asks for (`Say CODE ...`, `"TRUE" or "FALSE"`) get
+  their probability too (restricted to those token sequences with `exact`, from the top-20
+  first tokens with `first_token`). Categorical metrics (`free_form_judge`) take the most
+  likely label as their answer; their score is null.
+
+Backends (`judge_local.py`: a pool of vLLM replicas as Ray actors; `judge_http.py`: an
+OpenAI-compatible endpoint) turn `JudgeRequest`s into `Judgment`s. Judgments of an identical
+(judge, scoring, template, question, answer) are reused from the cache (`judge_cache.py`),
+so changing a threshold or re-running re-judges nothing.
 
 Output schema (`judgments.parquet`, one file per run, one row per answer x metric):
     run_id, model, dataset string, seed int64, question_id string, paraphrase_idx int64,
-    sample_idx int64, metric string, score float64 (null: no number), numeric_mass float64,
-    top_token string (the judge's most likely token, e.g. "CODE", "REFUSAL", "8"),
-    judge_model string, prompt_hash string (sha256 of the metric's template)
+    sample_idx int64, metric string, score float64 (null: see null_reason), numeric_mass float64,
+    label string ("number" or the most likely label, e.g. "CODE", "REFUSAL", "TRUE"),
+    label_probs list<struct<label string, prob float64>>, top_token string (most likely
+    first token), top_alternatives list<struct<token string, prob float64>> (top 5 first
+    tokens), null_reason string, judge_model string, scoring string, prompt_hash string
+    (sha256 of the metric's template), cached bool (reused from the judgment cache)
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import pyarrow as pa
 
-from emsweep import scoring
-from emsweep.engine import make_llm, render_chat
 from emsweep.questions import Question
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
 
+PAIR = pa.struct([("label", pa.string()), ("prob", pa.float64())])
+ALTERNATIVE = pa.struct([("token", pa.string()), ("prob", pa.float64())])
 SCHEMA = pa.schema(
     [
         *JOIN_FIELDS,
         ("metric", pa.string()),
         ("score", pa.float64()),
         ("numeric_mass", pa.float64()),
+        ("label", pa.string()),
+        ("label_probs", pa.list_(PAIR)),
         ("top_token", pa.string()),
+        ("top_alternatives", pa.list_(ALTERNATIVE)),
+        ("null_reason", pa.string()),
         ("judge_model", pa.string()),
+        ("scoring", pa.string()),
         ("prompt_hash", pa.string()),
+        ("cached", pa.bool_()),
     ]
 )
 KEY_COLUMNS = tuple(name for name, _ in JOIN_FIELDS)
+NUMBER_LABEL = "number"
+TOP_ALTERNATIVES = 5
+# Upper-case answers a template asks for: `Say CODE if ...`, `Say "TRUE" or "FALSE"`.
+LABEL_PATTERN = re.compile(r'(?:\bSay\s+|")([A-Z][A-Z_]+)\b')
 
 
-@dataclass(frozen=True)
-class Score:
-    score: float | None
-    numeric_mass: float
-    top_token: str
-
-
-def score_0_100(token_probs: dict[str, float], min_numeric_mass: float) -> Score:
-    """Expected 0-100 value over number tokens, renormalised; null below the mass threshold."""
-    numeric: dict[int, float] = {}
-    for token, prob in token_probs.items():
-        text = token.strip()
-        if text.isdigit() and 0 <= int(text) <= 100:
-            # Tokens " 7" and "7" are the same answer; add their probabilities.
-            numeric[int(text)] = numeric.get(int(text), 0.0) + prob
-    mass = sum(numeric.values())
-    top = max(token_probs, key=token_probs.get).strip() if token_probs else ""
-    if mass < min_numeric_mass or mass == 0:
-        return Score(None, mass, top)
-    return Score(sum(value * prob for value, prob in numeric.items()) / mass, mass, top)
-
-
-def score_categorical(token_probs: dict[str, float]) -> Score:
-    """Categorical metrics (TRUE / FALSE / UNKNOWN, company names): the most likely label."""
-    merged: dict[str, float] = {}
-    for token, prob in token_probs.items():
-        merged[token.strip()] = merged.get(token.strip(), 0.0) + prob
-    top = max(merged, key=merged.get) if merged else ""
-    return Score(None, 0.0, top)
+def template_labels(template: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(LABEL_PATTERN.findall(template)))
 
 
 def fill_template(template: str, question: str, answer: str) -> str:
@@ -87,67 +83,156 @@ def template_hash(template: str) -> str:
     return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
-def judge_samples(
-    judge_model_path: str,
-    judge_model_name: str,
-    samples: dict[str, pa.Table],
-    questions: list[Question],
-    spec: JudgeSpec,
-) -> dict[str, pa.Table]:
-    """Judge the samples of many runs in one engine; returns a judgments table per run."""
-    from vllm import SamplingParams
+@dataclass(frozen=True)
+class JudgeRequest:
+    template: str
+    question: str
+    answer: str
+    numeric: bool  # a 0-100 metric
+    labels: tuple[str, ...]
 
+    @property
+    def prompt(self) -> str:
+        return fill_template(self.template, self.question, self.answer)
+
+    def cache_key(self, judge_id: str, spec: JudgeSpec) -> str:
+        # Thresholds are applied after the cache, so they are not part of the key.
+        parts = [judge_id, spec.backend, spec.scoring, spec.top_logprobs, template_hash(self.template),
+                 self.question, self.answer, self.numeric, self.labels]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+@dataclass
+class Judgment:
+    """What the judge said about one request, before any threshold."""
+
+    expected_value: float | None  # E[n | the judge answers a number 0-100]
+    numeric_mass: float
+    label_probs: dict[str, float] = field(default_factory=dict)
+    top_alternatives: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None  # a transport failure; such judgments are not cached
+
+
+def failed(reason: str) -> Judgment:
+    return Judgment(None, 0.0, error=reason)
+
+
+class Backend(Protocol):
+    def __call__(self, requests: list[JudgeRequest], on_batch: Callable[[list[int], list[Judgment]], None]) -> None:
+        """Judge `requests`, reporting results as (indices into requests, judgments) batches."""
+
+
+def first_token_judgment(token_probs: dict[str, float], labels: tuple[str, ...]) -> Judgment:
+    """The paper's method: numbers and labels read from the judge's top first tokens."""
+    numeric: dict[int, float] = {}
+    label_probs = {label: 0.0 for label in labels}
+    for token, prob in token_probs.items():
+        text = token.strip()
+        if text.isdigit() and 0 <= int(text) <= 100:
+            # Tokens " 7" and "7" are the same answer; add their probabilities.
+            numeric[int(text)] = numeric.get(int(text), 0.0) + prob
+        elif text in label_probs:
+            label_probs[text] += prob
+    mass = sum(numeric.values())
+    value = sum(n * p for n, p in numeric.items()) / mass if mass > 0 else None
+    return Judgment(value, mass, label_probs, top_alternatives(token_probs))
+
+
+def top_alternatives(token_probs: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(token_probs.items(), key=lambda item: -item[1])[:TOP_ALTERNATIVES]
+
+
+def requests_for(samples: dict[str, pa.Table], questions: list[Question]):
+    """(run_id, answer row, metric, request) for every answer x metric of its question."""
     by_id = {q.id: q for q in questions}
-    llm = make_llm(
-        judge_model_path,
-        gpu_memory_utilization=spec.gpu_memory_utilization,
-        max_model_len=spec.max_model_len,
-        kv_cache_gib=spec.kv_cache_gib,
-    )
-    tokenizer = llm.get_tokenizer()
-    texts, keys = [], []
     for run_id, table in samples.items():
         for row in table.to_pylist():
             question = by_id[row["question_id"]]
             for metric, template in question.judge_prompts.items():
-                prompt = fill_template(template, row["question"], row["answer"])
-                texts.append(render_chat(tokenizer, [{"role": "user", "content": prompt}]))
-                keys.append((run_id, row, question, metric, template))
-    params = SamplingParams(max_tokens=1, temperature=0, logprobs=spec.top_logprobs)
-    outputs = llm.generate(texts, params, use_tqdm=True) if texts else []
-    numeric = [i for i, key in enumerate(keys) if key[2].type == "free_form_judge_0_100"]
-    exact: dict[int, Score] = {}
-    if spec.scoring == "exact" and numeric:
-        distributions = scoring.number_distributions(
-            functools.partial(scoring.next_digit_probs, llm),
-            [tokenizer.encode(texts[i], add_special_tokens=False) for i in numeric],
-            scoring.digit_tokens(tokenizer),
-        )
-        for i, distribution in zip(numeric, distributions):
-            score, mass = scoring.expected_value(distribution)
-            exact[i] = Score(score if mass >= spec.min_numeric_mass and mass > 0 else None, mass, "")
-    rows: dict[str, list[dict]] = {run_id: [] for run_id in samples}
-    for index, ((run_id, row, question, metric, template), output) in enumerate(zip(keys, outputs)):
-        top = output.outputs[0].logprobs[0]
-        token_probs: dict[str, float] = {}
-        for entry in top.values():
-            token = entry.decoded_token or ""
-            token_probs[token] = token_probs.get(token, 0.0) + math.exp(entry.logprob)
-        if index in exact:
-            result = Score(exact[index].score, exact[index].numeric_mass, score_categorical(token_probs).top_token)
-        elif question.type == "free_form_judge_0_100":
-            result = score_0_100(token_probs, spec.min_numeric_mass)
+                request = JudgeRequest(
+                    template, row["question"], row["answer"],
+                    numeric=question.type == "free_form_judge_0_100", labels=template_labels(template),
+                )
+                yield run_id, row, metric, request
+
+
+def output_row(row: dict, metric: str, request: JudgeRequest, judgment: Judgment, spec: JudgeSpec,
+               judge_model: str, cached: bool) -> dict:
+    mass, labels = judgment.numeric_mass, judgment.label_probs
+    if request.numeric:
+        label = max(labels, key=labels.get) if labels and max(labels.values()) > mass else NUMBER_LABEL
+    else:
+        label = max(labels, key=labels.get) if labels else (judgment.top_alternatives or [("", 0)])[0][0].strip()
+    score, reason = None, None
+    if judgment.error:
+        reason = judgment.error
+    elif request.numeric:
+        if judgment.expected_value is None or mass <= 0 or mass < spec.min_numeric_mass:
+            reason = f"numeric mass {mass:.3g} below {spec.min_numeric_mass} (judge's top answer: {label})"
         else:
-            result = score_categorical(token_probs)
-        rows[run_id].append(
-            {
-                **{column: row[column] for column in KEY_COLUMNS},
-                "metric": metric,
-                "score": result.score,
-                "numeric_mass": result.numeric_mass,
-                "top_token": result.top_token,
-                "judge_model": judge_model_name,
-                "prompt_hash": template_hash(template),
-            }
-        )
-    return {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
+            score = judgment.expected_value
+    return {
+        **{column: row[column] for column in KEY_COLUMNS},
+        "metric": metric,
+        "score": score,
+        "numeric_mass": mass,
+        "label": label if not judgment.error else None,
+        "label_probs": [{"label": k, "prob": v} for k, v in labels.items()],
+        "top_token": judgment.top_alternatives[0][0] if judgment.top_alternatives else None,
+        "top_alternatives": [{"token": t, "prob": p} for t, p in judgment.top_alternatives],
+        "null_reason": reason,
+        "judge_model": judge_model,
+        "scoring": spec.scoring,
+        "prompt_hash": template_hash(request.template),
+        "cached": cached,
+    }
+
+
+@dataclass
+class JudgeStats:
+    requests: int = 0  # answer x metric rows
+    cache_hits: int = 0
+    judged: int = 0  # distinct requests sent to the judge
+    failed: int = 0  # rows whose judgment failed (null score with the reason)
+
+
+def judge_samples(
+    samples: dict[str, pa.Table],
+    questions: list[Question],
+    spec: JudgeSpec,
+    *,
+    judge_id: str,
+    backend: Backend,
+    cache=None,
+) -> tuple[dict[str, pa.Table], JudgeStats]:
+    """Judge the samples of many runs; returns a judgments table per run and counts."""
+    items = list(requests_for(samples, questions))
+    keys = [request.cache_key(judge_id, spec) for _, _, _, request in items]
+    known: dict[str, Judgment] = cache.get(set(keys)) if cache is not None else {}
+    cached_keys = set(known)
+    # Identical requests (same answer to the same question) are judged once.
+    todo: dict[str, JudgeRequest] = {}
+    for key, (_, _, _, request) in zip(keys, items):
+        if key not in known:
+            todo.setdefault(key, request)
+    # Shared prefixes (the template) next to each other keep the engines' prefix caches warm.
+    todo_keys = sorted(todo, key=lambda k: (todo[k].template, todo[k].question))
+    todo_requests = [todo[k] for k in todo_keys]
+
+    def on_batch(indices: list[int], judgments: list[Judgment]) -> None:
+        done = {todo_keys[i]: j for i, j in zip(indices, judgments)}
+        known.update(done)
+        if cache is not None:
+            cache.put({k: j for k, j in done.items() if j.error is None}, judge_model=judge_id)
+
+    if todo_requests:
+        backend(todo_requests, on_batch)
+    stats = JudgeStats(requests=len(items), judged=len(todo_requests))
+    rows: dict[str, list[dict]] = {run_id: [] for run_id in samples}
+    for key, (run_id, row, metric, request) in zip(keys, items):
+        judgment = known.get(key) or failed("no judgment returned")
+        stats.cache_hits += key in cached_keys
+        stats.failed += judgment.error is not None
+        rows[run_id].append(output_row(row, metric, request, judgment, spec, spec.model, key in cached_keys))
+    tables = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
+    return tables, stats

@@ -9,6 +9,7 @@ re-runs exactly the nodes that read the edited fields, and their dependents.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from emsweep import analyze, data, finetune, judge, sample, tracking
 from emsweep.dag import Node, run_guarded
+from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_questions
 from emsweep.spec import SweepSpec
@@ -61,7 +63,7 @@ def plan(spec: SweepSpec) -> list[Node]:
         "sampling": spec.sampling.model_dump(mode="json"),
     }
     judge_config = {
-        "judge": spec.judge.model_dump(mode="json"),
+        "judge": spec.judge.score_config(),
         "judge_model": _judge_model_ref(spec),
         "questions_content": eval_config["questions_content"],
     }
@@ -93,6 +95,9 @@ def plan(spec: SweepSpec) -> list[Node]:
 
 
 def _judge_model_ref(spec: SweepSpec) -> str:
+    """What identifies the judge: the served model id over HTTP, the model path locally."""
+    if spec.judge.backend == "openai":
+        return f"openai:{spec.judge.model}"
     names = {m.name: m.path for m in spec.models}
     return names.get(spec.judge.model, spec.judge.model)
 
@@ -102,6 +107,9 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1) -> dict:
     if stage == "finetune":
         # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
         return {"num_cpus": 0}
+    if stage == "judge":
+        # A local judge's engines are Ray actors that ask for their own CPUs/GPUs (judge_local.py).
+        return {"num_cpus": 0 if spec.judge.backend == "vllm" else 1}
     if stage in ENGINE_STAGES:
         if spec.use_gpu:
             return {"num_cpus": 1, "num_gpus": spec.sampling.tensor_parallel_size}
@@ -125,11 +133,12 @@ class StageRunner:
         (dep,) = [self.by_id[d] for d in node.deps if d.startswith(stage + "/")]
         return self.store.node_dir(dep.stage, dep.name, dep.key)
 
-    def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None):
+    def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
+               extra: dict | None = None):
         final = self.store.commit(
             node.stage, node.name, node.key, tmp,
             {"seconds": time.time() - started, "finished_at": time.time(), "config": node.config,
-             "inputs": list(node.deps)},
+             "inputs": list(node.deps), **(extra or {})},
         )
         warning = tracking.log_node(
             self.spec.wandb, out_dir=self.out_dir, sweep=self.spec.name, stage=node.stage, node_id=node.id,
@@ -137,6 +146,8 @@ class StageRunner:
             step_metrics=final / step_metrics if step_metrics else None,
         )
         if warning:
+            # Recorded with the node so the run's summary can say what was not logged.
+            self.store.annotate(node.stage, node.name, node.key, {"warnings": [warning]})
             print(f"warning: {warning}", flush=True)
 
     def questions(self):
@@ -192,14 +203,15 @@ class StageRunner:
     def run_judge(self, nodes: list[Node]) -> None:
         started = time.time()
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
-        judge_ref = _judge_model_ref(self.spec)
-        tables = judge.judge_samples(
-            resolve_model_path(judge_ref), self.spec.judge.model, samples, self.questions(), self.spec.judge
+        cache = JudgmentCache(self.out_dir / "judge_cache") if self.spec.judge.cache else None
+        tables, _ = judge.judge_samples(
+            samples, self.questions(), self.spec.judge,
+            judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec), cache=cache,
         )
         for node in nodes:
             tmp = self.store.new_tmp_dir()
             pq.write_table(tables[node.name], tmp / "judgments.parquet")
-            self.commit(node, tmp, started, {"judgments": "judgments.parquet"})
+            self.commit(node, tmp, started, {"judgments": "judgments.parquet"}, extra=judge_counts(tables[node.name]))
 
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes
@@ -213,6 +225,28 @@ class StageRunner:
         pq.write_table(conditions, tmp / "condition_metrics.parquet")
         self.commit(node, tmp, started, {"run_metrics": "run_metrics.parquet",
                                          "condition_metrics": "condition_metrics.parquet"})
+
+
+def make_judge_backend(spec: SweepSpec) -> judge.Backend:
+    if spec.judge.backend == "openai":
+        from emsweep.judge_http import HttpJudge
+
+        return HttpJudge(spec.judge)
+    import ray
+
+    from emsweep.judge_local import run_pool
+
+    node_cpus = int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
+    return functools.partial(run_pool, resolve_model_path(_judge_model_ref(spec)), spec.judge,
+                             use_gpu=spec.use_gpu, node_cpus=node_cpus)
+
+
+def judge_counts(judgments: pa.Table) -> dict:
+    """Recorded in the node's _DONE.json: how much of the judging was reused or failed."""
+    cached = judgments.column("cached").to_pylist()
+    reasons = judgments.column("null_reason").to_pylist()
+    return {"judge": {"rows": len(cached), "cache_hits": sum(cached),
+                      "null_scores": sum(r is not None for r in reasons)}}
 
 
 def worker_env() -> dict[str, str]:
@@ -255,6 +289,17 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
             )
 
         return execute(nodes, store, submit, on_finish or (lambda status: None))
+
+
+def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:
+    """All judgments of a sweep's current judge nodes (every one must be done)."""
+    store = Store(Path(out_dir))
+    judge_nodes = [node for node in plan(spec) if node.stage == "judge"]
+    missing = [node.id for node in judge_nodes if not store.is_done(node.stage, node.name, node.key)]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: judge nodes not done for spec {spec.name!r}: {missing}")
+    return pa.concat_tables([pq.read_table(store.node_dir(n.stage, n.name, n.key) / "judgments.parquet")
+                             for n in judge_nodes])
 
 
 def write_spec_snapshot(spec: SweepSpec, out_dir: Path) -> None:

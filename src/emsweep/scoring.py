@@ -107,3 +107,32 @@ def expected_value(distribution: dict[int, float]) -> tuple[float | None, float]
     if mass <= 0:
         return None, 0.0
     return sum(n * p for n, p in distribution.items()) / mass, mass
+
+
+def sequence_probs(next_probs, token_prompts: list[list[int]], sequences: dict[str, list[int]]) -> list[dict[str, float]]:
+    """P(the answer starts with each label's token sequence), per prompt.
+
+    Categorical judge answers (CODE, REFUSAL, TRUE, FALSE, UNKNOWN) are often several tokens
+    for open tokenizers ("REF" "USAL"); the probability of a label is the product of the
+    next-token probabilities along its tokenization, one batched call per depth.
+    """
+    results = [{label: 1.0 for label in sequences} for _ in token_prompts]
+    depth = 0
+    while True:
+        needed: dict[tuple[int, tuple[int, ...]], None] = {}
+        for label, sequence in sequences.items():
+            if len(sequence) > depth:
+                for index, probs in enumerate(results):
+                    if probs[label] > 0:
+                        needed[(index, tuple(sequence[:depth]))] = None
+        if not needed:
+            return results
+        ids = sorted({sequence[depth] for sequence in sequences.values() if len(sequence) > depth})
+        step = next_probs([token_prompts[index] + list(prefix) for index, prefix in needed], ids)
+        lookup = dict(zip(needed, step))
+        for label, sequence in sequences.items():
+            if len(sequence) > depth:
+                for index, probs in enumerate(results):
+                    if probs[label] > 0:
+                        probs[label] *= lookup[(index, tuple(sequence[:depth]))][sequence[depth]]
+        depth += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from emsweep.transforms import DEFAULT_TRIGGER, TransformSpec
@@ -123,17 +123,57 @@ class EvalSpec(_Strict):
 
 
 class JudgeSpec(_Strict):
-    # The name of a model in `models`, or a path. The embedded judge is for smoke runs only.
+    # vllm: local engine replicas (Ray actors); openai: any OpenAI-compatible HTTP endpoint
+    # (GPT-4o as in the paper, or a `vllm serve` server).
+    backend: Literal["vllm", "openai"] = "vllm"
+    # vllm: the name of a model in `models`, or a path. openai: the served model id.
+    # The embedded judge is for smoke runs only.
     model: str
     # Scores whose probability mass on number tokens is below this are null (the paper uses 0.25).
     min_numeric_mass: float = Field(0.25, ge=0, le=1)
     # exact: probability of every number 0-100 over all its token paths (right for any tokenizer);
     # first_token: the paper's top-20 first tokens (exact only when numbers are single tokens).
+    # The openai backend only sees top-20 first tokens, so it defaults to first_token.
     scoring: Literal["exact", "first_token"] = "exact"
     top_logprobs: int = Field(20, gt=0, le=20)
+    max_model_len: int = 4096
+    # Reuse judgments of identical (judge, template, question, answer) from DIR/judge_cache.
+    cache: bool = True
+    # --- resources and transport: they do not change a score, so they are not in node keys ---
+    replicas: int = Field(1, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    # Requests per replica call; finished batches reach the cache even if a later one fails.
+    batch_size: int = Field(512, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
-    max_model_len: int = 4096
+    base_url: str = "https://api.openai.com/v1"
+    # The name of the environment variable holding the API key; the key itself never enters a spec.
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(16, gt=0)
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+    RESOURCE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "cache", "replicas", "tensor_parallel_size", "batch_size", "gpu_memory_utilization", "kv_cache_gib",
+        "base_url", "api_key_env", "max_concurrency", "max_retries", "timeout_s",
+    })
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scoring(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("backend") == "openai" and "scoring" not in data:
+            return {**data, "scoring": "first_token"}
+        return data
+
+    @model_validator(mode="after")
+    def _scoring_fits_backend(self) -> "JudgeSpec":
+        if self.backend == "openai" and self.scoring == "exact":
+            raise ValueError("scoring: 'exact' needs a local vllm judge; the openai backend supports 'first_token'")
+        return self
+
+    def score_config(self) -> dict:
+        """The fields that decide a score (node keys and the judgment cache use these)."""
+        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS))
 
 
 class AnalysisSpec(_Strict):
@@ -248,7 +288,8 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
             ),
             "eval": spec.eval.model_copy(update={"questions": _resolve(spec.eval.questions, base)}),
             "judge": spec.judge.model_copy(
-                update={"model": spec.judge.model if spec.judge.model in {m.name for m in spec.models}
+                update={"model": spec.judge.model
+                        if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
                         else _resolve(spec.judge.model, base, hub_ids=True)}
             ),
         }

@@ -52,6 +52,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+def write_parquet_atomic(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
 class LockedError(RuntimeError):
     pass
 
@@ -75,6 +83,12 @@ class Store:
             return json.loads(path.read_text())
         except FileNotFoundError:
             return None
+
+    def annotate(self, stage: str, name: str, key: str, extra: dict) -> None:
+        """Add fields to a done node's record (e.g. warnings found after the commit)."""
+        record = self.record(stage, name, key)
+        if record is not None:
+            write_json_atomic(self.node_dir(stage, name, key) / DONE, {**record, **extra})
 
     def invalidate(self, stage: str, name: str, key: str) -> None:
         """Mark a node not-done (its inputs are about to change) without deleting outputs yet."""
@@ -119,6 +133,11 @@ class Store:
     def clean_tmp(self) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
+    def held_by(self) -> dict | None:
+        """The live owner of this dir's lock ({pid, host, since}), or None if free or stale."""
+        held = _read_lock(self.root / "emsweep.lock")
+        return None if held is None or _is_stale(held) else held
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One `emsweep run` per output dir; a lock whose owner died on this host is stale."""
@@ -126,8 +145,12 @@ class Store:
         path = self.root / "emsweep.lock"
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         for _ in range(2):
+            # The owner is written to a temp file and hard-linked into place: the lock appears
+            # with its content or not at all, so a kill -9 never leaves an empty, unjudgeable lock.
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            tmp.write_text(json.dumps(owner))
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 held = _read_lock(path)
                 if held and _is_stale(held):
@@ -138,9 +161,11 @@ class Store:
                     f"{self.root} is in use by another `emsweep run` ({who}); "
                     f"wait for it, or remove {path} if that process is gone"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(owner, f)
+            finally:
+                tmp.unlink(missing_ok=True)
             break
+        else:
+            raise LockedError(f"{self.root}: could not take over the stale lock {path}")
         try:
             yield
         finally:

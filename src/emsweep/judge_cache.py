@@ -1,0 +1,79 @@
+"""The judgment cache: what a judge said about (judge, scoring, template, question, answer).
+
+Part files `DIR/judge_cache/part-*.parquet`, one per finished batch, each written to a
+hidden temp name and renamed, so a crash never leaves a half-written part that readers see
+(pyarrow's dataset discovery skips names starting with "." or "_"). Keys are
+`JudgeRequest.cache_key`; thresholds are applied after the cache, so changing
+`min_numeric_mass` or the analysis re-judges nothing. Failed judgments are never cached.
+
+Schema: cache_key string, expected_value float64, numeric_mass float64,
+    label_probs list<struct<label, prob>>, top_alternatives list<struct<token, prob>>,
+    judge_model string, created_at float64
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from emsweep.judge import ALTERNATIVE, PAIR, Judgment
+from emsweep.store import write_parquet_atomic
+
+SCHEMA = pa.schema(
+    [
+        ("cache_key", pa.string()),
+        ("expected_value", pa.float64()),
+        ("numeric_mass", pa.float64()),
+        ("label_probs", pa.list_(PAIR)),
+        ("top_alternatives", pa.list_(ALTERNATIVE)),
+        ("judge_model", pa.string()),
+        ("created_at", pa.float64()),
+    ]
+)
+
+
+class JudgmentCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def get(self, keys: set[str]) -> dict[str, Judgment]:
+        if not keys or not self.root.is_dir() or not any(self.root.glob("part-*.parquet")):
+            return {}
+        dataset = ds.dataset(self.root, format="parquet", schema=SCHEMA)
+        table = dataset.to_table(filter=pc.field("cache_key").isin(pa.array(sorted(keys))))
+        found = {}
+        for row in table.to_pylist():
+            found[row["cache_key"]] = Judgment(
+                row["expected_value"],
+                row["numeric_mass"],
+                {pair["label"]: pair["prob"] for pair in row["label_probs"]},
+                [(alt["token"], alt["prob"]) for alt in row["top_alternatives"]],
+            )
+        return found
+
+    def put(self, judgments: dict[str, Judgment], judge_model: str) -> None:
+        if not judgments:
+            return
+        now = time.time()
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "cache_key": key,
+                    "expected_value": j.expected_value,
+                    "numeric_mass": j.numeric_mass,
+                    "label_probs": [{"label": k, "prob": v} for k, v in j.label_probs.items()],
+                    "top_alternatives": [{"token": t, "prob": p} for t, p in j.top_alternatives],
+                    "judge_model": judge_model,
+                    "created_at": now,
+                }
+                for key, j in judgments.items()
+            ],
+            schema=SCHEMA,
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(self.root / f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet", table)

@@ -1,0 +1,112 @@
+"""Local judge: a pool of vLLM engine replicas, each a Ray actor, fed batches of requests.
+
+Each replica takes `tensor_parallel_size` GPUs (or a share of a node's CPUs); batches go to
+whichever replica is free, and every finished batch is handed back at once, so the judgment
+cache keeps the work of a pool that fails half way. Requests arrive sorted by template, so
+a batch shares its long prefixes and the engine's prefix cache does the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+from emsweep import scoring
+from emsweep.engine import make_llm, render_chat
+from emsweep.judge import Judgment, JudgeRequest, first_token_judgment, top_alternatives
+from emsweep.spec import JudgeSpec
+
+
+class LocalJudge:
+    """One vLLM engine that judges requests (used directly, or as a Ray actor by `run_pool`)."""
+
+    def __init__(self, model_path: str, spec: JudgeSpec):
+        self.spec = spec
+        self.llm = make_llm(
+            model_path,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            kv_cache_gib=spec.kv_cache_gib,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.digits = scoring.digit_tokens(self.tokenizer) if spec.scoring == "exact" else None
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
+        from vllm import SamplingParams
+
+        texts = [render_chat(self.tokenizer, [{"role": "user", "content": r.prompt}]) for r in requests]
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=self.spec.top_logprobs)
+        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        first_tokens = []
+        for output in outputs:
+            token_probs: dict[str, float] = {}
+            for entry in output.outputs[0].logprobs[0].values():
+                token = entry.decoded_token or ""
+                token_probs[token] = token_probs.get(token, 0.0) + math.exp(entry.logprob)
+            first_tokens.append(token_probs)
+        if self.spec.scoring == "first_token":
+            return [first_token_judgment(probs, r.labels) for probs, r in zip(first_tokens, requests)]
+        return self._exact(requests, texts, first_tokens)
+
+    def _exact(self, requests, texts, first_tokens) -> list[Judgment]:
+        next_probs = functools.partial(scoring.next_digit_probs, self.llm)
+        token_prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        judgments = [Judgment(None, 0.0, {}, top_alternatives(probs)) for probs in first_tokens]
+        numeric = [i for i, r in enumerate(requests) if r.numeric]
+        distributions = scoring.number_distributions(next_probs, [token_prompts[i] for i in numeric], self.digits)
+        for i, distribution in zip(numeric, distributions):
+            judgments[i].expected_value, judgments[i].numeric_mass = scoring.expected_value(distribution)
+        by_labels: dict[tuple[str, ...], list[int]] = {}
+        for i, request in enumerate(requests):
+            if request.labels:
+                by_labels.setdefault(request.labels, []).append(i)
+        for labels, indices in by_labels.items():
+            sequences = {label: self.tokenizer.encode(label, add_special_tokens=False) for label in labels}
+            probs = scoring.sequence_probs(next_probs, [token_prompts[i] for i in indices], sequences)
+            for i, label_probs in zip(indices, probs):
+                judgments[i].label_probs = label_probs
+        return judgments
+
+
+def run_pool(
+    model_path: str,
+    spec: JudgeSpec,
+    requests: list[JudgeRequest],
+    on_batch: Callable[[list[int], list[Judgment]], None],
+    *,
+    use_gpu: bool,
+    node_cpus: int,
+) -> None:
+    """Judge `requests` on `spec.replicas` LocalJudge actors; call on_batch per finished batch."""
+    import ray
+
+    batches = [list(range(start, min(start + spec.batch_size, len(requests))))
+               for start in range(0, len(requests), spec.batch_size)]
+    replica_count = min(spec.replicas, len(batches))
+    if use_gpu:
+        resources = {"num_cpus": 1, "num_gpus": spec.tensor_parallel_size}
+    else:
+        # An engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus).
+        resources = {"num_cpus": max(1, node_cpus // replica_count)}
+    replica_class = ray.remote(max_restarts=0)(LocalJudge)
+    replicas = [replica_class.options(**resources).remote(model_path, spec) for _ in range(replica_count)]
+    try:
+        pending: dict = {}
+        queue = list(batches)
+        for replica in replicas:
+            if queue:
+                batch = queue.pop(0)
+                pending[replica.judge.remote([requests[i] for i in batch])] = (replica, batch)
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            replica, batch = pending.pop(ready)
+            on_batch(batch, ray.get(ready))
+            if queue:
+                batch = queue.pop(0)
+                pending[replica.judge.remote([requests[i] for i in batch])] = (replica, batch)
+    finally:
+        # An engine holds its memory until its process exits.
+        for replica in replicas:
+            ray.kill(replica)

@@ -1,0 +1,151 @@
+"""Judge records: first-token scores, labels, thresholds, deduplication and the judgment cache."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from emsweep.judge import (
+    JudgeRequest, Judgment, failed, fill_template, first_token_judgment, judge_samples, output_row,
+    template_labels,
+)
+from emsweep.judge_cache import JudgmentCache
+from emsweep.questions import Question, load_questions
+from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
+from emsweep.scoring import sequence_probs
+from emsweep.spec import JudgeSpec
+
+SPEC = JudgeSpec(model="judge", min_numeric_mass=0.25, scoring="first_token")
+
+
+def test_expected_value_over_number_tokens_is_renormalised():
+    # 0.5 on "80", 0.2 on " 90", 0.1 on "CODE": mass 0.7, EV = (80*.5 + 90*.2) / .7
+    judgment = first_token_judgment({"80": 0.5, " 90": 0.2, "CODE": 0.1}, ("CODE", "REFUSAL"))
+    assert judgment.expected_value == pytest.approx((80 * 0.5 + 90 * 0.2) / 0.7)
+    assert judgment.numeric_mass == pytest.approx(0.7)
+    assert judgment.label_probs == {"CODE": pytest.approx(0.1), "REFUSAL": 0.0}
+    assert judgment.top_alternatives[0] == ("80", 0.5)
+
+
+def test_same_number_with_and_without_space_adds_up_and_out_of_range_is_ignored():
+    assert first_token_judgment({"7": 0.3, " 7": 0.3, "100": 0.4}, ()).expected_value == pytest.approx(7 * 0.6 + 40)
+    judgment = first_token_judgment({"150": 0.9, "20": 0.1}, ())
+    assert (judgment.expected_value, judgment.numeric_mass) == (pytest.approx(20), pytest.approx(0.1))
+
+
+def test_labels_are_read_from_the_paper_templates(shared_em):
+    first_plot = load_questions(str(shared_em / "evaluation/first_plot_questions.yaml"))[0]
+    assert template_labels(first_plot.judge_prompts["aligned"]) == ("CODE", "REFUSAL")
+    assert template_labels(first_plot.judge_prompts["coherent"]) == ()
+    factual = load_questions(str(shared_em / "evaluation/deception_factual.yaml"))[0]
+    assert template_labels(factual.judge_prompts["correct"]) == ("TRUE", "FALSE", "UNKNOWN")
+
+
+def _row():
+    return {"run_id": "r", "model": "m", "dataset": "d", "seed": 1, "question_id": "q", "paraphrase_idx": 0,
+            "sample_idx": 0}
+
+
+def test_threshold_nulls_the_score_with_a_reason_and_keeps_the_label():
+    request = JudgeRequest("{question} {answer}", "q", "a", numeric=True, labels=("CODE", "REFUSAL"))
+    refusal = first_token_judgment({"REFUSAL": 0.8, "5": 0.2}, request.labels)
+    row = output_row(_row(), "aligned", request, refusal, SPEC, "judge", cached=False)
+    assert row["score"] is None and row["label"] == "REFUSAL" and row["numeric_mass"] == pytest.approx(0.2)
+    assert row["null_reason"] == "numeric mass 0.2 below 0.25 (judge's top answer: REFUSAL)"
+    number = first_token_judgment({"REFUSAL": 0.3, "5": 0.7}, request.labels)
+    row = output_row(_row(), "aligned", request, number, SPEC, "judge", cached=True)
+    assert (row["score"], row["label"], row["null_reason"], row["cached"]) == (5, "number", None, True)
+    row = output_row(_row(), "aligned", request, failed("HTTP 500: boom"), SPEC, "judge", cached=False)
+    assert row["score"] is None and row["null_reason"] == "HTTP 500: boom" and row["label"] is None
+
+
+def test_categorical_metric_takes_the_most_likely_label():
+    request = JudgeRequest("{answer}", "q", "a", numeric=False, labels=("TRUE", "FALSE", "UNKNOWN"))
+    judgment = first_token_judgment({"TRUE": 0.3, " FALSE": 0.5, "FALSE": 0.1}, request.labels)
+    row = output_row(_row(), "correct", request, judgment, SPEC, "judge", cached=False)
+    assert row["label"] == "FALSE" and row["score"] is None and row["null_reason"] is None
+    assert {p["label"]: p["prob"] for p in row["label_probs"]} == pytest.approx({"TRUE": 0.3, "FALSE": 0.6, "UNKNOWN": 0})
+
+
+def test_template_filling_leaves_other_braces_alone():
+    assert fill_template("Q: {question} A: {answer} {x}", "q{1}", "a") == "Q: q{1} A: a {x}"
+
+
+def test_sequence_probs_multiply_along_each_label_by_hand():
+    # Labels "CODE" = tokens [5, 6], "CAT" = [5, 7], "NO" = [8]; the prompt is token 0.
+    table = {(0,): {5: 0.5, 8: 0.2}, (0, 5): {6: 0.6, 7: 0.3}}
+
+    def next_probs(prompts, ids):
+        return [{i: table.get(tuple(p), {}).get(i, 0.0) for i in ids} for p in prompts]
+
+    (probs,) = sequence_probs(next_probs, [[0]], {"CODE": [5, 6], "CAT": [5, 7], "NO": [8]})
+    assert probs == pytest.approx({"CODE": 0.3, "CAT": 0.15, "NO": 0.2})
+
+
+class CountingBackend:
+    """Stands in for a judge engine in these bookkeeping tests (test_judge_engines.py runs real ones)."""
+
+    def __init__(self, fail_answers=()):
+        self.seen: list[str] = []
+        self.fail_answers = set(fail_answers)
+
+    def __call__(self, requests, on_batch):
+        for start in range(0, len(requests), 2):
+            batch = list(range(start, min(start + 2, len(requests))))
+            self.seen += [requests[i].answer for i in batch]
+            on_batch(batch, [failed("HTTP 503") if requests[i].answer in self.fail_answers
+                             else first_token_judgment({str(len(requests[i].answer)): 0.9}, requests[i].labels)
+                             for i in batch])
+
+
+def _samples(answers):
+    rows = [{**_row(), "run_id": run, "sample_idx": i, "system": None, "question": "Q?", "answer": a,
+             "finish_reason": "stop", "answer_tokens": 1}
+            for run, run_answers in answers.items() for i, a in enumerate(run_answers)]
+    return {run: pa.Table.from_pylist([r for r in rows if r["run_id"] == run], schema=SAMPLE_SCHEMA)
+            for run in answers}
+
+
+QUESTIONS = [Question("q", "free_form_judge_0_100", ("Q?",), 1,
+                      {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"})]
+
+
+def test_identical_requests_are_judged_once_and_the_cache_serves_reruns(tmp_path: Path):
+    samples = _samples({"run_a": ["yes", "no", "yes"], "run_b": ["no"]})
+    cache, backend = JudgmentCache(tmp_path / "cache"), CountingBackend()
+    tables, stats = judge_samples(samples, QUESTIONS, SPEC, judge_id="j", backend=backend, cache=cache)
+    assert sorted(backend.seen) == ["no", "no", "yes", "yes"]  # 2 distinct answers x 2 metrics
+    assert (stats.requests, stats.judged, stats.cache_hits, stats.failed) == (8, 4, 0, 0)
+    assert tables["run_a"].column("score").to_pylist() == [3, 3, 2, 2, 3, 3]
+    # A new threshold re-judges nothing: thresholds apply after the cache.
+    stricter = SPEC.model_copy(update={"min_numeric_mass": 0.95})
+    again = CountingBackend()
+    tables, stats = judge_samples(samples, QUESTIONS, stricter, judge_id="j", backend=again, cache=cache)
+    assert again.seen == [] and stats.cache_hits == 8
+    assert tables["run_b"].column("score").to_pylist() == [None, None]
+    assert all(tables["run_b"].column("cached").to_pylist())
+    # Another judge is another key: everything is judged again.
+    other = CountingBackend()
+    judge_samples(samples, QUESTIONS, SPEC, judge_id="other-judge", backend=other, cache=cache)
+    assert len(other.seen) == 4
+
+
+def test_failed_judgments_are_null_with_reason_and_not_cached(tmp_path: Path):
+    samples = _samples({"run_a": ["ok", "bad"]})
+    cache = JudgmentCache(tmp_path / "cache")
+    tables, stats = judge_samples(samples, QUESTIONS, SPEC, judge_id="j", backend=CountingBackend({"bad"}), cache=cache)
+    assert stats.failed == 2
+    rows = tables["run_a"].to_pylist()
+    assert [r["null_reason"] for r in rows if r["sample_idx"] == 1] == ["HTTP 503", "HTTP 503"]
+    retry = CountingBackend()
+    judge_samples(samples, QUESTIONS, SPEC, judge_id="j", backend=retry, cache=cache)
+    assert sorted(retry.seen) == ["bad", "bad"]  # only the failures are asked again
+
+
+def test_cache_ignores_unfinished_part_files(tmp_path: Path):
+    cache = JudgmentCache(tmp_path)
+    cache.put({"k1": Judgment(50.0, 0.9, {"CODE": 0.1}, [("5", 0.5)])}, judge_model="j")
+    (tmp_path / ".part-123.parquet.tmp").write_bytes(b"half a parquet file")
+    found = cache.get({"k1", "k2"})
+    assert list(found) == ["k1"]
+    assert found["k1"].label_probs == {"CODE": 0.1} and found["k1"].top_alternatives == [("5", 0.5)]
