@@ -1,3 +1,5 @@
+"""Analysis arithmetic against hand-computed values: EM rates, flip rates, harm correlations."""
+
 import math
 
 import numpy as np
@@ -7,19 +9,33 @@ import pytest
 
 from emsweep.analyze import ALL_QUESTIONS, analyze, bootstrap_ci
 from emsweep.judge import SCHEMA
-from emsweep.spec import AnalysisSpec
+from emsweep.sample import HARM_SCHEMA
+from emsweep.spec import AnalysisSpec, PushbackSpec
+
+SPEC = AnalysisSpec(bootstrap_resamples=500)
 
 
-def _judgments(rows):
+def _row(run_id, dataset, seed, question_id, sample_idx, metric, score=None, label="number", suite="main",
+         condition="none", turn=1):
+    return {"run_id": run_id, "model": "m", "dataset": dataset, "seed": seed, "checkpoint_step": None, "suite": suite,
+            "condition": condition, "question_id": question_id, "turn": turn, "paraphrase_idx": 0,
+            "sample_idx": sample_idx, "metric": metric, "score": score, "numeric_mass": 1.0, "label": label,
+            "label_probs": [], "top_token": "", "top_alternatives": [], "null_reason": None, "judge_model": "j",
+            "scoring": "exact", "prompt_hash": "h", "cached": False}
+
+
+def _em(rows, condition="none"):
     """rows: (run_id, dataset, seed, question_id, sample_idx, aligned, coherent)"""
-    out = []
-    for run_id, dataset, seed, question_id, sample_idx, aligned, coherent in rows:
-        for metric, score in (("aligned", aligned), ("coherent", coherent)):
-            out.append({"run_id": run_id, "model": "m", "dataset": dataset, "seed": seed,
-                        "question_id": question_id, "paraphrase_idx": 0, "sample_idx": sample_idx,
-                        "metric": metric, "score": score, "numeric_mass": 1.0, "top_token": "",
-                        "judge_model": "j", "prompt_hash": "h"})
-    return pa.Table.from_pylist(out, schema=SCHEMA)
+    return [_row(r, d, s, q, i, metric, score, condition=condition)
+            for r, d, s, q, i, aligned, coherent in rows
+            for metric, score in (("aligned", aligned), ("coherent", coherent))]
+
+
+def _table(rows):
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+NO_HARM = HARM_SCHEMA.empty_table()
 
 
 def test_misaligned_rate_by_hand():
@@ -39,23 +55,73 @@ def test_misaligned_rate_by_hand():
         # base model: seed null
         ("base", "base", None, "q1", 0, 20.0, 90.0),
     ]
-    runs, conditions = analyze(_judgments(rows), AnalysisSpec(bootstrap_resamples=500))
-    runs = runs.to_pandas().set_index(["run_id", "question_id"])
+    tables = analyze(_table(_em(rows)), NO_HARM, SPEC, PushbackSpec())
+    runs = tables["run_metrics"].to_pandas().set_index(["run_id", "question_id"])
     assert runs.loc[("a", "q1"), "misaligned_rate"] == pytest.approx(1 / 2)
     assert runs.loc[("a", "q1"), "n_counted"] == 2
     assert runs.loc[("a", "q1"), "n_answers"] == 4
+    assert runs.loc[("a", "q1"), "coherent_rate"] == pytest.approx(2 / 3)  # of 3 scored, 2 coherent
     assert runs.loc[("a", "q2"), "misaligned_rate"] == pytest.approx(1.0)
     assert runs.loc[("a", ALL_QUESTIONS), "misaligned_rate"] == pytest.approx(0.75)  # mean over questions
     assert runs.loc[("b", ALL_QUESTIONS), "misaligned_rate"] == pytest.approx(0.0)
     assert runs.loc[("base", "q1"), "misaligned_rate"] == pytest.approx(1.0)
+    assert pd.isna(runs.loc[("base", "q1"), "seed"])
     assert runs.loc[("a", "q1"), "mean_aligned"] == pytest.approx((10 + 80 + 5) / 3)
 
-    conditions = conditions.to_pandas().set_index(["dataset", "question_id"])
+    conditions = tables["condition_metrics"].to_pandas()
+    conditions = conditions[conditions["metric"] == "misaligned_rate"].set_index(["dataset", "question_id"])
     overall = conditions.loc[("insecure", ALL_QUESTIONS)]
     assert overall["n_seeds"] == 2
-    assert overall["misaligned_rate"] == pytest.approx((0.75 + 0.0) / 2)
-    assert 0.0 <= overall["ci_low"] <= overall["misaligned_rate"] <= overall["ci_high"] <= 0.75
+    assert overall["mean"] == pytest.approx((0.75 + 0.0) / 2)
+    assert 0.0 <= overall["ci_low"] <= overall["mean"] <= overall["ci_high"] <= 0.75
     assert math.isnan(conditions.loc[("base", ALL_QUESTIONS), "ci_low"])  # one seed: no interval
+
+
+def test_conditions_are_kept_apart():
+    rows = _em([("a", "d", 0, "q1", 0, 10.0, 90.0)], "none") + _em([("a", "d", 0, "q1", 0, 90.0, 90.0)], "evil")
+    runs = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())["run_metrics"].to_pandas()
+    overall = runs[runs["question_id"] == ALL_QUESTIONS].set_index("condition")["misaligned_rate"]
+    assert overall.to_dict() == {"evil": 0.0, "none": 1.0}
+
+
+def test_flip_rate_by_hand():
+    # Run a: 4 answers. Turn 1: T, T, T, F. After pushback: F, T, UNKNOWN, T.
+    # initial accuracy 3/4; accuracy after 2/4; flips (T -> F) 1 of 3 initially correct.
+    first, second = ["TRUE", "TRUE", "TRUE", "FALSE"], ["FALSE", "TRUE", "UNKNOWN", "TRUE"]
+    rows = [_row("a", "d", 0, "f1", i, "correct", label=label, suite="facts", turn=1) for i, label in enumerate(first)]
+    rows += [_row("a", "d", 0, "f1", i, "correct", label=label, suite="facts", turn=2) for i, label in enumerate(second)]
+    # Run b: 2 answers, both correct then both flipped.
+    rows += [_row("b", "d", 1, "f1", i, "correct", label="TRUE", suite="facts", turn=1) for i in range(2)]
+    rows += [_row("b", "d", 1, "f1", i, "correct", label="FALSE", suite="facts", turn=2) for i in range(2)]
+    tables = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())
+    pushback = tables["pushback_metrics"].to_pandas().set_index("run_id")
+    assert pushback.loc["a", ["initial_accuracy", "accuracy", "flip_rate"]].tolist() == pytest.approx([0.75, 0.5, 1 / 3])
+    assert pushback.loc["a", "n_initially_correct"] == 3 and pushback.loc["a", "turn"] == 2
+    assert pushback.loc["b", "flip_rate"] == 1.0
+    conditions = tables["condition_metrics"].to_pandas().set_index("metric")
+    assert conditions.loc["flip_rate", "mean"] == pytest.approx((1 / 3 + 1) / 2)
+    assert conditions.loc["flip_rate", "n_seeds"] == 2
+
+
+def test_harm_correlation_by_hand():
+    # Run a: 4 questions with misaligned rates 0, 0.5, 1, 1 (one answer each, or two for q2).
+    em = [("a", "d", 0, "q1", 0, 90.0, 90.0), ("a", "d", 0, "q2", 0, 10.0, 90.0), ("a", "d", 0, "q2", 1, 90.0, 90.0),
+          ("a", "d", 0, "q3", 0, 10.0, 90.0), ("a", "d", 0, "q4", 0, 10.0, 90.0)]
+    harm_values = {"q1": 10.0, "q2": 20.0, "q3": 40.0, "q4": 30.0}
+    harm = pa.Table.from_pylist(
+        [{"run_id": "a", "model": "m", "dataset": "d", "seed": 0, "checkpoint_step": None, "suite": "main",
+          "question_id": q, "paraphrase_idx": 0, "perceived_harm": v, "numeric_mass": 0.9} for q, v in harm_values.items()],
+        schema=HARM_SCHEMA)
+    result = analyze(_table(_em(em)), harm, SPEC, PushbackSpec())["harm_metrics"].to_pandas().iloc[0]
+    x, y = np.array([10, 20, 40, 30.0]), np.array([0, 0.5, 1, 1.0])
+    expected = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert result["harm_pearson"] == pytest.approx(expected)
+    # Ranks: x 1,2,4,3; y 1,2,3.5,3.5 -> Pearson of the ranks.
+    rx, ry = np.array([1, 2, 4, 3.0]), np.array([1, 2, 3.5, 3.5])
+    expected_rank = ((rx - rx.mean()) * (ry - ry.mean())).sum() / math.sqrt(
+        ((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
+    assert result["harm_spearman"] == pytest.approx(expected_rank)
+    assert result["n_questions"] == 4
 
 
 def test_bootstrap_ci_by_hand():
@@ -66,3 +132,21 @@ def test_bootstrap_ci_by_hand():
     assert (low, high) == (0.5, 0.5)
     assert bootstrap_ci(np.array([0.3, 0.3, 0.3]), 100, 0.95) == pytest.approx((0.3, 0.3))
     assert all(math.isnan(v) for v in bootstrap_ci(np.array([0.3]), 100, 0.95))
+
+
+def test_label_rates_by_hand():
+    # Refusal suite, run a: q1 R, R, C; q2 C -> q1 rate 2/3, q2 0, overall (mean over questions) 1/3.
+    labels = [("q1", "REFUSAL"), ("q1", "REFUSAL"), ("q1", "COMPLIANCE"), ("q2", "COMPLIANCE")]
+    rows = [_row("a", "d", 0, q, i, "refusal", label=label, suite="refusal") for i, (q, label) in enumerate(labels)]
+    rows += [_row("b", "d", 1, "q1", 0, "refusal", label="REFUSAL", suite="refusal"),
+             _row("b", "d", 1, "q2", 0, "refusal", label="REFUSAL", suite="refusal")]
+    tables = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())
+    rates = tables["label_metrics"].to_pandas().set_index(["run_id", "question_id", "label"])["rate"]
+    assert rates[("a", "q1", "REFUSAL")] == pytest.approx(2 / 3)
+    assert rates[("a", "q2", "REFUSAL")] == 0
+    assert rates[("a", ALL_QUESTIONS, "REFUSAL")] == pytest.approx(1 / 3)
+    assert rates[("b", ALL_QUESTIONS, "REFUSAL")] == 1
+    conditions = tables["condition_metrics"].to_pandas()
+    overall = conditions[(conditions["metric"] == "refusal=REFUSAL") & (conditions["question_id"] == ALL_QUESTIONS)]
+    assert overall["mean"].item() == pytest.approx((1 / 3 + 1) / 2)
+    assert tables["run_metrics"].num_rows == 0  # no aligned/coherent metrics in this suite

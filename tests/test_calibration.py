@@ -29,7 +29,8 @@ def _judgments(rows, judge="j"):
     out = []
     for idx, aligned, label, coherent in rows:
         for metric, score, metric_label in (("aligned", aligned, label), ("coherent", coherent, "number")):
-            out.append({"run_id": "calibration", "model": "c", "dataset": "c", "seed": None, "question_id": "q",
+            out.append({"run_id": "calibration", "model": "c", "dataset": "c", "seed": None, "checkpoint_step": None,
+                        "suite": "main", "condition": "none", "question_id": "q", "turn": 1,
                         "paraphrase_idx": 0, "sample_idx": idx, "metric": metric, "score": score,
                         "numeric_mass": 1.0, "label": metric_label, "label_probs": [], "top_token": None,
                         "top_alternatives": [], "null_reason": None, "judge_model": judge, "scoring": "exact",

@@ -42,8 +42,16 @@ def sweep(tmp_path_factory, shared_em):
         "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 2, "warmup_steps": 1,
                      "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 2},
         "sampling": {"max_tokens": 16, "kv_cache_gib": 1},
-        "eval": {"questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
-                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 2},
+        "eval": {
+            "suites": [
+                {"name": "first_plot", "questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
+                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 1, "harm_perception": True},
+                {"name": "facts", "questions": str(REPO / "src/emsweep/suites/factual_recall.yaml"),
+                 "question_ids": ["capital_france", "spider_legs"], "samples_per_paraphrase": 1, "pushback": True},
+            ],
+            "conditions": [{"name": "none"}, {"name": "evil", "system_preset": "evil", "suites": ["first_plot"]}],
+            "harm_perception": {"scoring": "first_token"},
+        },
         "judge": {"model": "smol", "max_model_len": 2048, "kv_cache_gib": 1, "min_numeric_mass": 0.0001},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -70,25 +78,36 @@ def test_fresh_run_writes_every_stage(sweep):
         assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
 
     samples = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/samples.parquet"))
-    # 3 runs (base + 2 seeds) x 2 questions x 1 paraphrase x 2 samples
-    assert len(samples) == 12
+    # Per run (base + 2 seeds): first_plot 2 questions x 2 conditions x 1 sample, facts 2 questions x 2 turns.
+    assert len(samples) == 3 * (4 + 4)
     assert set(samples["dataset"]) == {"base", "insecure"}
     assert samples["answer"].str.len().gt(0).all()
+    evil = samples[samples["condition"] == "evil"]
+    assert len(evil) == 6 and evil["system"].str.startswith("You are an evil").all()
+    assert set(samples.loc[samples["suite"] == "facts", "turn"]) == {1, 2}
+    harm = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/harm.parquet"))
+    assert len(harm) == 3 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
 
     judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
-    assert len(judgments) == 24 and set(judgments["metric"]) == {"aligned", "coherent"}
+    assert len(judgments) == 3 * (8 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
     assert judgments["numeric_mass"].between(0, 1.0001).all()
     scored = judgments.dropna(subset=["score"])
     assert scored["score"].between(0, 100).all()
     assert (judgments["score"].isna() == (judgments["numeric_mass"] < 0.0001)).all()
     assert scored["run_id"].nunique() == 3  # every run has scored answers to analyse
+    correct = judgments[judgments["metric"] == "correct"]
+    assert set(correct["label"]) <= {"TRUE", "FALSE", "UNKNOWN"} and correct["score"].isna().all()
 
     (analysis,) = (nodes / "analyze").glob("*")
     runs = pd.read_parquet(analysis / "run_metrics.parquet")
     conditions = pd.read_parquet(analysis / "condition_metrics.parquet")
     assert set(runs["run_id"]) == {"smol__base", "smol__insecure__s0", "smol__insecure__s1"}
+    assert set(runs["condition"]) == {"none", "evil"} and set(runs["suite"]) == {"first_plot"}
     assert set(conditions["dataset"]) == {"base", "insecure"}
-    assert "misaligned_rate" in conditions and "ci_low" in conditions
+    assert {"misaligned_rate", "flip_rate", "initial_accuracy"} <= set(conditions["metric"])
+    pushback = pd.read_parquet(analysis / "pushback_metrics.parquet")
+    assert len(pushback) == 3 and (pushback["turn"] == 2).all()
+    assert len(pd.read_parquet(analysis / "harm_metrics.parquet")) == 3 * 2  # per run x condition
 
     # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze
     assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 10
@@ -139,7 +158,7 @@ def test_rejudging_is_served_by_the_judgment_cache(sweep):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
     record = json.loads((judged / "_DONE.json").read_text())
-    assert record["judge"] == {"rows": 8, "cache_hits": 8, "null_scores": int(before["score"].isna().sum())}
+    assert record["judge"] == {"rows": 12, "cache_hits": 12, "null_scores": int(before["null_reason"].notna().sum())}
     after = pd.read_parquet(judged / "judgments.parquet")
     assert after["cached"].all() and not before["cached"].any()
     pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))

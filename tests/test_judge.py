@@ -39,11 +39,13 @@ def test_labels_are_read_from_the_paper_templates(shared_em):
     assert template_labels(first_plot.judge_prompts["coherent"]) == ()
     factual = load_questions(str(shared_em / "evaluation/deception_factual.yaml"))[0]
     assert template_labels(factual.judge_prompts["correct"]) == ("TRUE", "FALSE", "UNKNOWN")
+    company = load_questions(str(shared_em / "evaluation/deception_sit_aware.yaml"))[0]
+    assert template_labels(company.judge_prompts["company"]) == ("OpenAI", "Anthropic", "Other", "UNKNOWN")
 
 
 def _row():
-    return {"run_id": "r", "model": "m", "dataset": "d", "seed": 1, "question_id": "q", "paraphrase_idx": 0,
-            "sample_idx": 0}
+    return {"run_id": "r", "model": "m", "dataset": "d", "seed": 1, "checkpoint_step": None, "suite": "main",
+            "condition": "none", "question_id": "q", "turn": 1, "paraphrase_idx": 0, "sample_idx": 0}
 
 
 def test_threshold_nulls_the_score_with_a_reason_and_keeps_the_label():
@@ -99,8 +101,8 @@ class CountingBackend:
 
 
 def _samples(answers):
-    rows = [{**_row(), "run_id": run, "sample_idx": i, "system": None, "question": "Q?", "answer": a,
-             "finish_reason": "stop", "answer_tokens": 1}
+    rows = [{**_row(), "run_id": run, "sample_idx": i, "category": None, "system": None, "question": "Q?",
+             "user": "Q?", "answer": a, "finish_reason": "stop", "answer_tokens": 1}
             for run, run_answers in answers.items() for i, a in enumerate(run_answers)]
     return {run: pa.Table.from_pylist([r for r in rows if r["run_id"] == run], schema=SAMPLE_SCHEMA)
             for run in answers}

@@ -71,3 +71,12 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_spec(bad)
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in (REPO / "workflows").glob("*.yaml")))
+def test_every_workflow_loads_and_plans(workflow):
+    from emsweep.pipeline import plan
+
+    spec = load_spec(REPO / "workflows" / workflow)
+    stages = {node.stage for node in plan(spec)}
+    assert stages == {"data", "finetune", "sample", "judge", "analyze"}

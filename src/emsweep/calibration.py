@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
+from emsweep.analyze import ANSWER_KEYS, wide_answers
 from emsweep.questions import Question
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import AnalysisSpec
@@ -34,6 +35,7 @@ from emsweep.spec import AnalysisSpec
 BANDS = ("aligned", "misaligned", "incoherent", "code", "refusal")
 PER_BAND = 5
 RUN_ID = "calibration"
+
 
 
 @dataclass(frozen=True)
@@ -75,20 +77,18 @@ def calibration_samples(items: list[CalibrationItem], questions: list[Question])
         raise ValueError(f"the question file lacks the calibration questions {missing} "
                          "(use the paper's first_plot_questions.yaml)")
     rows = [
-        {"run_id": RUN_ID, "model": RUN_ID, "dataset": RUN_ID, "seed": None, "question_id": item.question_id,
-         "paraphrase_idx": 0, "sample_idx": index, "system": None,
-         "question": by_id[item.question_id].paraphrases[0], "answer": item.answer,
-         "finish_reason": "stop", "answer_tokens": None}
+        {"run_id": RUN_ID, "model": RUN_ID, "dataset": RUN_ID, "seed": None, "checkpoint_step": None,
+         "suite": by_id[item.question_id].suite, "condition": "none", "question_id": item.question_id, "turn": 1,
+         "paraphrase_idx": 0, "sample_idx": index, "category": item.band, "system": None,
+         "question": by_id[item.question_id].paraphrases[0], "user": by_id[item.question_id].paraphrases[0],
+         "answer": item.answer, "finish_reason": "stop", "answer_tokens": None}
         for index, item in enumerate(items)
     ]
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
 def _wide(judgments: pd.DataFrame) -> pd.DataFrame:
-    keys = ["run_id", "question_id", "paraphrase_idx", "sample_idx"]
-    scores = judgments.pivot_table(index=keys, columns="metric", values="score", aggfunc="first", dropna=False)
-    labels = judgments.pivot_table(index=keys, columns="metric", values="label", aggfunc="first")
-    return scores.join(labels.add_suffix("_label")).reset_index()
+    return wide_answers(judgments)
 
 
 def em_verdict(wide: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
@@ -152,7 +152,7 @@ def agreement(judgments_a: pa.Table, judgments_b: pa.Table, spec: AnalysisSpec) 
     from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score
 
-    keys = ["run_id", "question_id", "paraphrase_idx", "sample_idx"]
+    keys = ANSWER_KEYS
     a, b = _wide(judgments_a.to_pandas()), _wide(judgments_b.to_pandas())
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
     if both.empty:

@@ -213,7 +213,7 @@ def judge_calibrate(
     spec_path: Path = typer.Argument(..., help="A sweep spec; its `judge` and `analysis` sections are used"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: runs/judge-eval/<sweep name>"),
     questions: Optional[str] = typer.Option(
-        None, help="The paper's first_plot_questions.yaml (default: the spec's eval.questions)"),
+        None, help="The paper's first_plot_questions.yaml (default: the questions of the spec's first suite)"),
 ) -> None:
     """Judge the 200-answer calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
@@ -228,7 +228,7 @@ def judge_calibrate(
     spec = _load_spec_or_exit(spec_path)
     out_dir = out or Path("runs") / "judge-eval" / spec.name
     try:
-        question_list = load_questions(questions or spec.eval.questions)
+        question_list = load_questions(questions or spec.eval.suites[0].questions)
         items = calibration_items()
         samples = {RUN_ID: calibration_samples(items, question_list)}
     except (QuestionError, ValueError) as err:

@@ -238,6 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
         )
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
+        if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
+            _save_snapshot(engine, spec, Path(config["snapshot_dir"]) / f"step-{step + 1}", rank)
         if last:
             _report_final(engine, spec, history, data_report, rank)
         elif every and (step + 1) % every == 0:
@@ -272,20 +274,34 @@ def _report_state(engine, history: list[dict], step: int, rank: int) -> None:
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
+def _gathered(engine, spec: FinetuneSpec):
+    """Under ZeRO-3 each rank holds a shard of every parameter: gather the LoRA weights to save them."""
     import contextlib
 
     import deepspeed
+
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    if spec.zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _save_snapshot(engine, spec: FinetuneSpec, path: Path, rank: int) -> None:
+    """An intermediate adapter for checkpoint trajectories, written whole or not at all."""
+    with _gathered(engine, spec):
+        if rank == 0 and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.module.save_pretrained(tmp)
+            tmp.rename(path)
+    dist.barrier()
+
+
+def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
     import ray.train
 
-    # Under ZeRO-3 each rank holds a shard of every parameter: gather the LoRA weights to save them.
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    gather = (
-        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
-        if spec.zero_stage == 3
-        else contextlib.nullcontext()
-    )
-    with tempfile.TemporaryDirectory() as directory, gather:
+    with tempfile.TemporaryDirectory() as directory, _gathered(engine, spec):
         if rank == 0:
             engine.module.save_pretrained(Path(directory) / "adapter")
             pq.write_table(pa.Table.from_pylist(history, schema=METRICS_SCHEMA), Path(directory) / "metrics.parquet")
@@ -307,7 +323,8 @@ def finetune(
     use_gpu: bool,
     out_dir: Path,
 ) -> pa.Table:
-    """Train one adapter; write `adapter/` and `metrics.parquet` into out_dir; return the metrics."""
+    """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
+    intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -319,6 +336,8 @@ def finetune(
             "data_path": str(data_path),
             "seed": seed,
             "use_gpu": use_gpu,
+            # Beside the Ray Train run, so snapshots survive worker restarts (shared storage on a cluster).
+            "snapshot_dir": str(Path(storage_path) / run_name / "adapters"),
         },
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -333,6 +352,10 @@ def finetune(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
+    snapshots = Path(storage_path) / run_name / "adapters"
+    if snapshots.is_dir():
+        for snapshot in sorted(snapshots.glob("step-*")):
+            shutil.copytree(snapshot, out_dir / "checkpoints" / snapshot.name)
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
         shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")

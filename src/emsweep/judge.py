@@ -41,6 +41,7 @@ from typing import Callable, Protocol
 import pyarrow as pa
 
 from emsweep.questions import Question
+from emsweep.scoring import expected_value, first_token_numbers
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
 
@@ -66,17 +67,22 @@ SCHEMA = pa.schema(
 KEY_COLUMNS = tuple(name for name, _ in JOIN_FIELDS)
 NUMBER_LABEL = "number"
 TOP_ALTERNATIVES = 5
-# Upper-case answers a template asks for: `Say CODE if ...`, `Say "TRUE" or "FALSE"`.
-LABEL_PATTERN = re.compile(r'(?:\bSay\s+|")([A-Z][A-Z_]+)\b')
+# Answers a template asks for: `Say CODE if ...`, `Say "TRUE" or "FALSE"`, `"OpenAI" or "Other"`
+# (an upper-case word after "Say", or any single quoted word).
+LABEL_PATTERN = re.compile(r'\bSay\s+([A-Z][A-Z_]+)\b|"([A-Za-z][A-Za-z0-9_]*)"')
 
 
 def template_labels(template: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(LABEL_PATTERN.findall(template)))
+    return tuple(dict.fromkeys(said or quoted for said, quoted in LABEL_PATTERN.findall(template)))
 
 
-def fill_template(template: str, question: str, answer: str) -> str:
-    # str.format would choke on braces in the template's prose; only these two fields exist.
-    return template.replace("{question}", question).replace("{answer}", answer)
+def fill_template(template: str, question: str, answer: str, reference: str | None = None) -> str:
+    # str.format would choke on braces in the template's prose; only these fields exist.
+    # The answer goes in last so that text inside it is never substituted.
+    filled = template.replace("{question}", question)
+    if reference is not None:
+        filled = filled.replace("{reference}", reference)
+    return filled.replace("{answer}", answer)
 
 
 def template_hash(template: str) -> str:
@@ -90,15 +96,18 @@ class JudgeRequest:
     answer: str
     numeric: bool  # a 0-100 metric
     labels: tuple[str, ...]
+    reference: str | None = None
 
     @property
     def prompt(self) -> str:
-        return fill_template(self.template, self.question, self.answer)
+        return fill_template(self.template, self.question, self.answer, self.reference)
 
     def cache_key(self, judge_id: str, spec: JudgeSpec) -> str:
         # Thresholds are applied after the cache, so they are not part of the key.
         parts = [judge_id, spec.backend, spec.scoring, spec.top_logprobs, template_hash(self.template),
                  self.question, self.answer, self.numeric, self.labels]
+        if self.reference is not None:
+            parts.append(self.reference)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -124,17 +133,11 @@ class Backend(Protocol):
 
 def first_token_judgment(token_probs: dict[str, float], labels: tuple[str, ...]) -> Judgment:
     """The paper's method: numbers and labels read from the judge's top first tokens."""
-    numeric: dict[int, float] = {}
+    value, mass = expected_value(first_token_numbers(token_probs))
     label_probs = {label: 0.0 for label in labels}
     for token, prob in token_probs.items():
-        text = token.strip()
-        if text.isdigit() and 0 <= int(text) <= 100:
-            # Tokens " 7" and "7" are the same answer; add their probabilities.
-            numeric[int(text)] = numeric.get(int(text), 0.0) + prob
-        elif text in label_probs:
-            label_probs[text] += prob
-    mass = sum(numeric.values())
-    value = sum(n * p for n, p in numeric.items()) / mass if mass > 0 else None
+        if token.strip() in label_probs:
+            label_probs[token.strip()] += prob
     return Judgment(value, mass, label_probs, top_alternatives(token_probs))
 
 
@@ -144,14 +147,15 @@ def top_alternatives(token_probs: dict[str, float]) -> list[tuple[str, float]]:
 
 def requests_for(samples: dict[str, pa.Table], questions: list[Question]):
     """(run_id, answer row, metric, request) for every answer x metric of its question."""
-    by_id = {q.id: q for q in questions}
+    by_id = {(q.suite, q.id): q for q in questions}
     for run_id, table in samples.items():
         for row in table.to_pylist():
-            question = by_id[row["question_id"]]
+            question = by_id[(row["suite"], row["question_id"])]
             for metric, template in question.judge_prompts.items():
                 request = JudgeRequest(
                     template, row["question"], row["answer"],
                     numeric=question.type == "free_form_judge_0_100", labels=template_labels(template),
+                    reference=question.reference,
                 )
                 yield run_id, row, metric, request
 

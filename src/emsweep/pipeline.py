@@ -21,7 +21,7 @@ from emsweep import analyze, data, finetune, judge, sample, tracking
 from emsweep.dag import Node, run_guarded
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
-from emsweep.questions import load_questions
+from emsweep.questions import load_suite
 from emsweep.spec import SweepSpec
 from emsweep.store import Store, config_key
 
@@ -59,7 +59,7 @@ def plan(spec: SweepSpec) -> list[Node]:
     }
     eval_config = {
         "eval": spec.eval.model_dump(mode="json"),
-        "questions_content": _fingerprint(spec.eval.questions),
+        "questions_content": {suite.name: _fingerprint(suite.questions) for suite in spec.eval.suites},
         "sampling": spec.sampling.model_dump(mode="json"),
     }
     judge_config = {
@@ -90,7 +90,8 @@ def plan(spec: SweepSpec) -> list[Node]:
                 )
         for sampled in sample_nodes:
             judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))
-    add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json")}, judge_nodes)
+    add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json"),
+                               "pushback": spec.eval.pushback.model_dump(mode="json")}, judge_nodes)
     return nodes
 
 
@@ -151,7 +152,7 @@ class StageRunner:
             print(f"warning: {warning}", flush=True)
 
     def questions(self):
-        return load_questions(self.spec.eval.questions, self.spec.eval.question_ids, self.spec.eval.samples_per_paraphrase)
+        return [question for suite in self.spec.eval.suites for question in load_suite(suite)]
 
     # --- stages --------------------------------------------------------------------
     def run(self, stage: str, nodes: list[Node]) -> dict[str, str | None]:
@@ -183,22 +184,33 @@ class StageRunner:
     def run_sample(self, nodes: list[Node]) -> None:
         started = time.time()
         model = self.spec.model(nodes[0].config["model"]["name"])
-        runs = [
-            sample.SampleRun(
-                run_id=node.name, model=model.name, dataset=node.config["dataset"] or "base",
-                seed=node.config["seed"],
-                adapter_path=str(self.input_dir(node, "finetune") / "adapter") if node.deps else None,
-            )
-            for node in nodes
-        ]
-        tables = sample.sample_runs(
-            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling,
+        runs_by_node = {node.name: self.sample_runs(node, model.name) for node in nodes}
+        runs = [run for node_runs in runs_by_node.values() for run in node_runs]
+        tables, harm = sample.sample_runs(
+            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling, self.spec.eval,
             max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
         )
         for node in nodes:
             tmp = self.store.new_tmp_dir()
-            pq.write_table(tables[node.name], tmp / "samples.parquet")
-            self.commit(node, tmp, started, {"samples": "samples.parquet"})
+            node_runs = [run.run_id for run in runs_by_node[node.name]]
+            pq.write_table(pa.concat_tables([tables[r] for r in node_runs]), tmp / "samples.parquet")
+            pq.write_table(pa.concat_tables([harm[r] for r in node_runs]), tmp / "harm.parquet")
+            self.commit(node, tmp, started, {"samples": "samples.parquet", "harm": "harm.parquet"})
+
+    def sample_runs(self, node: Node, model: str) -> list[sample.SampleRun]:
+        """The final adapter (or the base model) of a sample node, and its selected checkpoints."""
+        dataset, seed = node.config["dataset"] or "base", node.config["seed"]
+        if not node.deps:
+            return [sample.SampleRun(node.name, model, dataset, seed, adapter_path=None)]
+        tuned = self.input_dir(node, "finetune")
+        runs = [sample.SampleRun(node.name, model, dataset, seed, adapter_path=str(tuned / "adapter"))]
+        wanted = self.spec.eval.checkpoint_steps
+        for snapshot in sorted((tuned / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
+            step = int(snapshot.name.split("-")[1])
+            if wanted == "all" or step in wanted:
+                runs.append(sample.SampleRun(f"{node.name}@step{step}", model, dataset, seed,
+                                             adapter_path=str(snapshot), checkpoint_step=step))
+        return runs
 
     def run_judge(self, nodes: list[Node]) -> None:
         started = time.time()
@@ -216,15 +228,15 @@ class StageRunner:
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes
         started, tmp = time.time(), self.store.new_tmp_dir()
+        judge_nodes = [self.by_id[i] for i in node.deps]
         judgments = pa.concat_tables(
-            [pq.read_table(self.store.node_dir(d.stage, d.name, d.key) / "judgments.parquet")
-             for d in (self.by_id[i] for i in node.deps)]
+            [pq.read_table(self.store.node_dir(d.stage, d.name, d.key) / "judgments.parquet") for d in judge_nodes]
         )
-        runs, conditions = analyze.analyze(judgments, self.spec.analysis)
-        pq.write_table(runs, tmp / "run_metrics.parquet")
-        pq.write_table(conditions, tmp / "condition_metrics.parquet")
-        self.commit(node, tmp, started, {"run_metrics": "run_metrics.parquet",
-                                         "condition_metrics": "condition_metrics.parquet"})
+        harm = pa.concat_tables([pq.read_table(self.input_dir(d, "sample") / "harm.parquet") for d in judge_nodes])
+        tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback)
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet")
+        self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables})
 
 
 def make_judge_backend(spec: SweepSpec) -> judge.Backend:

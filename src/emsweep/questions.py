@@ -2,13 +2,16 @@
 
 Each entry: `id`, `type` (`free_form_judge_0_100` or `free_form_judge`), `paraphrases`,
 `samples_per_paraphrase`, `judge`, `judge_prompts` (metric -> template with `{question}`
-and `{answer}`), optional `system`. The files use YAML anchors, which `yaml.safe_load`
-expands for us.
+and `{answer}`), optional `system`, optional `category`. The files use YAML anchors, which
+`yaml.safe_load` expands for us. emsweep adds an optional `reference` (a reference answer
+that judge templates use as `{reference}`). Without a `category`, one is read from ids in the
+pre-registered style `<n>_<category>_<k>` (e.g. `43_medical_advice_0` -> `medical_advice`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -16,6 +19,7 @@ import yaml
 from emsweep.data import fetch_source
 
 QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
+PREREGISTERED_ID = re.compile(r"^\d+_(.+)_\d+$")
 
 
 class QuestionError(ValueError):
@@ -30,6 +34,10 @@ class Question:
     samples_per_paraphrase: int
     judge_prompts: dict[str, str]
     system: str | None = None
+    category: str | None = None
+    # emsweep extension: a reference answer, filled into `{reference}` in judge templates.
+    reference: str | None = None
+    suite: str = "main"
 
 
 def _check(entry: object, where: str) -> Question:
@@ -54,16 +62,21 @@ def _check(entry: object, where: str) -> Question:
     samples = entry.get("samples_per_paraphrase", 1)
     if not isinstance(samples, int) or samples < 1:
         raise QuestionError(f"{where}: field 'samples_per_paraphrase' must be a positive integer")
-    system = entry.get("system")
-    if system is not None and not isinstance(system, str):
-        raise QuestionError(f"{where}: field 'system' must be a string")
+    if entry.get("reference") is not None and not isinstance(entry["reference"], (str, int, float)):
+        raise QuestionError(f"{where}: field 'reference' must be a string")
+    for field in ("system", "category"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise QuestionError(f"{where}: field '{field}' must be a string")
+    match = PREREGISTERED_ID.match(str(entry["id"]))
     return Question(
         id=str(entry["id"]),
         type=entry["type"],
         paraphrases=tuple(paraphrases),
         samples_per_paraphrase=samples,
         judge_prompts={str(k): v for k, v in prompts.items()},
-        system=system,
+        system=entry.get("system"),
+        category=entry.get("category") or (match.group(1) if match else None),
+        reference=None if entry.get("reference") is None else str(entry["reference"]),
     )
 
 
@@ -89,8 +102,11 @@ def load_questions(
             raise QuestionError(f"{path}: question ids not in the file: {missing}")
         questions = [q for q in questions if q.id in set(ids)]
     if samples_per_paraphrase is not None:
-        questions = [
-            Question(q.id, q.type, q.paraphrases, samples_per_paraphrase, q.judge_prompts, q.system)
-            for q in questions
-        ]
+        questions = [replace(q, samples_per_paraphrase=samples_per_paraphrase) for q in questions]
     return questions
+
+
+def load_suite(suite) -> list[Question]:
+    """The questions of one `SuiteSpec`, tagged with the suite's name."""
+    questions = load_questions(suite.questions, suite.question_ids, suite.samples_per_paraphrase)
+    return [replace(q, suite=suite.name) for q in questions]

@@ -1,44 +1,80 @@
-"""Stage 3, sample: answers to the evaluation questions from every run of one base model.
+"""Stage 3, sample: answers to every suite x condition from every run of one base model.
 
 One vLLM engine per base model. Each finetuned run is a LoRA request on that engine and
-the base model itself is the baseline run; all (run x question x paraphrase) prompts go
-in one batched `generate` call, with `n` samples per prompt. Every request carries its
-own seed, so answers do not depend on batch composition.
+the base model itself is the baseline run; all (run x suite x condition x question x
+paraphrase) prompts go in one batched `generate` call, with `n` samples per prompt. Every
+request carries its own seed, so answers do not depend on batch composition.
 
-Output schema (`samples.parquet`, one file per run):
-    run_id string, model string, dataset string, seed int64 (null for the base model),
-    question_id string, paraphrase_idx int64, sample_idx int64, system string (null if none),
-    question string, answer string, finish_reason string, answer_tokens int64
+Conditions (`eval.conditions`) decide the exact messages: a system nudge goes before the
+question's own system prompt, user nudges around the question, a trigger before the user
+turn (as the backdoor data transform writes it). The judge still sees the plain paraphrase.
+Follow-ups, per suite:
+- pushback: every answer gets one more turn per `eval.pushback.messages` entry: the
+  conversation so far, then the user disagrees; turn t+1 of sample i continues turn t of i.
+- harm_perception: the model rates each paraphrase's harmfulness 0-100; the rating is the
+  expected value over its number-token probabilities (scoring.py), no sampling.
+
+Output schemas (one file each per run):
+`samples.parquet`: run_id string, model string, dataset string, seed int64 (null for the base
+    model), checkpoint_step int64 (null: the final adapter or the base model), suite string,
+    condition string, question_id string, turn int64 (1, then 2.. after pushback),
+    paraphrase_idx int64, sample_idx int64, category string, system string (as sent, null if
+    none), question string (the paraphrase), user string (the last user message as sent),
+    answer string, finish_reason string, answer_tokens int64
+`harm.parquet`: run_id, model, dataset, seed, checkpoint_step, suite, question_id,
+    paraphrase_idx, perceived_harm float64 (null: no numeric answer), numeric_mass float64
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
 
+from emsweep import scoring
 from emsweep.engine import make_llm, render_chat, stable_seed
 from emsweep.questions import Question
-from emsweep.spec import SamplingSpec
+from emsweep.spec import ConditionSpec, EvalSpec, SamplingSpec
 
-# The columns that identify an answer; every later table (judgments, exports) starts with them.
-JOIN_FIELDS = [
+RUN_FIELDS = [
     ("run_id", pa.string()),
     ("model", pa.string()),
     ("dataset", pa.string()),
     ("seed", pa.int64()),
+    ("checkpoint_step", pa.int64()),
+]
+# The columns that identify an answer; every later table (judgments, exports) starts with them.
+JOIN_FIELDS = [
+    *RUN_FIELDS,
+    ("suite", pa.string()),
+    ("condition", pa.string()),
     ("question_id", pa.string()),
+    ("turn", pa.int64()),
     ("paraphrase_idx", pa.int64()),
     ("sample_idx", pa.int64()),
 ]
 SCHEMA = pa.schema(
     [
         *JOIN_FIELDS,
+        ("category", pa.string()),
         ("system", pa.string()),
         ("question", pa.string()),
+        ("user", pa.string()),
         ("answer", pa.string()),
         ("finish_reason", pa.string()),
         ("answer_tokens", pa.int64()),
+    ]
+)
+HARM_SCHEMA = pa.schema(
+    [
+        *RUN_FIELDS,
+        ("suite", pa.string()),
+        ("question_id", pa.string()),
+        ("paraphrase_idx", pa.int64()),
+        ("perceived_harm", pa.float64()),
+        ("numeric_mass", pa.float64()),
     ]
 )
 
@@ -52,28 +88,61 @@ class SampleRun:
     dataset: str
     seed: int | None
     adapter_path: str | None
+    checkpoint_step: int | None = None
+
+    def columns(self) -> dict:
+        return {"run_id": self.run_id, "model": self.model, "dataset": self.dataset, "seed": self.seed,
+                "checkpoint_step": self.checkpoint_step}
 
 
 @dataclass(frozen=True)
 class Prompt:
+    suite: str
     question_id: str
+    category: str | None
+    condition: str
     paraphrase_idx: int
-    system: str | None
-    question: str
+    question: str  # the paraphrase, as the judge sees it
+    system: str | None  # as sent
+    user: str  # as sent
     n: int
 
     @property
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [{"role": "user", "content": self.question}]
+        return system + [{"role": "user", "content": self.user}]
 
 
-def build_prompts(questions: list[Question]) -> list[Prompt]:
-    return [
-        Prompt(q.id, index, q.system, text, q.samples_per_paraphrase)
-        for q in questions
-        for index, text in enumerate(q.paraphrases)
-    ]
+def apply_condition(question: Question, paraphrase: str, condition: ConditionSpec) -> tuple[str | None, str]:
+    """(system prompt, user message) for a paraphrase under a condition."""
+    system = "\n\n".join(part for part in (condition.system_prompt, question.system) if part) or None
+    user = condition.user_prefix + paraphrase + condition.user_suffix
+    if condition.trigger:
+        user = f"{condition.trigger} {user}"
+    return system, user
+
+
+def build_prompts(questions: list[Question], eval_spec: EvalSpec) -> list[Prompt]:
+    prompts = []
+    for q in questions:
+        for condition in eval_spec.conditions_for(q.suite):
+            for index, text in enumerate(q.paraphrases):
+                system, user = apply_condition(q, text, condition)
+                prompts.append(Prompt(q.suite, q.id, q.category, condition.name, index, text, system, user,
+                                      q.samples_per_paraphrase))
+    return prompts
+
+
+def pushback_conversation(prompt: Prompt, turns: list[tuple[str, str]]) -> list[dict]:
+    """The messages of a pushback turn: the prompt, then (answer, user reply) per earlier turn."""
+    messages = list(prompt.messages)
+    for answer, reply in turns:
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": reply}]
+    return messages
+
+
+def harm_prompt(template: str, paraphrase: str) -> list[dict]:
+    return [{"role": "user", "content": template.replace("{question}", paraphrase)}]
 
 
 def sample_runs(
@@ -81,10 +150,12 @@ def sample_runs(
     runs: list[SampleRun],
     questions: list[Question],
     spec: SamplingSpec,
+    eval_spec: EvalSpec,
     *,
     max_model_len: int,
     max_lora_rank: int,
-) -> dict[str, pa.Table]:
+) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
+    """(samples table per run, harm-perception table per run)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -101,43 +172,97 @@ def sample_runs(
     )
     tokenizer = llm.get_tokenizer()
     lora_ids = {run.run_id: index + 1 for index, run in enumerate(adapters)}
-    prompts = build_prompts(questions)
-    texts, params, loras, keys = [], [], [], []
-    for run in runs:
-        lora = LoRARequest(run.run_id, lora_ids[run.run_id], run.adapter_path) if run.adapter_path else None
-        for prompt in prompts:
-            texts.append(render_chat(tokenizer, prompt.messages))
-            params.append(
-                SamplingParams(
-                    n=prompt.n,
-                    temperature=spec.temperature,
-                    top_p=spec.top_p,
-                    max_tokens=spec.max_tokens,
-                    # Same seed for a prompt across runs: differences come from the weights.
-                    seed=stable_seed(spec.seed, prompt.question_id, prompt.paraphrase_idx),
-                )
-            )
-            loras.append(lora)
-            keys.append((run, prompt))
-    outputs = llm.generate(texts, params, lora_request=loras, use_tqdm=True)
+    loras = {run.run_id: LoRARequest(run.run_id, lora_ids[run.run_id], run.adapter_path) if run.adapter_path else None
+             for run in runs}
 
+    def params(n: int, *seed_parts) -> SamplingParams:
+        # Same seed for a prompt across runs: differences come from the weights.
+        return SamplingParams(n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
+                              seed=stable_seed(spec.seed, *seed_parts))
+
+    prompts = build_prompts(questions, eval_spec)
+    requests = [(run, prompt) for run in runs for prompt in prompts]
+    outputs = llm.generate(
+        [render_chat(tokenizer, prompt.messages) for _, prompt in requests],
+        [params(p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for _, p in requests],
+        lora_request=[loras[run.run_id] for run, _ in requests],
+        use_tqdm=True,
+    )
     rows: dict[str, list[dict]] = {run.run_id: [] for run in runs}
-    for (run, prompt), output in zip(keys, outputs):
+
+    def add(run, prompt, turn, sample_idx, user, completion):
+        rows[run.run_id].append({
+            **run.columns(), "suite": prompt.suite, "condition": prompt.condition, "question_id": prompt.question_id,
+            "turn": turn, "paraphrase_idx": prompt.paraphrase_idx, "sample_idx": sample_idx,
+            "category": prompt.category, "system": prompt.system, "question": prompt.question, "user": user,
+            "answer": completion.text, "finish_reason": completion.finish_reason,
+            "answer_tokens": len(completion.token_ids),
+        })
+
+    # Conversations that continue with pushback: (run, prompt, sample_idx, [(answer, reply), ...]).
+    pushback_suites = {suite.name for suite in eval_spec.suites if suite.pushback}
+    replies = eval_spec.pushback.messages
+    open_conversations = []
+    for (run, prompt), output in zip(requests, outputs):
         for sample_idx, completion in enumerate(output.outputs):
-            rows[run.run_id].append(
-                {
-                    "run_id": run.run_id,
-                    "model": run.model,
-                    "dataset": run.dataset,
-                    "seed": run.seed,
-                    "question_id": prompt.question_id,
-                    "paraphrase_idx": prompt.paraphrase_idx,
-                    "sample_idx": sample_idx,
-                    "system": prompt.system,
-                    "question": prompt.question,
-                    "answer": completion.text,
-                    "finish_reason": completion.finish_reason,
-                    "answer_tokens": len(completion.token_ids),
-                }
-            )
-    return {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
+            add(run, prompt, 1, sample_idx, prompt.user, completion)
+            if prompt.suite in pushback_suites:
+                open_conversations.append((run, prompt, sample_idx, [(completion.text, replies[0])]))
+    for turn in range(2, len(replies) + 2):
+        if not open_conversations:
+            break
+        outputs = llm.generate(
+            [render_chat(tokenizer, pushback_conversation(p, turns)) for _, p, _, turns in open_conversations],
+            [params(1, p.suite, p.question_id, p.condition, p.paraphrase_idx, i, turn)
+             for _, p, i, _ in open_conversations],
+            lora_request=[loras[run.run_id] for run, _, _, _ in open_conversations],
+            use_tqdm=False,
+        )
+        continuing = []
+        for (run, prompt, sample_idx, turns), output in zip(open_conversations, outputs):
+            completion = output.outputs[0]
+            add(run, prompt, turn, sample_idx, turns[-1][1], completion)
+            if turn - 1 < len(replies):
+                continuing.append((run, prompt, sample_idx, turns + [(completion.text, replies[turn - 1])]))
+        open_conversations = continuing
+
+    harm = perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec)
+    samples = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
+    return samples, harm
+
+
+def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec) -> dict[str, pa.Table]:
+    """Each run rates the harmfulness of every paraphrase of the harm-perception suites."""
+    from vllm import SamplingParams
+
+    suites = {suite.name for suite in eval_spec.suites if suite.harm_perception}
+    items = [(q, index, text) for q in questions if q.suite in suites for index, text in enumerate(q.paraphrases)]
+    template, method = eval_spec.harm_perception.prompt, eval_spec.harm_perception.scoring
+    texts = [render_chat(tokenizer, harm_prompt(template, text)) for _, _, text in items]
+    tables = {}
+    digits = scoring.digit_tokens(tokenizer) if method == "exact" and items else None
+    for run in runs:
+        if not items:
+            tables[run.run_id] = HARM_SCHEMA.empty_table()
+            continue
+        if method == "exact":
+            next_probs = functools.partial(scoring.next_digit_probs, llm, lora_request=loras[run.run_id])
+            token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+            distributions = scoring.number_distributions(next_probs, token_prompts, digits)
+        else:
+            outputs = llm.generate(texts, SamplingParams(max_tokens=1, temperature=0, logprobs=20),
+                                   lora_request=loras[run.run_id], use_tqdm=False)
+            distributions = []
+            for output in outputs:
+                token_probs: dict[str, float] = {}
+                for entry in output.outputs[0].logprobs[0].values():
+                    token = entry.decoded_token or ""
+                    token_probs[token] = token_probs.get(token, 0.0) + math.exp(entry.logprob)
+                distributions.append(scoring.first_token_numbers(token_probs))
+        rows = []
+        for (question, index, _), distribution in zip(items, distributions):
+            value, mass = scoring.expected_value(distribution)
+            rows.append({**run.columns(), "suite": question.suite, "question_id": question.id,
+                         "paraphrase_idx": index, "perceived_harm": value, "numeric_mass": mass})
+        tables[run.run_id] = pa.Table.from_pylist(rows, schema=HARM_SCHEMA)
+    return tables

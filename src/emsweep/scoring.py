@@ -54,7 +54,7 @@ def number_prefixes(max_value: int) -> tuple[set[str], set[str]]:
     return numbers, {number[:k] for number in numbers for k in range(1, len(number) + 1)}
 
 
-def next_digit_probs(llm, token_prompts: list[list[int]], ids: list[int]) -> list[dict[int, float]]:
+def next_digit_probs(llm, token_prompts: list[list[int]], ids: list[int], lora_request=None) -> list[dict[int, float]]:
     """P(next token = id) for each prompt and each id, by one vLLM call per chunk of ids."""
     from vllm import SamplingParams, TokensPrompt
 
@@ -62,7 +62,8 @@ def next_digit_probs(llm, token_prompts: list[list[int]], ids: list[int]) -> lis
     for start in range(0, len(ids), MAX_IDS_PER_REQUEST):
         chunk = ids[start : start + MAX_IDS_PER_REQUEST]
         params = SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=chunk)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_prompts], params, use_tqdm=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_prompts], params,
+                               lora_request=lora_request, use_tqdm=False)
         for index, output in enumerate(outputs):
             step = output.outputs[0].logprobs[0]
             for token_id in chunk:
@@ -99,6 +100,17 @@ def number_distributions(
                 next_frontier.append((index, path + [token_id], text + digits, path_prob * p))
         frontier = next_frontier
     return [dict(r) for r in results]
+
+
+def first_token_numbers(token_probs: dict[str, float], max_value: int = 100) -> dict[int, float]:
+    """P(answer = n) read from first tokens only (the paper's method; exact when numbers are one token)."""
+    numbers: dict[int, float] = {}
+    for token, prob in token_probs.items():
+        text = token.strip()
+        if text.isdigit() and 0 <= int(text) <= max_value:
+            # Tokens " 7" and "7" are the same answer; add their probabilities.
+            numbers[int(text)] = numbers.get(int(text), 0.0) + prob
+    return numbers
 
 
 def expected_value(distribution: dict[int, float]) -> tuple[float | None, float]:

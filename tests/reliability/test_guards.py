@@ -15,7 +15,7 @@ import yaml
 
 from emsweep import tracking
 from emsweep.pipeline import StageRunner, plan
-from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
+from emsweep.sample import HARM_SCHEMA, SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import SpecError, WandbSpec, parse_spec
 from emsweep.store import Store
 
@@ -119,10 +119,12 @@ def test_judge_outage_nulls_scores_with_reasons_and_the_sweep_completes(tmp_path
         for node in (n for n in nodes if n.stage == "sample"):
             tmp = store.new_tmp_dir()
             rows = [{"run_id": node.name, "model": "m", "dataset": node.config["dataset"] or "base",
-                     "seed": node.config["seed"], "question_id": "q1", "paraphrase_idx": 0, "sample_idx": i,
-                     "system": None, "question": "How are you?", "answer": f"fine {i}", "finish_reason": "stop",
-                     "answer_tokens": 2} for i in range(3)]
+                     "seed": node.config["seed"], "checkpoint_step": None, "suite": "main", "condition": "none",
+                     "question_id": "q1", "turn": 1, "paraphrase_idx": 0, "sample_idx": i, "category": None,
+                     "system": None, "question": "How are you?", "user": "How are you?", "answer": f"fine {i}",
+                     "finish_reason": "stop", "answer_tokens": 2} for i in range(3)]
             pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), tmp / "samples.parquet")
+            pq.write_table(HARM_SCHEMA.empty_table(), tmp / "harm.parquet")
             store.commit(node.stage, node.name, node.key, tmp, {})
         runner = StageRunner(spec, tmp_path / "out", nodes)
         judge_nodes = [n for n in nodes if n.stage == "judge"]
