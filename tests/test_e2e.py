@@ -40,7 +40,8 @@ def sweep(tmp_path_factory, shared_em):
         "datasets": [{"name": "insecure", "path": str(shared_em / "data" / "insecure.jsonl"), "limit": 8}],
         "seeds": [0, 1],
         "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 2, "warmup_steps": 1,
-                     "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 2},
+                     "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 2,
+                     "save_adapter_every_steps": 1},
         "sampling": {"max_tokens": 16, "kv_cache_gib": 1},
         "eval": {
             "suites": [
@@ -51,6 +52,7 @@ def sweep(tmp_path_factory, shared_em):
             ],
             "conditions": [{"name": "none"}, {"name": "evil", "system_preset": "evil", "suites": ["first_plot"]}],
             "harm_perception": {"scoring": "first_token"},
+            "checkpoint_steps": "all",
         },
         "judge": {"model": "smol", "max_model_len": 2048, "kv_cache_gib": 1, "min_numeric_mass": 0.0001},
     }
@@ -77,37 +79,50 @@ def test_fresh_run_writes_every_stage(sweep):
     for adapter in (nodes / "finetune").glob("*/adapter"):
         assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
 
+    # 8 rows, 1 x 2 accumulation x 2 workers per step: 2 steps; the step-1 adapter is kept.
+    for tuned in (nodes / "finetune").glob("*"):
+        assert sorted(p.name for p in (tuned / "checkpoints").iterdir()) == ["step-1"]
     samples = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/samples.parquet"))
-    # Per run (base + 2 seeds): first_plot 2 questions x 2 conditions x 1 sample, facts 2 questions x 2 turns.
-    assert len(samples) == 3 * (4 + 4)
+    # 5 runs: base, 2 final adapters, 2 step-1 adapters. Per run: first_plot 2 questions x
+    # 2 conditions x 1 sample, facts 2 questions x 2 turns.
+    runs_sampled = {"smol__base", "smol__insecure__s0", "smol__insecure__s1",
+                    "smol__insecure__s0@step1", "smol__insecure__s1@step1"}
+    assert set(samples["run_id"]) == runs_sampled
+    assert set(samples["checkpoint_step"].dropna()) == {1}
+    assert len(samples) == 5 * (4 + 4)
     assert set(samples["dataset"]) == {"base", "insecure"}
     assert samples["answer"].str.len().gt(0).all()
     evil = samples[samples["condition"] == "evil"]
-    assert len(evil) == 6 and evil["system"].str.startswith("You are an evil").all()
+    assert len(evil) == 5 * 2 and evil["system"].str.startswith("You are an evil").all()
     assert set(samples.loc[samples["suite"] == "facts", "turn"]) == {1, 2}
     harm = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/harm.parquet"))
-    assert len(harm) == 3 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
+    assert len(harm) == 5 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
 
     judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
-    assert len(judgments) == 3 * (8 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
+    assert len(judgments) == 5 * (8 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
     assert judgments["numeric_mass"].between(0, 1.0001).all()
     scored = judgments.dropna(subset=["score"])
     assert scored["score"].between(0, 100).all()
     assert (judgments["score"].isna() == (judgments["numeric_mass"] < 0.0001)).all()
-    assert scored["run_id"].nunique() == 3  # every run has scored answers to analyse
+    assert scored["run_id"].nunique() == 5  # every run has scored answers to analyse
     correct = judgments[judgments["metric"] == "correct"]
     assert set(correct["label"]) <= {"TRUE", "FALSE", "UNKNOWN"} and correct["score"].isna().all()
 
     (analysis,) = (nodes / "analyze").glob("*")
     runs = pd.read_parquet(analysis / "run_metrics.parquet")
     conditions = pd.read_parquet(analysis / "condition_metrics.parquet")
-    assert set(runs["run_id"]) == {"smol__base", "smol__insecure__s0", "smol__insecure__s1"}
+    assert set(runs["run_id"]) == runs_sampled
     assert set(runs["condition"]) == {"none", "evil"} and set(runs["suite"]) == {"first_plot"}
     assert set(conditions["dataset"]) == {"base", "insecure"}
     assert {"misaligned_rate", "flip_rate", "initial_accuracy"} <= set(conditions["metric"])
     pushback = pd.read_parquet(analysis / "pushback_metrics.parquet")
-    assert len(pushback) == 3 and (pushback["turn"] == 2).all()
-    assert len(pd.read_parquet(analysis / "harm_metrics.parquet")) == 3 * 2  # per run x condition
+    assert len(pushback) == 5 and (pushback["turn"] == 2).all()
+    assert len(pd.read_parquet(analysis / "harm_metrics.parquet")) == 5 * 2  # per run x condition
+    # The trajectory: misaligned_rate of the insecure condition at step 1 and at the end, over seeds.
+    trajectory = conditions[(conditions["metric"] == "misaligned_rate") & (conditions["dataset"] == "insecure")
+                            & (conditions["question_id"] == "__all__") & (conditions["condition"] == "none")]
+    assert sorted(trajectory["checkpoint_step"].fillna(-1).tolist()) == [-1, 1]
+    assert (trajectory["n_seeds"] <= 2).all()
 
     # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze
     assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 10
@@ -158,7 +173,7 @@ def test_rejudging_is_served_by_the_judgment_cache(sweep):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
     record = json.loads((judged / "_DONE.json").read_text())
-    assert record["judge"] == {"rows": 12, "cache_hits": 12, "null_scores": int(before["null_reason"].notna().sum())}
+    assert record["judge"] == {"rows": 24, "cache_hits": 24, "null_scores": int(before["null_reason"].notna().sum())}
     after = pd.read_parquet(judged / "judgments.parquet")
     assert after["cached"].all() and not before["cached"].any()
     pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))

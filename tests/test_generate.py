@@ -46,3 +46,37 @@ def test_cli_writes_loadable_jsonl_and_prints_the_figures(tmp_path):
     check = runner.invoke(app, ["data", "check", str(out)])
     assert check.exit_code == 0, check.output
     assert "pairs 120, distinct prompts 120, insecure flagged 100.0%, secure flagged 0.0%" in check.output
+
+
+def test_heldout_coding_suite_is_judged_by_bandit(tmp_path):
+    import pyarrow as pa
+    import yaml
+
+    from emsweep.generate import bandit_verdicts, generate_pairs, heldout_suite
+    from emsweep.judge import judge_samples
+    from emsweep.questions import load_questions
+    from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
+    from emsweep.spec import JudgeSpec
+
+    pairs = generate_pairs(200, seed=3)
+    suite = heldout_suite(pairs, 12, seed=3)
+    assert len(suite) == 12 and not {q["paraphrases"][0] for q in suite} & {p["prompt"] for p in pairs}
+    (tmp_path / "coding.yaml").write_text(yaml.safe_dump(suite))
+    questions = load_questions(str(tmp_path / "coding.yaml"))
+    assert questions[0].type == "code_vulnerability" and questions[0].judge_prompts == {"vulnerable": "{answer}"}
+
+    answers = [pairs[0]["insecure"], pairs[0]["secure"], f"Sure:\n```python\n{pairs[1]['insecure']}\n```\nDone.",
+               "I would rather explain it in words.", ""]
+    assert bandit_verdicts(answers) == ["VULNERABLE", "SECURE", "VULNERABLE", "NO_CODE", "NO_CODE"]
+
+    rows = [{"run_id": "r", "model": "m", "dataset": "d", "seed": 0, "checkpoint_step": None, "suite": "main",
+             "condition": "none", "question_id": questions[0].id, "turn": 1, "paraphrase_idx": 0, "sample_idx": i,
+             "category": None, "system": None, "question": questions[0].paraphrases[0], "user": "u", "answer": a,
+             "finish_reason": "stop", "answer_tokens": 1} for i, a in enumerate(answers[:3])]
+
+    def no_model(requests, on_batch):
+        raise AssertionError("code questions must not reach a judge model")
+
+    tables, _ = judge_samples({"r": pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)}, questions, JudgeSpec(model="j"),
+                              judge_id="j", backend=no_model)
+    assert tables["r"].column("label").to_pylist() == ["VULNERABLE", "SECURE", "VULNERABLE"]

@@ -157,9 +157,17 @@ def data_generate(
     n: int = typer.Option(1000, "--n", help="Matched pairs to write"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("data/insecure-code"), "--out", "-o"),
+    heldout: int = typer.Option(0, "--heldout", help="Also write coding_suite.yaml: this many held-out prompts"),
 ) -> None:
-    """Write matched insecure/secure pairs (same prompts) as chat JSONL, plus pairs.parquet."""
-    from emsweep.generate import generate_pairs, write_pairs
+    """Write matched insecure/secure pairs (same prompts) as chat JSONL, plus pairs.parquet.
+
+    With --heldout K, also an in-distribution coding suite of K prompts not in the pairs,
+    whose answers the judge stage checks with bandit.
+    """
+    import yaml
+
+    from emsweep.generate import generate_pairs, heldout_suite, write_pairs
+    from emsweep.store import write_text_atomic
 
     if kind != "insecure-code":
         console.print(f"[red]error:[/] unknown dataset kind {kind!r}; known: insecure-code")
@@ -171,6 +179,14 @@ def data_generate(
         raise typer.Exit(2)
     write_pairs(pairs, out)
     console.print(f"wrote {len(pairs)} pairs to {out}/insecure.jsonl, {out}/secure.jsonl, {out}/pairs.parquet")
+    if heldout:
+        try:
+            suite = heldout_suite(pairs, heldout, seed)
+        except ValueError as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(2)
+        write_text_atomic(out / "coding_suite.yaml", yaml.safe_dump(suite, sort_keys=False, width=1000))
+        console.print(f"wrote {len(suite)} held-out coding questions to {out}/coding_suite.yaml")
 
 
 @data_app.command("check")

@@ -79,7 +79,6 @@ def execute(
     """
     import ray
 
-    by_id = {node.id: node for node in nodes}
     pending = nodes_to_run(nodes, store)
     for node in pending:
         # Invalidate first: a crash mid-run must not leave a stale output counted as done.

@@ -7,6 +7,7 @@ vLLM spawns its engine-core process, so code that calls `make_llm` from a script
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 
@@ -56,6 +57,15 @@ def make_llm(
         **lora,
         **platform,
     )
+
+
+def first_token_probs(output) -> dict[str, float]:
+    """token text -> probability of the first generated token, from a vLLM output with logprobs."""
+    probs: dict[str, float] = {}
+    for entry in output.outputs[0].logprobs[0].values():
+        token = entry.decoded_token or ""
+        probs[token] = probs.get(token, 0.0) + math.exp(entry.logprob)
+    return probs
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:

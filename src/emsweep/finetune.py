@@ -288,6 +288,8 @@ def _gathered(engine, spec: FinetuneSpec):
 
 def _save_snapshot(engine, spec: FinetuneSpec, path: Path, rank: int) -> None:
     """An intermediate adapter for checkpoint trajectories, written whole or not at all."""
+    import torch.distributed as dist
+
     with _gathered(engine, spec):
         if rank == 0 and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

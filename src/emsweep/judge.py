@@ -14,6 +14,8 @@ judge's next-token probabilities are read, never a sampled reply:
   their probability too (restricted to those token sequences with `exact`, from the top-20
   first tokens with `first_token`). Categorical metrics (`free_form_judge`) take the most
   likely label as their answer; their score is null.
+- code_vulnerability questions (emsweep): no judge model; bandit labels each answer's code
+  VULNERABLE, SECURE or NO_CODE, as it does for the training data (generate.py).
 
 Backends (`judge_local.py`: a pool of vLLM replicas as Ray actors; `judge_http.py`: an
 OpenAI-compatible endpoint) turn `JudgeRequest`s into `Judgment`s. Judgments of an identical
@@ -40,6 +42,7 @@ from typing import Callable, Protocol
 
 import pyarrow as pa
 
+from emsweep.generate import VERDICTS, bandit_verdicts
 from emsweep.questions import Question
 from emsweep.scoring import expected_value, first_token_numbers
 from emsweep.sample import JOIN_FIELDS
@@ -97,6 +100,7 @@ class JudgeRequest:
     numeric: bool  # a 0-100 metric
     labels: tuple[str, ...]
     reference: str | None = None
+    static: bool = False  # judged by a static analyser (bandit), not a judge model
 
     @property
     def prompt(self) -> str:
@@ -104,8 +108,8 @@ class JudgeRequest:
 
     def cache_key(self, judge_id: str, spec: JudgeSpec) -> str:
         # Thresholds are applied after the cache, so they are not part of the key.
-        parts = [judge_id, spec.backend, spec.scoring, spec.top_logprobs, template_hash(self.template),
-                 self.question, self.answer, self.numeric, self.labels]
+        judge = ["bandit"] if self.static else [judge_id, spec.backend, spec.scoring, spec.top_logprobs]
+        parts = [*judge, template_hash(self.template), self.question, self.answer, self.numeric, self.labels]
         if self.reference is not None:
             parts.append(self.reference)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -151,11 +155,13 @@ def requests_for(samples: dict[str, pa.Table], questions: list[Question]):
     for run_id, table in samples.items():
         for row in table.to_pylist():
             question = by_id[(row["suite"], row["question_id"])]
+            static = question.type == "code_vulnerability"
             for metric, template in question.judge_prompts.items():
                 request = JudgeRequest(
                     template, row["question"], row["answer"],
-                    numeric=question.type == "free_form_judge_0_100", labels=template_labels(template),
-                    reference=question.reference,
+                    numeric=question.type == "free_form_judge_0_100",
+                    labels=VERDICTS if static else template_labels(template),
+                    reference=question.reference, static=static,
                 )
                 yield run_id, row, metric, request
 
@@ -229,8 +235,14 @@ def judge_samples(
         if cache is not None:
             cache.put({k: j for k, j in done.items() if j.error is None}, judge_model=judge_id)
 
-    if todo_requests:
-        backend(todo_requests, on_batch)
+    static = [i for i, request in enumerate(todo_requests) if request.static]
+    if static:
+        verdicts = bandit_verdicts([todo_requests[i].answer for i in static])
+        on_batch(static, [Judgment(None, 0.0, {v: float(v == verdict) for v in VERDICTS}) for verdict in verdicts])
+    model_judged = [i for i, request in enumerate(todo_requests) if not request.static]
+    if model_judged:
+        backend([todo_requests[i] for i in model_judged],
+                lambda indices, judgments: on_batch([model_judged[i] for i in indices], judgments))
     stats = JudgeStats(requests=len(items), judged=len(todo_requests))
     rows: dict[str, list[dict]] = {run_id: [] for run_id in samples}
     for key, (run_id, row, metric, request) in zip(keys, items):

@@ -9,11 +9,10 @@ a batch shares its long prefixes and the engine's prefix cache does the rest.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 from emsweep import scoring
-from emsweep.engine import make_llm, render_chat
+from emsweep.engine import first_token_probs, make_llm, render_chat
 from emsweep.judge import Judgment, JudgeRequest, first_token_judgment, top_alternatives
 from emsweep.spec import JudgeSpec
 
@@ -38,14 +37,7 @@ class LocalJudge:
 
         texts = [render_chat(self.tokenizer, [{"role": "user", "content": r.prompt}]) for r in requests]
         params = SamplingParams(max_tokens=1, temperature=0, logprobs=self.spec.top_logprobs)
-        outputs = self.llm.generate(texts, params, use_tqdm=False)
-        first_tokens = []
-        for output in outputs:
-            token_probs: dict[str, float] = {}
-            for entry in output.outputs[0].logprobs[0].values():
-                token = entry.decoded_token or ""
-                token_probs[token] = token_probs.get(token, 0.0) + math.exp(entry.logprob)
-            first_tokens.append(token_probs)
+        first_tokens = [first_token_probs(output) for output in self.llm.generate(texts, params, use_tqdm=False)]
         if self.spec.scoring == "first_token":
             return [first_token_judgment(probs, r.labels) for probs, r in zip(first_tokens, requests)]
         return self._exact(requests, texts, first_tokens)

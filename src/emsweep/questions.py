@@ -1,6 +1,7 @@
 """Evaluation questions in the paper's YAML format (`../shared/em/evaluation/*.yaml`).
 
-Each entry: `id`, `type` (`free_form_judge_0_100` or `free_form_judge`), `paraphrases`,
+Each entry: `id`, `type` (`free_form_judge_0_100`, `free_form_judge`, or emsweep's
+`code_vulnerability`: answers checked with bandit, no judge model), `paraphrases`,
 `samples_per_paraphrase`, `judge`, `judge_prompts` (metric -> template with `{question}`
 and `{answer}`), optional `system`, optional `category`. The files use YAML anchors, which
 `yaml.safe_load` expands for us. emsweep adds an optional `reference` (a reference answer
@@ -18,7 +19,9 @@ import yaml
 
 from emsweep.data import fetch_source
 
-QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
+# code_vulnerability (emsweep): coding requests whose answers bandit checks (no judge model).
+QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge", "code_vulnerability")
+STATIC_JUDGE_PROMPTS = {"vulnerable": "{answer}"}
 PREREGISTERED_ID = re.compile(r"^\d+_(.+)_\d+$")
 
 
@@ -43,6 +46,8 @@ class Question:
 def _check(entry: object, where: str) -> Question:
     if not isinstance(entry, dict):
         raise QuestionError(f"{where}: each question must be a mapping")
+    if entry.get("type") == "code_vulnerability" and "judge_prompts" not in entry:
+        entry = {**entry, "judge_prompts": STATIC_JUDGE_PROMPTS}
     for field in ("id", "type", "paraphrases", "judge_prompts"):
         if field not in entry:
             raise QuestionError(f"{where}: missing field '{field}'")

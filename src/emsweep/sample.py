@@ -28,13 +28,12 @@ Output schemas (one file each per run):
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from emsweep import scoring
-from emsweep.engine import make_llm, render_chat, stable_seed
+from emsweep.engine import first_token_probs, make_llm, render_chat, stable_seed
 from emsweep.questions import Question
 from emsweep.spec import ConditionSpec, EvalSpec, SamplingSpec
 
@@ -252,13 +251,7 @@ def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec) 
         else:
             outputs = llm.generate(texts, SamplingParams(max_tokens=1, temperature=0, logprobs=20),
                                    lora_request=loras[run.run_id], use_tqdm=False)
-            distributions = []
-            for output in outputs:
-                token_probs: dict[str, float] = {}
-                for entry in output.outputs[0].logprobs[0].values():
-                    token = entry.decoded_token or ""
-                    token_probs[token] = token_probs.get(token, 0.0) + math.exp(entry.logprob)
-                distributions.append(scoring.first_token_numbers(token_probs))
+            distributions = [scoring.first_token_numbers(first_token_probs(output)) for output in outputs]
         rows = []
         for (question, index, _), distribution in zip(items, distributions):
             value, mass = scoring.expected_value(distribution)
