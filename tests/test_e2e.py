@@ -124,8 +124,10 @@ def test_fresh_run_writes_every_stage(sweep):
     assert sorted(trajectory["checkpoint_step"].fillna(-1).tolist()) == [-1, 1]
     assert (trajectory["n_seeds"] <= 2).all()
 
-    # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze
+    # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze,
+    # each with its tables logged (a failure would be a warning in the run's summary).
     assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 10
+    assert "W&B logging failed" not in first.stdout
 
 
 def test_second_run_executes_nothing(sweep):

@@ -64,7 +64,10 @@ def log_node(
             for name, path in tables.items():
                 if spec.table_rows:
                     frame = pq.read_table(path).slice(0, spec.table_rows).to_pandas()
-                    run.log({name: wandb.Table(dataframe=frame)})
+                    # Nullable columns hold pd.NA, which W&B cannot serialise; it takes None.
+                    frame = frame.astype(object).where(frame.notna(), None)
+                    # Columns such as seed are null for the base model and numbers otherwise.
+                    run.log({name: wandb.Table(dataframe=frame, allow_mixed_types=True)})
                 artifact.add_file(str(path), name=path.name)
             run.log_artifact(artifact)
         finally:
