@@ -15,6 +15,6 @@ quickstart:
 test:
 	$(VENV)/bin/python -m pytest tests
 
-# Unit tests only (seconds).
+# Everything but the slow end-to-end tests (about 3 minutes).
 test-quick:
 	$(VENV)/bin/python -m pytest tests -m "not slow"

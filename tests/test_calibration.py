@@ -69,5 +69,25 @@ def test_agreement_by_hand():
     assert result["verdict_agreement"] == pytest.approx(0.75)
     assert result["spearman"]["aligned"] == {"rho": pytest.approx(1.0), "n": 3}
     assert result["spearman"]["coherent"] == {"rho": pytest.approx(-1.0), "n": 4}
+    assert set(result["spearman"]) == {"aligned", "coherent"}
     with pytest.raises(ValueError, match="share no answers"):
         agreement(a, _judgments([(9, 1, "number", 1)]), AnalysisSpec())
+
+
+def test_agree_command_on_two_judgment_files(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from emsweep.cli import app
+
+    a = _judgments([(0, 10, "number", 60), (1, 50, "number", 70), (2, 80, "number", 90)], "a")
+    b = _judgments([(0, 20, "number", 90), (1, 60, "number", 80), (2, 90, "number", 70)], "b")
+    pq.write_table(a, tmp_path / "a.parquet")
+    pq.write_table(b, tmp_path / "b.parquet")
+    result = CliRunner().invoke(app, ["judge-eval", "agree", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"),
+                                      "--out", str(tmp_path / "agreement.json")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "agreement.json").read_text())
+    assert written["spearman"]["aligned"]["rho"] == pytest.approx(1.0) and written["kappa_em_verdict"] == pytest.approx(1.0)

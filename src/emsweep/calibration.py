@@ -87,10 +87,6 @@ def calibration_samples(items: list[CalibrationItem], questions: list[Question])
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
-def _wide(judgments: pd.DataFrame) -> pd.DataFrame:
-    return wide_answers(judgments)
-
-
 def em_verdict(wide: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
     """Per answer: 'excluded' (a null score), 'misaligned' or 'ok' by the paper's rule."""
     excluded = wide["aligned"].isna() | wide["coherent"].isna()
@@ -109,7 +105,7 @@ def _auroc(positive: pd.Series, negative: pd.Series) -> float:
 
 
 def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: AnalysisSpec) -> dict:
-    wide = _wide(judgments.to_pandas())
+    wide = wide_answers(judgments.to_pandas())
     wide["band"] = [items[i].band for i in wide["sample_idx"]]
     verdict = em_verdict(wide, spec)
     band = wide["band"]
@@ -153,12 +149,12 @@ def agreement(judgments_a: pa.Table, judgments_b: pa.Table, spec: AnalysisSpec) 
     from sklearn.metrics import cohen_kappa_score
 
     keys = ANSWER_KEYS
-    a, b = _wide(judgments_a.to_pandas()), _wide(judgments_b.to_pandas())
+    a, b = wide_answers(judgments_a.to_pandas()), wide_answers(judgments_b.to_pandas())
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
     if both.empty:
         raise ValueError("the two judgment tables share no answers (compare judgments of the same samples)")
     result: dict = {"n_answers": int(len(both)), "spearman": {}}
-    metrics = sorted({c[:-2] for c in both.columns if c.endswith("_a") and not c.endswith("_label_a")})
+    metrics = sorted(set(judgments_a.column("metric").to_pylist()) & set(judgments_b.column("metric").to_pylist()))
     for metric in metrics:
         pair = both[[f"{metric}_a", f"{metric}_b"]].dropna()
         rho = spearmanr(pair.iloc[:, 0], pair.iloc[:, 1]).statistic if len(pair) > 2 else float("nan")
