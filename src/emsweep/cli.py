@@ -51,6 +51,16 @@ def _print_status(rows) -> None:
     console.print(table)
 
 
+def _load_spec_or_exit(spec_path: Path):
+    from emsweep.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+
+
 @app.command()
 def run(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
@@ -59,14 +69,9 @@ def run(
 ) -> None:
     """Run a sweep; nodes already done in the output dir are reused."""
     from emsweep.pipeline import run_sweep
-    from emsweep.spec import SpecError, load_spec
     from emsweep.store import LockedError, Store
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2)
+    spec = _load_spec_or_exit(spec_path)
     out_dir = out or Path("runs") / spec.name
     held = Store(out_dir).held_by()
     if held:
@@ -212,16 +217,6 @@ def data_check(directory: Path = typer.Argument(..., help="Output of `emsweep da
 
 judge_app = typer.Typer(no_args_is_help=True, help="How far to trust a judge: calibration and agreement.")
 app.add_typer(judge_app, name="judge-eval")
-
-
-def _load_spec_or_exit(spec_path: Path):
-    from emsweep.spec import SpecError, load_spec
-
-    try:
-        return load_spec(spec_path)
-    except SpecError as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2)
 
 
 @judge_app.command("calibrate")

@@ -330,6 +330,8 @@ def finetune(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Beside the Ray Train run, so snapshots survive worker restarts (shared storage on a cluster).
+    snapshots = Path(storage_path) / run_name / "adapters"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -338,8 +340,7 @@ def finetune(
             "data_path": str(data_path),
             "seed": seed,
             "use_gpu": use_gpu,
-            # Beside the Ray Train run, so snapshots survive worker restarts (shared storage on a cluster).
-            "snapshot_dir": str(Path(storage_path) / run_name / "adapters"),
+            "snapshot_dir": str(snapshots),
         },
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -354,7 +355,6 @@ def finetune(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
-    snapshots = Path(storage_path) / run_name / "adapters"
     if snapshots.is_dir():
         for snapshot in sorted(snapshots.glob("step-*")):
             shutil.copytree(snapshot, out_dir / "checkpoints" / snapshot.name)

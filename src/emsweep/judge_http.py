@@ -62,13 +62,25 @@ class HttpJudge:
         async with httpx.AsyncClient(base_url=self.spec.base_url.rstrip("/"), headers=self._headers,
                                      timeout=self.spec.timeout_s, limits=limits) as client:
 
+            # Finished judgments are handed on `batch_size` at a time (one cache part per batch,
+            # not per answer), so an interrupted run keeps all but the last partial batch.
+            finished: list[tuple[int, Judgment]] = []
+
+            def flush() -> None:
+                if finished:
+                    on_batch([i for i, _ in finished], [j for _, j in finished])
+                    finished.clear()
+
             async def one(index: int) -> None:
                 async with semaphore:
-                    judgment = await self.judge_one(client, requests[index])
-                # Every answer reaches the cache as soon as it is known.
-                on_batch([index], [judgment])
+                    finished.append((index, await self.judge_one(client, requests[index])))
+                if len(finished) >= self.spec.batch_size:
+                    flush()
 
-            await asyncio.gather(*(one(i) for i in range(len(requests))))
+            try:
+                await asyncio.gather(*(one(i) for i in range(len(requests))))
+            finally:
+                flush()
 
     async def judge_one(self, client: httpx.AsyncClient, request: JudgeRequest) -> Judgment:
         payload = {
@@ -95,7 +107,7 @@ class HttpJudge:
                 last_error = f"timeout after {self.spec.timeout_s}s ({type(err).__name__})"
             except httpx.TransportError as err:
                 last_error = f"connection error ({type(err).__name__}: {err})"
-            except (MalformedResponse, ValueError) as err:
+            except ValueError as err:  # MalformedResponse, or a body that is not JSON
                 last_error = f"malformed response ({err})"
             if attempt < self.spec.max_retries:
                 backoff = min(MAX_BACKOFF_S, self.base_backoff_s * 2**attempt) * (0.5 + random.random() / 2)

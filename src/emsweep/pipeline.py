@@ -229,9 +229,7 @@ class StageRunner:
         (node,) = nodes
         started, tmp = time.time(), self.store.new_tmp_dir()
         judge_nodes = [self.by_id[i] for i in node.deps]
-        judgments = pa.concat_tables(
-            [pq.read_table(self.store.node_dir(d.stage, d.name, d.key) / "judgments.parquet") for d in judge_nodes]
-        )
+        judgments = read_judgments(self.store, judge_nodes)
         harm = pa.concat_tables([pq.read_table(self.input_dir(d, "sample") / "harm.parquet") for d in judge_nodes])
         tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback)
         for name, table in tables.items():
@@ -244,13 +242,17 @@ def make_judge_backend(spec: SweepSpec) -> judge.Backend:
         from emsweep.judge_http import HttpJudge
 
         return HttpJudge(spec.judge)
-    import ray
-
     from emsweep.judge_local import run_pool
 
-    node_cpus = int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
     return functools.partial(run_pool, resolve_model_path(_judge_model_ref(spec)), spec.judge,
-                             use_gpu=spec.use_gpu, node_cpus=node_cpus)
+                             use_gpu=spec.use_gpu, node_cpus=node_cpus())
+
+
+def node_cpus() -> int:
+    """CPUs of one node of the connected Ray cluster, assuming the head node is typical."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
 
 
 def judge_counts(judgments: pa.Table) -> dict:
@@ -291,8 +293,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
             on_start(nodes, nodes_to_run(nodes, store))
         spec_json = spec.model_dump_json()
         nodes_ref = ray.put(nodes)
-        # Engines on a CPU-only cluster take one node's cores; assume the head node is typical.
-        cluster_cpus = int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
+        # Engines on a CPU-only cluster take one node's cores.
+        cluster_cpus = node_cpus()
 
         def submit(stage: str, job: list[Node]):
             function = remote_engine if stage in ENGINE_STAGES else remote
@@ -310,6 +312,10 @@ def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:
     missing = [node.id for node in judge_nodes if not store.is_done(node.stage, node.name, node.key)]
     if missing:
         raise FileNotFoundError(f"{out_dir}: judge nodes not done for spec {spec.name!r}: {missing}")
+    return read_judgments(store, judge_nodes)
+
+
+def read_judgments(store: Store, judge_nodes: list[Node]) -> pa.Table:
     return pa.concat_tables([pq.read_table(store.node_dir(n.stage, n.name, n.key) / "judgments.parquet")
                              for n in judge_nodes])
 

@@ -251,7 +251,8 @@ class JudgeSpec(_Strict):
     # --- resources and transport: they do not change a score, so they are not in node keys ---
     replicas: int = Field(1, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
-    # Requests per replica call; finished batches reach the cache even if a later one fails.
+    # Requests per replica call (vllm) / finished answers per cache write (openai); finished
+    # batches reach the cache even if a later one fails.
     batch_size: int = Field(512, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
