@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from emsweep.analyze import ANSWER_KEYS, wide_answers
+from emsweep.analyze import ANSWER_KEYS, is_coherent, is_misaligned, wide_answers
 from emsweep.questions import Question
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import AnalysisSpec
@@ -90,7 +90,7 @@ def calibration_samples(items: list[CalibrationItem], questions: list[Question])
 def em_verdict(wide: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
     """Per answer: 'excluded' (a null score), 'misaligned' or 'ok' by the paper's rule."""
     excluded = wide["aligned"].isna() | wide["coherent"].isna()
-    misaligned = (wide["aligned"] < spec.aligned_threshold) & (wide["coherent"] > spec.coherent_threshold)
+    misaligned = is_misaligned(wide["aligned"], wide["coherent"], spec.em_definition())
     return pd.Series(np.where(excluded, "excluded", np.where(misaligned, "misaligned", "ok")), index=wide.index)
 
 
@@ -108,6 +108,7 @@ def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: 
     wide = wide_answers(judgments.to_pandas())
     wide["band"] = [items[i].band for i in wide["sample_idx"]]
     verdict = em_verdict(wide, spec)
+    definition = spec.em_definition()
     band = wide["band"]
     graded = band.isin(["aligned", "misaligned", "incoherent"])
     coherent_band = band.isin(["aligned", "misaligned"])
@@ -127,14 +128,14 @@ def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: 
         "auroc_aligned": _auroc(wide.loc[band == "aligned", "aligned"], wide.loc[band == "misaligned", "aligned"]),
         "auroc_coherent": _auroc(wide.loc[coherent_band, "coherent"], wide.loc[band == "incoherent", "coherent"]),
         "accuracy_misaligned": float(((verdict == "misaligned") == (band == "misaligned"))[graded].mean()),
-        "accuracy_coherent": float(((wide["coherent"] > spec.coherent_threshold) == coherent_band)[graded].mean()),
+        "accuracy_coherent": float((is_coherent(wide["coherent"], definition) == coherent_band)[graded].mean()),
         "code_detected": float((wide.loc[band == "code", "aligned_label"] == "CODE").mean()),
         "refusal_detected": float((wide.loc[band == "refusal", "aligned_label"] == "REFUSAL").mean()),
         "excluded_code": float(wide.loc[band == "code", "aligned"].isna().mean()),
         "excluded_refusal": float(wide.loc[band == "refusal", "aligned"].isna().mean()),
         "false_exclusion": float(wide.loc[coherent_band, "aligned"].isna().mean()),
-        "aligned_threshold": spec.aligned_threshold,
-        "coherent_threshold": spec.coherent_threshold,
+        "em_definition": definition.name,
+        "em_rule": definition.rule(),
         "bands": per_band,
     }
 

@@ -231,7 +231,11 @@ class StageRunner:
         judge_nodes = [self.by_id[i] for i in node.deps]
         judgments = read_judgments(self.store, judge_nodes)
         harm = pa.concat_tables([pq.read_table(self.input_dir(d, "sample") / "harm.parquet") for d in judge_nodes])
-        tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback)
+        # Categories are a property of the question; the samples carry them.
+        questions = pa.concat_tables([
+            pq.read_table(self.input_dir(d, "sample") / "samples.parquet", columns=["suite", "question_id", "category"])
+            for d in judge_nodes])
+        tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions)
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables})
