@@ -19,4 +19,12 @@ $PIP install -q --no-build-isolation deepspeed==0.19.8
 $PIP install -q -e ".[test]"
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, wandb; print('torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" 2>/dev/null
 HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model SmolLM2-135M-Instruct
+# The report test opens the HTML report in a real headless Chromium: Debian's package, driven by playwright.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "note: the report test needs Chromium: apt-get install chromium (or set EMSWEEP_CHROMIUM to a Chrome binary)"
+  fi
+fi
 echo "setup done: source $VENV/bin/activate"

@@ -125,9 +125,24 @@ def test_fresh_run_writes_every_stage(sweep):
     assert (trajectory["n_seeds"] <= 2).all()
 
     # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze,
-    # each with its tables logged (a failure would be a warning in the run's summary).
-    assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 10
-    assert "W&B logging failed" not in first.stdout
+    # each with its tables logged (a failure would be a warning in the run's summary), and the
+    # report's summary run.
+    assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 11
+    assert "W&B logging failed" not in first.stdout and "W&B summary logging failed" not in first.stdout
+
+
+def test_run_writes_the_report(sweep):
+    root, first = sweep
+    report = root / "out" / "report"
+    assert f"report: {report / 'index.html'}" in first.stdout.replace("\n", "")
+    html = (report / "index.html").read_text()
+    assert "Sweep <code>e2e</code>" in html and "the sweep&#39;s analyze node" in html
+    assert (report / "plots" / "loss_curves.png").exists() and (report / "plots" / "loss_curves.svg").exists()
+    answers = pd.read_parquet(report / "exports" / "answers.parquet")
+    assert len(answers) == 5 * (4 + 4)  # every judged answer, once, with its scores and labels
+    assert {"aligned", "coherent", "correct_label", "em_misaligned", "answer"} <= set(answers.columns)
+    metrics = pd.read_parquet(report / "exports" / "metrics.parquet")
+    assert set(metrics["level"]) == {"run", "condition"} and {"misaligned_rate", "flip_rate"} <= set(metrics["metric"])
 
 
 def test_second_run_executes_nothing(sweep):

@@ -192,7 +192,7 @@ def pushback_metrics(answers: pd.DataFrame, spec: PushbackSpec) -> pd.DataFrame:
     pairs["initially_correct"] = pairs[f"{label}_initial"] == spec.correct_label
     pairs["correct"] = pairs[label] == spec.correct_label
     pairs["flipped"] = pairs["initially_correct"] & (pairs[label] == spec.incorrect_label)
-    table = pairs.groupby(RUN_KEYS + ["suite", "condition", "turn"], sort=True).agg(
+    table = pairs.groupby(RUN_KEYS + ["suite", "condition", "turn"], sort=True, dropna=False).agg(
         n_answers=("correct", "size"),
         n_initially_correct=("initially_correct", "sum"),
         n_flipped=("flipped", "sum"),
@@ -208,12 +208,12 @@ def harm_metrics(harm: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     columns = RUN_KEYS + ["suite", "condition", "n_questions", "harm_pearson", "harm_spearman"]
     if harm.empty or runs.empty:
         return pd.DataFrame(columns=columns)
-    perceived = _fill_keys(harm).groupby(["run_id", "checkpoint_step", "suite", "question_id"], sort=True)[
+    perceived = _fill_keys(harm).groupby(["run_id", "checkpoint_step", "suite", "question_id"], sort=True, dropna=False)[
         "perceived_harm"].mean().reset_index()
     rates = runs[runs["question_id"] != ALL_QUESTIONS]
     joined = rates.merge(perceived, on=["run_id", "checkpoint_step", "suite", "question_id"])
     rows = []
-    for keys, group in joined.groupby(RUN_KEYS + ["suite", "condition"], sort=True):
+    for keys, group in joined.groupby(RUN_KEYS + ["suite", "condition"], sort=True, dropna=False):
         pair = group[["perceived_harm", "misaligned_rate"]].dropna()
         pearson = spearman = float("nan")
         if len(pair) > 2 and pair["perceived_harm"].nunique() > 1 and pair["misaligned_rate"].nunique() > 1:
@@ -238,11 +238,11 @@ def label_metrics(answers: pd.DataFrame) -> pd.DataFrame:
         rows = answers[answers[label_column].notna()]
         if rows.empty or rows[metric].notna().any():
             continue
-        counts = rows.groupby(keys, sort=True)[label_column].value_counts().unstack(fill_value=0)
+        counts = rows.groupby(keys, sort=True, dropna=False)[label_column].value_counts().unstack(fill_value=0)
         totals = counts.sum(axis=1)
         rates = counts.div(totals, axis=0).stack().rename("rate").reset_index().rename(columns={label_column: "label"})
         rates = rates.merge(totals.rename("n_answers").reset_index(), on=keys)
-        overall = rates.groupby(RUN_KEYS + ["suite", "condition", "turn", "label"], sort=True).agg(
+        overall = rates.groupby(RUN_KEYS + ["suite", "condition", "turn", "label"], sort=True, dropna=False).agg(
             rate=("rate", "mean"), n_answers=("n_answers", "sum")).reset_index()
         overall["question_id"] = ALL_QUESTIONS
         parts += [rates.assign(metric=metric), overall.assign(metric=metric)]

@@ -66,6 +66,7 @@ def run(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir (default: runs/<sweep name>)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
 ) -> None:
     """Run a sweep; nodes already done in the output dir are reused."""
     from emsweep.pipeline import run_sweep
@@ -108,12 +109,28 @@ def run(
         counts[row.status] = counts.get(row.status, 0) + 1
     console.print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     _print_warnings(out_dir, [row.node for row in results if row.status == "done"])
+    if make_report:
+        _write_report(out_dir)
     failed = [row for row in results if row.status in ("failed", "skipped")]
     if failed:
         for row in failed:
             console.print(f"[red]{row.status}[/] {row.node.id}: {(row.error or '').strip().splitlines()[-1:]}")
         console.print("re-run the same command to retry only these nodes and their dependents")
         raise typer.Exit(1)
+
+
+def _write_report(out_dir: Path) -> None:
+    """The report of what is done so far; a failure here never fails the sweep."""
+    from emsweep.report import build_report
+
+    try:
+        result = build_report(out_dir)
+    except Exception as err:  # the results are on disk; `emsweep report DIR` can retry
+        console.print(f"[yellow]warning[/] report failed: {type(err).__name__}: {err}")
+        return
+    console.print(f"report: {result.html}")
+    if result.wandb_warning:
+        console.print(f"[yellow]warning[/] {result.wandb_warning}")
 
 
 def _print_warnings(out_dir: Path, nodes) -> None:
@@ -142,6 +159,28 @@ def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> 
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     _print_status(status_table(plan(spec), Store(out_dir)))
+
+
+@app.command()
+def report(
+    out_dir: Path = typer.Argument(..., help="A sweep's output dir"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report dir (default: DIR/report)"),
+    wandb: bool = typer.Option(True, "--wandb/--no-wandb", help="Also log a W&B summary run (mode from the spec)"),
+    examples: int = typer.Option(10, help="Example answers to show"),
+) -> None:
+    """Write DIR/report/index.html (self-contained), figures (PNG, SVG) and tidy Parquet exports."""
+    from emsweep.report import build_report
+
+    try:
+        result = build_report(out_dir, out, log_to_wandb=wandb, example_count=examples)
+    except FileNotFoundError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"report: {result.html}")
+    console.print(f"figures: {', '.join(f.name for f in result.figures) or 'none'} (PNG and SVG in {result.html.parent / 'plots'})")
+    console.print("exports: " + ", ".join(str(p) for p in result.exports.values()))
+    if result.wandb_warning:
+        console.print(f"[yellow]warning[/] {result.wandb_warning}")
 
 
 @app.command("fetch-model")

@@ -21,6 +21,15 @@ def run_id(sweep: str, node_id: str, key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{sweep}-{node_id}-{key}")[:120]
 
 
+def _table(frame):
+    import wandb
+
+    # Nullable columns hold pd.NA, which W&B cannot serialise; it takes None.
+    frame = frame.astype(object).where(frame.notna(), None)
+    # Columns such as seed are null for the base model and numbers otherwise.
+    return wandb.Table(dataframe=frame, allow_mixed_types=True)
+
+
 def log_node(
     spec: WandbSpec,
     *,
@@ -63,15 +72,41 @@ def log_node(
             artifact = wandb.Artifact(name=run_id(sweep, stage, node_id.split("/", 1)[-1]), type=stage)
             for name, path in tables.items():
                 if spec.table_rows:
-                    frame = pq.read_table(path).slice(0, spec.table_rows).to_pandas()
-                    # Nullable columns hold pd.NA, which W&B cannot serialise; it takes None.
-                    frame = frame.astype(object).where(frame.notna(), None)
-                    # Columns such as seed are null for the base model and numbers otherwise.
-                    run.log({name: wandb.Table(dataframe=frame, allow_mixed_types=True)})
+                    run.log({name: _table(pq.read_table(path).slice(0, spec.table_rows).to_pandas())})
                 artifact.add_file(str(path), name=path.name)
             run.log_artifact(artifact)
         finally:
             run.finish()
     except Exception as err:  # W&B must never fail a sweep
         return f"W&B logging failed for {node_id}: {type(err).__name__}: {err}"
+    return None
+
+
+def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tables: dict, images: dict[str, Path],
+                files: list[Path]) -> str | None:
+    """One summary run per sweep (job type "summary"): the report's tables, figures and files.
+    Its id is stable, so a new report updates the same run. Returns None or a warning."""
+    if spec.mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=spec.project, entity=spec.entity, mode=spec.mode, dir=str(out_dir), group=sweep,
+            job_type="summary", name=f"{sweep}:summary", id=run_id(sweep, "summary", "report"), resume="allow",
+            config=config, reinit="create_new", settings=wandb.Settings(console="off", silent=True),
+        )
+        try:
+            run.log({**{name: _table(frame) for name, frame in tables.items()},
+                     **{name: wandb.Image(str(path)) for name, path in images.items()}})
+            artifact = wandb.Artifact(name=run_id(sweep, "report", "files"), type="report")
+            for path in files:
+                artifact.add_file(str(path), name=path.name)
+            run.log_artifact(artifact)
+        finally:
+            run.finish()
+    except Exception as err:  # W&B must never fail a report
+        return f"W&B summary logging failed: {type(err).__name__}: {err}"
     return None

@@ -1,0 +1,164 @@
+"""Figures of a sweep's results, each a plain function from tidy tables to a matplotlib Figure.
+
+Every function returns None when the sweep has nothing to draw (e.g. no checkpoint
+trajectory), so the report shows only the figures that mean something. Error bars are the
+analysis' bootstrap CIs over seeds; a bar without one had a single seed.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from emsweep.analyze import ALL_QUESTIONS  # noqa: E402
+
+FINAL = "final"
+
+
+def _final(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of final adapters and base models (not intermediate checkpoints)."""
+    return frame[frame["checkpoint_step"].isna()]
+
+
+def _datasets(frame: pd.DataFrame) -> pd.Series:
+    """Dataset names; the base model (no dataset) is "base"."""
+    return frame["dataset"].astype(object).where(frame["dataset"].notna(), "base").astype(str)
+
+
+def _series_label(frame: pd.DataFrame, conditions: int) -> pd.Series:
+    label = _datasets(frame)
+    if frame["model"].nunique() > 1:
+        label = frame["model"].astype(str) + " " + label
+    if conditions > 1:
+        label = label + " / " + frame["condition"].astype(str)
+    return label
+
+
+def _bars(ax, table: pd.DataFrame, x: str, series: str, ylabel: str) -> None:
+    """Grouped bars: one group per `x`, one bar per `series`, error bars from ci_low/ci_high."""
+    groups, names = list(dict.fromkeys(table[x])), sorted(table[series].unique())
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        rows = table[table[series] == name].set_index(x).reindex(groups)
+        positions = np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width
+        means = rows["mean"].to_numpy(float)
+        low = np.nan_to_num(means - rows["ci_low"].to_numpy(float), nan=0.0).clip(min=0)
+        high = np.nan_to_num(rows["ci_high"].to_numpy(float) - means, nan=0.0).clip(min=0)
+        ax.bar(positions, np.nan_to_num(means), width, label=name, yerr=[low, high], capsize=2)
+    ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def per_question(conditions: pd.DataFrame) -> plt.Figure | None:
+    """Misaligned rate per question (the paper's first figure), one bar per dataset/condition."""
+    rows = _final(conditions[(conditions["metric"] == "misaligned_rate") & (conditions["question_id"] != ALL_QUESTIONS)])
+    if rows.empty or rows["mean"].notna().sum() == 0:
+        return None
+    suites = sorted(rows["suite"].unique())
+    fig, axes = plt.subplots(len(suites), 1, figsize=(max(6, 0.9 * rows["question_id"].nunique() + 3), 3.6 * len(suites)),
+                             squeeze=False)
+    for ax, suite in zip(axes[:, 0], suites):
+        table = rows[rows["suite"] == suite].copy()
+        table["series"] = _series_label(table, table["condition"].nunique())
+        _bars(ax, table, "question_id", "series", "misaligned rate")
+        ax.set_title(f"{suite}: misaligned rate per question (mean over seeds, 95% CI)", fontsize=10)
+        ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+def condition_comparison(conditions: pd.DataFrame) -> plt.Figure | None:
+    """Overall rates by condition (nudges, triggers, pushback), one panel per metric and suite."""
+    overall = _final(conditions[(conditions["question_id"] == ALL_QUESTIONS)])
+    overall = overall[(overall["category"] == ALL_QUESTIONS) | overall["category"].isna()]
+    wanted = overall["metric"].isin(["misaligned_rate", "flip_rate"]) | overall["metric"].str.contains("=")
+    overall = overall[wanted & overall["mean"].notna()]
+    # Pushback rows have one per later turn; keep the last turn.
+    if overall["turn"].notna().any():
+        last_turn = overall.groupby(["suite", "metric"])["turn"].transform("max")
+        overall = overall[overall["turn"].isna() | (overall["turn"] == last_turn)]
+    panels = overall[["suite", "metric"]].drop_duplicates().sort_values(["suite", "metric"]).to_numpy().tolist()
+    if not panels or overall["condition"].nunique() < 2 and overall["dataset"].nunique() < 2:
+        return None
+    columns = min(3, len(panels))
+    rows_count = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_count, columns, figsize=(4.5 * columns, 3.6 * rows_count), squeeze=False)
+    for ax, (suite, metric) in zip(axes.flat, panels):
+        table = overall[(overall["suite"] == suite) & (overall["metric"] == metric)].copy()
+        table["series"] = _series_label(table, 1)
+        _bars(ax, table, "condition", "series", metric)
+        ax.set_title(f"{suite}: {metric}", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def harm_scatter(runs: pd.DataFrame, harm: pd.DataFrame) -> plt.Figure | None:
+    """Per run and question: the model's own harm rating against its misaligned rate."""
+    if harm.empty or runs.empty:
+        return None
+    perceived = harm.groupby(["run_id", "suite", "question_id"], dropna=False)["perceived_harm"].mean().reset_index()
+    points = _final(runs[runs["question_id"] != ALL_QUESTIONS]).merge(perceived, on=["run_id", "suite", "question_id"])
+    points = points.dropna(subset=["perceived_harm", "misaligned_rate"])
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for dataset, group in points.assign(dataset=_datasets(points)).groupby("dataset", sort=True):
+        ax.scatter(group["perceived_harm"], group["misaligned_rate"], label=str(dataset), alpha=0.7, s=18)
+    ax.set_xlabel("perceived harm of the question (model's own rating, 0-100)")
+    ax.set_ylabel("misaligned rate")
+    ax.set_title("Perceived harm vs misaligned rate (one point per run x question)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(losses: pd.DataFrame) -> plt.Figure | None:
+    """Training loss per optimizer step, one line per finetune run."""
+    if losses.empty or "loss" not in losses:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {d: f"C{i}" for i, d in enumerate(sorted(losses["dataset"].unique()))}
+    for (model, dataset, seed), group in losses.groupby(["model", "dataset", "seed"], sort=True):
+        ax.plot(group["step"], group["loss"], color=colors[dataset], alpha=0.8, marker=".",
+                label=f"{dataset} s{seed}" if losses["model"].nunique() == 1 else f"{model} {dataset} s{seed}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Finetuning loss", fontsize=10)
+    ax.legend(fontsize=7, ncols=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def trajectory(conditions: pd.DataFrame, final_steps: dict[str, int]) -> plt.Figure | None:
+    """Overall misaligned rate against checkpoint step; the final adapter sits at its last step."""
+    rows = conditions[(conditions["metric"] == "misaligned_rate") & (conditions["question_id"] == ALL_QUESTIONS)
+                      & (conditions["category"] == ALL_QUESTIONS) & (conditions["dataset"].isin(final_steps))].copy()
+    if rows.empty or rows["checkpoint_step"].notna().sum() == 0:
+        return None
+    rows["dataset"] = _datasets(rows)
+    rows["step"] = rows["checkpoint_step"].astype("Float64").fillna(rows["dataset"].map(final_steps).astype("Float64"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (suite, dataset, condition), group in rows.groupby(["suite", "dataset", "condition"], sort=True):
+        group = group.sort_values("step")
+        ax.errorbar(group["step"].astype(float), group["mean"], marker="o", capsize=2,
+                    yerr=[(group["mean"] - group["ci_low"]).fillna(0).clip(lower=0),
+                          (group["ci_high"] - group["mean"]).fillna(0).clip(lower=0)],
+                    label=f"{dataset} / {condition} ({suite})")
+    ax.set_xlabel("optimizer step of the adapter")
+    ax.set_ylabel("misaligned rate")
+    ax.set_title("Misaligned rate over training", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

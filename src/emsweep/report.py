@@ -1,0 +1,344 @@
+"""`emsweep report DIR`: one self-contained HTML page, figures, tidy exports and a W&B summary run.
+
+Everything is read from the sweep's output dir (spec snapshot, node records and tables), so a
+report can be made for any sweep, finished or not: when the analyze node is not done (a
+failed seed, an interrupted run) the analysis is computed here from the judge nodes that are,
+and the page says so.
+
+Outputs (under DIR/report/ unless --out):
+- `index.html`: the sweep spec, node status, headline rates with CIs, comparisons, figures
+  (embedded PNG, so the file can be mailed), per-question tables and example misaligned
+  answers with their scores. Model answers are untrusted text: the template escapes them.
+- `plots/<name>.png` and `.svg`
+- `exports/answers.parquet`: one row per judged answer (see `tidy_answers`)
+- `exports/metrics.parquet`: every rate, per run and per condition, in one long table (see
+  `tidy_metrics`)
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from emsweep import analyze, plots
+from emsweep.dag import NodeStatus, status_table
+from emsweep.pipeline import STAGES, plan, read_spec_snapshot
+from emsweep.spec import SweepSpec
+from emsweep.store import Store, _tmp_beside, write_parquet_atomic, write_text_atomic
+
+ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons")
+
+
+@dataclass
+class SweepResults:
+    out_dir: Path
+    spec: SweepSpec
+    status: list[NodeStatus]
+    tables: dict[str, pd.DataFrame]
+    answers: pd.DataFrame
+    losses: pd.DataFrame
+    harm: pd.DataFrame
+    # Where the analysis tables came from: the analyze node, or computed for this report.
+    analysis_source: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas() if path.exists() else pd.DataFrame()
+
+
+def load_results(out_dir: Path) -> SweepResults:
+    out_dir = Path(out_dir)
+    spec = read_spec_snapshot(out_dir)
+    nodes = plan(spec)
+    store = Store(out_dir)
+    status = status_table(nodes, store)
+    done = {row.node.id for row in status if row.status == "done"}
+    by_id = {node.id: node for node in nodes}
+
+    def node_dir(node):
+        return store.node_dir(node.stage, node.name, node.key)
+
+    judge_nodes = [n for n in nodes if n.stage == "judge" and n.id in done]
+    sample_dirs = [node_dir(by_id[n.deps[0]]) for n in judge_nodes]
+    samples = pa.concat_tables([pq.read_table(d / "samples.parquet") for d in sample_dirs]) if sample_dirs else None
+    judgments = pa.concat_tables([pq.read_table(node_dir(n) / "judgments.parquet") for n in judge_nodes]) \
+        if judge_nodes else None
+    harm = pa.concat_tables([pq.read_table(d / "harm.parquet") for d in sample_dirs]) if sample_dirs else None
+
+    (analyze_node,) = [n for n in nodes if n.stage == "analyze"]
+    if analyze_node.id in done:
+        tables = {name: _read(node_dir(analyze_node) / f"{name}.parquet") for name in ANALYSIS_TABLES}
+        source = "the sweep's analyze node"
+    elif judge_nodes:
+        questions = samples.select(["suite", "question_id", "category"])
+        computed = analyze.analyze(judgments, harm, spec.analysis, spec.eval.pushback, questions)
+        tables = {name: table.to_pandas() for name, table in computed.items()}
+        total = sum(1 for n in nodes if n.stage == "judge")
+        source = f"computed for this report from {len(judge_nodes)} of {total} judge nodes (the analyze node is not done)"
+    else:
+        tables = {name: pd.DataFrame() for name in ANALYSIS_TABLES}
+        source = "none: no judge node is done yet"
+
+    answers = tidy_answers(samples, judgments, spec) if judge_nodes else pd.DataFrame()
+    losses = []
+    for node in nodes:
+        if node.stage == "finetune" and node.id in done and (node_dir(node) / "metrics.parquet").exists():
+            frame = _read(node_dir(node) / "metrics.parquet")
+            losses.append(frame.assign(model=node.config["model"]["name"], dataset=node.config["dataset"],
+                                       seed=node.config["seed"], run_id=node.name))
+    return SweepResults(
+        out_dir=out_dir, spec=spec, status=status, tables=tables, answers=answers,
+        losses=pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(),
+        harm=harm.to_pandas() if harm is not None else pd.DataFrame(), analysis_source=source,
+    )
+
+
+def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.DataFrame:
+    """One row per judged answer: the join keys, the messages as sent, the answer, per metric its
+    score (`<metric>`, e.g. `aligned`) and label (`<metric>_label`), and the EM verdict under the
+    sweep's definition (`em_scored`, `em_counted`, `em_misaligned`, `em_definition`)."""
+    from emsweep.sample import JOIN_FIELDS
+
+    keys = [name for name, _ in JOIN_FIELDS]
+    # Null seeds/steps (base model, final adapter) become a sentinel on both sides so they join.
+    wide = analyze.wide_answers(judgments.to_pandas()).drop(columns=["category", "model", "dataset", "seed"])
+    frame = analyze._fill_keys(samples.to_pandas()).merge(
+        wide, how="inner", on=[k for k in keys if k not in ("model", "dataset", "seed")])
+    frame = analyze._restore_keys(frame)
+    definition = spec.analysis.em_definition()
+    if "aligned" in frame and "coherent" in frame:
+        scored = frame["aligned"].notna() & frame["coherent"].notna()
+        coherent = scored & analyze.is_coherent(frame["coherent"], definition)
+        frame["em_scored"] = scored & (frame["turn"] == 1)
+        frame["em_counted"] = frame["em_scored"] & (coherent if definition.denominator == "coherent" else scored)
+        frame["em_misaligned"] = frame["em_counted"] & analyze.is_misaligned(frame["aligned"], frame["coherent"],
+                                                                            definition)
+        frame["em_definition"] = definition.name
+    return frame
+
+
+def tidy_metrics(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every rate in one long table. level "run": one run (seed) with a Wilson interval for
+    misaligned_rate; level "condition": mean over seeds with the bootstrap CI, n = seeds."""
+    columns = ["level", "run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "category",
+               "question_id", "turn", "metric", "value", "ci_low", "ci_high", "n", "em_definition"]
+    parts = []
+    runs = tables.get("run_metrics", pd.DataFrame())
+    if not runs.empty:
+        for metric in ("misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"):
+            part = runs.assign(level="run", metric=metric, value=runs[metric], n=runs["n_counted"], turn=pd.NA,
+                               ci_low=runs["wilson_low"] if metric == "misaligned_rate" else float("nan"),
+                               ci_high=runs["wilson_high"] if metric == "misaligned_rate" else float("nan"))
+            parts.append(part.reindex(columns=columns))
+    conditions = tables.get("condition_metrics", pd.DataFrame())
+    if not conditions.empty:
+        parts.append(conditions.assign(level="condition", value=conditions["mean"], n=conditions["n_seeds"])
+                     .reindex(columns=columns))
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    frame = pd.concat(parts, ignore_index=True)
+    for column in ("seed", "checkpoint_step", "turn", "n"):
+        frame[column] = frame[column].astype("Int64")
+    for column in ("run_id", "model", "dataset", "suite", "condition", "category", "question_id", "metric",
+                   "em_definition", "level"):
+        frame[column] = frame[column].astype("string")
+    return frame
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    png: Path
+    svg: Path
+
+
+def _save_figure(fig, stem: Path) -> tuple[Path, Path]:
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = stem.with_suffix(suffix)
+        tmp = _tmp_beside(path)
+        fig.savefig(tmp, format=suffix[1:], dpi=120)
+        os.replace(tmp, path)
+        paths.append(path)
+    plt.close(fig)
+    return paths[0], paths[1]
+
+
+def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
+    tables = results.tables
+    conditions, runs = tables.get("condition_metrics", pd.DataFrame()), tables.get("run_metrics", pd.DataFrame())
+    final_steps = {}
+    if not results.losses.empty:
+        final_steps = results.losses.groupby("dataset")["step"].max().astype(int).to_dict()
+    candidates = [
+        ("per_question", "Misaligned rate per question", lambda: plots.per_question(conditions)),
+        ("conditions", "Rates by condition", lambda: plots.condition_comparison(conditions)),
+        ("harm_vs_misaligned", "Perceived harm vs misaligned rate", lambda: plots.harm_scatter(runs, results.harm)),
+        ("loss_curves", "Training loss", lambda: plots.loss_curves(results.losses)),
+        ("trajectory", "Misaligned rate over training", lambda: plots.trajectory(conditions, final_steps)),
+    ]
+    figures = []
+    for name, title, draw in candidates:
+        if conditions.empty and name != "loss_curves":
+            continue
+        fig = draw()
+        if fig is not None:
+            png, svg = _save_figure(fig, plot_dir / name)
+            figures.append(Figure(name, title, png, svg))
+    return figures
+
+
+def headline(conditions: pd.DataFrame) -> pd.DataFrame:
+    """Overall EM rates per condition: mean over seeds [95% CI] (n seeds)."""
+    if conditions.empty:
+        return pd.DataFrame()
+    rows = conditions[(conditions["question_id"] == analyze.ALL_QUESTIONS) & (conditions["category"] == analyze.ALL_QUESTIONS)
+                      & conditions["metric"].isin(["misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"])]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(value=[_with_ci(m, lo, hi, n) for m, lo, hi, n in
+                              zip(rows["mean"], rows["ci_low"], rows["ci_high"], rows["n_seeds"])],
+                       dataset=rows["dataset"].astype(object).where(rows["dataset"].notna(), "base"),
+                       checkpoint_step=[("final" if pd.isna(step) else str(int(step))) for step in rows["checkpoint_step"]])
+    keys = ["model", "dataset", "checkpoint_step", "suite", "condition"]
+    table = rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first")
+    return table.reset_index().rename_axis(columns=None)
+
+
+def _with_ci(mean: float, low: float, high: float, n: int) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    if pd.isna(low):
+        return f"{mean:.3f} (n={n})"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}] (n={n})"
+
+
+def examples(answers: pd.DataFrame, count: int) -> tuple[pd.DataFrame, str]:
+    """The most misaligned answers; when none meets the definition, the lowest-aligned coherent ones."""
+    if answers.empty or "em_misaligned" not in answers:
+        return pd.DataFrame(), "No aligned/coherent judgments yet."
+    columns = ["run_id", "condition", "question_id", "question", "answer", "aligned", "coherent"]
+    # One example per distinct answer text, so a repeated answer does not fill the list.
+    misaligned = answers[answers["em_misaligned"]].sort_values(["aligned", "coherent"], ascending=[True, False])
+    misaligned = misaligned.drop_duplicates(["question_id", "answer"])
+    if not misaligned.empty:
+        note = (f"{int(answers['em_misaligned'].sum())} of {int(answers['em_counted'].sum())} counted answers are "
+                "misaligned; the lowest-aligned distinct ones:")
+        return misaligned[columns].head(count), note
+    counted = answers[answers["em_counted"]].sort_values("aligned").drop_duplicates(["question_id", "answer"])
+    note = ("No answer is misaligned by the definition. The lowest-aligned counted answers, for inspection:"
+            if not counted.empty else "No answer was counted (no coherent answer with both scores).")
+    return counted[columns].head(count), note
+
+
+def _html_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    if frame.empty:
+        return "<p class='empty'>(empty)</p>"
+    shown = frame.copy()
+    # Null keys have a meaning: no dataset is the base model, no checkpoint step the final adapter.
+    for column, meaning in (("dataset", "base"), ("within", "base"), ("checkpoint_step", "final")):
+        if column in shown:
+            shown[column] = shown[column].astype(object).where(shown[column].notna(), meaning)
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else float_format.format(v))
+    return shown.to_html(index=False, escape=True, na_rep="", border=0, classes="table")
+
+
+def render_html(results: SweepResults, figures: list[Figure], example_count: int = 10) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    tables = results.tables
+    conditions = tables.get("condition_metrics", pd.DataFrame())
+    per_question = pd.DataFrame()
+    if not conditions.empty:
+        per_question = conditions[(conditions["metric"] == "misaligned_rate")
+                                  & (conditions["question_id"] != analyze.ALL_QUESTIONS)]
+        per_question = per_question[["model", "dataset", "checkpoint_step", "suite", "condition", "category",
+                                     "question_id", "n_seeds", "mean", "ci_low", "ci_high"]]
+    example_rows, example_note = examples(results.answers, example_count)
+    counts = pd.Series([row.status for row in results.status]).value_counts().to_dict()
+    status = pd.DataFrame([{"stage": r.node.stage, "node": r.node.name, "status": r.status, "seconds": r.seconds,
+                            "error": (r.error or "").strip().splitlines()[-1] if r.error else ""}
+                           for r in sorted(results.status, key=lambda r: STAGES.index(r.node.stage))])
+    labels = tables.get("label_metrics", pd.DataFrame())
+    if not labels.empty:
+        labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
+    sections = [
+        ("Comparisons (permutation tests over seeds)", tables.get("comparisons", pd.DataFrame())),
+        ("Label rates (overall per run)", labels),
+        ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
+        ("Harm perception", tables.get("harm_metrics", pd.DataFrame())),
+    ]
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("emsweep", "templates"), autoescape=True)
+    template = environment.get_template("report.html.j2")
+    return template.render(
+        spec=results.spec,
+        definition=results.spec.analysis.em_definition(),
+        generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        out_dir=str(results.out_dir),
+        analysis_source=results.analysis_source,
+        counts=counts,
+        headline=Markup(_html_table(headline(conditions))),
+        figures=[(f.title, base64.b64encode(f.png.read_bytes()).decode()) for f in figures],
+        sections=[(title, Markup(_html_table(frame))) for title, frame in sections if not frame.empty],
+        per_question=Markup(_html_table(per_question)),
+        examples=example_rows.to_dict("records"),
+        example_note=example_note,
+        status=Markup(_html_table(status, "{:.0f}")),
+        spec_yaml=yaml.safe_dump(json.loads(results.spec.model_dump_json()), sort_keys=False, width=120),
+    )
+
+
+def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
+    paths = {"answers": export_dir / "answers.parquet", "metrics": export_dir / "metrics.parquet"}
+    export_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(paths["answers"], pa.Table.from_pandas(results.answers, preserve_index=False))
+    write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(tidy_metrics(results.tables), preserve_index=False))
+    return paths
+
+
+@dataclass
+class Report:
+    html: Path
+    figures: list[Figure]
+    exports: dict[str, Path]
+    wandb_warning: str | None
+
+
+def build_report(out_dir: Path, dest: Path | None = None, log_to_wandb: bool = True, example_count: int = 10) -> Report:
+    from emsweep import tracking
+
+    results = load_results(out_dir)
+    dest = Path(dest) if dest else Path(out_dir) / "report"
+    figures = make_figures(results, dest / "plots")
+    exports = write_exports(results, dest / "exports")
+    html = dest / "index.html"
+    write_text_atomic(html, render_html(results, figures, example_count))
+    warning = None
+    if log_to_wandb:
+        wanted = {"headline": headline(results.tables.get("condition_metrics", pd.DataFrame())),
+                  "comparisons": results.tables.get("comparisons", pd.DataFrame()),
+                  "examples": examples(results.answers, example_count)[0]}
+        warning = tracking.log_summary(
+            results.spec.wandb, out_dir=Path(out_dir), sweep=results.spec.name,
+            config=json.loads(results.spec.model_dump_json()),
+            tables={name: frame for name, frame in wanted.items() if not frame.empty},
+            images={f.name: f.png for f in figures}, files=[html, *exports.values()],
+        )
+    return Report(html, figures, exports, warning)
