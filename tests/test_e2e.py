@@ -137,7 +137,8 @@ def test_run_writes_the_report(sweep):
     assert f"report: {report / 'index.html'}" in first.stdout.replace("\n", "")
     html = (report / "index.html").read_text()
     assert "Sweep <code>e2e</code>" in html and "the sweep&#39;s analyze node" in html
-    assert (report / "plots" / "loss_curves.png").exists() and (report / "plots" / "loss_curves.svg").exists()
+    for figure in ("loss_curves", "trajectory"):  # the sweep samples its step-1 adapters
+        assert (report / "plots" / f"{figure}.png").exists() and (report / "plots" / f"{figure}.svg").exists()
     answers = pd.read_parquet(report / "exports" / "answers.parquet")
     assert len(answers) == 5 * (4 + 4)  # every judged answer, once, with its scores and labels
     assert {"aligned", "coherent", "correct_label", "em_misaligned", "answer"} <= set(answers.columns)
