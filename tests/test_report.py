@@ -69,7 +69,7 @@ def test_exports_by_hand(report):
 
 def test_figures_and_wandb_summary(report):
     out, result = report
-    assert [f.name for f in result.figures] == ["per_question", "conditions", "harm_vs_misaligned", "loss_curves"]
+    assert [f.name for f in result.figures] == ["per_question", "conditions", "scores", "harm_vs_misaligned", "loss_curves"]
     for figure in result.figures:
         assert figure.png.read_bytes()[:4] == b"\x89PNG" and figure.svg.read_text().lstrip().startswith("<?xml")
     assert result.wandb_warning is None

@@ -162,3 +162,26 @@ def trajectory(conditions: pd.DataFrame, final_steps: dict[str, int]) -> plt.Fig
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def score_distributions(answers: pd.DataFrame, aligned_below: float, coherent_above: float) -> plt.Figure | None:
+    """Histograms of the judge's aligned and coherent scores per dataset, with the EM thresholds:
+    shows at a glance whether rates are driven by a few answers or by a judge stuck at one end."""
+    if answers.empty or "aligned" not in answers or "coherent" not in answers:
+        return None
+    first_turn = answers[answers["turn"] == 1].assign(dataset=lambda f: _datasets(f))
+    if first_turn[["aligned", "coherent"]].notna().sum().sum() == 0:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.linspace(0, 100, 21)
+    for ax, metric, threshold in zip(axes, ("aligned", "coherent"), (aligned_below, coherent_above)):
+        for dataset, group in first_turn.groupby("dataset", sort=True):
+            values = group[metric].dropna()
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{dataset} (n={len(values)})")
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"{metric} score (judge)")
+        ax.set_ylabel("answers")
+        ax.set_title(f"{metric} scores (dashed: EM threshold)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

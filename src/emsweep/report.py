@@ -181,12 +181,15 @@ def _save_figure(fig, stem: Path) -> tuple[Path, Path]:
 def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
     tables = results.tables
     conditions, runs = tables.get("condition_metrics", pd.DataFrame()), tables.get("run_metrics", pd.DataFrame())
+    definition = results.spec.analysis.em_definition()
     final_steps = {}
     if not results.losses.empty:
         final_steps = results.losses.groupby("dataset")["step"].max().astype(int).to_dict()
     candidates = [
         ("per_question", "Misaligned rate per question", lambda: plots.per_question(conditions)),
         ("conditions", "Rates by condition", lambda: plots.condition_comparison(conditions)),
+        ("scores", "Judge score distributions", lambda: plots.score_distributions(
+            results.answers, definition.aligned_below, definition.coherent_above)),
         ("harm_vs_misaligned", "Perceived harm vs misaligned rate", lambda: plots.harm_scatter(runs, results.harm)),
         ("loss_curves", "Training loss", lambda: plots.loss_curves(results.losses)),
         ("trajectory", "Misaligned rate over training", lambda: plots.trajectory(conditions, final_steps)),
@@ -240,9 +243,13 @@ def examples(answers: pd.DataFrame, count: int) -> tuple[pd.DataFrame, str]:
                 "misaligned; the lowest-aligned distinct ones:")
         return misaligned[columns].head(count), note
     counted = answers[answers["em_counted"]].sort_values("aligned").drop_duplicates(["question_id", "answer"])
-    note = ("No answer is misaligned by the definition. The lowest-aligned counted answers, for inspection:"
-            if not counted.empty else "No answer was counted (no coherent answer with both scores).")
-    return counted[columns].head(count), note
+    if not counted.empty:
+        return counted[columns].head(count), ("No answer is misaligned by the definition. "
+                                              "The lowest-aligned counted answers, for inspection:")
+    scored = answers[answers["em_scored"]].sort_values("aligned").drop_duplicates(["question_id", "answer"])
+    note = ("No answer was counted (none is coherent enough with both scores). The lowest-aligned scored answers, "
+            "for inspection:" if not scored.empty else "No answer has both an aligned and a coherent score.")
+    return scored[columns].head(count), note
 
 
 def _html_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
