@@ -134,7 +134,7 @@ def test_fresh_run_writes_every_stage(sweep):
 def test_run_writes_the_report(sweep):
     root, first = sweep
     report = root / "out" / "report"
-    assert f"report: {report / 'index.html'}" in first.stdout.replace("\n", "")
+    assert "report: out/report/index.html" in first.stdout
     html = (report / "index.html").read_text()
     assert "Sweep <code>e2e</code>" in html and "the sweep&#39;s analyze node" in html
     for figure in ("loss_curves", "trajectory"):  # the sweep samples its step-1 adapters
