@@ -324,6 +324,8 @@ def finetune(
     spec: FinetuneSpec,
     use_gpu: bool,
     out_dir: Path,
+    cpus_per_worker: int = 1,
+    placement_strategy: str = "PACK",
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics."""
@@ -342,7 +344,12 @@ def finetune(
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
         },
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu),
+        # One placement group per finetune: its workers are scheduled together or not at all,
+        # and independent finetunes are packed beside each other as resources allow.
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.
