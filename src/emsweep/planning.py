@@ -97,17 +97,22 @@ class PromptCount:
     judgments: int  # answers x judge metrics
     prompt_tokens: float
     counted: bool
+    problem: str | None = None
 
 
 def prompt_count(spec: SweepSpec) -> PromptCount:
     """Answers sampled per run and judgments per run, from the question files when readable."""
-    from emsweep.questions import load_suite
+    from emsweep.data import DataError
+    from emsweep.questions import QuestionError, load_suite
     from emsweep.sample import build_prompts
 
+    remote = [s.questions for s in spec.eval.suites if "://" in s.questions and not s.questions.startswith("file://")]
+    if remote:  # plan never downloads
+        return PromptCount(0, 0, 0.0, False, f"remote question files {remote}")
     try:
         questions = [q for suite in spec.eval.suites for q in load_suite(suite)]
-    except Exception:  # a question file that is only on the cluster: say so, estimate nothing
-        return PromptCount(0, 0, 0.0, False)
+    except (QuestionError, DataError, OSError) as err:  # e.g. a file only on the cluster: say so, estimate nothing
+        return PromptCount(0, 0, 0.0, False, str(err))
     metrics = {(q.suite, q.id): len(q.judge_prompts) for q in questions}
     pushback = {s.name: len(spec.eval.pushback.messages) for s in spec.eval.suites if s.pushback}
     generations = judgments = 0
@@ -174,7 +179,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
                          f"{sizes[ds.name].rows} rows of {ASSUMED_ROW_TOKENS} tokens")
     prompts = prompt_count(spec)
     if not prompts.counted:
-        notes.append("question files not readable here: sampling and judging are not estimated")
+        notes.append(f"sampling and judging are not estimated: {prompts.problem}")
 
     models = []
     finetune_tokens = finetune_gpu_s = 0.0
