@@ -221,7 +221,7 @@ def plan_command(
         console.print(f"[yellow]note:[/] {note}")
 
 
-def _job_client(address: str):
+def _job_client(address: Optional[str]):
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -279,7 +279,7 @@ def logs(
 
     from emsweep.submit import latest_id
 
-    client = _job_client(address or "")
+    client = _job_client(address)
     try:
         submission_id = latest_id(client, job)
         console.print(f"{submission_id}: {client.get_job_status(submission_id).value}")
@@ -305,7 +305,7 @@ def stop(
     """Stop a submitted sweep; nodes already done stay done, and `emsweep submit` resumes it."""
     from emsweep.submit import latest_id
 
-    client = _job_client(address or "")
+    client = _job_client(address)
     try:
         submission_id = latest_id(client, job)
         stopped = client.stop_job(submission_id)
