@@ -159,3 +159,48 @@ def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     assert planned and int(planned.group(1)) < 17, resumed  # the data nodes were not redone
     _cli("stop", f"{base}-a2", "--address", address)
     _wait(lambda: client.get_job_status(f"{base}-a2").value == "STOPPED", 60, "the second attempt to stop")
+
+
+class RecordingClient:
+    """Stands in for JobSubmissionClient in the fast test; the real one is tested below."""
+
+    def __init__(self, jobs):
+        self.jobs, self.submitted = jobs, []
+
+    def list_jobs(self):
+        return self.jobs
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+
+def test_resubmission_after_any_end_resumes_in_the_same_dir(tmp_path):
+    from types import SimpleNamespace
+
+    from emsweep.submit import submit
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\n")
+    base = base_submission_id(spec, "s")
+    first = RecordingClient([])
+    result = submit(first, spec, "s", out_dir="/shared/runs/s", env={"EMSWEEP_DATA": "/data"})
+    (call,) = first.submitted
+    assert (result.submission_id, result.attempt, result.submitted) == (base, 1, True)
+    assert call["entrypoint"] == "python -m emsweep.cli run s.yaml --address auto --out /shared/runs/s"
+    assert call["runtime_env"] == {"working_dir": str(tmp_path), "env_vars": {"EMSWEEP_DATA": "/data"}}
+    for status in ("FAILED", "SUCCEEDED", "STOPPED"):
+        jobs = [SimpleNamespace(submission_id=base, status=status, metadata={"out_dir": "/shared/runs/s"}),
+                SimpleNamespace(submission_id="someone-else", status="RUNNING", metadata={})]
+        client = RecordingClient(jobs)
+        result = submit(client, spec, "s")  # no --out: the earlier attempt's dir
+        assert (result.submission_id, result.out_dir) == (f"{base}-a2", "/shared/runs/s")
+        assert client.submitted[0]["entrypoint"].endswith("--out /shared/runs/s")
+    for status in ("PENDING", "RUNNING"):
+        client = RecordingClient([SimpleNamespace(submission_id=f"{base}-a2", status=status, metadata={}),
+                                  SimpleNamespace(submission_id=base, status="FAILED", metadata={})])
+        result = submit(client, spec, "s")
+        assert not result.submitted and not client.submitted
+        assert (result.submission_id, result.attempt, result.status) == (f"{base}-a2", 2, status)
+    with pytest.raises(ValueError, match="not inside the working dir"):
+        submit(RecordingClient([]), spec, "s", working_dir=tmp_path / "elsewhere")
