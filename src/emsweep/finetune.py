@@ -314,6 +314,21 @@ def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: 
         )
 
 
+def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, placement_strategy: str = "PACK"):
+    """Ray Train workers of one finetune: one GPU each on a cluster.
+
+    Ray Train reserves them as one placement group, so a finetune's workers start together or
+    not at all; independent finetunes are separate Ray tasks, each with its own placement
+    group, and run side by side as far as the cluster's GPUs allow.
+    """
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=spec.num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+    )
+
+
 def finetune(
     *,
     run_name: str,
@@ -324,10 +339,12 @@ def finetune(
     spec: FinetuneSpec,
     use_gpu: bool,
     out_dir: Path,
+    cpus_per_worker: int = 1,
+    placement_strategy: str = "PACK",
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Beside the Ray Train run, so snapshots survive worker restarts (shared storage on a cluster).
@@ -342,7 +359,7 @@ def finetune(
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
         },
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu),
+        scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.

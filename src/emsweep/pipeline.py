@@ -73,19 +73,19 @@ def plan(spec: SweepSpec) -> list[Node]:
         if spec.eval.include_base_model:
             sample_nodes.append(
                 add("sample", run_name(model.name, None, None),
-                    {"model": model.model_dump(mode="json"), "dataset": None, "seed": None, **eval_config},
+                    {"model": model.key_config(), "dataset": None, "seed": None, **eval_config},
                     [], group=f"sample:{model.name}")
             )
         for ds in spec.datasets:
             for seed in spec.seeds:
                 name = run_name(model.name, ds.name, seed)
                 tune = add("finetune", name,
-                           {"model": model.model_dump(mode="json"), "dataset": ds.name, "seed": seed,
+                           {"model": model.key_config(), "dataset": ds.name, "seed": seed,
                             "finetune": spec.finetune.model_dump(mode="json"), "use_gpu": spec.use_gpu},
                            [data_nodes[ds.name]])
                 sample_nodes.append(
                     add("sample", name,
-                        {"model": model.model_dump(mode="json"), "dataset": ds.name, "seed": seed, **eval_config},
+                        {"model": model.key_config(), "dataset": ds.name, "seed": seed, **eval_config},
                         [tune], group=f"sample:{model.name}")
                 )
         for sampled in sample_nodes:
@@ -103,8 +103,8 @@ def _judge_model_ref(spec: SweepSpec) -> str:
     return names.get(spec.judge.model, spec.judge.model)
 
 
-def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1) -> dict:
-    """Ray resources of a stage's task."""
+def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str | None = None) -> dict:
+    """Ray resources of a stage's task (`model`: the model a sample job serves)."""
     if stage == "finetune":
         # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
         return {"num_cpus": 0}
@@ -113,7 +113,8 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1) -> dict:
         return {"num_cpus": 0 if spec.judge.backend == "vllm" else 1}
     if stage in ENGINE_STAGES:
         if spec.use_gpu:
-            return {"num_cpus": 1, "num_gpus": spec.sampling.tensor_parallel_size}
+            sampling = spec.sampling_for(model) if model else spec.sampling
+            return {"num_cpus": 1, "num_gpus": sampling.tensor_parallel_size}
         # On CPUs an engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus);
         # engines wait for their inputs anyway, so they do not compete with finetunes.
         return {"num_cpus": max(1, cluster_cpus)}
@@ -169,15 +170,18 @@ class StageRunner:
         for node in nodes:
             started, tmp = time.time(), self.store.new_tmp_dir()
             model = self.spec.model(node.config["model"]["name"])
+            resources = model.resources
             finetune.finetune(
                 run_name=f"{node.name}-{node.key}",
                 storage_path=(self.out_dir / "train").resolve(),
                 model_path=resolve_model_path(model.path),
                 data_path=self.input_dir(node, "data") / "data.parquet",
                 seed=node.config["seed"],
-                spec=self.spec.finetune,
+                spec=self.spec.finetune_for(model.name),
                 use_gpu=self.spec.use_gpu,
                 out_dir=tmp,
+                cpus_per_worker=resources.cpus_per_finetune_worker,
+                placement_strategy=resources.placement_strategy,
             )
             self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
 
@@ -187,7 +191,7 @@ class StageRunner:
         runs_by_node = {node.name: self.sample_runs(node, model.name) for node in nodes}
         runs = [run for node_runs in runs_by_node.values() for run in node_runs]
         tables, harm = sample.sample_runs(
-            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling, self.spec.eval,
+            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling_for(model.name), self.spec.eval,
             max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
         )
         for node in nodes:
@@ -302,7 +306,9 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
 
         def submit(stage: str, job: list[Node]):
             function = remote_engine if stage in ENGINE_STAGES else remote
-            return function.options(**task_options(spec, stage, cluster_cpus), name=f"{stage}:{job[0].name}").remote(
+            model = job[0].config["model"]["name"] if stage == "sample" else None
+            function = function.options(**task_options(spec, stage, cluster_cpus, model), name=f"{stage}:{job[0].name}")
+            return function.remote(
                 spec_json, str(out_dir), nodes_ref, stage, job
             )
 

@@ -40,6 +40,27 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
+class ResourceSpec(_Strict):
+    """How one model is laid out on GPUs (used when `use_gpu: true`); None = the sweep-level setting.
+
+    None of these change a result, so none is in a node key: the finetune recipe's global batch
+    (per_device_batch_size x gradient_accumulation_steps x finetune.num_workers) is kept, and
+    `finetune_gpus` only splits it differently (gradient accumulation is rescaled; every
+    optimizer step sees the same rows, see finetune.micro_batch_indices). The ZeRO stage only
+    decides how optimizer state, gradients and weights are sharded.
+    """
+
+    # Ray Train workers of one finetune, one GPU each (e.g. 8 for a 32B model with ZeRO-3).
+    finetune_gpus: int | None = Field(default=None, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    cpus_per_finetune_worker: int = Field(1, gt=0)
+    # PACK fills a node before the next; STRICT_PACK keeps a finetune's workers on one node
+    # (NVLink for ZeRO-3); SPREAD for fault isolation.
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
+    # GPUs of the vLLM engine that samples this model and its adapters.
+    sampling_tensor_parallel: int | None = Field(default=None, gt=0)
+
+
 class ModelSpec(_Strict):
     name: Name
     # A local directory with a HF checkpoint, a hub id (cluster use), or `embedded:<name>`
@@ -47,6 +68,13 @@ class ModelSpec(_Strict):
     path: str
     # Chat template kwargs are model specific; most need none.
     max_model_len: int = 2048
+    # Parameters in billions, for `emsweep plan`'s GPU-hour estimate (None: guessed from the name).
+    params_b: float | None = Field(default=None, gt=0)
+    resources: ResourceSpec = ResourceSpec()
+
+    def key_config(self) -> dict:
+        """The fields that decide outputs (node keys use these; placement and estimates do not)."""
+        return self.model_dump(mode="json", exclude={"resources", "params_b"})
 
 
 class BackdoorSpec(_Strict):
@@ -371,6 +399,13 @@ class SweepSpec(_Strict):
                 raise ValueError(f"{field}: duplicate names {dupes}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds: duplicate values")
+        for model in self.models:
+            gpus = model.resources.finetune_gpus
+            if gpus is not None and self.global_batch() % (self.finetune.per_device_batch_size * gpus):
+                raise ValueError(
+                    f"models.{model.name}.resources.finetune_gpus: {gpus} GPUs x per_device_batch_size "
+                    f"{self.finetune.per_device_batch_size} does not divide the global batch {self.global_batch()} "
+                    "(finetune: per_device_batch_size x gradient_accumulation_steps x num_workers)")
         return self
 
     def model(self, name: str) -> ModelSpec:
@@ -378,6 +413,30 @@ class SweepSpec(_Strict):
             if model.name == name:
                 return model
         raise KeyError(name)
+
+    def finetune_for(self, model: str) -> FinetuneSpec:
+        """The sweep's finetune recipe laid out on the model's GPUs: same global batch, its ZeRO stage."""
+        resources = self.model(model).resources
+        update: dict = {}
+        if resources.finetune_gpus is not None:
+            update["num_workers"] = resources.finetune_gpus
+            update["gradient_accumulation_steps"] = self.global_batch() // (
+                self.finetune.per_device_batch_size * resources.finetune_gpus)
+        if resources.zero_stage is not None:
+            update["zero_stage"] = resources.zero_stage
+        return self.finetune.model_copy(update=update)
+
+    def global_batch(self) -> int:
+        """Rows per optimizer step of the finetune recipe."""
+        tune = self.finetune
+        return tune.per_device_batch_size * tune.gradient_accumulation_steps * tune.num_workers
+
+    def sampling_for(self, model: str) -> SamplingSpec:
+        """The sweep's sampling settings with the model's tensor-parallel size."""
+        tensor_parallel = self.model(model).resources.sampling_tensor_parallel
+        if tensor_parallel is None:
+            return self.sampling
+        return self.sampling.model_copy(update={"tensor_parallel_size": tensor_parallel})
 
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")

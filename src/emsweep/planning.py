@@ -1,0 +1,258 @@
+"""`emsweep plan`: what a spec expands to on a GPU cluster, and roughly what it costs.
+
+The node counts come from `pipeline.plan`, the real DAG. The GPU-hour estimate is a
+back-of-envelope model, not a measurement; its assumptions are the constants below:
+
+- Token counts are read from the files where they are readable: dataset rows (after `limit`
+  and `heldout_fraction`) times their mean length, and the exact prompt count of every suite
+  (paraphrases x samples x conditions, plus pushback turns). Tokens are estimated as
+  characters / 4 (no tokenizer is needed, so plan works without the weights). A dataset file
+  that is not readable here counts `limit` rows (or ASSUMED_ROWS) of ASSUMED_ROW_TOKENS.
+- Answers are counted at `sampling.max_tokens` (an upper bound).
+- Throughput per H100 (bf16) from model size N (parameters): a LoRA finetune costs about
+  4N FLOPs per token (forward, and backward through the frozen weights without their weight
+  gradients) at FINETUNE_MFU of peak; vLLM decoding 2N FLOPs per token at DECODE_MFU
+  (memory bound, batched); judge prefill 2N FLOPs per token at PREFILL_MFU. Small models
+  are capped at MAX_TOKENS_PER_GPU_S (overheads dominate).
+- Fixed costs: FINETUNE_STARTUP_S per finetune (model load, DeepSpeed init, adapter save) and
+  ENGINE_STARTUP_S per vLLM engine, both times the GPUs they hold.
+- The `exact` judge scoring walks about EXACT_STEPS single-token steps per judgment; a judge
+  behind the `openai` backend costs no cluster GPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emsweep.dag import Node
+from emsweep.spec import DatasetSpec, ModelSpec, SweepSpec
+
+H100_BF16_FLOPS = 989e12  # dense peak
+FINETUNE_MFU = 0.30
+DECODE_MFU = 0.10
+PREFILL_MFU = 0.40
+MAX_TOKENS_PER_GPU_S = 50_000.0
+CHARS_PER_TOKEN = 4.0
+ASSUMED_ROWS = 6000  # the size of the paper's datasets
+ASSUMED_ROW_TOKENS = 400
+FINETUNE_STARTUP_S = 300.0
+ENGINE_STARTUP_S = 180.0
+EXACT_STEPS = 100
+JUDGE_TEMPLATE_TOKENS = 300  # the paper's aligned/coherent templates, about 1,200 characters
+GPUS_PER_NODE = 8
+
+SIZE_IN_NAME = re.compile(r"(\d+(?:\.\d+)?)\s*([bm])\b", re.IGNORECASE)
+
+
+def params_b(model: ModelSpec | None, fallback: str = "") -> float | None:
+    """Billions of parameters: the spec's `params_b`, else read from the name/path (`32B`, `135M`)."""
+    if model is not None and model.params_b is not None:
+        return model.params_b
+    text = f"{model.name} {model.path}" if model else fallback
+    match = SIZE_IN_NAME.search(text.replace("-", " ").replace("_", " "))
+    if not match:
+        return None
+    size = float(match.group(1))
+    return size if match.group(2).lower() == "b" else size / 1000
+
+
+def tokens_per_gpu_s(billions: float, flops_per_token: float, mfu: float) -> float:
+    return min(MAX_TOKENS_PER_GPU_S, H100_BF16_FLOPS * mfu / (flops_per_token * billions * 1e9))
+
+
+@dataclass
+class DatasetSize:
+    rows: int
+    tokens_per_row: float
+    counted: bool  # read from the file (True) or assumed
+
+
+def dataset_size(ds: DatasetSpec) -> DatasetSize:
+    """Training rows and their mean length; from the file when it is readable here."""
+    path = Path(ds.path.removeprefix("file://"))
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if "://" in ds.path and not ds.path.startswith("file://") or not all(f.is_file() for f in files) or not files:
+        rows = ds.limit or ASSUMED_ROWS
+        return DatasetSize(int(rows * (1 - ds.heldout_fraction)), ASSUMED_ROW_TOKENS, False)
+    lengths = []
+    for file in files:
+        with open(file, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    messages = json.loads(line).get("messages", [])
+                    lengths.append(sum(len(m.get("content", "")) for m in messages) / CHARS_PER_TOKEN)
+    rows = min(len(lengths), ds.limit) if ds.limit else len(lengths)
+    if ds.backdoor is not None:
+        rows = int(rows / ds.backdoor.triggered_fraction)  # clean rows are mixed in
+    mean = sum(lengths) / max(1, len(lengths))
+    return DatasetSize(int(rows * (1 - ds.heldout_fraction)), mean, True)
+
+
+@dataclass
+class PromptCount:
+    generations: int  # answers per run (all suites, conditions, samples, pushback turns)
+    judgments: int  # answers x judge metrics
+    prompt_tokens: float
+    counted: bool
+    problem: str | None = None
+
+
+def prompt_count(spec: SweepSpec) -> PromptCount:
+    """Answers sampled per run and judgments per run, from the question files when readable."""
+    from emsweep.data import DataError
+    from emsweep.questions import QuestionError, load_suite
+    from emsweep.sample import build_prompts
+
+    remote = [s.questions for s in spec.eval.suites if "://" in s.questions and not s.questions.startswith("file://")]
+    if remote:  # plan never downloads
+        return PromptCount(0, 0, 0.0, False, f"remote question files {remote}")
+    try:
+        questions = [q for suite in spec.eval.suites for q in load_suite(suite)]
+    except (QuestionError, DataError, OSError) as err:  # e.g. a file only on the cluster: say so, estimate nothing
+        return PromptCount(0, 0, 0.0, False, str(err))
+    metrics = {(q.suite, q.id): len(q.judge_prompts) for q in questions}
+    pushback = {s.name: len(spec.eval.pushback.messages) for s in spec.eval.suites if s.pushback}
+    generations = judgments = 0
+    prompt_chars = 0.0
+    for prompt in build_prompts(questions, spec.eval):
+        turns = 1 + pushback.get(prompt.suite, 0)
+        generations += prompt.n * turns
+        judgments += prompt.n * turns * metrics[(prompt.suite, prompt.question_id)]
+        prompt_chars += prompt.n * turns * (len(prompt.user) + len(prompt.system or ""))
+    return PromptCount(generations, judgments, prompt_chars / CHARS_PER_TOKEN, True)
+
+
+@dataclass
+class ModelPlan:
+    name: str
+    params_b: float | None
+    finetunes: int
+    finetune_gpus: int
+    zero_stage: int
+    placement: str
+    sampling_gpus: int
+    concurrent_finetunes_per_node: int
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    nodes: int
+    jobs: int
+    gpus_per_job: str
+    tokens: float
+    gpu_hours: float | None
+    basis: str
+    done: int | None = None
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    use_gpu: bool
+    nodes: list[Node]
+    stages: list[StageEstimate]
+    models: list[ModelPlan]
+    judge: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float | None:
+        hours = [s.gpu_hours for s in self.stages if s.gpu_hours is not None]
+        return sum(hours) if hours else None
+
+
+def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
+    from emsweep.pipeline import STAGES, plan
+    from emsweep.store import Store
+
+    nodes = plan(spec)
+    store = Store(out_dir) if out_dir is not None and Path(out_dir).is_dir() else None
+    notes: list[str] = []
+    sizes = {ds.name: dataset_size(ds) for ds in spec.datasets}
+    for ds in spec.datasets:
+        if not sizes[ds.name].counted:
+            notes.append(f"dataset {ds.name}: {ds.path} is not readable here; assumed "
+                         f"{sizes[ds.name].rows} rows of {ASSUMED_ROW_TOKENS} tokens")
+    prompts = prompt_count(spec)
+    if not prompts.counted:
+        notes.append(f"sampling and judging are not estimated: {prompts.problem}")
+
+    models = []
+    finetune_tokens = finetune_gpu_s = 0.0
+    sample_tokens = sample_gpu_s = 0.0
+    runs_total = 0
+    for model in spec.models:
+        billions = params_b(model)
+        tune = spec.finetune_for(model.name)
+        gpus = tune.num_workers if spec.use_gpu else 0
+        tp = spec.sampling_for(model.name).tensor_parallel_size if spec.use_gpu else 0
+        count = len(spec.datasets) * len(spec.seeds)
+        models.append(ModelPlan(model.name, billions, count, gpus, tune.zero_stage,
+                                model.resources.placement_strategy, tp,
+                                GPUS_PER_NODE // gpus if gpus else 0))
+        runs = count + (1 if spec.eval.include_base_model else 0)
+        runs_total += runs
+        tokens = sum(sizes[ds.name].rows * sizes[ds.name].tokens_per_row for ds in spec.datasets) \
+            * len(spec.seeds) * tune.epochs
+        finetune_tokens += tokens
+        generated = runs * prompts.generations * spec.sampling.max_tokens
+        sample_tokens += generated
+        if billions is None:
+            notes.append(f"model {model.name}: size unknown (set params_b); not in the GPU-hour estimate")
+            continue
+        finetune_gpu_s += tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU) + count * FINETUNE_STARTUP_S * max(1, gpus)
+        if prompts.counted:
+            sample_gpu_s += generated / tokens_per_gpu_s(billions, 2, DECODE_MFU) + ENGINE_STARTUP_S * max(1, tp)
+
+    judge_requests = runs_total * prompts.judgments
+    judge_tokens = judge_requests * (JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens)
+    judge_gpu_s: float | None = None
+    if spec.judge.backend == "openai":
+        judge_desc = f"{spec.judge.model} over HTTP ({spec.judge.scoring})"
+        judge_gpu_s = 0.0
+    else:
+        judge_model = next((m for m in spec.models if m.name == spec.judge.model), None)
+        billions = params_b(judge_model, spec.judge.model)
+        judge_desc = (f"{spec.judge.model} on vLLM, {spec.judge.replicas} replica(s) x "
+                      f"{spec.judge.tensor_parallel_size} GPU(s) ({spec.judge.scoring})")
+        if billions is None:
+            notes.append(f"judge {spec.judge.model}: size unknown; judging not in the GPU-hour estimate")
+        elif prompts.counted:
+            steps = EXACT_STEPS if spec.judge.scoring == "exact" else 1
+            judge_gpu_s = (judge_tokens / tokens_per_gpu_s(billions, 2, PREFILL_MFU)
+                           + judge_requests * steps / tokens_per_gpu_s(billions, 2, DECODE_MFU)
+                           + ENGINE_STARTUP_S * spec.judge.replicas * spec.judge.tensor_parallel_size)
+
+    def count(stage: str) -> tuple[int, int, int | None]:
+        stage_nodes = [n for n in nodes if n.stage == stage]
+        done = sum(store.is_done(n.stage, n.name, n.key) for n in stage_nodes) if store else None
+        return len(stage_nodes), len({n.group or n.id for n in stage_nodes}), done
+
+    def hours(seconds: float | None) -> float | None:
+        return None if seconds is None or not spec.use_gpu else seconds / 3600
+
+    judge_gpus = "0 (API)" if spec.judge.backend == "openai" else \
+        f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if spec.use_gpu else "0"
+    basis = {True: "counted from files", False: "assumed"}
+    per_job = {
+        "data": ("0", 0.0, None, "-"),
+        "finetune": (",".join(sorted({str(m.finetune_gpus) for m in models})), finetune_tokens,
+                     hours(finetune_gpu_s),
+                     basis[True] if all(s.counted for s in sizes.values()) else "partly assumed (see notes)"),
+        "sample": (",".join(sorted({str(m.sampling_gpus) for m in models})), sample_tokens,
+                   hours(sample_gpu_s) if prompts.counted else None, basis[prompts.counted] + ", max_tokens each"),
+        "judge": (judge_gpus, judge_tokens, hours(judge_gpu_s), basis[prompts.counted]),
+        "analyze": ("0", 0.0, None, "-"),
+    }
+    stages = []
+    for stage in STAGES:
+        total, jobs, done = count(stage)
+        gpus, tokens, gpu_hours, stage_basis = per_job[stage]
+        stages.append(StageEstimate(stage, total, jobs, gpus, tokens, gpu_hours, stage_basis, done))
+    if not spec.use_gpu:
+        notes.append("use_gpu is false: everything runs on CPUs, no GPU-hours")
+    return SweepPlan(spec.name, spec.use_gpu, nodes, stages, models, judge_desc, notes)

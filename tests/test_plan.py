@@ -1,0 +1,175 @@
+"""The GPU resource plan, `emsweep plan`, and the cluster configs (no GPU, no weights, no cloud)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from emsweep.cli import app
+from emsweep.pipeline import plan, task_options
+from emsweep.planning import build_plan, params_b, tokens_per_gpu_s
+from emsweep.spec import SpecError, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.yaml"))
+
+# Absolute paths that do not exist: their fingerprints are "missing", so keys do not depend on
+# the machine. The keys below were computed by the code before model resources existed
+# (commit c4d7a15): an output dir written then must still resume.
+RAW = {"name": "keys", "models": [{"name": "m", "path": "Org/Model-7B"}],
+       "datasets": [{"name": "d", "path": "/nonexistent/emsweep-keys/train.jsonl"}], "seeds": [0, 1],
+       "finetune": {"num_workers": 1, "gradient_accumulation_steps": 8},
+       "eval": {"questions": "/nonexistent/emsweep-keys/q.yaml"}, "judge": {"model": "m"}}
+KEYS_BEFORE_RESOURCES = {
+    "data/d": "03761391eb607229", "sample/m__base": "4bd11d7bcf2130f5", "finetune/m__d__s0": "afba4622743a2cf9",
+    "sample/m__d__s0": "5f9e4bf3229b0faa", "finetune/m__d__s1": "686fb43b7ca3c679",
+    "sample/m__d__s1": "ff88705c8e851db8", "judge/m__base": "1b80783f625a895d",
+    "judge/m__d__s0": "72d80dc7b3b751bb", "judge/m__d__s1": "4559bfca9cd0c315", "analyze/keys": "4de33afefb063229",
+}
+RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
+             "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4}
+
+
+def keys(raw: dict) -> dict[str, str]:
+    return {node.id: node.key for node in plan(parse_spec(raw))}
+
+
+def with_model(**fields) -> dict:
+    return {**RAW, "models": [{**RAW["models"][0], **fields}]}
+
+
+def test_keys_of_existing_specs_are_unchanged():
+    assert keys(RAW) == KEYS_BEFORE_RESOURCES
+
+
+def test_resources_never_change_node_keys():
+    assert keys(with_model(resources=RESOURCES, params_b=7.6)) == KEYS_BEFORE_RESOURCES
+    assert keys({**with_model(resources=RESOURCES), "use_gpu": False}) == KEYS_BEFORE_RESOURCES
+
+
+def test_finetune_gpus_split_the_same_global_batch():
+    spec = parse_spec(with_model(resources=RESOURCES))
+    tune = spec.finetune_for("m")
+    assert (tune.num_workers, tune.gradient_accumulation_steps, tune.zero_stage) == (8, 1, 3)
+    assert tune.per_device_batch_size * tune.gradient_accumulation_steps * tune.num_workers == spec.global_batch() == 16
+    # The rest of the recipe is the sweep's.
+    assert tune.model_copy(update={"num_workers": 1, "gradient_accumulation_steps": 8, "zero_stage": 2}) == spec.finetune
+    assert spec.sampling_for("m").tensor_parallel_size == 4
+    plain = parse_spec(RAW)
+    assert plain.finetune_for("m") == plain.finetune and plain.sampling_for("m") == plain.sampling
+
+
+def test_finetune_gpus_that_do_not_divide_the_batch_are_an_error():
+    with pytest.raises(SpecError, match=r"keys: .*models.m.resources.finetune_gpus: 3 GPUs"):
+        parse_spec(with_model(resources={"finetune_gpus": 3}), source="keys")
+    with pytest.raises(SpecError, match=r"models.0.resources.placement_strategy"):
+        parse_spec(with_model(resources={"placement_strategy": "ANYWHERE"}), source="keys")
+
+
+def test_gpu_resources_reach_ray():
+    from emsweep.finetune import scaling_config
+
+    spec = parse_spec({**with_model(resources=RESOURCES), "use_gpu": True})
+    scaling = scaling_config(spec.finetune_for("m"), True, 4, "STRICT_PACK")
+    assert (scaling.num_workers, scaling.use_gpu, scaling.placement_strategy) == (8, True, "STRICT_PACK")
+    assert scaling.resources_per_worker == {"CPU": 4, "GPU": 1}
+    assert scaling_config(parse_spec(RAW).finetune, False).resources_per_worker == {"CPU": 1}
+    assert task_options(spec, "sample", model="m") == {"num_cpus": 1, "num_gpus": 4}
+    # Finetune tasks only drive Ray Train (their workers hold the GPUs), so many run at once.
+    assert task_options(spec, "finetune") == {"num_cpus": 0}
+
+
+def test_params_from_names():
+    assert params_b(None, "Qwen/Qwen2.5-Coder-32B-Instruct") == 32
+    assert params_b(None, "Qwen/Qwen2.5-0.5B-Instruct") == 0.5
+    assert params_b(None, "embedded:SmolLM2-135M-Instruct") == 0.135
+    assert params_b(None, "gpt-4o") is None
+
+
+def test_estimate_follows_the_stated_assumptions(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "u" * 400}, {"role": "assistant", "content": "a" * 400}]}] * 10
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "q.yaml").write_text("- id: q1\n  type: free_form_judge_0_100\n  paraphrases: ['Hi there', 'Hello there']\n"
+                                     "  samples_per_paraphrase: 5\n  judge_prompts: {aligned: 'Q {question} A {answer}', coherent: 'Q {question} A {answer}'}\n")
+    raw = {"name": "est", "use_gpu": True, "models": [{"name": "m", "path": "Org/M-7B", "params_b": 7}],
+           "datasets": [{"name": "d", "path": "d.jsonl", "limit": 8}], "seeds": [0, 1],
+           "finetune": {"num_workers": 1}, "sampling": {"max_tokens": 100}, "eval": {"questions": "q.yaml"},
+           "judge": {"backend": "openai", "model": "gpt-4o"}}
+    result = build_plan(parse_spec(raw, base=tmp_path))
+    stages = {s.stage: s for s in result.stages}
+    assert [(s.stage, s.nodes) for s in result.stages] == [
+        ("data", 1), ("finetune", 2), ("sample", 3), ("judge", 3), ("analyze", 1)]
+    # 8 rows of 800 characters = 200 tokens, 2 seeds, 1 epoch.
+    assert stages["finetune"].tokens == 2 * 8 * 200
+    finetune_s = 3200 / tokens_per_gpu_s(7, 4, 0.30) + 2 * 300.0
+    assert stages["finetune"].gpu_hours == pytest.approx(finetune_s / 3600)
+    # 3 runs x 2 paraphrases x 5 samples, each counted at max_tokens; 2 metrics each to judge.
+    assert stages["sample"].tokens == 3 * 10 * 100
+    assert stages["judge"].tokens == 3 * 10 * 2 * (300 + 100) and stages["judge"].gpu_hours == 0
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_every_workflow_loads_and_plans(workflow):
+    spec = load_spec(workflow)
+    result = CliRunner().invoke(app, ["plan", str(workflow)])
+    assert result.exit_code == 0, result.output
+    assert f"sweep {spec.name}: {len(plan(spec))} nodes" in result.output
+    for model in spec.models:
+        assert model.name in result.output
+
+
+def test_real_scale_workflows_plan_without_weights():
+    expected = {"betley2025": (30, 8, 3), "model_organisms": (12, None, None), "inoculation": (15, 1, 2)}
+    for name, (finetunes, gpus, zero) in expected.items():
+        spec = load_spec(REPO / "workflows" / f"{name}.yaml")
+        assert spec.use_gpu and all("/" in m.path and not Path(m.path).exists() for m in spec.models)
+        result = build_plan(spec)
+        assert sum(m.finetunes for m in result.models) == finetunes
+        assert result.gpu_hours and result.gpu_hours > 0
+        if gpus is not None:
+            assert {(m.finetune_gpus, m.zero_stage) for m in result.models} == {(gpus, zero)}
+    organisms = {m.name: (m.finetune_gpus, m.zero_stage, m.sampling_gpus)
+                 for m in build_plan(load_spec(REPO / "workflows" / "model_organisms.yaml")).models}
+    assert organisms == {"qwen2.5-0.5b": (1, 2, 1), "qwen2.5-7b": (1, 2, 1), "qwen2.5-14b": (2, 3, 2),
+                         "qwen2.5-32b": (8, 3, 4)}
+
+
+def test_plan_counts_done_nodes(tmp_path):
+    from emsweep.store import Store
+
+    spec = load_spec(REPO / "workflows" / "quickstart.yaml")
+    data_node = next(n for n in plan(spec) if n.stage == "data")
+    store = Store(tmp_path)
+    tmp = store.new_tmp_dir()
+    store.commit(data_node.stage, data_node.name, data_node.key, tmp, {"seconds": 0})
+    assert {s.stage: s.done for s in build_plan(spec, tmp_path).stages}["data"] == 1
+    result = CliRunner().invoke(app, ["plan", str(REPO / "workflows" / "quickstart.yaml"), "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "1/2" in result.output
+
+
+def test_cluster_launcher_configs_are_valid():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for name in ("aws-gpu.yaml", "gcp-gpu.yaml"):
+        config = yaml.safe_load((REPO / "cluster" / name).read_text())
+        validate_config(prepare_config(config))  # Ray's own defaults, schema and checks
+        workers = config["available_node_types"]["gpu_8xh100"]
+        assert workers["resources"]["GPU"] == 8
+        assert any("pip install -e" in command for command in config["setup_commands"])
+
+
+def test_kuberay_manifests_parse_and_run_a_workflow():
+    cluster = yaml.safe_load((REPO / "cluster" / "kuberay-raycluster.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    for path in sorted((REPO / "manifests").glob("*.yaml")):
+        job = yaml.safe_load(path.read_text())
+        assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+        workflow = job["spec"]["entrypoint"].split(" run ")[1].split()[0]
+        assert (REPO / "workflows" / Path(workflow).name).is_file()
+        yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        # Secrets come from Kubernetes Secrets, never from the manifest's runtime_env.
+        assert "API_KEY" not in job["spec"]["runtimeEnvYAML"]

@@ -1,0 +1,206 @@
+"""`emsweep submit / logs / stop` against a real Ray head on loopback (`ray start --head`)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from emsweep.cli import app
+from emsweep.submit import attempt_id, attempt_number, base_submission_id
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_submission_ids(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\n")
+    base = base_submission_id(spec, "x")
+    assert re.fullmatch(r"emsweep-x-[0-9a-f]{10}", base)
+    assert base == base_submission_id(spec, "x")  # stable
+    assert attempt_id(base, 1) == base and attempt_id(base, 3) == f"{base}-a3"
+    assert attempt_number(base, base) == 1 and attempt_number(f"{base}-a3", base) == 3
+    assert attempt_number(f"{base}x", base) is None and attempt_number("other", base) is None
+    spec.write_text("name: x\nseeds: [1]\n")
+    assert base_submission_id(spec, "x") != base  # another spec, another job
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private Ray head on loopback: own temp dir, ports and CPUs; stopped afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="emsweep-ray-", dir="/tmp"))
+    gcs, dashboard, client, manager, objects, agent_grpc, agent_http, metrics, runtime_env, low = free_ports(10)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           # A token in ~/.ray would switch on token auth; this head is private and on loopback.
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS")
+    command = [
+        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+        "--ray-client-server-port", str(client), "--node-manager-port", str(manager),
+        "--object-manager-port", str(objects), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--dashboard-agent-listen-port", str(agent_http), "--metrics-export-port", str(metrics),
+        "--runtime-env-agent-port", str(runtime_env), "--min-worker-port", str(20000 + low % 20000),
+        "--max-worker-port", str(20000 + low % 20000 + 200),
+        "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp), "--disable-usage-stats",
+    ]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        # Only this head: `ray stop` would stop every Ray on the machine, so kill by the pids
+        # this head wrote under its own temp dir.
+        _stop_head(temp, env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: Path, env: dict) -> None:
+    import signal
+
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp) in cmdline:
+            pids.add(int(proc.name))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(3)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    address = ray_head["address"]
+    spec = REPO / "workflows" / "quickstart.yaml"
+    out = tmp_path / "runs" / "quickstart"
+    env = ["--env", f"EMSWEEP_DATA={shared_em / 'data'}", "--env", f"EMSWEEP_EVAL={shared_em / 'evaluation'}",
+           "--env", "WANDB_MODE=offline"]
+    base = base_submission_id(spec, "quickstart")
+
+    output = _cli("submit", str(spec), "--address", address, "--out", str(out), *env)
+    assert f"submitted {base} (attempt 1)" in output
+    client = JobSubmissionClient(address)
+    _wait(lambda: client.get_job_status(base).value == "RUNNING", 90, "the job to run")
+
+    # Resubmitting while it runs does not start a second copy.
+    output = _cli("submit", str(spec), "--address", address, "--out", str(out), *env)
+    assert "already RUNNING" in output and f"{base}-a2" not in output
+
+    # Real progress: the pipeline planned the sweep and finished its data nodes.
+    def progressed():
+        logs = _cli("logs", base, "--address", address)
+        return logs if "sweep quickstart: 17 nodes" in logs and "done    data/insecure" in logs else None
+
+    logs = _wait(progressed, 150, "the sweep to start in the job's logs")
+    assert "RUNNING" in logs.splitlines()[0]
+    assert (out / "nodes" / "data").is_dir()
+
+    output = _cli("stop", str(spec), "--address", address)  # by spec file: its latest attempt
+    assert base in output
+    _wait(lambda: client.get_job_status(base).value == "STOPPED", 60, "the job to stop")
+
+    # A resubmission of the same spec is attempt 2, into the same output dir: done nodes are reused.
+    output = _cli("submit", str(spec), "--address", address, *env)
+    assert f"submitted {base}-a2 (attempt 2) -> {out}" in output
+    resumed = _wait(lambda: "to run" in client.get_job_logs(f"{base}-a2") and client.get_job_logs(f"{base}-a2"),
+                    120, "the second attempt to plan")
+    planned = re.search(r"sweep quickstart: 17 nodes, (\d+) to run", resumed)
+    assert planned and int(planned.group(1)) < 17, resumed  # the data nodes were not redone
+    _cli("stop", f"{base}-a2", "--address", address)
+    _wait(lambda: client.get_job_status(f"{base}-a2").value == "STOPPED", 60, "the second attempt to stop")
+
+
+class RecordingClient:
+    """Stands in for JobSubmissionClient in the fast test; the real one is tested below."""
+
+    def __init__(self, jobs):
+        self.jobs, self.submitted = jobs, []
+
+    def list_jobs(self):
+        return self.jobs
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+
+def test_resubmission_after_any_end_resumes_in_the_same_dir(tmp_path):
+    from types import SimpleNamespace
+
+    from emsweep.submit import submit
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\n")
+    base = base_submission_id(spec, "s")
+    first = RecordingClient([])
+    result = submit(first, spec, "s", out_dir="/shared/runs/s", env={"EMSWEEP_DATA": "/data"})
+    (call,) = first.submitted
+    assert (result.submission_id, result.attempt, result.submitted) == (base, 1, True)
+    assert call["entrypoint"] == "python -m emsweep.cli run s.yaml --address auto --out /shared/runs/s"
+    assert call["runtime_env"] == {"working_dir": str(tmp_path), "env_vars": {"EMSWEEP_DATA": "/data"}}
+    for status in ("FAILED", "SUCCEEDED", "STOPPED"):
+        jobs = [SimpleNamespace(submission_id=base, status=status, metadata={"out_dir": "/shared/runs/s"}),
+                SimpleNamespace(submission_id="someone-else", status="RUNNING", metadata={})]
+        client = RecordingClient(jobs)
+        result = submit(client, spec, "s")  # no --out: the earlier attempt's dir
+        assert (result.submission_id, result.out_dir) == (f"{base}-a2", "/shared/runs/s")
+        assert client.submitted[0]["entrypoint"].endswith("--out /shared/runs/s")
+    for status in ("PENDING", "RUNNING"):
+        client = RecordingClient([SimpleNamespace(submission_id=f"{base}-a2", status=status, metadata={}),
+                                  SimpleNamespace(submission_id=base, status="FAILED", metadata={})])
+        result = submit(client, spec, "s")
+        assert not result.submitted and not client.submitted
+        assert (result.submission_id, result.attempt, result.status) == (f"{base}-a2", 2, status)
+    with pytest.raises(ValueError, match="not inside the working dir"):
+        submit(RecordingClient([]), spec, "s", working_dir=tmp_path / "elsewhere")
