@@ -1,6 +1,6 @@
 """The report: exports checked against hand-computed values, and the HTML page opened in a real
 headless Chromium (through playwright) to check what a reader sees. A screenshot of the page
-is written to the test's tmp dir (printed in the output; `-s` shows it)."""
+is kept in test-artifacts/report-fixture.png."""
 
 import os
 import shutil
@@ -82,7 +82,7 @@ def test_figures_and_wandb_summary(report):
             assert not any(secret.encode() in data for secret in SECRETS.values()), path
 
 
-def test_report_in_chromium(report, tmp_path):
+def test_report_in_chromium(report):
     from playwright.sync_api import sync_playwright
 
     out, result = report
@@ -96,7 +96,10 @@ def test_report_in_chromium(report, tmp_path):
         text = page.inner_text("body")
         images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
         title = page.title()
-        screenshot = tmp_path / "report.png"
+        # Kept after the run (test-artifacts/ is git-ignored) so a person can look at what the test saw.
+        artifacts = Path(os.environ.get("EMSWEEP_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        screenshot = artifacts / "report-fixture.png"
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     print(f"report screenshot: {screenshot}")
