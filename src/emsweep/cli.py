@@ -80,7 +80,6 @@ def run(
         console.print(f"[red]error:[/] {out_dir} is in use by another `emsweep run` "
                       f"(pid {held['pid']} on {held['host']}); wait for it to finish")
         raise typer.Exit(2)
-    _init_ray(address)
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -100,7 +99,8 @@ def run(
             progress.advance(task)
 
         try:
-            results = run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish)
+            results = run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish,
+                                connect=lambda: _init_ray(address))
         except LockedError as err:
             console.print(f"[red]error:[/] {err}")
             raise typer.Exit(2)
@@ -109,8 +109,11 @@ def run(
         counts[row.status] = counts.get(row.status, 0) + 1
     console.print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     _print_warnings(out_dir, [row.node for row in results if row.status == "done"])
-    if make_report:
+    ran = any(row.status != "cached" for row in results)
+    if make_report and (ran or not (out_dir / "report" / "index.html").exists()):
         _write_report(out_dir)
+    elif make_report:
+        console.print(f"report: {out_dir / 'report' / 'index.html'} (up to date: nothing ran)")
     failed = [row for row in results if row.status in ("failed", "skipped")]
     if failed:
         for row in failed:

@@ -11,7 +11,8 @@ Outputs (in the node directory):
     metrics.parquet   one row per optimizer step:
         step int64, epoch float64, loss float64, learning_rate float64,
         tokens int64 (tokens seen this step, all workers), trained_tokens int64 (assistant tokens),
-        resumed_from_step int64 (the step this attempt started at; 0 unless resumed)
+        resumed_from_step int64 (the step this attempt started at; 0 unless resumed),
+        step_seconds float64 (wall time of the step, all workers synchronised)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ METRICS_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
         ("trained_tokens", pa.int64()),
         ("resumed_from_step", pa.int64()),
+        ("step_seconds", pa.float64()),
     ]
 )
 IGNORE_INDEX = -100
@@ -213,6 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     device = engine.device
     for step in range(start_step, total_steps):
+        step_started = time.perf_counter()
         losses, tokens, trained_tokens = [], 0, 0
         for accum_index in range(spec.gradient_accumulation_steps):
             batch = [examples[i] for i in schedule[step, accum_index, rank]]
@@ -224,7 +228,7 @@ def train_loop_per_worker(config: dict) -> None:
             tokens += int(attention_mask.sum())
             trained_tokens += int((labels != IGNORE_INDEX).sum())
         totals = torch.tensor([sum(losses) / len(losses), tokens, trained_tokens], dtype=torch.float64)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # also a barrier: the step took this long on every rank
         history.append(
             {
                 "step": step + 1,
@@ -234,6 +238,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "tokens": int(totals[1]),
                 "trained_tokens": int(totals[2]),
                 "resumed_from_step": start_step,
+                "step_seconds": time.perf_counter() - step_started,
             }
         )
         last = step + 1 == total_steps

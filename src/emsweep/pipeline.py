@@ -281,8 +281,11 @@ def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: l
     return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> list:
-    """Execute a sweep on the Ray cluster this process is connected to (the caller inits Ray)."""
+def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None) -> list:
+    """Execute a sweep on the Ray cluster this process is connected to.
+
+    `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
+    sweep never starts Ray (seconds instead of a cluster start)."""
     import ray
 
     from emsweep.dag import execute, nodes_to_run
@@ -300,17 +303,20 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None) -> 
         if on_start is not None:
             on_start(nodes, nodes_to_run(nodes, store))
         spec_json = spec.model_dump_json()
-        nodes_ref = ray.put(nodes)
-        # Engines on a CPU-only cluster take one node's cores.
-        cluster_cpus = node_cpus()
+        cluster: dict = {}
 
         def submit(stage: str, job: list[Node]):
+            if not cluster:
+                if connect is not None:
+                    connect()
+                cluster["nodes_ref"] = ray.put(nodes)
+                # Engines on a CPU-only cluster take one node's cores.
+                cluster["cpus"] = node_cpus()
             function = remote_engine if stage in ENGINE_STAGES else remote
             model = job[0].config["model"]["name"] if stage == "sample" else None
-            function = function.options(**task_options(spec, stage, cluster_cpus, model), name=f"{stage}:{job[0].name}")
-            return function.remote(
-                spec_json, str(out_dir), nodes_ref, stage, job
-            )
+            function = function.options(**task_options(spec, stage, cluster["cpus"], model),
+                                        name=f"{stage}:{job[0].name}")
+            return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job)
 
         return execute(nodes, store, submit, on_finish or (lambda status: None))
 
