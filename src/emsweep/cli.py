@@ -69,11 +69,31 @@ def run(
     make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
 ) -> None:
     """Run a sweep; nodes already done in the output dir are reused."""
+    spec = _load_spec_or_exit(spec_path)
+    _run_spec(spec, out or Path("runs") / spec.name, address, make_report)
+
+
+@app.command()
+def resume(
+    out_dir: Path = typer.Argument(..., help="A sweep's output dir (holds spec.json)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
+) -> None:
+    """Re-run a sweep from its output dir's spec snapshot: only failed, skipped and missing nodes run."""
+    from emsweep.pipeline import read_spec_snapshot
+
+    try:
+        spec = read_spec_snapshot(out_dir)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    _run_spec(spec, out_dir, address, make_report)
+
+
+def _run_spec(spec, out_dir: Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.pipeline import run_sweep
     from emsweep.store import LockedError, Store
 
-    spec = _load_spec_or_exit(spec_path)
-    out_dir = out or Path("runs") / spec.name
     held = Store(out_dir).held_by()
     if held:
         # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.

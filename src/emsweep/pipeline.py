@@ -281,11 +281,13 @@ def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: l
     return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None) -> list:
+def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
+              until: str | None = None) -> list:
     """Execute a sweep on the Ray cluster this process is connected to.
 
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
-    sweep never starts Ray (seconds instead of a cluster start)."""
+    sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
+    sweep after that stage: only the nodes of it and the stages before it run."""
     import ray
 
     from emsweep.dag import execute, nodes_to_run
@@ -293,6 +295,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     out_dir = Path(out_dir).resolve()
     store = Store(out_dir)
     nodes = plan(spec)
+    if until is not None:
+        nodes = [node for node in nodes if STAGES.index(node.stage) <= STAGES.index(until)]
     remote = ray.remote(max_retries=0)(_run_job)
     # A fresh worker process per engine job: vLLM does not give all memory back in-process,
     # and the next engine (the judge after the sampler) needs it.
