@@ -64,7 +64,9 @@ def _load_spec_or_exit(spec_path: Path):
 @app.command()
 def run(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir (default: runs/<sweep name>)"),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="Output dir, a local path or an object-store URI such as s3://bucket/prefix "
+        "(default: runs/<sweep name>)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
 ) -> None:
@@ -75,24 +77,37 @@ def run(
 
 @app.command()
 def resume(
-    out_dir: Path = typer.Argument(..., help="A sweep's output dir (holds spec.json)"),
+    out_dir: str = typer.Argument(..., help="A sweep's output dir (holds spec.json): a path or s3://... URI"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
 ) -> None:
     """Re-run a sweep from its output dir's spec snapshot: only failed, skipped and missing nodes run."""
     from emsweep.pipeline import read_spec_snapshot
+    from emsweep.remote import RemoteDir, is_remote
+    from emsweep.spec import SweepSpec
 
     try:
-        spec = read_spec_snapshot(out_dir)
-    except (FileNotFoundError, ValueError) as err:
+        if is_remote(out_dir):
+            remote = RemoteDir(out_dir)
+            if not remote.exists("spec.json"):
+                raise FileNotFoundError(f"{remote.uri.split('?')[0]} has no spec.json: not an emsweep output directory")
+            spec = SweepSpec.model_validate_json(remote.read_text("spec.json"))
+        else:
+            spec = read_spec_snapshot(Path(out_dir))
+    except (FileNotFoundError, ValueError, OSError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     _run_spec(spec, out_dir, address, make_report)
 
 
-def _run_spec(spec, out_dir: Path, address: Optional[str], make_report: bool) -> None:
+def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.pipeline import run_sweep
+    from emsweep.remote import RemoteDir, is_remote, run_sweep_remote, staging_dir
     from emsweep.store import LockedError, Store
+
+    # An object-store output dir is worked on in a local staging dir (see remote.py).
+    uri = str(out) if is_remote(out) else None
+    out_dir = staging_dir(uri) if uri else Path(out)
 
     held = Store(out_dir).held_by()
     if held:
@@ -119,8 +134,12 @@ def _run_spec(spec, out_dir: Path, address: Optional[str], make_report: bool) ->
             progress.advance(task)
 
         try:
-            results = run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish,
-                                connect=lambda: _init_ray(address))
+            if uri:
+                results = run_sweep_remote(spec, uri, on_start=on_start, on_finish=on_finish,
+                                           connect=lambda: _init_ray(address))
+            else:
+                results = run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish,
+                                    connect=lambda: _init_ray(address))
         except LockedError as err:
             console.print(f"[red]error:[/] {err}")
             raise typer.Exit(2)
@@ -132,6 +151,8 @@ def _run_spec(spec, out_dir: Path, address: Optional[str], make_report: bool) ->
     ran = any(row.status != "cached" for row in results)
     if make_report and (ran or not (out_dir / "report" / "index.html").exists()):
         _write_report(out_dir)
+        if uri:
+            RemoteDir(uri).push_tree(out_dir / "report", "report")
     elif make_report:
         console.print(f"report: {out_dir / 'report' / 'index.html'} (up to date: nothing ran)")
     failed = [row for row in results if row.status in ("failed", "skipped")]
