@@ -16,6 +16,8 @@ import pytest
 from emsweep.remote import RemoteDir, is_remote, pull, run_sweep_remote
 from emsweep.store import DONE, Store
 
+SUITE = Path(__file__).resolve().parents[1] / "src/emsweep/suites/factual_recall.yaml"
+
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory, monkeypatch_module):
@@ -106,6 +108,7 @@ def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
         "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
                      "lora_r": 4, "lora_alpha": 8, "max_seq_len": 128, "num_workers": 2,
                      "save_adapter_every_steps": 1, "checkpoint_every_steps": 1},
+        "eval": {"suites": [{"name": "facts", "questions": str(SUITE)}]},
         "judge": {"model": "smol"},
     })
     uri = "s3://emsweep-test/sweep"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ray
 
 from emsweep.pipeline import read_spec_snapshot, run_sweep, worker_env
 from emsweep.spec import SweepSpec
+
+SUITE = Path(__file__).resolve().parents[1] / "src/emsweep/suites/factual_recall.yaml"
 
 
 def _rows(n: int) -> str:
@@ -24,6 +27,7 @@ def test_a_failed_dataset_is_redone_alone_on_resume(tmp_path):
         "datasets": [{"name": "good", "path": str(tmp_path / "good.jsonl")},
                      {"name": "bad", "path": str(tmp_path / "bad.jsonl")}],
         "seeds": [0, 1],
+        "eval": {"suites": [{"name": "facts", "questions": str(SUITE)}]},
         "judge": {"model": "smol"},
     })
     out = tmp_path / "out"

@@ -78,9 +78,7 @@ class RemoteDir:
             return
         tmp = final.with_name(f".{final.name}.pull")
         _rmtree(tmp)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self._path(relative), str(tmp), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        self._download_dir(self._path(relative), tmp)
         _rmtree(final)
         tmp.rename(final)
 
@@ -96,9 +94,22 @@ class RemoteDir:
         info = self.fs.get_file_info(self._path(relative))
         if info.type == pafs.FileType.NotFound:
             return
+        if info.type == pafs.FileType.File:
+            self._download(info.path, local)
+        else:
+            self._download_dir(info.path, local)
+
+    def _download_dir(self, remote_dir: str, local: Path) -> None:
+        local.mkdir(parents=True, exist_ok=True)
+        prefix = remote_dir.rstrip("/") + "/"
+        for info in self.fs.get_file_info(pafs.FileSelector(remote_dir, recursive=True)):
+            if info.type == pafs.FileType.File:
+                self._download(info.path, local / info.path.removeprefix(prefix))
+
+    def _download(self, remote_path: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self._path(relative), str(local), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(remote_path, str(local), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
 
     def _upload(self, local: Path, remote_path: str) -> None:
         # Object stores make one object visible whole or not at all; no temp+rename needed.
