@@ -85,9 +85,19 @@ def test_nodes_round_trip_and_a_node_without_marker_is_not_done(s3, tmp_path):
     assert (store.node_dir("finetune", "m__d__s0", "k1") / "checkpoints/step-1/adapter_config.json").exists()
 
 
-def test_bad_uri_is_a_clear_error():
-    with pytest.raises(ValueError, match="output dir nosuchscheme://x"):
+def test_bad_uri_is_a_clear_error_without_the_query():
+    with pytest.raises(ValueError, match="output dir nosuchscheme://x") as error:
         RemoteDir("nosuchscheme://x?secret_key=hidden")
+    assert "hidden" not in str(error.value)
+
+
+def test_resume_of_a_uri_without_a_sweep_says_so(s3):
+    from typer.testing import CliRunner
+
+    from emsweep.cli import app
+
+    result = CliRunner().invoke(app, ["resume", "s3://emsweep-test/no-sweep-here"])
+    assert result.exit_code == 2 and "s3://emsweep-test/no-sweep-here has no spec.json" in result.output
 
 
 @pytest.mark.slow

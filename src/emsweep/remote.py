@@ -39,7 +39,9 @@ class RemoteDir:
         try:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         except Exception as err:  # pyarrow's message names the scheme or option it rejects
-            raise ValueError(f"output dir {_redacted(uri)}: {err}") from err
+            # ... and may echo the whole URI, whose query can hold credentials.
+            message = str(err).replace(uri, _redacted(uri))
+            raise ValueError(f"output dir {_redacted(uri)}: {message}") from None
         self.root = self.root.rstrip("/")
 
     def _path(self, relative: str) -> str:
