@@ -3,7 +3,7 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup quickstart test test-quick
+.PHONY: setup quickstart test test-quick bench
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +18,7 @@ test:
 # Everything but the slow end-to-end tests (about 3 minutes).
 test-quick:
 	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+# Each stage against the raw library on this machine (bench/run.py; prints a table, writes bench/results/).
+bench:
+	PYTHONPATH=src:. $(VENV)/bin/python -m bench.run

