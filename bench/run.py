@@ -26,7 +26,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("EMSWEEP_SHARED", "/work/shared"))
+SHARED = Path(os.environ.get("EMSWEEP_SHARED", REPO.parent / "shared"))
 MODEL = "embedded:SmolLM2-135M-Instruct"
 KV_GIB = 1.0
 MAX_MODEL_LEN = 2048
@@ -74,7 +74,7 @@ def raw_llm(path: str, **extra):
 
     return LLM(model=path, max_model_len=MAX_MODEL_LEN, seed=0, enable_prefix_caching=True,
                enable_chunked_prefill=False, max_num_batched_tokens=8192, dtype="float32", block_size=32,
-               kv_cache_memory_bytes=int(KV_GIB * 2**30), **extra)
+               enforce_eager=True, kv_cache_memory_bytes=int(KV_GIB * 2**30), **extra)
 
 
 def same_requests(tokenizer, qs, spec, ev):
@@ -155,14 +155,14 @@ def make_adapters(path: str, root: Path, k: int) -> list[str]:
 
 
 def p3(smoke: bool) -> dict:
-    """Our sampler with K=4 adapters on one engine vs 4 engine loads, one per adapter."""
+    """Our sampler with K=4 adapters on one engine vs 4 engine loads, one per adapter (K=2 in smoke mode)."""
     from vllm.lora.request import LoRARequest
 
     from emsweep.sample import SampleRun, sample_runs
 
     qs, spec, ev, path = questions(smoke), sampling_spec(smoke), eval_spec(smoke), model_path()
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(path, Path(tmp), 4)
+        adapters = make_adapters(path, Path(tmp), 2 if smoke else 4)
         runs = [SampleRun(f"r{i}", "smollm2", "d", i, a) for i, a in enumerate(adapters)]
         ours = timed(lambda: sample_runs(path, runs, qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=8))
 
@@ -246,7 +246,79 @@ def p7(out_dir: str) -> dict:
     return {"ours": max(ends) - min(starts), "baseline": None, "ratio": None, "nodes": len(ends)}
 
 
-MEASURES = {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5}
+def _tiny_rows(path: Path, rows: int) -> None:
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Write a function number {i} that adds two numbers."},
+                                      {"role": "assistant", "content": f"def add_{i}(a, b):\n    return a + b\n" * 4}]})
+             for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def p6(smoke: bool) -> dict:
+    """Training time of our finetune (Ray Train + DeepSpeed ZeRO-2 + peft, 2 CPU workers) vs a plain
+    single-process peft loop with torch AdamW on the same rows, order and global batch. Both sum
+    the wall time of the optimizer steps after the first (the same tokens on both sides, so the
+    time ratio is the tokens/s ratio); startup (Ray, DeepSpeed init, model load) is reported apart."""
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emsweep import finetune
+    from emsweep.data import load_dataset
+    from emsweep.pipeline import worker_env
+    from emsweep.spec import DatasetSpec, FinetuneSpec
+
+    path = model_path()
+    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,
+                          learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _tiny_rows(tmp / "rows.jsonl", 8 if smoke else 48)
+        table = load_dataset(DatasetSpec(name="bench", path=str(tmp / "rows.jsonl")))
+        pq.write_table(table, tmp / "data.parquet")
+        ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()}, logging_level="WARNING", log_to_driver=False,
+                 include_dashboard=False)
+        start = time.perf_counter()
+        metrics = finetune.finetune(run_name="bench", storage_path=tmp / "train", model_path=path,
+                                    data_path=tmp / "data.parquet", seed=0, spec=recipe, use_gpu=False,
+                                    out_dir=tmp / "out").to_pandas()
+        ours_total = time.perf_counter() - start
+        ray.shutdown()
+
+        torch.manual_seed(0)
+        torch.set_num_threads(2)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        messages = [row["messages"] for row in table.to_pylist() if row["split"] == "train"]
+        examples, _ = finetune.tokenize_dataset(tokenizer, messages, recipe.max_seq_len, recipe.drop_long_rows)
+        schedule = finetune.micro_batch_indices(len(examples), 0, recipe.epochs, recipe.per_device_batch_size,
+                                                recipe.gradient_accumulation_steps, recipe.num_workers)
+        start = time.perf_counter()
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                               LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, use_rslora=True,
+                                          target_modules=list(recipe.target_modules), task_type="CAUSAL_LM"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
+        step_seconds = []
+        for step in range(len(schedule)):
+            step_start = time.perf_counter()
+            for accum in range(recipe.gradient_accumulation_steps):
+                # What all our workers see at this micro step, as one batch.
+                batch = [examples[i] for rank in range(recipe.num_workers) for i in schedule[step, accum, rank]]
+                input_ids, attention_mask, labels = finetune.collate(batch, tokenizer.pad_token_id)
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+                (loss / recipe.gradient_accumulation_steps).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step_seconds.append(time.perf_counter() - step_start)
+        plain_total = time.perf_counter() - start
+    ours, baseline = float(metrics["step_seconds"].iloc[1:].sum()), sum(step_seconds[1:])
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours, "steps": len(metrics),
+            "tokens_per_step": float(metrics["tokens"].mean()),
+            "ours_startup_seconds": ours_total - float(metrics["step_seconds"].sum()),
+            "baseline_startup_seconds": plain_total - sum(step_seconds)}
+
+
+MEASURES = {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6}
 
 
 def machine() -> dict:

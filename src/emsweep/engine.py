@@ -45,6 +45,11 @@ def make_llm(
             # judge scores (scoring.py) recomputes up to one block of the cached prompt, so the
             # smallest block the CPU backend supports (32; its default is 128) makes them cheaper.
             "block_size": 32,
+            # vLLM compiles the model with Inductor at every engine start on CPU (its compile cache
+            # fails to load here): measured 186-306 s per start against 49 s eager, on 2 cores.
+            # Eager decodes about 2x slower (86 vs 145-210 tok/s, 135M model), but our CPU
+            # engines are short-lived (one stage each) and LoRA engines run eager anyway.
+            "enforce_eager": True,
         }
     if kv_cache_gib is not None:
         # An explicit KV cache size; otherwise vLLM reserves gpu_memory_utilization of the
