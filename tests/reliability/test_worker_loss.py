@@ -37,7 +37,9 @@ def _tiny_data(path: Path) -> Path:
 def _training_worker_pids() -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+    # This test's own cluster by address: another Ray instance on the machine must not confuse it.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         detail=True, raise_on_missing_output=False)
     return [a.pid for a in actors if "TrainWorker" in (a.class_name or "")]
 
 
