@@ -84,3 +84,16 @@ def test_a_crashed_task_fails_its_nodes_without_stopping_the_sweep(tmp_path):
     results = {r.node.name: r.status for r in execute(nodes, Store(tmp_path), submit)}
     assert results["b1"] == "failed" and results["c1"] == "skipped"
     assert results["b2"] == "done" and results["c2"] == "done"
+
+
+def test_a_failed_root_skips_every_grouped_dependent_without_stalling(tmp_path):
+    """Skips resolve nodes too: a grouped job whose deps were skipped later in the same pass
+    must still be scheduled (skipped), not reported as unschedulable."""
+    a = Node("data", "a", "ka")
+    grouped = [Node("sample", f"s{i}", f"ks{i}", deps=(f"finetune/f{i}",), group="engine") for i in range(2)]
+    tunes = [Node("finetune", f"f{i}", f"kf{i}", deps=(a.id,)) for i in range(2)]
+    # The grouped job comes first in dict order, before the finetunes that block it.
+    nodes = [a, *grouped, *tunes]
+    statuses, executed = _run(tmp_path, nodes, fail={"a"})
+    assert statuses == {"a": "failed", "s0": "skipped", "s1": "skipped", "f0": "skipped", "f1": "skipped"}
+    assert executed == ["a"]

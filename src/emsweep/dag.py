@@ -102,20 +102,24 @@ def execute(
         on_finish(status)
 
     while jobs or running:
-        for job_id in list(jobs):
-            job_nodes = jobs[job_id]
-            if not all(resolved(dep) for node in job_nodes for dep in node.deps):
-                continue
-            del jobs[job_id]
-            runnable = []
-            for node in job_nodes:
-                bad = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
-                if bad:
-                    finish(NodeStatus(node, "skipped", error=f"upstream not done: {', '.join(bad)}"))
-                else:
-                    runnable.append(node)
-            if runnable:
-                running[submit(runnable[0].stage, runnable)] = (runnable, time.time())
+        progressed = True
+        while progressed:  # skipping a job resolves its nodes, which may unblock jobs seen earlier
+            progressed = False
+            for job_id in list(jobs):
+                job_nodes = jobs[job_id]
+                if not all(resolved(dep) for node in job_nodes for dep in node.deps):
+                    continue
+                del jobs[job_id]
+                progressed = True
+                runnable = []
+                for node in job_nodes:
+                    bad = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
+                    if bad:
+                        finish(NodeStatus(node, "skipped", error=f"upstream not done: {', '.join(bad)}"))
+                    else:
+                        runnable.append(node)
+                if runnable:
+                    running[submit(runnable[0].stage, runnable)] = (runnable, time.time())
         if not running:
             if jobs:  # cannot happen with a valid DAG; guard against a dependency cycle
                 raise RuntimeError(f"unschedulable nodes: {sorted(jobs)}")
