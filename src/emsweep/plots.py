@@ -55,6 +55,17 @@ def _bars(ax, table: pd.DataFrame, x: str, series: str, ylabel: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_columns: int = 1) -> plt.Figure:
+    """Labels, legend and grid of a single-panel figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=legend_columns)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def per_question(conditions: pd.DataFrame) -> plt.Figure | None:
     """Misaligned rate per question (the paper's first figure), one bar per dataset/condition."""
     rows = _final(conditions[(conditions["metric"] == "misaligned_rate") & (conditions["question_id"] != ALL_QUESTIONS)])
@@ -113,13 +124,8 @@ def harm_scatter(runs: pd.DataFrame, harm: pd.DataFrame) -> plt.Figure | None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for dataset, group in points.assign(dataset=_datasets(points)).groupby("dataset", sort=True):
         ax.scatter(group["perceived_harm"], group["misaligned_rate"], label=str(dataset), alpha=0.7, s=18)
-    ax.set_xlabel("perceived harm of the question (model's own rating, 0-100)")
-    ax.set_ylabel("misaligned rate")
-    ax.set_title("Perceived harm vs misaligned rate (one point per run x question)", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "perceived harm of the question (model's own rating, 0-100)", "misaligned rate",
+                   "Perceived harm vs misaligned rate (one point per run x question)")
 
 
 def loss_curves(losses: pd.DataFrame) -> plt.Figure | None:
@@ -131,13 +137,7 @@ def loss_curves(losses: pd.DataFrame) -> plt.Figure | None:
     for (model, dataset, seed), group in losses.groupby(["model", "dataset", "seed"], sort=True):
         ax.plot(group["step"], group["loss"], color=colors[dataset], alpha=0.8, marker=".",
                 label=f"{dataset} s{seed}" if losses["model"].nunique() == 1 else f"{model} {dataset} s{seed}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Finetuning loss", fontsize=10)
-    ax.legend(fontsize=7, ncols=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "optimizer step", "training loss", "Finetuning loss", legend_columns=2)
 
 
 def trajectory(conditions: pd.DataFrame, final_steps: dict[str, int]) -> plt.Figure | None:
@@ -155,13 +155,7 @@ def trajectory(conditions: pd.DataFrame, final_steps: dict[str, int]) -> plt.Fig
                     yerr=[(group["mean"] - group["ci_low"]).fillna(0).clip(lower=0),
                           (group["ci_high"] - group["mean"]).fillna(0).clip(lower=0)],
                     label=f"{dataset} / {condition} ({suite})")
-    ax.set_xlabel("optimizer step of the adapter")
-    ax.set_ylabel("misaligned rate")
-    ax.set_title("Misaligned rate over training", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "optimizer step of the adapter", "misaligned rate", "Misaligned rate over training")
 
 
 def score_distributions(answers: pd.DataFrame, aligned_below: float, coherent_above: float) -> plt.Figure | None:

@@ -30,6 +30,19 @@ def _table(frame):
     return wandb.Table(dataframe=frame, allow_mixed_types=True)
 
 
+def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, name: str, run_key: str, config: dict):
+    """A W&B run in DIR/wandb, grouped by sweep; a stable id, so logging again resumes the same run."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=spec.project, entity=spec.entity, mode=spec.mode, dir=str(out_dir), group=sweep, job_type=job_type,
+        name=name, id=run_key, resume="allow", config=config, reinit="create_new",
+        settings=wandb.Settings(console="off", silent=True),
+    )
+
+
 def log_node(
     spec: WandbSpec,
     *,
@@ -48,23 +61,8 @@ def log_node(
     try:
         import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        wandb_dir = out_dir / "wandb"
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=spec.project,
-            entity=spec.entity,
-            mode=spec.mode,
-            dir=str(out_dir),
-            group=sweep,
-            job_type=stage,
-            name=node_id.replace("/", ":"),
-            id=run_id(sweep, node_id, key),
-            resume="allow",
-            config={"node_key": key, **config},
-            reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True),
-        )
+        run = _start_run(spec, out_dir, sweep, job_type=stage, name=node_id.replace("/", ":"),
+                         run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
         try:
             if step_metrics is not None:
                 for row in pq.read_table(step_metrics).to_pylist():
@@ -91,13 +89,8 @@ def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tab
     try:
         import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=spec.project, entity=spec.entity, mode=spec.mode, dir=str(out_dir), group=sweep,
-            job_type="summary", name=f"{sweep}:summary", id=run_id(sweep, "summary", "report"), resume="allow",
-            config=config, reinit="create_new", settings=wandb.Settings(console="off", silent=True),
-        )
+        run = _start_run(spec, out_dir, sweep, job_type="summary", name=f"{sweep}:summary",
+                         run_key=run_id(sweep, "summary", "report"), config=config)
         try:
             run.log({**{name: _table(frame) for name, frame in tables.items()},
                      **{name: wandb.Image(str(path)) for name, path in images.items()}})
