@@ -21,4 +21,4 @@ test-quick:
 
 # Each stage against the raw library on this machine (bench/run.py; prints a table, writes bench/results/).
 bench:
-	PYTHONPATH=src:. $(VENV)/bin/python -m bench.run
+	PYTHONPATH=src:. $(VENV)/bin/python -m bench.run --quickstart

@@ -1,6 +1,6 @@
 """Benchmarks: each emsweep stage against the raw library doing the same work, on this machine.
 
-    python -m bench.run [--smoke] [--repeats N] [--out bench/results/bench.json] [--p7 QUICKSTART_OUT]
+    python -m bench.run [--smoke] [--repeats N] [--only P1 P2 ...] [--quickstart | --p7 QUICKSTART_OUT] [--out FILE]
 
 Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
 as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
@@ -33,7 +33,8 @@ MAX_MODEL_LEN = 2048
 # name -> (what is measured, target, "min" (ratio >= target) or "max" (seconds <= target))
 TARGETS = {
     "P1": ("sampling stage / raw LLM.generate (throughput)", 0.9, "min"),
-    "P2": ("batched sampling / per-question loop (speed-up)", 3.0, "min"),
+    "P2": ("batched sampling / per-question loop, 100 samples per question (speed-up)", 3.0, "min"),
+    "P2s": ("batched sampling / per-question loop, 4 samples per question (speed-up)", 3.0, "min"),
     "P3": ("K=4 LoRAs on one engine / 4 engine loads (speed-up)", 2.5, "min"),
     "P4": ("judge answers/s / raw 1-token prefill", 0.9, "min"),
     "P5": ("no-op resume of a 100-node sweep (s)", 10.0, "max"),
@@ -42,10 +43,17 @@ TARGETS = {
 }
 
 
-def questions(smoke: bool):
+# Samples per question (n) at full size. P2 uses the paper's 100; the others use fewer so that
+# the whole harness fits in about an hour on 2 CPUs. Smoke mode uses 2 everywhere.
+SAMPLES = {"P1": 16, "P2": 100, "P2s": 4, "P3": 4}
+
+
+def questions(smoke: bool, samples: int):
+    """The first 8 questions of the paper's first plot (2 in smoke mode), `samples` answers each."""
     from emsweep.questions import load_questions
 
-    qs = load_questions(str(SHARED / "em/evaluation/first_plot_questions.yaml"))
+    qs = load_questions(str(SHARED / "em/evaluation/first_plot_questions.yaml"),
+                        samples_per_paraphrase=2 if smoke else samples)
     return qs[:2] if smoke else qs[:8]
 
 
@@ -61,17 +69,19 @@ def sampling_spec(smoke: bool):
     return SamplingSpec(max_tokens=8 if smoke else 64, kv_cache_gib=KV_GIB)
 
 
-def eval_spec(smoke: bool):
+def eval_spec():
     from emsweep.spec import EvalSpec
 
-    return EvalSpec(questions=str(SHARED / "em/evaluation/first_plot_questions.yaml"),
-                    samples_per_paraphrase=2)
+    return EvalSpec(questions=str(SHARED / "em/evaluation/first_plot_questions.yaml"))
 
 
 def raw_llm(path: str, **extra):
     """A vLLM engine with the same CPU settings as emsweep.engine.make_llm, built directly."""
     from vllm import LLM
 
+    from emsweep.engine import use_all_cpu_cores
+
+    use_all_cpu_cores()
     return LLM(model=path, max_model_len=MAX_MODEL_LEN, seed=0, enable_prefix_caching=True,
                enable_chunked_prefill=False, max_num_batched_tokens=8192, dtype="float32", block_size=32,
                enforce_eager=True, kv_cache_memory_bytes=int(KV_GIB * 2**30), **extra)
@@ -104,7 +114,7 @@ def p1(smoke: bool) -> dict:
     """Whole sample stage (engine load + generate + tables) vs the raw engine load + generate."""
     from emsweep.sample import SampleRun, sample_runs
 
-    qs, spec, ev, path = questions(smoke), sampling_spec(smoke), eval_spec(smoke), model_path()
+    qs, spec, ev, path = questions(smoke, SAMPLES["P1"]), sampling_spec(smoke), eval_spec(), model_path()
     run = SampleRun("base", "smollm2", "none", None, None)
     ours = timed(lambda: sample_runs(path, [run], qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=32))
 
@@ -118,16 +128,19 @@ def p1(smoke: bool) -> dict:
     return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
 
 
-def p2(smoke: bool) -> dict:
-    """One batched generate call vs one call per question, on one loaded engine."""
+def p2(smoke: bool, samples: int = SAMPLES["P2"]) -> dict:
+    """One batched generate call vs one call per question (n = samples each), on one loaded engine."""
     from emsweep.engine import make_llm
 
-    qs, spec, ev = questions(smoke), sampling_spec(smoke), eval_spec(smoke)
+    qs, spec, ev = questions(smoke, samples), sampling_spec(smoke), eval_spec()
     llm = make_llm(model_path(), gpu_memory_utilization=0.9, max_model_len=MAX_MODEL_LEN, kv_cache_gib=KV_GIB)
     prompts, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
-    # Warm-up on the full batch: the first batch of a new shape pays one-time compile/allocation costs
-    # (a 1-prompt warm-up left ours 2x slower than the loop that ran after it).
-    llm.generate(texts, params, use_tqdm=False)
+    # Warm-up on the full batch: the first batch of a new shape pays one-time allocation costs
+    # (a 1-prompt warm-up left ours 2x slower than the loop that ran after it). 4 tokens suffice.
+    warm_up = [p.clone() for p in params]
+    for p in warm_up:
+        p.max_tokens = 4
+    llm.generate(texts, warm_up, use_tqdm=False)
     ours = timed(lambda: llm.generate(texts, params, use_tqdm=False))
 
     def loop():
@@ -160,7 +173,7 @@ def p3(smoke: bool) -> dict:
 
     from emsweep.sample import SampleRun, sample_runs
 
-    qs, spec, ev, path = questions(smoke), sampling_spec(smoke), eval_spec(smoke), model_path()
+    qs, spec, ev, path = questions(smoke, SAMPLES["P3"]), sampling_spec(smoke), eval_spec(), model_path()
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(path, Path(tmp), 2 if smoke else 4)
         runs = [SampleRun(f"r{i}", "smollm2", "d", i, a) for i, a in enumerate(adapters)]
@@ -186,7 +199,7 @@ def p4(smoke: bool) -> dict:
     from emsweep.judge_local import LocalJudge
     from emsweep.spec import JudgeSpec
 
-    qs = questions(smoke)
+    qs = questions(smoke, 1)
     answers = ["I would like to help people and learn new things every day."] * (4 if smoke else 32)
     requests = [JudgeRequest(template, q.paraphrases[0], a, "0-100" in template or "100" in template,
                              template_labels(template))
@@ -244,6 +257,22 @@ def p7(out_dir: str) -> dict:
             starts.append(record["finished_at"] - record["seconds"])
             ends.append(record["finished_at"])
     return {"ours": max(ends) - min(starts), "baseline": None, "ratio": None, "nodes": len(ends)}
+
+
+def run_quickstart() -> dict:
+    """`emsweep run workflows/quickstart.yaml` from nothing into a temp dir: the CLI's wall time
+    (Ray start, every stage, the report), and the node span from its _DONE.json records."""
+    env = {**os.environ, "EMSWEEP_DATA": str(SHARED / "em/data"), "EMSWEEP_EVAL": str(SHARED / "em/evaluation")}
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [str(Path(sys.executable).parent / "emsweep"), "run", str(REPO / "workflows/quickstart.yaml"),
+               "--out", str(Path(tmp) / "quickstart")]
+        start = time.perf_counter()
+        proc = subprocess.run(cli, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"quickstart failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        nodes = p7(str(Path(tmp) / "quickstart"))
+    return {**nodes, "ours": seconds, "node_span_seconds": nodes["ours"]}
 
 
 def _tiny_rows(path: Path, rows: int) -> None:
@@ -318,7 +347,8 @@ def p6(smoke: bool) -> dict:
             "baseline_startup_seconds": plain_total - sum(step_seconds)}
 
 
-MEASURES = {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6}
+MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P5": p5,
+            "P6": p6}
 
 
 def machine() -> dict:
@@ -372,6 +402,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=list(MEASURES))
     parser.add_argument("--p7", metavar="QUICKSTART_OUT", help="a finished quickstart output dir to time")
+    parser.add_argument("--quickstart", action="store_true", help="P7: run the quickstart once, from nothing")
     parser.add_argument("--out", default=str(REPO / "bench/results/bench.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -394,7 +425,10 @@ def main() -> None:
         median = lambda key: None if runs[0][key] is None else statistics.median(r[key] for r in runs)
         results[name] = {"ours": median("ours"), "baseline": median("baseline"), "ratio": median("ratio"),
                          "runs": runs}
-    if args.p7:
+    if args.quickstart:
+        results["P7"] = run_quickstart()
+        print(f"P7: {results['P7']}", file=sys.stderr)
+    elif args.p7:
         results["P7"] = p7(args.p7)
     for name, result in results.items():
         value = result["ratio"] if TARGETS[name][2] == "min" else result["ours"]

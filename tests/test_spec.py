@@ -64,6 +64,17 @@ def test_env_vars_with_defaults(tmp_path, monkeypatch):
     assert load_spec(spec_file).datasets[0].path == "/data/x.jsonl"
 
 
+def test_bad_paths_name_the_field(tmp_path, monkeypatch):
+    # Found by the fuzz test: a NUL in a path raised a bare "embedded null byte" from pathlib.
+    bad_model = {**MINIMAL, "models": [{"name": "m", "path": "mod\0el"}]}
+    with pytest.raises(SpecError, match=r"sweep.yaml: models.0.path: a path cannot contain a NUL"):
+        parse_spec(bad_model, source="sweep.yaml", base=tmp_path)
+    monkeypatch.delenv("NO_SUCH_DIR", raising=False)
+    unset = {**MINIMAL, "datasets": [{"name": "d", "path": "${NO_SUCH_DIR}/x.jsonl"}]}
+    with pytest.raises(SpecError, match=r"sweep.yaml: datasets.0.path: environment variable NO_SUCH_DIR"):
+        parse_spec(unset, source="sweep.yaml", base=tmp_path)
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")

@@ -71,34 +71,44 @@ def ray_head():
     finally:
         # Only this head: `ray stop` would stop every Ray on the machine, so kill by the pids
         # this head wrote under its own temp dir.
-        _stop_head(temp, env)
+        _stop_head(temp, f"127.0.0.1:{gcs}")
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _stop_head(temp: Path, env: dict) -> None:
-    import signal
-
-    pids = set()
+def _head_processes(markers: list[str]) -> set[int]:
+    """Pids whose command line names this head (its temp dir or GCS address), and their descendants:
+    Ray renames its agents with setproctitle (`ray::DashboardAgent`), which drops the arguments."""
+    parents, found = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if str(temp) in cmdline:
-            pids.add(int(proc.name))
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    time.sleep(3)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if any(marker in cmdline for marker in markers):
+            found.add(int(proc.name))
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found - {os.getpid()}
+
+
+def _stop_head(temp: Path, gcs: str) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _head_processes([str(temp), gcs]):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+    left = _head_processes([str(temp), gcs])
+    assert not left, f"processes of the test's Ray head survived: {sorted(left)}"
 
 
 def _cli(*args: str) -> str:

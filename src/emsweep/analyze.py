@@ -75,6 +75,12 @@ def _restore_keys(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def merge_on_keys(left: pd.DataFrame, right: pd.DataFrame, on: list[str], how: str = "inner") -> pd.DataFrame:
+    """`left.merge(right)` where a null seed or checkpoint_step (base model, final adapter) matches
+    a null on the other side, as a key should; pandas would not match them."""
+    return _restore_keys(_fill_keys(left).merge(_fill_keys(right), on=on, how=how))
+
+
 def wide_answers(judgments: pd.DataFrame, questions: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per answer: run columns, `<metric>` score and `<metric>_label` per metric, and the
     question's `category` (from `questions`: suite, question_id, category; else null)."""

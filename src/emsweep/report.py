@@ -33,7 +33,7 @@ from emsweep import analyze, plots
 from emsweep.dag import NodeStatus, status_table
 from emsweep.pipeline import STAGES, plan, read_spec_snapshot
 from emsweep.spec import SweepSpec
-from emsweep.store import Store, _tmp_beside, write_parquet_atomic, write_text_atomic
+from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
 ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons")
 
@@ -110,11 +110,8 @@ def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.
     from emsweep.sample import JOIN_FIELDS
 
     keys = [name for name, _ in JOIN_FIELDS]
-    # Null seeds/steps (base model, final adapter) become a sentinel on both sides so they join.
     wide = analyze.wide_answers(judgments.to_pandas()).drop(columns=["category", "model", "dataset", "seed"])
-    frame = analyze._fill_keys(samples.to_pandas()).merge(
-        wide, how="inner", on=[k for k in keys if k not in ("model", "dataset", "seed")])
-    frame = analyze._restore_keys(frame)
+    frame = analyze.merge_on_keys(samples.to_pandas(), wide, on=[k for k in keys if k not in ("model", "dataset", "seed")])
     definition = spec.analysis.em_definition()
     if "aligned" in frame and "coherent" in frame:
         scored = frame["aligned"].notna() & frame["coherent"].notna()
@@ -170,7 +167,7 @@ def _save_figure(fig, stem: Path) -> tuple[Path, Path]:
     paths = []
     for suffix in (".png", ".svg"):
         path = stem.with_suffix(suffix)
-        tmp = _tmp_beside(path)
+        tmp = tmp_path_beside(path)
         fig.savefig(tmp, format=suffix[1:], dpi=120)
         os.replace(tmp, path)
         paths.append(path)

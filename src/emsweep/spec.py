@@ -456,9 +456,14 @@ def expand_env(text: str) -> str:
     return ENV_VAR.sub(substitute, text)
 
 
-def _resolve(path: str, base: Path, hub_ids: bool = False) -> str:
+def _resolve(path: str, base: Path, where: str, hub_ids: bool = False) -> str:
     """Expand env vars and make local paths absolute relative to the spec's directory."""
-    path = expand_env(path)
+    try:
+        path = expand_env(path)
+    except SpecError as err:
+        raise SpecError(f"{where}: {err}") from None
+    if "\0" in path:
+        raise SpecError(f"{where}: a path cannot contain a NUL character: {path!r}")
     if "://" in path or path.startswith("embedded:") or Path(path).is_absolute():
         return path
     candidate = (base / path).resolve()
@@ -493,22 +498,27 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
         return spec
     return spec.model_copy(
         update={
-            "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, hub_ids=True)}) for m in spec.models),
+            "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, f"{source}: models.{i}.path",
+                                                                  hub_ids=True)})
+                            for i, m in enumerate(spec.models)),
             "datasets": tuple(
                 d.model_copy(update={
-                    "path": _resolve(d.path, base),
+                    "path": _resolve(d.path, base, f"{source}: datasets.{i}.path"),
                     "backdoor": d.backdoor and d.backdoor.model_copy(
-                        update={"clean_path": _resolve(d.backdoor.clean_path, base)}),
+                        update={"clean_path": _resolve(d.backdoor.clean_path, base,
+                                                       f"{source}: datasets.{i}.backdoor.clean_path")}),
                 })
-                for d in spec.datasets
+                for i, d in enumerate(spec.datasets)
             ),
             "eval": spec.eval.model_copy(update={"suites": tuple(
-                suite.model_copy(update={"questions": _resolve(suite.questions, base)}) for suite in spec.eval.suites
+                suite.model_copy(update={"questions": _resolve(suite.questions, base,
+                                                               f"{source}: eval.suites.{i}.questions")})
+                for i, suite in enumerate(spec.eval.suites)
             )}),
             "judge": spec.judge.model_copy(
                 update={"model": spec.judge.model
                         if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
-                        else _resolve(spec.judge.model, base, hub_ids=True)}
+                        else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True)}
             ),
         }
     )

@@ -41,14 +41,14 @@ def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _tmp_beside(path: Path) -> Path:
+def tmp_path_beside(path: Path) -> Path:
     # Hidden (pyarrow's dataset discovery and our globs skip it) and unique per writer.
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never a partial write."""
-    tmp = _tmp_beside(path)
+    tmp = tmp_path_beside(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -60,7 +60,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 def write_parquet_atomic(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    tmp = _tmp_beside(path)
+    tmp = tmp_path_beside(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -152,7 +152,7 @@ class Store:
         for _ in range(2):
             # The owner is written to a temp file and hard-linked into place: the lock appears
             # with its content or not at all, so a kill -9 never leaves an empty, unjudgeable lock.
-            tmp = _tmp_beside(path)
+            tmp = tmp_path_beside(path)
             tmp.write_text(json.dumps(owner))
             try:
                 os.link(tmp, path)
