@@ -71,22 +71,26 @@ def ray_head():
     finally:
         # Only this head: `ray stop` would stop every Ray on the machine, so kill by the pids
         # this head wrote under its own temp dir.
-        _stop_head(temp, f"127.0.0.1:{gcs}")
+        # The client server names the GCS by the machine's address, not loopback: match the port.
+        _stop_head(temp, f":{gcs} ")
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def _head_processes(markers: list[str]) -> set[int]:
-    """Pids whose command line names this head (its temp dir or GCS address), and their descendants:
+    """Pids whose command line names this head (its temp dir or GCS port), and their descendants:
     Ray renames its agents with setproctitle (`ray::DashboardAgent`), which drops the arguments."""
     parents, found = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") + " "
+            state, parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, ValueError, IndexError):
             continue
+        if state == "Z":  # exited, waiting to be reaped: nothing left to stop
+            continue
+        parents[int(proc.name)] = int(parent)
         if any(marker in cmdline for marker in markers):
             found.add(int(proc.name))
     grew = True
