@@ -75,16 +75,14 @@ def eval_spec():
     return EvalSpec(questions=str(SHARED / "em/evaluation/first_plot_questions.yaml"))
 
 
-def raw_llm(path: str, **extra):
-    """A vLLM engine with the same CPU settings as emsweep.engine.make_llm, built directly."""
+def raw_llm(path: str, **lora):
+    """A plain vLLM engine built directly, with the same arguments as emsweep.engine.make_llm."""
     from vllm import LLM
 
-    from emsweep.engine import use_all_cpu_cores
+    from emsweep.engine import engine_args
 
-    use_all_cpu_cores()
-    return LLM(model=path, max_model_len=MAX_MODEL_LEN, seed=0, enable_prefix_caching=True,
-               enable_chunked_prefill=False, max_num_batched_tokens=8192, dtype="float32", block_size=32,
-               enforce_eager=True, kv_cache_memory_bytes=int(KV_GIB * 2**30), **extra)
+    return LLM(**engine_args(path, gpu_memory_utilization=0.9, max_model_len=MAX_MODEL_LEN, kv_cache_gib=KV_GIB,
+                             **lora))
 
 
 def same_requests(tokenizer, qs, spec, ev):
@@ -193,7 +191,7 @@ def p3(smoke: bool) -> dict:
 
         def separate():
             for i, adapter in enumerate(adapters):
-                llm = raw_llm(path, enable_lora=True, max_lora_rank=8, max_loras=1)
+                llm = raw_llm(path, max_lora_rank=8, max_loras=1)
                 _, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
                 llm.generate(texts, params, lora_request=LoRARequest(f"r{i}", 1, adapter), use_tqdm=False)
                 del llm

@@ -69,9 +69,9 @@ def ray_head():
         assert started.returncode == 0, started.stdout + started.stderr
         yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": env}
     finally:
-        # Only this head: `ray stop` would stop every Ray on the machine, so kill by the pids
-        # this head wrote under its own temp dir.
-        # The client server names the GCS by the machine's address, not loopback: match the port.
+        # Only this head: `ray stop` would stop every Ray on the machine, so kill the processes
+        # that name this head's temp dir or GCS port (the client server names the GCS by the
+        # machine's address, not loopback), and their descendants.
         _stop_head(temp, f":{gcs} ")
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -101,17 +101,17 @@ def _head_processes(markers: list[str]) -> set[int]:
     return found - {os.getpid()}
 
 
-def _stop_head(temp: Path, gcs: str) -> None:
+def _stop_head(temp: Path, gcs_port_marker: str) -> None:
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _head_processes([str(temp), gcs]):
+        for pid in _head_processes([str(temp), gcs_port_marker]):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         time.sleep(3)
-    left = _head_processes([str(temp), gcs])
+    left = _head_processes([str(temp), gcs_port_marker])
     assert not left, f"processes of the test's Ray head survived: {sorted(left)}"
 
 

@@ -23,7 +23,14 @@ def use_all_cpu_cores() -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-def make_llm(
+def make_llm(model_path: str, **settings):
+    """A vLLM engine with our settings (`engine_args`)."""
+    from vllm import LLM
+
+    return LLM(**engine_args(model_path, **settings))
+
+
+def engine_args(
     model_path: str,
     *,
     gpu_memory_utilization: float,
@@ -33,10 +40,10 @@ def make_llm(
     max_lora_rank: int | None = None,
     max_loras: int = 1,
     kv_cache_gib: float | None = None,
-):
+) -> dict:
+    """The `vllm.LLM` arguments of every emsweep engine (and the environment they need), in one
+    place so the benchmarks' raw baselines start the same engine."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM
-
     lora = {}
     if max_lora_rank is not None:
         # vLLM only accepts these ranks; round up to the next one that holds ours.
@@ -68,7 +75,7 @@ def make_llm(
         # An explicit KV cache size; otherwise vLLM reserves gpu_memory_utilization of the
         # device (of all RAM on CPU), which a laptop running finetunes beside it may not have.
         platform["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-    return LLM(
+    return dict(
         model=model_path,
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
