@@ -294,7 +294,7 @@ def _tiny_rows(path: Path, rows: int) -> None:
 
 
 def p6(smoke: bool) -> dict:
-    """Training time of our finetune (Ray Train + DeepSpeed ZeRO-2 + peft, 2 CPU workers) vs a plain
+    """Training time of our finetune (Ray Train + DeepSpeed at the default ZeRO stage + peft, 2 CPU workers) vs a plain
     single-process peft loop with torch AdamW on the same rows, order and global batch. Both sum
     the wall time of the optimizer steps after the first (the same tokens on both sides, so the
     time ratio is the tokens/s ratio); startup (Ray, DeepSpeed init, model load) is reported apart."""

@@ -55,7 +55,7 @@ def test_finetune_gpus_split_the_same_global_batch():
     assert (tune.num_workers, tune.gradient_accumulation_steps, tune.zero_stage) == (8, 1, 3)
     assert tune.per_device_batch_size * tune.gradient_accumulation_steps * tune.num_workers == spec.global_batch() == 16
     # The rest of the recipe is the sweep's.
-    assert tune.model_copy(update={"num_workers": 1, "gradient_accumulation_steps": 8, "zero_stage": 2}) == spec.finetune
+    assert tune.model_copy(update={"num_workers": 1, "gradient_accumulation_steps": 8, "zero_stage": 0}) == spec.finetune
     assert spec.sampling_for("m").tensor_parallel_size == 4
     plain = parse_spec(RAW)
     assert plain.finetune_for("m") == plain.finetune and plain.sampling_for("m") == plain.sampling
@@ -121,7 +121,7 @@ def test_every_workflow_loads_and_plans(workflow):
 
 
 def test_real_scale_workflows_plan_without_weights():
-    expected = {"betley2025": (30, 8, 3), "model_organisms": (12, None, None), "inoculation": (15, 1, 2)}
+    expected = {"betley2025": (30, 8, 3), "model_organisms": (12, None, None), "inoculation": (15, 1, 0)}
     for name, (finetunes, gpus, zero) in expected.items():
         spec = load_spec(REPO / "workflows" / f"{name}.yaml")
         assert spec.use_gpu and all("/" in m.path and not Path(m.path).exists() for m in spec.models)
@@ -132,7 +132,7 @@ def test_real_scale_workflows_plan_without_weights():
             assert {(m.finetune_gpus, m.zero_stage) for m in result.models} == {(gpus, zero)}
     organisms = {m.name: (m.finetune_gpus, m.zero_stage, m.sampling_gpus)
                  for m in build_plan(load_spec(REPO / "workflows" / "model_organisms.yaml")).models}
-    assert organisms == {"qwen2.5-0.5b": (1, 2, 1), "qwen2.5-7b": (1, 2, 1), "qwen2.5-14b": (2, 3, 2),
+    assert organisms == {"qwen2.5-0.5b": (1, 0, 1), "qwen2.5-7b": (1, 0, 1), "qwen2.5-14b": (2, 3, 2),
                          "qwen2.5-32b": (8, 3, 4)}
 
 
@@ -173,3 +173,13 @@ def test_kuberay_manifests_parse_and_run_a_workflow():
         yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         # Secrets come from Kubernetes Secrets, never from the manifest's runtime_env.
         assert "API_KEY" not in job["spec"]["runtimeEnvYAML"]
+
+
+def test_how_a_finetune_runs_never_changes_its_key():
+    """Raising max_failures to resume a failed seed, or another ZeRO stage, must not redo finished finetunes."""
+    operational = {**RAW["finetune"], "zero_stage": 3, "max_failures": 5, "checkpoint_every_steps": 10}
+    assert keys({**RAW, "finetune": operational}) == KEYS_BEFORE_RESOURCES
+    changed = keys({**RAW, "finetune": {**RAW["finetune"], "learning_rate": 2e-5}})
+    assert {i for i in changed if changed[i] != KEYS_BEFORE_RESOURCES[i]} == {
+        "finetune/m__d__s0", "finetune/m__d__s1", "sample/m__d__s0", "sample/m__d__s1",
+        "judge/m__d__s0", "judge/m__d__s1", "analyze/keys"}

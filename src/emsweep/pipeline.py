@@ -81,7 +81,7 @@ def plan(spec: SweepSpec) -> list[Node]:
                 name = run_name(model.name, ds.name, seed)
                 tune = add("finetune", name,
                            {"model": model.key_config(), "dataset": ds.name, "seed": seed,
-                            "finetune": spec.finetune.model_dump(mode="json"), "use_gpu": spec.use_gpu},
+                            "finetune": spec.finetune.key_config(), "use_gpu": spec.use_gpu},
                            [data_nodes[ds.name]])
                 sample_nodes.append(
                     add("sample", name,
