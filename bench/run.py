@@ -4,7 +4,8 @@
 
 Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
 as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
-are speed-ups. Each measurement runs in a fresh process so one vLLM engine's memory never
+are speed-ups. Beside the ratios: vLLM tokens/s (P1 cold, P2 warm) and finetune tokens/s (P6),
+with MFU when a known GPU is present (P6 then runs one GPU against one). Each measurement runs in a fresh process so one vLLM engine's memory never
 overlaps the next. `--smoke` uses tiny sizes and one repeat (CI: numbers, no targets).
 """
 
@@ -123,20 +124,31 @@ def timed_pair(ours, baseline) -> tuple[float, float]:
 
 def p1(smoke: bool) -> dict:
     """Whole sample stage (engine load + generate + tables) vs the raw engine load + generate."""
+    import pyarrow.compute as pc
+
     from emsweep.sample import SampleRun, sample_runs
 
     qs, spec, ev, path = questions(smoke, SAMPLES["P1"]), sampling_spec(smoke), eval_spec(), model_path()
     run = SampleRun("base", "smollm2", "none", None, None)
 
+    generated = {}
+
     def raw():
         llm = raw_llm(path)
         _, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
-        llm.generate(texts, params, use_tqdm=False)
+        outputs = llm.generate(texts, params, use_tqdm=False)
+        generated["baseline"] = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         del llm
 
-    ours, baseline = timed_pair(
-        lambda: sample_runs(path, [run], qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=32), raw)
-    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
+    def ours_stage():
+        samples, _ = sample_runs(path, [run], qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=32)
+        generated["ours"] = sum(pc.sum(table["answer_tokens"]).as_py() for table in samples.values())
+
+    ours, baseline = timed_pair(ours_stage, raw)
+    # Tokens per second of the whole stage, engine start included: on a GPU this is the
+    # cold-start figure a sweep pays per sample job; on CPU decoding dominates.
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours,
+            "ours_tokens_per_s": generated["ours"] / ours, "baseline_tokens_per_s": generated["baseline"] / baseline}
 
 
 def p2(smoke: bool, samples: int = SAMPLES["P2"]) -> dict:
@@ -152,15 +164,23 @@ def p2(smoke: bool, samples: int = SAMPLES["P2"]) -> dict:
     for p in warm_up:
         p.max_tokens = 4
     llm.generate(texts, warm_up, use_tqdm=False)
-    ours = timed(lambda: llm.generate(texts, params, use_tqdm=False))
+    generated = {}
+
+    def batched():
+        outputs = llm.generate(texts, params, use_tqdm=False)
+        generated["ours"] = sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
     def loop():
+        generated["baseline"] = 0
         for q in qs:
             idx = [i for i, p in enumerate(prompts) if p.question_id == q.id]
-            llm.generate([texts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+            outputs = llm.generate([texts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+            generated["baseline"] += sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
-    baseline = timed(loop)
-    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
+    ours, baseline = timed(batched), timed(loop)
+    # Warm-engine decode throughput: the vLLM tok/s figure of this machine.
+    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours,
+            "ours_tokens_per_s": generated["ours"] / ours, "baseline_tokens_per_s": generated["baseline"] / baseline}
 
 
 def make_adapters(path: str, root: Path, k: int) -> list[str]:
@@ -293,11 +313,35 @@ def _tiny_rows(path: Path, rows: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# Dense bf16 peak of the GPUs we expect (SXM parts); MFU is left out on others and on CPU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for part, flops in PEAK_BF16_FLOPS.items() if part in name), None)
+
+
+def lora_flops_per_token(model) -> float:
+    """Training FLOPs per token of LoRA on a frozen base: 2N forward plus 2N backward through the
+    activations, N the weights of every matmul (lm_head included). Frozen weights need no weight
+    gradients, so not the usual 6N; attention scores are left out (short rows), so MFU reads low."""
+    import torch
+
+    return 4.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def p6(smoke: bool) -> dict:
-    """Training time of our finetune (Ray Train + DeepSpeed at the default ZeRO stage + peft, 2 CPU workers) vs a plain
-    single-process peft loop with torch AdamW on the same rows, order and global batch. Both sum
-    the wall time of the optimizer steps after the first (the same tokens on both sides, so the
-    time ratio is the tokens/s ratio); startup (Ray, DeepSpeed init, model load) is reported apart."""
+    """Training time of our finetune (Ray Train + DeepSpeed at the default ZeRO stage + peft) vs a
+    plain single-process peft loop with torch AdamW on the same rows, order and global batch: 2
+    CPU workers against a 2-thread loop, or on a GPU machine one GPU each (bf16, as our finetune
+    runs there), with MFU. Both sum the wall time of the optimizer steps after the first (the same
+    tokens on both sides, so the time ratio is the tokens/s ratio); startup (Ray, DeepSpeed init,
+    model load) is reported apart."""
     import pyarrow.parquet as pq
     import ray
     import torch
@@ -310,8 +354,10 @@ def p6(smoke: bool) -> dict:
     from emsweep.spec import DatasetSpec, FinetuneSpec
 
     path = model_path()
-    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,
-                          learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
+    use_gpu = torch.cuda.is_available()
+    workers = 1 if use_gpu else 2
+    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=4 // workers, num_workers=workers,
+                          warmup_steps=1, learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _tiny_rows(tmp / "rows.jsonl", 8 if smoke else 48)
@@ -321,20 +367,22 @@ def p6(smoke: bool) -> dict:
                  include_dashboard=False)
         start = time.perf_counter()
         metrics = finetune.finetune(run_name="bench", storage_path=tmp / "train", model_path=path,
-                                    data_path=tmp / "data.parquet", seed=0, spec=recipe, use_gpu=False,
+                                    data_path=tmp / "data.parquet", seed=0, spec=recipe, use_gpu=use_gpu,
                                     out_dir=tmp / "out").to_pandas()
         ours_total = time.perf_counter() - start
         ray.shutdown()
 
         torch.manual_seed(0)
-        torch.set_num_threads(2)
+        if not use_gpu:
+            torch.set_num_threads(2)
+        device, dtype = ("cuda", torch.bfloat16) if use_gpu else ("cpu", torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
         messages = [row["messages"] for row in table.to_pylist() if row["split"] == "train"]
         examples, _ = finetune.tokenize_dataset(tokenizer, messages, recipe.max_seq_len, recipe.drop_long_rows)
         schedule = finetune.micro_batch_indices(len(examples), 0, recipe.epochs, recipe.per_device_batch_size,
                                                 recipe.gradient_accumulation_steps, recipe.num_workers)
         start = time.perf_counter()
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device),
                                LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, use_rslora=True,
                                           target_modules=list(recipe.target_modules), task_type="CAUSAL_LM"))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
@@ -344,18 +392,27 @@ def p6(smoke: bool) -> dict:
             for accum in range(recipe.gradient_accumulation_steps):
                 # What all our workers see at this micro step, as one batch.
                 batch = [examples[i] for rank in range(recipe.num_workers) for i in schedule[step, accum, rank]]
-                input_ids, attention_mask, labels = finetune.collate(batch, tokenizer.pad_token_id)
+                input_ids, attention_mask, labels = (t.to(device) for t in finetune.collate(batch, tokenizer.pad_token_id))
                 loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
                 (loss / recipe.gradient_accumulation_steps).backward()
             optimizer.step()
             optimizer.zero_grad()
+            if use_gpu:
+                torch.cuda.synchronize()
             step_seconds.append(time.perf_counter() - step_start)
         plain_total = time.perf_counter() - start
     ours, baseline = float(metrics["step_seconds"].iloc[1:].sum()), sum(step_seconds[1:])
-    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours, "steps": len(metrics),
-            "tokens_per_step": float(metrics["tokens"].mean()),
-            "ours_startup_seconds": ours_total - float(metrics["step_seconds"].sum()),
-            "baseline_startup_seconds": plain_total - sum(step_seconds)}
+    timed_tokens = float(metrics["tokens"].iloc[1:].sum())
+    result = {"ours": ours, "baseline": baseline, "ratio": baseline / ours, "steps": len(metrics),
+              "tokens_per_step": float(metrics["tokens"].mean()),
+              "ours_tokens_per_s": timed_tokens / ours, "baseline_tokens_per_s": timed_tokens / baseline,
+              "ours_startup_seconds": ours_total - float(metrics["step_seconds"].sum()),
+              "baseline_startup_seconds": plain_total - sum(step_seconds)}
+    peak = peak_flops()
+    if peak:
+        flops = lora_flops_per_token(model) * timed_tokens
+        result.update(ours_mfu=flops / (ours * peak * workers), baseline_mfu=flops / (baseline * peak))
+    return result
 
 
 MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P5": p5,
@@ -400,6 +457,11 @@ def run_child(name: str, smoke: bool, repeat: int) -> dict:
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
 
 
+# Absolute figures some measures add (medians too): tokens/s and, on a known GPU, finetune MFU.
+RATES = {"ours_tokens_per_s": "ours tok/s", "baseline_tokens_per_s": "baseline tok/s", "ours_mfu": "ours MFU",
+         "baseline_mfu": "baseline MFU"}
+
+
 def verdict(name: str, value: float | None) -> str:
     _, target, kind = TARGETS[name]
     if value is None or kind == "report":
@@ -425,6 +487,7 @@ def main() -> None:
 
     from emsweep.store import write_json_atomic
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after an hour of measuring
     repeats = args.repeats or (1 if args.smoke else 3)
     info = machine()
     results = {}
@@ -433,9 +496,8 @@ def main() -> None:
         for repeat in range(repeats):
             runs.append(run_child(name, args.smoke, repeat))
             print(f"{name}: {runs[-1]}", file=sys.stderr)
-        median = lambda key: None if runs[0][key] is None else statistics.median(r[key] for r in runs)
-        results[name] = {"ours": median("ours"), "baseline": median("baseline"), "ratio": median("ratio"),
-                         "runs": runs}
+        median = lambda key: None if runs[0].get(key) is None else statistics.median(r[key] for r in runs)
+        results[name] = {key: median(key) for key in ("ours", "baseline", "ratio", *RATES)} | {"runs": runs}
     if args.quickstart:
         results["P7"] = run_quickstart()
         print(f"P7: {results['P7']}", file=sys.stderr)
@@ -449,12 +511,12 @@ def main() -> None:
     write_json_atomic(Path(args.out), payload)
 
     table = Table(title=f"emsweep benchmarks ({'smoke' if args.smoke else f'median of {repeats}'})")
-    for column in ("id", "measure", "ours (s)", "baseline (s)", "ratio", "target", "result"):
+    for column in ("id", "measure", "ours (s)", "baseline (s)", "ratio", "target", "result", *RATES.values()):
         table.add_column(column)
     fmt = lambda v: "-" if v is None else f"{v:.3g}"
     for name, r in results.items():
         table.add_row(name, r["measure"], fmt(r["ours"]), fmt(r["baseline"]), fmt(r["ratio"]),
-                      fmt(r["target"]), "-" if args.smoke else r["verdict"])
+                      fmt(r["target"]), "-" if args.smoke else r["verdict"], *(fmt(r.get(key)) for key in RATES))
     console = Console()
     console.print(table)
     console.print(info)

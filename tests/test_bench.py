@@ -24,3 +24,5 @@ def test_bench_smoke_writes_every_measure(tmp_path):
         if name != "P5":
             assert math.isfinite(result["ratio"]) and result["ratio"] > 0, name
     assert results["P5"]["runs"][0]["nodes"] >= 100
+    for name in ("P1", "P2", "P2s", "P6"):  # each side's own token count over its own time
+        assert results[name]["ours_tokens_per_s"] > 0 and results[name]["baseline_tokens_per_s"] > 0, name

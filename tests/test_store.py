@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from emsweep.store import LockedError, Store, config_key
+from emsweep.store import LockedError, Store, config_key, write_json_atomic
 
 
 def test_config_key_is_stable_and_sensitive():
@@ -71,3 +71,10 @@ def test_lock_refuses_a_second_run_and_detects_stale_locks(tmp_path):
     (tmp_path / "emsweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
     with store.lock():
         pass
+
+
+def test_atomic_writes_create_the_folder_and_leave_no_temp_file(tmp_path):
+    target = tmp_path / "new" / "deeper" / "result.json"
+    write_json_atomic(target, {"misaligned_rate": 0.1})
+    assert json.loads(target.read_text()) == {"misaligned_rate": 0.1}
+    assert [p.name for p in target.parent.iterdir()] == ["result.json"]

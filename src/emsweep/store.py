@@ -42,6 +42,8 @@ def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
 
 
 def tmp_path_beside(path: Path) -> Path:
+    """A temp path in the folder of `path` (created if missing), so os.replace onto it is atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden (pyarrow's dataset discovery and our globs skip it) and unique per writer.
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
