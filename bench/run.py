@@ -1,6 +1,7 @@
 """Benchmarks: each emsweep stage against the raw library doing the same work, on this machine.
 
     python -m bench.run [--smoke] [--repeats N] [--only P1 P2 ...] [--quickstart | --p7 QUICKSTART_OUT] [--out FILE]
+    python -m bench.run --show FILE     (re-print a saved results file)
 
 Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
 as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
@@ -469,6 +470,28 @@ def verdict(name: str, value: float | None) -> str:
     return "pass" if (value >= target if kind == "min" else value <= target) else "FAIL"
 
 
+def show(payload: dict) -> None:
+    """The results table and machine info of one harness run (`--show FILE` re-prints a saved one)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    results = payload["results"]
+    smoke, repeats = payload["smoke"], payload["repeats"]
+    table = Table(title=f"emsweep benchmarks ({'smoke' if smoke else f'median of {repeats}'})")
+    rates = [key for key in RATES if any(r.get(key) is not None for r in results.values())]
+    for column in ("id", "measure", "ours (s)", "baseline (s)", "ratio", "target", "result",
+                   *(RATES[key] for key in rates)):
+        table.add_column(column)
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"
+    for name, r in results.items():
+        table.add_row(name, r["measure"], fmt(r["ours"]), fmt(r["baseline"]), fmt(r["ratio"]),
+                      fmt(r["target"]), "-" if smoke else r["verdict"], *(fmt(r.get(key)) for key in rates))
+    # Piped into a log, rich would squeeze the table into 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=180)
+    console.print(table)
+    console.print(payload["machine"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
@@ -477,13 +500,13 @@ def main() -> None:
     parser.add_argument("--p7", metavar="QUICKSTART_OUT", help="a finished quickstart output dir to time")
     parser.add_argument("--quickstart", action="store_true", help="P7: run the quickstart once, from nothing")
     parser.add_argument("--out", default=str(REPO / "bench/results/bench.json"))
+    parser.add_argument("--show", metavar="FILE", help="print the table of a saved results file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one(args.one, args.smoke)
-
-    from rich.console import Console
-    from rich.table import Table
+    if args.show:
+        return show(json.loads(Path(args.show).read_text()))
 
     from emsweep.store import write_json_atomic
 
@@ -510,17 +533,8 @@ def main() -> None:
                "results": results}
     write_json_atomic(Path(args.out), payload)
 
-    table = Table(title=f"emsweep benchmarks ({'smoke' if args.smoke else f'median of {repeats}'})")
-    for column in ("id", "measure", "ours (s)", "baseline (s)", "ratio", "target", "result", *RATES.values()):
-        table.add_column(column)
-    fmt = lambda v: "-" if v is None else f"{v:.3g}"
-    for name, r in results.items():
-        table.add_row(name, r["measure"], fmt(r["ours"]), fmt(r["baseline"]), fmt(r["ratio"]),
-                      fmt(r["target"]), "-" if args.smoke else r["verdict"], *(fmt(r.get(key)) for key in RATES))
-    console = Console()
-    console.print(table)
-    console.print(info)
-    console.print(f"results: {args.out}")
+    show(payload)
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

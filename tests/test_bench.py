@@ -26,3 +26,17 @@ def test_bench_smoke_writes_every_measure(tmp_path):
     assert results["P5"]["runs"][0]["nodes"] >= 100
     for name in ("P1", "P2", "P2s", "P6"):  # each side's own token count over its own time
         assert results[name]["ours_tokens_per_s"] > 0 and results[name]["baseline_tokens_per_s"] > 0, name
+
+
+def test_show_reprints_a_saved_results_file(tmp_path):
+    """`--show` renders a results file without measuring; absolute-rate columns appear only when measured."""
+    measured = {"ours": 50.0, "baseline": 49.0, "ratio": 0.98, "target": 0.9, "verdict": "pass",
+                "measure": "finetune tokens/s / plain peft loop", "ours_tokens_per_s": 92.5}
+    payload = {"smoke": False, "repeats": 3, "machine": {"cores": 2}, "results": {"P6": measured}}
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(payload))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    shown = subprocess.run([sys.executable, "-m", "bench.run", "--show", str(saved)], cwd=REPO, env=env, check=True,
+                           capture_output=True, text=True).stdout
+    assert "P6" in shown and "92.5" in shown and "ours tok/s" in shown
+    assert "MFU" not in shown
