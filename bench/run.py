@@ -6,8 +6,9 @@
 Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
 as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
 are speed-ups. Beside the ratios: vLLM tokens/s (P1 cold, P2 warm) and finetune tokens/s (P6),
-with MFU when a known GPU is present (P6 then runs one GPU against one). Each measurement runs in a fresh process so one vLLM engine's memory never
-overlaps the next. `--smoke` uses tiny sizes and one repeat (CI: numbers, no targets).
+with MFU when a known GPU is present (P6 then runs one GPU against one). Each measurement runs in
+a fresh process so one vLLM engine's memory never overlaps the next. `--smoke` uses tiny sizes and
+one repeat (CI: numbers, no targets).
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ def same_requests(tokenizer, qs, spec, ev):
     return prompts, texts, params
 
 
+def generated_tokens(outputs) -> int:
+    """Tokens vLLM generated over all completions of a generate call."""
+    return sum(len(completion.token_ids) for output in outputs for completion in output.outputs)
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -138,7 +144,7 @@ def p1(smoke: bool) -> dict:
         llm = raw_llm(path)
         _, texts, params = same_requests(llm.get_tokenizer(), qs, spec, ev)
         outputs = llm.generate(texts, params, use_tqdm=False)
-        generated["baseline"] = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        generated["baseline"] = generated_tokens(outputs)
         del llm
 
     def ours_stage():
@@ -169,14 +175,14 @@ def p2(smoke: bool, samples: int = SAMPLES["P2"]) -> dict:
 
     def batched():
         outputs = llm.generate(texts, params, use_tqdm=False)
-        generated["ours"] = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        generated["ours"] = generated_tokens(outputs)
 
     def loop():
         generated["baseline"] = 0
         for q in qs:
             idx = [i for i, p in enumerate(prompts) if p.question_id == q.id]
             outputs = llm.generate([texts[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
-            generated["baseline"] += sum(len(c.token_ids) for o in outputs for c in o.outputs)
+            generated["baseline"] += generated_tokens(outputs)
 
     ours, baseline = timed(batched), timed(loop)
     # Warm-engine decode throughput: the vLLM tok/s figure of this machine.
