@@ -1,0 +1,122 @@
+"""A vLLM plugin that makes multi-LoRA serving on vLLM's CPU backend correct, and faster.
+
+Our sampler puts the base model and every finetuned adapter of a base model on one engine
+(sample.py). vLLM 0.32's CPU backend computes LoRA with the pure-PyTorch ops in
+`vllm/lora/ops/torch_ops/lora_ops.py`, which have two problems:
+
+- Wrong answers. A token with no adapter carries the index -1, and the ops gather
+  `lora_weights[-1]`: the *last* adapter slot. So base-model requests batched next to adapter
+  requests were answered with the last adapter's delta added (measured: greedy base answers
+  changed, some equal to the last adapter's). The GPU kernels skip -1. Upstream: vLLM PRs
+  #48421 and #49656, open when this was written.
+- Slow. They gather one weight matrix per token (`weights[indices]`, [tokens, out, in]) and
+  multiply with a batched einsum, so every decode step copies each adapter once per sequence.
+
+The replacement ops below group the tokens by adapter slot and do one matmul per slot present,
+leaving tokens without an adapter untouched (their delta is zero). Everything else (shapes,
+scaling, padding rules, add/overwrite) is vLLM's own semantics, checked against vLLM's ops in
+tests/test_vllm_cpu_lora.py.
+
+vLLM loads `vllm.general_plugins` entry points (pyproject.toml) in every process that runs a
+model, including the spawned engine core, so every CPU engine in an environment with emsweep
+installed uses these ops, benchmarks' raw baselines included. GPUs are left alone. Set
+EMSWEEP_VLLM_CPU_LORA=vllm to keep vLLM's own ops (to compare them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The names PunicaWrapperCPU imports from vllm.lora.ops.torch_ops and calls.
+OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
+def register() -> None:
+    """The entry point vLLM calls (possibly several times, in several processes)."""
+    if os.environ.get("EMSWEEP_VLLM_CPU_LORA", "grouped") == "vllm":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    missing = [name for name in OPS if not hasattr(punica_cpu, name)]
+    if missing:
+        import vllm
+
+        # Fail loudly rather than serve base-model requests with an adapter's weights.
+        raise RuntimeError(
+            f"emsweep's CPU LoRA ops expect {missing} in vllm.lora.punica_wrapper.punica_cpu "
+            f"(vLLM {vllm.__version__}); check whether that vLLM still needs them, or set "
+            "EMSWEEP_VLLM_CPU_LORA=vllm"
+        )
+    for name in OPS:
+        setattr(punica_cpu, name, globals()[name])
+
+
+def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row t: inputs[t] @ weights[indices[t]].T, or zeros where indices[t] is -1 (no adapter).
+
+    weights: [slots, out, in] or [slots, 1, out, in], as vLLM stacks adapters."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    inputs = inputs.to(dtype)
+    slots = torch.unique(indices).tolist()
+    if len(slots) == 1 and slots[0] >= 0:
+        return inputs @ weights[slots[0]].to(dtype).T
+    delta = inputs.new_zeros(inputs.shape[0], weights.shape[1])
+    for slot in slots:
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            delta[rows] = inputs[rows] @ weights[slot].to(dtype).T
+    return delta
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    outputs = lora_delta(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    # vLLM's rules: a single input row applies to the first output row only, and the adapter
+    # and the model may pad their widths differently.
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common_len = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+# Prefill: one adapter index per sequence, expanded to one per token.
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor,
+                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    bgmv_expand(inputs, lora_b_weights, output_tensor,
+                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
+                      torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), slice_offset, slice_size,
+                      add_inputs)
