@@ -25,6 +25,8 @@ EMSWEEP_VLLM_CPU_LORA=vllm to keep vLLM's own ops (to compare them).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 
 import torch
@@ -57,33 +59,96 @@ def register() -> None:
         setattr(punica_cpu, name, globals()[name])
 
 
-def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row t: inputs[t] @ weights[indices[t]].T, or zeros where indices[t] is -1 (no adapter).
+@functools.lru_cache(maxsize=16)
+def slot_groups(indices: tuple[int, ...]) -> int | torch.Tensor | None:
+    """How tokens map to adapter slots: None when no token has an adapter, the slot when all share
+    one, else a one-hot [tokens, slots] float mask (zero rows for -1, no adapter).
 
-    weights: [slots, out, in] or [slots, 1, out, in], as vLLM stacks adapters."""
+    Every LoRA layer of a forward pass sees the same indices, so this runs once per step (keyed by
+    content, so a reused index buffer never serves a stale mapping)."""
+    slots = set(indices)
+    if len(slots) == 1:
+        slot = slots.pop()
+        return None if slot < 0 else slot
+    tensor = torch.tensor(indices)
+    one_hot = torch.zeros(len(indices), max(slots) + 1)
+    has_adapter = tensor >= 0
+    one_hot[has_adapter.nonzero().squeeze(1), tensor[has_adapter]] = 1.0
+    return one_hot
+
+
+@functools.lru_cache(maxsize=16)
+def sequence_slot_groups(seq_slots: tuple[int, ...], seq_lens: tuple[int, ...]):
+    """slot_groups for one adapter index per sequence of seq_lens tokens (vLLM's prefill metadata)."""
+    return slot_groups(tuple(itertools.chain.from_iterable(itertools.repeat(s, n) for s, n in zip(seq_slots, seq_lens))))
+
+
+def lora_delta(inputs: torch.Tensor, weights: torch.Tensor, groups, dtype: torch.dtype) -> torch.Tensor:
+    """Row t: inputs[t] @ weights[slot of t].T, zeros for tokens without an adapter.
+
+    weights: [slots, out, in] or [slots, 1, out, in], as vLLM stacks adapters. A mixed batch is one
+    matmul: each token's input is placed in its slot's block of a [tokens, slots * in] matrix
+    (zeros elsewhere) and multiplied by all slots' weights side by side. That costs `slots` times
+    the LoRA FLOPs, which are tiny at LoRA ranks, instead of a gather and scatter per slot."""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype)
-    slots = torch.unique(indices).tolist()
-    if len(slots) == 1 and slots[0] >= 0:
-        return inputs @ weights[slots[0]].to(dtype).T
-    delta = inputs.new_zeros(inputs.shape[0], weights.shape[1])
-    for slot in slots:
-        if slot >= 0:
-            rows = (indices == slot).nonzero().squeeze(1)
-            delta[rows] = inputs[rows] @ weights[slot].to(dtype).T
-    return delta
+    if groups is None:
+        return inputs.new_zeros(inputs.shape[0], weights.shape[1])
+    if isinstance(groups, int):
+        return inputs @ weights[groups].to(dtype).T
+    slots, out_features, in_features = groups.shape[1], weights.shape[1], weights.shape[2]
+    blocks = (groups.to(dtype)[:, :, None] * inputs[:, None, :]).reshape(inputs.shape[0], slots * in_features)
+    side_by_side = weights[:slots].to(dtype).permute(1, 0, 2).reshape(out_features, slots * in_features)
+    return blocks @ side_by_side.T
 
+
+# vLLM's op signatures. bgmv: one adapter index per token; sgmv (prefill metadata): one per
+# sequence, with each sequence's token count.
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    outputs = lora_delta(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+    shrink(inputs, lora_a_weights, output_tensor, slot_groups(tuple(lora_indices_tensor.tolist())), scaling)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    # vLLM's rules: a single input row applies to the first output row only, and the adapter
-    # and the model may pad their widths differently.
+    expand(inputs, lora_b_weights, output_tensor, slot_groups(tuple(lora_indices_tensor.tolist())), add_inputs)
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    expand_slice(inputs, lora_b_weights, output_tensor, slot_groups(tuple(lora_indices_tensor.tolist())),
+                 slice_offset, slice_size, add_inputs)
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):
+    groups = sequence_slot_groups(tuple(lora_indices_tensor.tolist()), tuple(seq_len_tensor.tolist()))
+    shrink(inputs, lora_a_weights, output_tensor, groups, scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):
+    groups = sequence_slot_groups(tuple(lora_indices_tensor.tolist()), tuple(seq_len_tensor.tolist()))
+    expand(inputs, lora_b_weights, output_tensor, groups, add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
+    groups = sequence_slot_groups(tuple(lora_indices_tensor.tolist()), tuple(seq_len_tensor.tolist()))
+    expand_slice(inputs, lora_b_weights, output_tensor, groups, slice_offset, slice_size, add_inputs)
+
+
+# The ops on grouped tokens, with vLLM's write rules.
+
+def shrink(inputs, lora_a_weights, output_tensor, groups, scaling):
+    outputs = lora_delta(inputs, lora_a_weights, groups, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def expand(inputs, lora_b_weights, output_tensor, groups, add_inputs):
+    outputs = lora_delta(inputs, lora_b_weights, groups, output_tensor.dtype)
+    # A single input row applies to the first output row only, and the adapter and the model
+    # may pad their widths differently.
     limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common_len = min(outputs.shape[1], output_tensor.shape[1])
     if add_inputs:
@@ -92,31 +157,9 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :common_len] = outputs[:limit, :common_len]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
-                      slice_size: int, add_inputs: bool = True):
-    outputs = lora_delta(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+def expand_slice(inputs, lora_b_weights, output_tensor, groups, slice_offset, slice_size, add_inputs):
+    outputs = lora_delta(inputs, lora_b_weights, groups, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
-
-
-# Prefill: one adapter index per sequence, expanded to one per token.
-
-def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, token_nums, scaling):
-    bgmv_shrink(inputs, lora_a_weights, output_tensor,
-                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), scaling)
-
-
-def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                batches, max_seq_length, token_nums, add_inputs=False):
-    bgmv_expand(inputs, lora_b_weights, output_tensor,
-                torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), add_inputs)
-
-
-def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
-                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
-                      torch.repeat_interleave(lora_indices_tensor, seq_len_tensor), slice_offset, slice_size,
-                      add_inputs)
