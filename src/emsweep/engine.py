@@ -1,7 +1,8 @@
 """Starting a vLLM engine, shared by the sample and judge stages.
 
-vLLM spawns its engine-core process, so code that calls `make_llm` from a script needs the
-`if __name__ == "__main__":` guard; inside Ray workers that is already the case.
+Where vLLM spawns its engine-core process (GPUs, CPU machines with more than 4 cores), code
+that calls `make_llm` from a script needs the `if __name__ == "__main__":` guard; inside Ray
+workers that is already the case.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ import math
 import os
 
 
-def use_all_cpu_cores() -> None:
-    """On small CPU machines, let vLLM's worker compute on every core.
+def fit_small_cpu_machine() -> None:
+    """On small CPU machines, give vLLM's compute every core and skip its engine-core process.
 
-    vLLM's CPU backend keeps one core per worker free for its scheduler process. On a 2-core
-    laptop that halves the compute: decoding 8 prompts x 16 samples x 64 tokens measured 180-190
-    tok/s with the core reserved against 294-305 tok/s without (135M model, 2 cores). The
-    scheduler only spins with sched_yield, so it gives way to the worker. Larger machines keep
-    vLLM's default, and a value the user set always wins."""
+    - vLLM's CPU backend keeps one core per worker free for its scheduler process. On a 2-core
+      laptop that halves the compute: decoding 8 prompts x 16 samples x 64 tokens measured
+      180-190 tok/s with the core reserved against 294-305 tok/s without (135M model, 2 cores).
+    - vLLM runs its engine core in a spawned process, which imports torch and vLLM again and then
+      competes with the caller for the same 2 cores. In-process (vLLM's InprocClient) an engine
+      started in 12 s instead of 46-50 s, and decoded 137 tok/s instead of 105-113 (32 samples,
+      2 cores). emsweep runs every engine job in its own Ray worker (max_calls=1), so the
+      engine's memory still goes when the job ends.
+    Larger machines keep vLLM's defaults, and a value the user set always wins."""
     if (os.cpu_count() or 1) <= 4:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def make_llm(model_path: str, **settings):
@@ -53,7 +59,7 @@ def engine_args(
     import torch
 
     if not torch.cuda.is_available():
-        use_all_cpu_cores()
+        fit_small_cpu_machine()
         platform = {
             # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a request with
             # its own seed is prefilled in chunks; whole-prompt prefill avoids that code path.
