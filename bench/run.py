@@ -114,17 +114,17 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def timed_pair(ours, baseline) -> tuple[float, float]:
-    """(ours, baseline) seconds for two cold-start measurements. vLLM is imported first, and the
-    order alternates with the repeat number: whichever runs first in a fresh process pays its
-    one-time costs (first P1 run: ours 81.7 s vs raw 69.9 s, with ours first)."""
+def cold_side(ours, baseline) -> dict:
+    """Seconds of one side of a cold-start pair, in this fresh process: the side BENCH_SIDE names.
+
+    Each side gets its own process (run_child), because whatever runs first in a process pays
+    one-time costs that the second then skips (first P1 run: ours 81.7 s vs raw 69.9 s with ours
+    first in one process; with vLLM's engine in-process, 59.7 vs 45.0). vLLM is imported before
+    the clock starts, as a user's script has done before it builds an engine."""
     import vllm  # noqa: F401  (the import alone takes seconds)
 
-    if int(os.environ.get("BENCH_REPEAT", "0")) % 2:
-        baseline_seconds = timed(baseline)
-        return timed(ours), baseline_seconds
-    ours_seconds = timed(ours)
-    return ours_seconds, timed(baseline)
+    side = os.environ["BENCH_SIDE"]
+    return {side: timed(ours if side == "ours" else baseline)}
 
 
 # --- measurements: each returns {"ours": seconds, "baseline": seconds, ...} ---
@@ -151,11 +151,10 @@ def p1(smoke: bool) -> dict:
         samples, _ = sample_runs(path, [run], qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=32)
         generated["ours"] = sum(pc.sum(table["answer_tokens"]).as_py() for table in samples.values())
 
-    ours, baseline = timed_pair(ours_stage, raw)
+    seconds = cold_side(ours_stage, raw)
     # Tokens per second of the whole stage, engine start included: on a GPU this is the
     # cold-start figure a sweep pays per sample job; on CPU decoding dominates.
-    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours,
-            "ours_tokens_per_s": generated["ours"] / ours, "baseline_tokens_per_s": generated["baseline"] / baseline}
+    return seconds | {f"{side}_tokens_per_s": generated[side] / seconds[side] for side in seconds}
 
 
 def p2(smoke: bool, samples: int = SAMPLES["P2"]) -> dict:
@@ -223,9 +222,8 @@ def p3(smoke: bool) -> dict:
                 llm.generate(texts, params, lora_request=LoRARequest(f"r{i}", 1, adapter), use_tqdm=False)
                 del llm
 
-        ours, baseline = timed_pair(
+        return cold_side(
             lambda: sample_runs(path, runs, qs, spec, ev, max_model_len=MAX_MODEL_LEN, max_lora_rank=8), separate)
-    return {"ours": ours, "baseline": baseline, "ratio": baseline / ours}
 
 
 def p4(smoke: bool) -> dict:
@@ -454,9 +452,26 @@ def one(name: str, smoke: bool) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(name: str, smoke: bool, repeat: int) -> dict:
+# Pairs whose sides each start an engine from nothing: each side runs in a fresh process (cold_side).
+COLD_PAIRS = {"P1", "P3"}
+
+
+def run_pair(name: str, smoke: bool, repeat: int) -> dict:
+    """One repeat of a measurement: {"ours", "baseline", "ratio" (baseline / ours), rates...}."""
+    if name not in COLD_PAIRS:
+        return run_child(name, smoke)
+    # Alternate which side starts first, so a machine that slows down over a run favours neither.
+    sides = ["ours", "baseline"] if repeat % 2 == 0 else ["baseline", "ours"]
+    result = {}
+    for side in sides:
+        result |= run_child(name, smoke, side)
+    return result | {"ratio": result["baseline"] / result["ours"]}
+
+
+def run_child(name: str, smoke: bool, side: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "bench.run", "--one", name] + (["--smoke"] if smoke else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "BENCH_REPEAT": str(repeat)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+           **({"BENCH_SIDE": side} if side else {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -523,7 +538,7 @@ def main() -> None:
     for name in args.only:
         runs = []
         for repeat in range(repeats):
-            runs.append(run_child(name, args.smoke, repeat))
+            runs.append(run_pair(name, args.smoke, repeat))
             print(f"{name}: {runs[-1]}", file=sys.stderr)
         median = lambda key: None if runs[0].get(key) is None else statistics.median(r[key] for r in runs)
         results[name] = {key: median(key) for key in ("ours", "baseline", "ratio", *RATES)} | {"runs": runs}
