@@ -12,10 +12,12 @@ Our sampler puts the base model and every finetuned adapter of a base model on o
 - Slow. They gather one weight matrix per token (`weights[indices]`, [tokens, out, in]) and
   multiply with a batched einsum, so every decode step copies each adapter once per sequence.
 
-The replacement ops below group the tokens by adapter slot and do one matmul per slot present,
-leaving tokens without an adapter untouched (their delta is zero). Everything else (shapes,
-scaling, padding rules, add/overwrite) is vLLM's own semantics, checked against vLLM's ops in
-tests/test_vllm_cpu_lora.py.
+The replacement ops below map tokens to adapter slots once per step and do one matmul per op
+(all tokens on one adapter: a plain matmul; mixed: one block matmul, see lora_delta), leaving
+tokens without an adapter untouched (zero delta). Shapes, scaling, padding rules and add/overwrite
+follow vLLM's ops, checked against them in tests/test_vllm_cpu_lora.py. Measured on 2 cores
+(135M model): decoding 32 sequences with one adapter went from 55 to 103 tok/s, 4 adapters x 32
+sequences from 73 to 122 tok/s.
 
 vLLM loads `vllm.general_plugins` entry points (pyproject.toml) in every process that runs a
 model, including the spawned engine core, so every CPU engine in an environment with emsweep
