@@ -1,6 +1,8 @@
 """emsweep's CPU LoRA ops (vllm_cpu_lora.py) against vLLM's own, and on a real engine."""
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -134,8 +136,6 @@ if __name__ == "__main__":
 def test_base_requests_beside_adapters_on_one_cpu_engine_get_the_base_model(embedded_model):
     """On a real vLLM CPU engine, a batch mixing the base model with 2 adapters answers each
     request with its own weights (greedy): as the base model alone, and as each adapter alone."""
-    import subprocess
-
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -151,8 +151,6 @@ def test_base_requests_beside_adapters_on_one_cpu_engine_get_the_base_model(embe
         script.write_text(ENGINE_SCRIPT)
         subprocess.run([sys.executable, str(script), embedded_model, *adapters, str(out)], check=True,
                        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}, timeout=900)
-        import json
-
         result = json.loads(out.read_text())
     assert result["base_mixed"] == result["base_alone"]
     assert result["adapters_mixed"] == result["each_adapter"]

@@ -13,8 +13,8 @@ Our sampler puts the base model and every finetuned adapter of a base model on o
   multiply with a batched einsum, so every decode step copies each adapter once per sequence.
 
 The replacement ops below map tokens to adapter slots once per step and do one matmul per op
-(all tokens on one adapter: a plain matmul; mixed: one block matmul, see lora_delta), leaving
-tokens without an adapter untouched (zero delta). Shapes, scaling, padding rules and add/overwrite
+(all tokens on one adapter: a plain matmul; mixed: one block matmul, see lora_delta); tokens
+without an adapter get a zero delta, and a step with no adapter tokens adds nothing at all. Shapes, scaling, padding rules and add/overwrite
 follow vLLM's ops, checked against them in tests/test_vllm_cpu_lora.py. Measured on 2 cores
 (135M model): decoding 32 sequences with one adapter went from 55 to 103 tok/s, 4 adapters x 32
 sequences from 73 to 122 tok/s.
@@ -148,6 +148,8 @@ def shrink(inputs, lora_a_weights, output_tensor, groups, scaling):
 
 
 def expand(inputs, lora_b_weights, output_tensor, groups, add_inputs):
+    if groups is None and add_inputs:
+        return  # no token has an adapter: adding a zero delta would only cost an allocation
     outputs = lora_delta(inputs, lora_b_weights, groups, output_tensor.dtype)
     # A single input row applies to the first output row only, and the adapter and the model
     # may pad their widths differently.
@@ -160,6 +162,8 @@ def expand(inputs, lora_b_weights, output_tensor, groups, add_inputs):
 
 
 def expand_slice(inputs, lora_b_weights, output_tensor, groups, slice_offset, slice_size, add_inputs):
+    if groups is None and add_inputs:
+        return  # as in expand
     outputs = lora_delta(inputs, lora_b_weights, groups, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
