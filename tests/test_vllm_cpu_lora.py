@@ -25,7 +25,7 @@ def weights():
     return {"a": stacked((SLOTS, 1, RANK, HIDDEN), 1), "b": stacked((SLOTS, 1, OUT, RANK), 2)}
 
 
-@pytest.mark.parametrize("indices", [[1] * TOKENS, [0, 2, 2, 1, 0, 0, 1, 2, 2, 0, 1]])
+@pytest.mark.parametrize("indices", [[1] * TOKENS, [0, 2, 2, 1, 0, 0, 1, 2, 2, 0, 1], [2, 2, 0, 2, 2, 2, 0, 2, 2, 2, 2]])
 def test_the_grouped_ops_match_vllms_wherever_every_token_has_an_adapter(weights, indices):
     indices = torch.tensor(indices)
     x = stacked((TOKENS, HIDDEN), 3)
