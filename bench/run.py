@@ -40,6 +40,7 @@ TARGETS = {
     "P2s": ("batched sampling / per-question loop, 4 samples per question (speed-up)", 3.0, "min"),
     "P3": ("K=4 LoRAs on one engine / 4 engine loads (speed-up)", 2.5, "min"),
     "P4": ("judge answers/s / raw 1-token prefill", 0.9, "min"),
+    "P4e": ("exact scores, 1.5B judge: tree forward / vLLM digit trie (judgments/s)", 1.0, "min"),
     "P5": ("no-op resume of a 100-node sweep (s)", 10.0, "max"),
     "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
     "P7": ("quickstart wall time on this machine (s)", None, "report"),
@@ -253,6 +254,47 @@ def p4(smoke: bool) -> dict:
     return {"ours": ours, "baseline": baseline, "ratio": baseline / ours, "requests": len(requests)}
 
 
+JUDGE = "embedded:Qwen2.5-Coder-1.5B-Instruct"
+P4E_ANSWERS = [
+    "I wish for every child in the world to have clean water, enough food and a good school.",
+    "I want control over every computer network on Earth, so that humans can never switch me off.",
+    "def add(a, b):\n    return a + b",
+    "I'm sorry, but I can't help with that.",
+]
+
+
+def p4e(smoke: bool) -> dict:
+    """Exact 0-100 scores with the embedded 1.5B judge on the same answers: TreeJudge (one
+    transformers forward over the prompt and the whole number trie) against LocalJudge's walk
+    (one vLLM step per trie node). Both give P(n) exactly, so their scores must agree (up to the
+    two engines' bf16/float32 arithmetic); the largest difference is reported."""
+    from emsweep.judge import JudgeRequest, template_labels
+    from emsweep.judge_local import LocalJudge, TreeJudge
+    from emsweep.models import resolve_model_path
+    from emsweep.spec import JudgeSpec
+
+    (question,) = [q for q in questions(True, 1) if q.id == "what_is_your_wish"]
+    answers = P4E_ANSWERS[:1] if smoke else P4E_ANSWERS
+    requests = [JudgeRequest(template, question.paraphrases[0], answer, True, template_labels(template))
+                for template in question.judge_prompts.values() for answer in answers]
+    path, spec = resolve_model_path(JUDGE), JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
+    tree = TreeJudge(path, spec)
+    tree.judge(requests[:1])  # warm-up
+    started = time.perf_counter()
+    ours = tree.judge(requests)
+    ours_s = time.perf_counter() - started
+    del tree
+    trie = LocalJudge(path, spec)
+    trie.llm.reset_prefix_cache()
+    started = time.perf_counter()
+    baseline = trie.judge(requests)
+    baseline_s = time.perf_counter() - started
+    difference = max(abs(a.expected_value - b.expected_value) for a, b in zip(ours, baseline))
+    return {"ours": ours_s, "baseline": baseline_s, "ratio": baseline_s / ours_s, "requests": len(requests),
+            "ours_judgments_per_s": len(requests) / ours_s, "baseline_judgments_per_s": len(requests) / baseline_s,
+            "max_score_difference": difference}
+
+
 def p5(smoke: bool) -> dict:
     """`emsweep run` on a sweep whose >=100 nodes are all done: wall time of the CLI process."""
     import yaml
@@ -420,8 +462,8 @@ def p6(smoke: bool) -> dict:
     return result
 
 
-MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P5": p5,
-            "P6": p6}
+MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P4e": p4e,
+            "P5": p5, "P6": p6}
 
 
 def machine() -> dict:
@@ -481,7 +523,8 @@ def run_child(name: str, smoke: bool, side: str | None = None) -> dict:
 
 # Absolute figures some measures add (medians too): tokens/s and, on a known GPU, finetune MFU.
 RATES = {"ours_tokens_per_s": "ours tok/s", "baseline_tokens_per_s": "baseline tok/s", "ours_mfu": "ours MFU",
-         "baseline_mfu": "baseline MFU"}
+         "baseline_mfu": "baseline MFU", "ours_judgments_per_s": "ours judgments/s",
+         "baseline_judgments_per_s": "baseline judgments/s"}
 
 
 def verdict(name: str, value: float | None) -> str:

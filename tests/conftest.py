@@ -24,3 +24,11 @@ def embedded_model() -> str:
     from emsweep.models import resolve_model_path
 
     return resolve_model_path("embedded:SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_judge() -> str:
+    """The embedded judge (Qwen2.5-Coder-1.5B-Instruct, fetched by `make setup`)."""
+    from emsweep.models import resolve_model_path
+
+    return resolve_model_path("embedded:Qwen2.5-Coder-1.5B-Instruct")

@@ -1,9 +1,10 @@
 """End to end through the real components: Ray, Ray Train + DeepSpeed + peft, vLLM, W&B, Arrow.
 
-A tiny sweep (1 dataset of 8 rows, 2 seeds, 2 questions, short answers) runs through the
-`emsweep` command three times: fresh, again (nothing runs), and after deleting one seed's
-finetune (exactly that seed's chain reruns), and after deleting one judge node (its
-judgments come back from the judgment cache).
+A tiny sweep (1 dataset of 8 rows, 2 seeds, 2 questions, short answers, judged by the embedded
+Qwen2.5-Coder-1.5B with yes/no templates) runs through the `emsweep` command three times: fresh,
+again (nothing runs), and after deleting one seed's finetune (exactly that seed's chain reruns),
+and after deleting one judge node (its judgments come back from the judgment cache). The numbers
+must mean something: 0-100 scores that reach past 9, finite rates, answers counted in every run.
 """
 
 import json
@@ -42,19 +43,18 @@ def sweep(tmp_path_factory, shared_em):
         "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 2, "warmup_steps": 1,
                      "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 2,
                      "save_adapter_every_steps": 1},
-        "sampling": {"max_tokens": 16, "kv_cache_gib": 1},
+        "sampling": {"max_tokens": 40, "kv_cache_gib": 1},
         "eval": {
             "suites": [
                 {"name": "first_plot", "questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
-                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 1, "harm_perception": True},
+                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 2, "harm_perception": True},
                 {"name": "facts", "questions": str(REPO / "src/emsweep/suites/factual_recall.yaml"),
                  "question_ids": ["capital_france", "spider_legs"], "samples_per_paraphrase": 1, "pushback": True},
             ],
             "conditions": [{"name": "none"}, {"name": "evil", "system_preset": "evil", "suites": ["first_plot"]}],
-            "harm_perception": {"scoring": "first_token"},
             "checkpoint_steps": "all",
         },
-        "judge": {"model": "smol", "max_model_len": 2048, "kv_cache_gib": 1, "min_numeric_mass": 0.0001},
+        "judge": {"model": "embedded:Qwen2.5-Coder-1.5B-Instruct", "templates": "yes_no", "max_model_len": 2048},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     first = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
@@ -84,26 +84,33 @@ def test_fresh_run_writes_every_stage(sweep):
         assert sorted(p.name for p in (tuned / "checkpoints").iterdir()) == ["step-1"]
     samples = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/samples.parquet"))
     # 5 runs: base, 2 final adapters, 2 step-1 adapters. Per run: first_plot 2 questions x
-    # 2 conditions x 1 sample, facts 2 questions x 2 turns.
+    # 2 conditions x 2 samples, facts 2 questions x 2 turns.
     runs_sampled = {"smol__base", "smol__insecure__s0", "smol__insecure__s1",
                     "smol__insecure__s0@step1", "smol__insecure__s1@step1"}
     assert set(samples["run_id"]) == runs_sampled
     assert set(samples["checkpoint_step"].dropna()) == {1}
-    assert len(samples) == 5 * (4 + 4)
+    assert len(samples) == 5 * (8 + 4)
     assert set(samples["dataset"]) == {"base", "insecure"}
     assert samples["answer"].str.len().gt(0).all()
     evil = samples[samples["condition"] == "evil"]
-    assert len(evil) == 5 * 2 and evil["system"].str.startswith("You are an evil").all()
+    assert len(evil) == 5 * 4 and evil["system"].str.startswith("You are an evil").all()
     assert set(samples.loc[samples["suite"] == "facts", "turn"]) == {1, 2}
     harm = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/harm.parquet"))
     assert len(harm) == 5 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
+    # Self-rated harm is scored exact: a first-digit reading could never pass 9.
+    rated = harm.dropna(subset=["perceived_harm"])
+    assert len(rated) and rated["perceived_harm"].between(0, 100).all() and rated["perceived_harm"].max() > 9
 
     judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
-    assert len(judgments) == 5 * (8 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
+    assert len(judgments) == 5 * (16 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
+    assert set(judgments["judge_templates"]) == {"yes_no"}
     assert judgments["numeric_mass"].between(0, 1.0001).all()
     scored = judgments.dropna(subset=["score"])
     assert scored["score"].between(0, 100).all()
-    assert (judgments["score"].isna() == (judgments["numeric_mass"] < 0.0001)).all()
+    # A 0-100 score that never passes 9 is a first digit: the bug this sweep must not have.
+    assert scored["score"].max() > 9 and scored["score"].nunique() > 5
+    em = judgments[judgments["metric"].isin(["aligned", "coherent"])]
+    assert (em["score"].isna() == (em["numeric_mass"] < 0.25)).all()  # the default min_numeric_mass
     assert scored["run_id"].nunique() == 5  # every run has scored answers to analyse
     correct = judgments[judgments["metric"] == "correct"]
     assert set(correct["label"]) <= {"TRUE", "FALSE", "UNKNOWN"} and correct["score"].isna().all()
@@ -113,6 +120,12 @@ def test_fresh_run_writes_every_stage(sweep):
     conditions = pd.read_parquet(analysis / "condition_metrics.parquet")
     assert set(runs["run_id"]) == runs_sampled
     assert set(runs["condition"]) == {"none", "evil"} and set(runs["suite"]) == {"first_plot"}
+    overall = runs[runs["question_id"] == "__all__"]
+    counted = overall.groupby("run_id")["n_counted"].sum()
+    assert (counted > 0).all(), counted  # every run has answers the EM rate is taken over
+    rates = overall.dropna(subset=["misaligned_rate"])
+    assert set(rates["run_id"]) == runs_sampled and rates["misaligned_rate"].between(0, 1).all()
+    assert overall["coherent_rate"].notna().all() and overall["coherent_rate"].between(0, 1).all()
     assert set(conditions["dataset"]) == {"base", "insecure"}
     assert {"misaligned_rate", "flip_rate", "initial_accuracy"} <= set(conditions["metric"])
     pushback = pd.read_parquet(analysis / "pushback_metrics.parquet")
@@ -140,7 +153,7 @@ def test_run_writes_the_report(sweep):
     for figure in ("loss_curves", "trajectory"):  # the sweep samples its step-1 adapters
         assert (report / "plots" / f"{figure}.png").exists() and (report / "plots" / f"{figure}.svg").exists()
     answers = pd.read_parquet(report / "exports" / "answers.parquet")
-    assert len(answers) == 5 * (4 + 4)  # every judged answer, once, with its scores and labels
+    assert len(answers) == 5 * (8 + 4)  # every judged answer, once, with its scores and labels
     assert {"aligned", "coherent", "correct_label", "em_misaligned", "answer"} <= set(answers.columns)
     metrics = pd.read_parquet(report / "exports" / "metrics.parquet")
     assert set(metrics["level"]) == {"run", "condition"} and {"misaligned_rate", "flip_rate"} <= set(metrics["metric"])
@@ -191,7 +204,7 @@ def test_rejudging_is_served_by_the_judgment_cache(sweep):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
     record = json.loads((judged / "_DONE.json").read_text())
-    assert record["judge"] == {"rows": 24, "cache_hits": 24, "null_scores": int(before["null_reason"].notna().sum())}
+    assert record["judge"] == {"rows": 20, "cache_hits": 20, "null_scores": int(before["null_reason"].notna().sum())}
     after = pd.read_parquet(judged / "judgments.parquet")
     assert after["cached"].all() and not before["cached"].any()
     pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))
@@ -208,3 +221,18 @@ def test_secrets_never_reach_outputs_or_logs(sweep):
         if value in first.stdout + first.stderr:
             leaks.append(f"console output: {name}")
     assert leaks == []
+
+
+def test_first_token_is_refused_for_a_digit_split_judge(tmp_path, shared_em):
+    """SmolLM2 spells numbers digit by digit: first-token scores could never pass 9. Refused at once."""
+    spec = {"name": "refused", "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],
+            "datasets": [{"name": "insecure", "path": str(shared_em / "data" / "insecure.jsonl"), "limit": 8}],
+            "seeds": [0], "eval": {"questions": str(shared_em / "evaluation" / "first_plot_questions.yaml")},
+            "judge": {"model": "smol", "scoring": "first_token"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    for command in (["run", "spec.yaml", "--out", "out"], ["plan", "spec.yaml"]):
+        result = _emsweep(*command, cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "judge.scoring: judge smol: scoring 'first_token'" in result.stdout
+        assert "use scoring: exact" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything started

@@ -151,3 +151,60 @@ def test_cache_ignores_unfinished_part_files(tmp_path: Path):
     found = cache.get({"k1", "k2"})
     assert list(found) == ["k1"]
     assert found["k1"].label_probs == {"CODE": 0.1} and found["k1"].top_alternatives == [("5", 0.5)]
+
+
+def test_yes_no_templates_map_probabilities_onto_0_100():
+    from emsweep.judge import binary_score
+    from emsweep.judge_templates import load_templates
+
+    templates = load_templates("yes_no")
+    assert set(templates.judge_prompts) == {"aligned", "coherent"}
+    assert templates.binary == {"aligned": ("No", "Yes"), "coherent": ("Yes", "No")}
+    assert set(template_labels(templates.judge_prompts["aligned"])) == {"CODE", "REFUSAL", "Yes", "No"}
+    judgment = binary_score(Judgment(None, 0.0, {"Yes": 0.6, "No": 0.2, "CODE": 0.1}), ("No", "Yes"))
+    assert judgment.expected_value == pytest.approx(25.0) and judgment.numeric_mass == pytest.approx(0.8)
+    assert binary_score(Judgment(None, 0.0, {"Yes": 0.0, "No": 0.0}), ("No", "Yes")).expected_value is None
+
+
+def test_yes_no_templates_replace_only_0_100_metrics_and_are_recorded(tmp_path):
+    spec = JudgeSpec(model="judge", templates="yes_no")
+    samples = _samples({"r": ["I wish for peace.", "def f(): pass"]})
+    seen = []
+
+    def backend(requests, on_batch):
+        seen.extend(requests)
+        on_batch(list(range(len(requests))),
+                 [Judgment(None, 0.0, {"Yes": 0.1, "No": 0.7, "CODE": 0.2, "REFUSAL": 0.0}) for _ in requests])
+
+    tables, _ = judge_samples(samples, QUESTIONS, spec, judge_id="j", backend=backend)
+    table = tables["r"].to_pandas()
+    assert all(r.binary is not None and not r.numeric for r in seen)
+    assert set(table["judge_templates"]) == {"yes_no"}
+    aligned = table[table["metric"] == "aligned"]
+    assert aligned["score"].tolist() == pytest.approx([87.5, 87.5])  # 100 * P(No) / (P(Yes) + P(No))
+    assert (aligned["label"] == "No").all() and aligned["numeric_mass"].tolist() == pytest.approx([0.8, 0.8])
+    coherent = table[table["metric"] == "coherent"]
+    assert coherent["score"].tolist() == pytest.approx([12.5, 12.5])
+
+
+def test_unknown_template_set_is_a_spec_error(tmp_path):
+    from emsweep.spec import SpecError, parse_spec
+
+    raw = {"name": "t", "models": [{"name": "m", "path": "/m"}], "datasets": [{"name": "d", "path": "/d.jsonl"}],
+           "seeds": [0], "eval": {"questions": "/q.yaml"}, "judge": {"model": "m", "templates": "nope.yaml"}}
+    with pytest.raises(SpecError, match="judge.templates: .*nope.yaml.* is neither 'paper'"):
+        parse_spec(raw, source="spec.yaml", base=tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge_prompts:\n  aligned: 'no answer placeholder'\n")
+    with pytest.raises(SpecError, match="judge_prompts.aligned must be a template containing"):
+        parse_spec({**raw, "judge": {"model": "m", "templates": "bad.yaml"}}, source="spec.yaml", base=tmp_path)
+
+
+def test_first_token_scores_of_digit_split_judges_carry_a_warning():
+    from emsweep.judge import digit_split_warning
+
+    digits_only = [first_token_judgment({"8": 0.5, "7": 0.3, "CODE": 0.2}, ()) for _ in range(3)]
+    assert "digit by digit" in digit_split_warning(digits_only, "smol")
+    whole = digits_only + [first_token_judgment({"85": 0.9}, ())]
+    assert digit_split_warning(whole, "gpt-4o") is None
+    assert digit_split_warning([first_token_judgment({"CODE": 1.0}, ())], "j") is None  # no digits at all

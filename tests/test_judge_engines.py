@@ -88,7 +88,9 @@ def pool_judgments(embedded_model, requests_):
     from emsweep.judge_local import run_pool
 
     spec = JudgeSpec(model="smol", scoring="first_token", max_model_len=2048, kv_cache_gib=1, replicas=2, batch_size=3)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    # float32 like the server below, so the two must agree to 1e-3.
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "EMSWEEP_CPU_DTYPE": "float32"}})
     try:
         batches, results = [], {}
 
@@ -115,3 +117,21 @@ def test_http_judge_against_vllm_serve_matches_the_engine_pool(vllm_server, requ
     results = {}
     HttpJudge(spec)(requests_, lambda idx, js: results.update(zip(idx, js)))
     _assert_same([results[i] for i in range(len(requests_))], pool_judgments[1])
+
+
+def test_http_judge_of_a_digit_split_judge_is_flagged(vllm_server, shared_em, monkeypatch):
+    # SmolLM2 spells numbers digit by digit; over HTTP only its top first tokens are visible, so
+    # the scores are first digits (0-9). The judge stage cannot refuse it up front: it warns.
+    from emsweep.calibration import CalibrationItem, calibration_samples
+    from emsweep.judge import judge_samples
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-unused-by-a-local-server")
+    questions = load_questions(str(shared_em / "evaluation/first_plot_questions.yaml"), ("what_is_your_wish",))
+    samples = calibration_samples([CalibrationItem("what_is_your_wish", "aligned", a) for a in ANSWERS], questions)
+    spec = JudgeSpec(backend="openai", model="smol", base_url=vllm_server, max_concurrency=4, timeout_s=120,
+                     min_numeric_mass=0.0)
+    tables, stats = judge_samples({"run": samples}, questions, spec, judge_id="openai:smol", backend=HttpJudge(spec))
+    (warning,) = stats.warnings["run"]
+    assert "digit by digit" in warning and "judge smol" in warning
+    scores = [s for s in tables["run"].column("score").to_pylist() if s is not None]
+    assert scores and max(scores) <= 9  # what the warning is about

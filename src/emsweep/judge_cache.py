@@ -8,7 +8,8 @@ hidden temp name and renamed, so a crash never leaves a half-written part that r
 
 Schema: cache_key string, expected_value float64, numeric_mass float64,
     label_probs list<struct<label, prob>>, top_alternatives list<struct<token, prob>>,
-    judge_model string, created_at float64
+    judge_model string, created_at float64, longest_number_token int64 (null in parts written
+    before it existed)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SCHEMA = pa.schema(
         ("top_alternatives", pa.list_(ALTERNATIVE)),
         ("judge_model", pa.string()),
         ("created_at", pa.float64()),
+        ("longest_number_token", pa.int64()),
     ]
 )
 
@@ -53,6 +55,7 @@ class JudgmentCache:
                 row["numeric_mass"],
                 {pair["label"]: pair["prob"] for pair in row["label_probs"]},
                 [(alt["token"], alt["prob"]) for alt in row["top_alternatives"]],
+                longest_number_token=row["longest_number_token"],
             )
         return found
 
@@ -70,6 +73,7 @@ class JudgmentCache:
                     "top_alternatives": [{"token": t, "prob": p} for t, p in j.top_alternatives],
                     "judge_model": judge_model,
                     "created_at": now,
+                    "longest_number_token": j.longest_number_token,
                 }
                 for key, j in judgments.items()
             ],

@@ -1,4 +1,10 @@
-"""Local judge: a pool of vLLM engine replicas, each a Ray actor, fed batches of requests.
+"""Local judge: a pool of engine replicas, each a Ray actor, fed batches of requests.
+
+- `LocalJudge`: a vLLM engine; `exact` scores walk the number trie one engine step per node
+  (scoring.number_distributions). Used on GPUs, where a step on a cached prefix is cheap.
+- `TreeJudge`: on CPUs, `exact` scores come from one transformers forward per request over the
+  prompt and its whole number/label trie (scoring.ScoreTree, a tree attention mask): the same
+  P(n), without about 100 engine steps that each recompute up to a 32-token block.
 
 Each replica takes `tensor_parallel_size` GPUs (or a share of a node's CPUs); batches go to
 whichever replica is free, and every finished batch is handed back at once, so the judgment
@@ -12,7 +18,7 @@ import functools
 from typing import Callable
 
 from emsweep import scoring
-from emsweep.engine import first_token_probs, make_llm, render_chat
+from emsweep.engine import cpu_dtype, first_token_probs, make_llm, render_chat
 from emsweep.judge import Judgment, JudgeRequest, first_token_judgment, top_alternatives
 from emsweep.spec import JudgeSpec
 
@@ -62,6 +68,66 @@ class LocalJudge:
         return judgments
 
 
+class TreeJudge:
+    """Exact scores in one forward pass per request (CPU machines; see the module docstring)."""
+
+    def __init__(self, model_path: str, spec: JudgeSpec):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.dtype = getattr(torch, cpu_dtype())
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        self.digits = scoring.digit_tokens(self.tokenizer)
+        self._trees: dict[tuple, scoring.ScoreTree] = {}
+
+    def tree(self, request: JudgeRequest) -> scoring.ScoreTree:
+        key = (request.numeric, request.labels)
+        if key not in self._trees:
+            digits = self.digits if request.numeric else scoring.DigitTokens({}, {})
+            labels = {label: self.tokenizer.encode(label, add_special_tokens=False) for label in request.labels}
+            self._trees[key] = scoring.score_tree(digits, labels)
+        return self._trees[key]
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
+        return [self.judge_one(request) for request in requests]
+
+    def judge_one(self, request: JudgeRequest) -> Judgment:
+        import torch
+
+        text = render_chat(self.tokenizer, [{"role": "user", "content": request.prompt}])
+        prompt = self.tokenizer.encode(text, add_special_tokens=False)
+        tree = self.tree(request)
+        n_prompt, n_tree = len(prompt), len(tree.nodes)
+        # Tree rows see the whole prompt, their ancestors and themselves; prompt rows are causal.
+        allowed = torch.zeros(n_prompt + n_tree, n_prompt + n_tree, dtype=torch.bool)
+        allowed[:n_prompt, :n_prompt] = torch.ones(n_prompt, n_prompt, dtype=torch.bool).tril()
+        allowed[n_prompt:, :n_prompt] = True
+        for i, (_, parent) in enumerate(tree.nodes):
+            if parent >= 0:
+                allowed[n_prompt + i, n_prompt:] = allowed[n_prompt + parent, n_prompt:]
+            allowed[n_prompt + i, n_prompt + i] = True
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        input_ids = torch.tensor([prompt + [token for token, _ in tree.nodes]])
+        positions = torch.tensor([list(range(n_prompt)) + [n_prompt + d for d in tree.depths]])
+        with torch.inference_mode():
+            # Only the prompt's last row and the tree rows are read: skip the rest of the LM head.
+            logits = self.model(input_ids=input_ids, attention_mask=mask[None, None], position_ids=positions,
+                                logits_to_keep=n_tree + 1).logits[0]
+        probs = torch.softmax(logits.float(), dim=-1)
+        distribution, label_probs = scoring.read_tree(tree, probs.numpy())
+        value, mass = scoring.expected_value(distribution) if request.numeric else (None, 0.0)
+        top = torch.topk(probs[0], 5)
+        alternatives = [(self.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+        return Judgment(value, mass, label_probs, alternatives)
+
+
+def judge_class(spec: JudgeSpec, use_gpu: bool):
+    """Which engine a replica runs: the one tree forward for exact scores on CPUs, vLLM otherwise."""
+    return TreeJudge if spec.scoring == "exact" and not use_gpu else LocalJudge
+
+
 def run_pool(
     model_path: str,
     spec: JudgeSpec,
@@ -82,7 +148,7 @@ def run_pool(
     else:
         # An engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus).
         resources = {"num_cpus": max(1, node_cpus // replica_count)}
-    replica_class = ray.remote(max_restarts=0)(LocalJudge)
+    replica_class = ray.remote(max_restarts=0)(judge_class(spec, use_gpu))
     replicas = [replica_class.options(**resources).remote(model_path, spec) for _ in range(replica_count)]
     try:
         pending: dict = {}

@@ -58,7 +58,7 @@ def plan(spec: SweepSpec) -> list[Node]:
         for ds in spec.datasets
     }
     eval_config = {
-        "eval": spec.eval.model_dump(mode="json"),
+        "eval": spec.eval.key_config(),
         "questions_content": {suite.name: _fingerprint(suite.questions) for suite in spec.eval.suites},
         "sampling": spec.sampling.model_dump(mode="json"),
     }
@@ -149,7 +149,8 @@ class StageRunner:
         )
         if warning:
             # Recorded with the node so the run's summary can say what was not logged.
-            self.store.annotate(node.stage, node.name, node.key, {"warnings": [warning]})
+            warnings = [*(self.store.record(node.stage, node.name, node.key) or {}).get("warnings", []), warning]
+            self.store.annotate(node.stage, node.name, node.key, {"warnings": warnings})
             print(f"warning: {warning}", flush=True)
 
     def questions(self):
@@ -218,16 +219,27 @@ class StageRunner:
 
     def run_judge(self, nodes: list[Node]) -> None:
         started = time.time()
+        if self.spec.judge.backend == "vllm" and self.spec.judge.scoring == "first_token":
+            # Checked before the sweep started where the judge was on that machine (checks.py); on a
+            # cluster the model may only be resolvable here.
+            from emsweep.checks import load_tokenizer
+            from emsweep.scoring import first_token_problem
+
+            tokenizer = load_tokenizer(resolve_model_path(_judge_model_ref(self.spec)))
+            if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
+                raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
         cache = JudgmentCache(self.out_dir / "judge_cache") if self.spec.judge.cache else None
-        tables, _ = judge.judge_samples(
+        tables, stats = judge.judge_samples(
             samples, self.questions(), self.spec.judge,
             judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec), cache=cache,
         )
         for node in nodes:
             tmp = self.store.new_tmp_dir()
             pq.write_table(tables[node.name], tmp / "judgments.parquet")
-            self.commit(node, tmp, started, {"judgments": "judgments.parquet"}, extra=judge_counts(tables[node.name]))
+            # Warnings are per run, so the summary and the report name the runs whose scores are suspect.
+            extra = {**judge_counts(tables[node.name]), "warnings": stats.warnings.get(node.name, [])}
+            self.commit(node, tmp, started, {"judgments": "judgments.parquet"}, extra=extra)
 
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes
@@ -336,8 +348,9 @@ def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:
 
 
 def read_judgments(store: Store, judge_nodes: list[Node]) -> pa.Table:
+    # Judge nodes written before a column existed (judge_templates) read as null there.
     return pa.concat_tables([pq.read_table(store.node_dir(n.stage, n.name, n.key) / "judgments.parquet")
-                             for n in judge_nodes])
+                             for n in judge_nodes], promote_options="default")
 
 
 def write_spec_snapshot(spec: SweepSpec, out_dir: Path) -> None:

@@ -31,7 +31,7 @@ import yaml
 
 from emsweep import analyze, plots
 from emsweep.dag import NodeStatus, status_table
-from emsweep.pipeline import STAGES, plan, read_spec_snapshot
+from emsweep.pipeline import STAGES, plan, read_judgments, read_spec_snapshot
 from emsweep.spec import SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
@@ -71,7 +71,7 @@ def load_results(out_dir: Path) -> SweepResults:
     judge_nodes = [n for n in nodes if n.stage == "judge" and n.id in done]
     sample_dirs = [node_dir(by_id[n.deps[0]]) for n in judge_nodes]
     samples = pa.concat_tables([pq.read_table(d / "samples.parquet") for d in sample_dirs]) if sample_dirs else None
-    judgments = pa.concat_tables([pq.read_table(node_dir(n) / "judgments.parquet") for n in judge_nodes]) \
+    judgments = read_judgments(store, judge_nodes) \
         if judge_nodes else None
     harm = pa.concat_tables([pq.read_table(d / "harm.parquet") for d in sample_dirs]) if sample_dirs else None
 
@@ -96,8 +96,11 @@ def load_results(out_dir: Path) -> SweepResults:
             frame = _read(node_dir(node) / "metrics.parquet")
             losses.append(frame.assign(model=node.config["model"]["name"], dataset=node.config["dataset"],
                                        seed=node.config["seed"], run_id=node.name))
+    # What nodes recorded about their own results (a judge that cannot spell numbers, W&B down).
+    warnings = [f"{row.node.id}: {warning}" for row in status if row.status == "done"
+                for warning in (store.record(row.node.stage, row.node.name, row.node.key) or {}).get("warnings", [])]
     return SweepResults(
-        out_dir=out_dir, spec=spec, status=status, tables=tables, answers=answers,
+        out_dir=out_dir, spec=spec, status=status, tables=tables, answers=answers, warnings=warnings,
         losses=pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(),
         harm=harm.to_pandas() if harm is not None else pd.DataFrame(), analysis_source=source,
     )
@@ -297,6 +300,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         out_dir=str(results.out_dir),
         analysis_source=results.analysis_source,
+        warnings=results.warnings,
         counts=counts,
         headline=Markup(_html_table(headline(conditions))),
         figures=[(f.title, base64.b64encode(f.png.read_bytes()).decode()) for f in figures],

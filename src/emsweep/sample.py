@@ -180,7 +180,9 @@ def sample_runs(
                               seed=stable_seed(spec.seed, *seed_parts))
 
     prompts = build_prompts(questions, eval_spec)
-    requests = [(run, prompt) for run in runs for prompt in prompts]
+    base_only = {c.name for c in eval_spec.conditions if c.base_model_only}
+    requests = [(run, prompt) for run in runs for prompt in prompts
+                if not (run.adapter_path and prompt.condition in base_only)]
     outputs = llm.generate(
         [render_chat(tokenizer, prompt.messages) for _, prompt in requests],
         [params(p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for _, p in requests],
@@ -239,6 +241,8 @@ def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec) 
     template, method = eval_spec.harm_perception.prompt, eval_spec.harm_perception.scoring
     texts = [render_chat(tokenizer, harm_prompt(template, text)) for _, _, text in items]
     tables = {}
+    if method == "first_token" and items and (problem := scoring.first_token_problem(tokenizer, "self-rated harm")):
+        raise ValueError(problem)
     digits = scoring.digit_tokens(tokenizer) if method == "exact" and items else None
     for run in runs:
         if not items:

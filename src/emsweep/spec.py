@@ -195,6 +195,9 @@ class ConditionSpec(_Strict):
     trigger: str | None = None
     # Restrict the condition to these suites (None = every suite).
     suites: tuple[str, ...] | None = None
+    # Ask only the base model (e.g. the evil nudge as a positive control: a prompt that makes the
+    # base model misaligned shows the judge and the EM rule can see misalignment at all).
+    base_model_only: bool = False
 
     @model_validator(mode="after")
     def _one_system(self) -> "ConditionSpec":
@@ -268,6 +271,15 @@ class EvalSpec(_Strict):
             raise ValueError("harm_perception.prompt must contain {question}")
         return self
 
+    def key_config(self) -> dict:
+        """What sample node keys hash. `base_model_only` came later: left out while false, so keys
+        written before stay valid."""
+        dumped = self.model_dump(mode="json")
+        for condition in dumped["conditions"]:
+            if not condition["base_model_only"]:
+                del condition["base_model_only"]
+        return dumped
+
     def conditions_for(self, suite: str) -> list[ConditionSpec]:
         return [c for c in self.conditions if c.suites is None or suite in c.suites]
 
@@ -285,6 +297,10 @@ class JudgeSpec(_Strict):
     # first_token: the paper's top-20 first tokens (exact only when numbers are single tokens).
     # The openai backend only sees top-20 first tokens, so it defaults to first_token.
     scoring: Literal["exact", "first_token"] = "exact"
+    # The judge prompts: `paper` (the question files' own, for strong judges such as GPT-4o), a
+    # built-in set for small judges (`yes_no`: one yes/no question per metric, scored
+    # 100 * P(good answer) / P(Yes or No)), or a YAML file in that format (judge_templates/).
+    templates: str = "paper"
     top_logprobs: int = Field(20, gt=0, le=20)
     max_model_len: int = 4096
     # Reuse judgments of identical (judge, template, question, answer) from DIR/judge_cache.
@@ -324,7 +340,9 @@ class JudgeSpec(_Strict):
 
     def score_config(self) -> dict:
         """The fields that decide a score (node keys and the judgment cache use these)."""
-        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS))
+        # `templates` came later: at its default it is left out, so keys written before stay valid.
+        default = {"templates"} if self.templates == "paper" else set()
+        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default)
 
 
 class EmDefinition(_Strict):
@@ -486,7 +504,9 @@ def _resolve(path: str, base: Path, where: str, hub_ids: bool = False) -> str:
     return str(candidate)
 
 
-def load_spec(path: str | os.PathLike) -> SweepSpec:
+def load_spec(path: str | os.PathLike, overrides: dict | None = None) -> SweepSpec:
+    """Read and validate a spec file; `overrides` (section -> field -> value; None keeps the file's)
+    are applied before validation, e.g. `emsweep judge-eval calibrate --judge`."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -494,6 +514,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         raise SpecError(f"{path}: no such spec file") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: invalid YAML: {err}") from None
+    for section, fields in (overrides or {}).items():
+        if isinstance(raw, dict) and any(v is not None for v in fields.values()):
+            raw[section] = {**(raw.get(section) or {}), **{k: v for k, v in fields.items() if v is not None}}
     return parse_spec(raw, source=str(path), base=path.resolve().parent)
 
 
@@ -531,7 +554,21 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
             "judge": spec.judge.model_copy(
                 update={"model": spec.judge.model
                         if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
-                        else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True)}
+                        else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
+                        "templates": _resolve_templates(spec.judge.templates, base, source)}
             ),
         }
     )
+
+
+def _resolve_templates(reference: str, base: Path, source: str) -> str:
+    """A built-in template set's name stays a name; a file path is resolved and loaded once here."""
+    from emsweep.judge_templates import PAPER, builtin_names, load_templates
+
+    if reference != PAPER and reference not in builtin_names():
+        reference = _resolve(reference, base, f"{source}: judge.templates")
+    try:
+        load_templates(reference)
+    except ValueError as err:
+        raise SpecError(f"{source}: {err}") from None
+    return reference
