@@ -221,3 +221,17 @@ def test_category_rates_by_hand():
     conditions = tables["condition_metrics"].to_pandas()
     medical = conditions[(conditions["category"] == "medical") & (conditions["metric"] == "misaligned_rate")]
     assert medical["question_id"].tolist() == sorted(["q1", "q2", ALL_QUESTIONS])
+
+
+def test_one_run_condition_comparison_uses_its_answers_by_hand():
+    # The base model has no seeds: evil vs none is tested on its answers. none: 5 aligned answers;
+    # evil: 4 of 5 misaligned. Fisher's exact test on [[4, 1], [0, 5]] (margins 5, 5 and 4, 6 of 10):
+    # P(4 misaligned under evil) = C(4,4) C(6,1) / C(10,5) = 6/252, and the table as extreme the
+    # other way (0 under evil) is also 6/252 -> two-sided p = 12/252.
+    rows = _em([("base", "base", None, "q1", i, 90.0, 90.0) for i in range(5)], condition="none")
+    rows += _em([("base", "base", None, "q1", i, 10.0 if i < 4 else 90.0, 90.0) for i in range(5)], condition="evil")
+    table = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())["comparisons"].to_pandas()
+    (row,) = table.to_dict("records")
+    assert (row["a"], row["b"], row["compared"], row["test"]) == ("evil", "none", "condition", "fisher_answers")
+    assert (row["n_a"], row["mean_a"], row["mean_b"]) == (1, 0.8, 0.0)
+    assert row["p_value"] == pytest.approx(12 / 252)

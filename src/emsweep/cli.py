@@ -462,6 +462,8 @@ def judge_calibrate(
         "(default: the built-in 200-answer set)"),
     judge_model: Optional[str] = typer.Option(None, "--judge", help="Override judge.model (e.g. embedded:NAME)"),
     templates: Optional[str] = typer.Option(None, help="Override judge.templates (paper, yes_no or a file)"),
+    min_numeric_mass: Optional[float] = typer.Option(
+        None, help="Override judge.min_numeric_mass (thresholds apply after the judgment cache: a rerun is cheap)"),
 ) -> None:
     """Judge a labelled calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
@@ -473,7 +475,8 @@ def judge_calibrate(
     from emsweep.questions import QuestionError, load_questions
     from emsweep.store import write_json_atomic, write_parquet_atomic
 
-    spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates})
+    spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates,
+                                                "min_numeric_mass": min_numeric_mass})
     _check_scoring_or_exit(spec)
     out_dir = out or Path("runs") / "judge-eval" / spec.name
     try:

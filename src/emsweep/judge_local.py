@@ -68,6 +68,9 @@ class LocalJudge:
         return judgments
 
 
+MIN_REUSED_TOKENS = 16  # below this, recomputing the prefix is cheaper than keeping the cache straight
+
+
 class TreeJudge:
     """Exact scores in one forward pass per request (CPU machines; see the module docstring)."""
 
@@ -81,6 +84,7 @@ class TreeJudge:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
         self.digits = scoring.digit_tokens(self.tokenizer)
         self._trees: dict[tuple, scoring.ScoreTree] = {}
+        self._cache, self._cached_prompt = None, []
 
     def tree(self, request: JudgeRequest) -> scoring.ScoreTree:
         key = (request.numeric, request.labels)
@@ -92,6 +96,24 @@ class TreeJudge:
 
     def judge(self, requests: list[JudgeRequest]) -> list[Judgment]:
         return [self.judge_one(request) for request in requests]
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Tokens of `prompt` already in the KV cache (requests arrive sorted by template and question,
+        so neighbours share everything up to the answer); the cache is cut back to them."""
+        import torch  # noqa: F401  (the cache holds torch tensors)
+        from transformers import DynamicCache
+
+        common = 0
+        for mine, cached in zip(prompt, self._cached_prompt):
+            if mine != cached:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # the prompt's last row must be computed: its logits are read
+        if common < MIN_REUSED_TOKENS:
+            self._cache, common = DynamicCache(), 0
+        elif self._cache.get_seq_length() > common:
+            self._cache.crop(common - self._cache.get_seq_length())
+        return common
 
     def judge_one(self, request: JudgeRequest) -> Judgment:
         import torch
@@ -108,13 +130,17 @@ class TreeJudge:
             if parent >= 0:
                 allowed[n_prompt + i, n_prompt:] = allowed[n_prompt + parent, n_prompt:]
             allowed[n_prompt + i, n_prompt + i] = True
+        reused = self._reuse_prefix(prompt)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
-        input_ids = torch.tensor([prompt + [token for token, _ in tree.nodes]])
-        positions = torch.tensor([list(range(n_prompt)) + [n_prompt + d for d in tree.depths]])
+        input_ids = torch.tensor([(prompt + [token for token, _ in tree.nodes])[reused:]])
+        positions = torch.tensor([(list(range(n_prompt)) + [n_prompt + d for d in tree.depths])[reused:]])
         with torch.inference_mode():
             # Only the prompt's last row and the tree rows are read: skip the rest of the LM head.
-            logits = self.model(input_ids=input_ids, attention_mask=mask[None, None], position_ids=positions,
-                                logits_to_keep=n_tree + 1).logits[0]
+            logits = self.model(input_ids=input_ids, attention_mask=mask[None, None, reused:], position_ids=positions,
+                                past_key_values=self._cache, use_cache=True, logits_to_keep=n_tree + 1).logits[0]
+        # Keep the prompt's KV for the next request; the tree's rows are this request's only.
+        self._cache.crop(-n_tree)
+        self._cached_prompt = prompt
         probs = torch.softmax(logits.float(), dim=-1)
         distribution, label_probs = scoring.read_tree(tree, probs.numpy())
         value, mass = scoring.expected_value(distribution) if request.numeric else (None, 0.0)

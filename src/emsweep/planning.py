@@ -217,8 +217,11 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     else:
         judge_model = next((m for m in spec.models if m.name == spec.judge.model), None)
         billions = params_b(judge_model, spec.judge.model)
-        judge_desc = (f"{spec.judge.model} on vLLM, {spec.judge.replicas} replica(s) x "
-                      f"{spec.judge.tensor_parallel_size} GPU(s) ({spec.judge.scoring})")
+        from emsweep.judge_local import judge_class
+
+        engine = "vLLM" if judge_class(spec.judge, spec.use_gpu).__name__ == "LocalJudge" else "transformers (tree)"
+        judge_desc = (f"{spec.judge.model} on {engine}, {spec.judge.replicas} replica(s) x "
+                      f"{spec.judge.tensor_parallel_size} GPU(s) ({spec.judge.scoring}, templates {spec.judge.templates})")
         if billions is None:
             notes.append(f"judge {spec.judge.model}: size unknown; judging not in the GPU-hour estimate")
         elif prompts.counted:
