@@ -50,6 +50,9 @@ class Script(http.server.BaseHTTPRequestHandler):
         if answer == "bad-request":
             return self.reply(400, b'{"error": "context too long"}')
         if answer == "slow":
+            time.sleep(1.0)
+        if answer == "slow-counted":
+            # Counted apart from "slow": handlers of an earlier test may still be sleeping on that one.
             with Script.lock:
                 Script.in_flight += 1
                 Script.most_in_flight = max(Script.most_in_flight, Script.in_flight)
@@ -105,8 +108,8 @@ def test_retries_then_null_with_reason_never_a_crash(server, monkeypatch):
 
 
 def test_concurrency_limit_is_respected(server):
-    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_concurrency=2, timeout_s=5)
-    requests = [JudgeRequest("ANSWER: {answer}", "q", "slow", numeric=True, labels=()) for _ in range(5)]
+    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_concurrency=2, timeout_s=30)
+    requests = [JudgeRequest("ANSWER: {answer}", "q", "slow-counted", numeric=True, labels=()) for _ in range(5)]
     results = {}
     HttpJudge(spec)(requests, lambda idx, js: results.update(zip(idx, js)))
     assert len(results) == 5 and all(j.error is None for j in results.values())
