@@ -207,7 +207,7 @@ def test_rejudging_is_served_by_the_judgment_cache(sweep):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
     record = json.loads((judged / "_DONE.json").read_text())
-    assert record["judge"] == {"rows": 36, "cache_hits": 36, "null_scores": int(before["null_reason"].notna().sum())}
+    assert record["judge"] == {"rows": 72, "cache_hits": 72, "null_scores": int(before["null_reason"].notna().sum())}
     after = pd.read_parquet(judged / "judgments.parquet")
     assert after["cached"].all() and not before["cached"].any()
     pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))
