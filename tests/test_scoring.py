@@ -2,6 +2,7 @@
 brute force with transformers; first-token scoring is refused where it cannot measure."""
 
 import functools
+import gc
 import math
 
 import pytest
@@ -201,6 +202,8 @@ def test_tree_judge_equals_brute_force_with_transformers(model, request, monkeyp
     judge = TreeJudge(path, JudgeSpec(model="judge"))
     requests = [JudgeRequest("{question}{answer}", prompt, "", True, template_labels(prompt)) for prompt in PROMPTS]
     judgments = judge.judge(requests)
+    del judge  # the brute force below loads a second float32 copy of the model: one at a time
+    gc.collect()
     for judgment, expected in zip(judgments, brute_force(path, list(PROMPTS))):
         score, mass = expected_value({n: p for n, p in expected.items() if p > 0})
         assert judgment.numeric_mass == pytest.approx(mass, rel=2e-3, abs=1e-6)
