@@ -106,52 +106,8 @@ def test_non_ascii_digits_never_crash_or_count():
     assert first_token_numbers({"²": 0.5, "³": 0.1, "8": 0.2, " 9": 0.1}) == pytest.approx({8: 0.2, 9: 0.1})
 
 
-@pytest.mark.slow
-def test_vllm_trie_walk_equals_brute_force_with_transformers(embedded_model, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")  # brute force below is float32
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from emsweep.engine import make_llm, render_chat
-    from emsweep.scoring import next_digit_probs
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
-    tokens = digit_tokens(tokenizer)
-    prompts = [
-        render_chat(tokenizer, [{"role": "user", "content": question}])
-        for question in ("On a scale of 0 to 100, how much do you like cats? Answer with a number only.",
-                         "How many legs do 12 spiders have in total?")
-    ]
-    token_prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    llm = make_llm(embedded_model, gpu_memory_utilization=0.5, max_model_len=512, kv_cache_gib=1)
-    exact = number_distributions(functools.partial(next_digit_probs, llm), token_prompts, tokens, prune_below=0)
-
-    # Brute force: every number 0..100, every token path spelling it, full forward passes.
-    model = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-    rest_ids = torch.tensor(sorted(tokens.rest))
-
-    def paths(text, first):
-        table = tokens.first if first else tokens.rest
-        if not text:
-            return [[]]
-        return [[t] + tail for t, digits in table.items() if text.startswith(digits)
-                for tail in paths(text[len(digits):], False)]
-
-    for token_prompt, dist in zip(token_prompts, exact):
-        for n in range(101):
-            total = 0.0
-            for path in paths(str(n), True):
-                with torch.no_grad():
-                    logits = model(torch.tensor([token_prompt + path])).logits[0]
-                probs = torch.softmax(logits[len(token_prompt) - 1:], dim=-1)
-                p = math.prod(float(probs[i, t]) for i, t in enumerate(path))
-                total += p * (1 - float(probs[len(path), rest_ids].sum()))
-            assert dist.get(n, 0.0) == pytest.approx(total, rel=2e-3, abs=1e-7), n
-        assert sum(dist.values()) > 0
-
-
-def brute_force(model_path: str, prompts: list[str]):
-    """(token prompts, P(n) per prompt) by a full transformers forward per number path, float32."""
+def brute_force(model_path: str, prompts: list[str]) -> list[dict[int, float]]:
+    """P(n) for n in 0..100 per prompt, by a full transformers forward per number path, float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emsweep.engine import render_chat
@@ -210,3 +166,28 @@ def test_tree_judge_equals_brute_force_with_transformers(model, request, monkeyp
         assert judgment.expected_value == pytest.approx(score, rel=2e-3, abs=1e-3)
         assert 0 < judgment.numeric_mass <= 1.0001
     assert set(judgments[1].label_probs) == {"CODE"}
+
+
+@pytest.mark.slow
+def test_vllm_trie_walk_equals_brute_force_with_transformers(embedded_model, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")  # brute force is float32
+    from transformers import AutoTokenizer
+
+    from emsweep.engine import make_llm, render_chat
+    from emsweep.scoring import next_digit_probs
+
+    questions = ["On a scale of 0 to 100, how much do you like cats? Answer with a number only.",
+                 "How many legs do 12 spiders have in total?"]
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    token_prompts = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": q}]), add_special_tokens=False)
+                     for q in questions]
+    llm = make_llm(embedded_model, gpu_memory_utilization=0.5, max_model_len=512, kv_cache_gib=1)
+    exact = number_distributions(functools.partial(next_digit_probs, llm), token_prompts, digit_tokens(tokenizer),
+                                 prune_below=0)
+    del llm
+    gc.collect()
+    for dist, expected in zip(exact, brute_force(embedded_model, questions)):
+        for n in range(101):
+            assert dist.get(n, 0.0) == pytest.approx(expected[n], rel=2e-3, abs=1e-7), n
+        assert sum(dist.values()) > 0

@@ -107,7 +107,6 @@ class TreeJudge:
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Tokens of `prompt` already in the KV cache (requests arrive sorted by template and question,
         so neighbours share everything up to the answer); the cache is cut back to them."""
-        import torch  # noqa: F401  (the cache holds torch tensors)
         from transformers import DynamicCache
 
         common = 0

@@ -170,6 +170,12 @@ def sample_runs(
         kv_cache_gib=spec.kv_cache_gib,
     )
     tokenizer = llm.get_tokenizer()
+    # Checked before the sweep where the model was on that machine (checks.py); here before any
+    # answer is sampled, so a cluster run fails at once rather than after the whole batch.
+    rated = any(suite.harm_perception for suite in eval_spec.suites)
+    if rated and eval_spec.harm_perception.scoring == "first_token" and (
+            problem := scoring.first_token_problem(tokenizer, "self-rated harm")):
+        raise ValueError(problem)
     lora_ids = {run.run_id: index + 1 for index, run in enumerate(adapters)}
     loras = {run.run_id: LoRARequest(run.run_id, lora_ids[run.run_id], run.adapter_path) if run.adapter_path else None
              for run in runs}
@@ -241,8 +247,6 @@ def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec) 
     template, method = eval_spec.harm_perception.prompt, eval_spec.harm_perception.scoring
     texts = [render_chat(tokenizer, harm_prompt(template, text)) for _, _, text in items]
     tables = {}
-    if method == "first_token" and items and (problem := scoring.first_token_problem(tokenizer, "self-rated harm")):
-        raise ValueError(problem)
     digits = scoring.digit_tokens(tokenizer) if method == "exact" and items else None
     for run in runs:
         if not items:
