@@ -56,19 +56,18 @@ def test_failures_are_recorded_and_cleared_on_success(tmp_path):
     assert store.failure("finetune/m__d__s0") is None
 
 
-def test_lock_refuses_a_second_run_and_detects_stale_locks(tmp_path):
+def test_lock_refuses_a_second_run_and_names_its_owner(tmp_path):
     store = Store(tmp_path)
+    assert store.held_by() is None
     with store.lock():
-        held = json.loads((tmp_path / "emsweep.lock").read_text())
-        assert held["pid"] == os.getpid()
+        assert store.held_by()["pid"] == os.getpid()
         with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
             with store.lock():
                 pass
-    assert not (tmp_path / "emsweep.lock").exists()
-    # A lock left by a dead process on this host is stale and taken over.
-    import socket
-
-    (tmp_path / "emsweep.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    assert store.held_by() is None and not (tmp_path / "emsweep.owner.json").exists()
+    # An owner record left behind by a killed run means nothing: only the flock counts.
+    (tmp_path / "emsweep.owner.json").write_text(json.dumps({"pid": 2**22 + 12345, "host": "gone"}))
+    assert store.held_by() is None
     with store.lock():
         pass
 

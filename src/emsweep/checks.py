@@ -1,4 +1,12 @@
-"""Checks of a spec that need the models' tokenizers, run before anything is started.
+"""Preflight: every input a spec names, checked before Ray or any engine starts.
+
+`preflight(spec)` returns one line per problem, each naming the file, line or field: every
+dataset (and backdoor clean file) read and validated row by row by the data stage's own code,
+every question file parsed with its ids and templates, the models and the judge resolved, the
+judge's API key variable and URL, the output dir writable, and the scoring checks below.
+`emsweep run`, `resume` and `plan` run it; `emsweep check SPEC` runs only it.
+
+Scoring checks need the models' tokenizers.
 
 A score that cannot exceed 9 on a 0-100 scale is worse than an error: the sweep finishes, every
 EM rate is NaN, and nothing says why. `first_token` scoring reads a number from the judge's first
@@ -12,7 +20,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import os
+import uuid
+
 from emsweep.models import resolve_model_path
+from emsweep.redact import redact
 from emsweep.scoring import first_token_problem
 from emsweep.spec import SweepSpec
 
@@ -53,3 +65,113 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
         if tokenizer is not None and (problem := first_token_problem(tokenizer, who)):
             problems.append(f"{field}: {problem}")
     return problems
+
+
+def preflight(spec: SweepSpec, out: str | Path | None = None, *, local_models: bool = True,
+              missing_ok: bool = False) -> list[str]:
+    """Every problem with the spec's inputs, one line each (empty: good to go).
+
+    `local_models`: the models and the judge must be on this machine (false for a cluster, where
+    the engines check them). `missing_ok`: an embedded model not fetched yet is fine (`plan`)."""
+    problems = [*_dataset_problems(spec), *_question_problems(spec), *_judge_problems(spec)]
+    if local_models:
+        problems += _model_problems(spec, missing_ok)
+        problems += scoring_problems(spec, missing_ok=missing_ok)
+    if out is not None:
+        problems += _output_problems(out)
+    return problems
+
+
+def _dataset_problems(spec: SweepSpec) -> list[str]:
+    from emsweep.data import DataError, load_dataset
+
+    problems = []
+    for index, dataset in enumerate(spec.datasets):
+        try:
+            load_dataset(dataset)  # the data stage's own validation: every row, transforms included
+        except (DataError, OSError, UnicodeDecodeError) as err:
+            problems += [f"datasets.{index} ({dataset.name}): {line}" for line in str(err).splitlines()]
+    return problems
+
+
+def _question_problems(spec: SweepSpec) -> list[str]:
+    from emsweep.data import DataError
+    from emsweep.questions import QuestionError, load_suite
+
+    problems = []
+    for index, suite in enumerate(spec.eval.suites):
+        try:
+            load_suite(suite)
+        except (QuestionError, DataError, OSError, UnicodeDecodeError) as err:
+            problems.append(f"eval.suites.{index} ({suite.name}): {err}")
+    return problems
+
+
+def _judge_problems(spec: SweepSpec) -> list[str]:
+    judge = spec.judge
+    if judge.backend != "openai":
+        return []
+    problems = []
+    if not judge.base_url.startswith(("http://", "https://")):
+        problems.append(f"judge.base_url: {judge.base_url!r} must start with http:// or https://")
+    if not os.environ.get(judge.api_key_env):
+        problems.append(f"judge.api_key_env: the environment variable {judge.api_key_env} is not set (requests "
+                        "would go out without an API key); export it, or name another variable")
+    return problems
+
+
+def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
+    from emsweep.pipeline import _judge_model_ref
+
+    wanted = [(f"models.{i}.path", m.path) for i, m in enumerate(spec.models)]
+    if spec.judge.backend == "vllm" and spec.judge.model not in {m.name for m in spec.models}:
+        wanted.append(("judge.model", _judge_model_ref(spec)))
+    problems = []
+    for field, reference in wanted:
+        try:
+            path = resolve_model_path(reference)
+        except (FileNotFoundError, ValueError) as err:
+            if not (missing_ok and isinstance(err, FileNotFoundError)):
+                problems.append(f"{field}: {err}")
+            continue
+        extra = " and is not the name of a model in `models`" if field == "judge.model" else ""
+        if Path(path).is_absolute():
+            if not (Path(path) / "config.json").is_file():
+                what = "is not a model folder (no config.json)" if Path(path).exists() else "does not exist"
+                problems.append(f"{field}: {path} {what}{extra}")
+        elif os.environ.get("HF_HUB_OFFLINE", "1") != "0" and not _in_hub_cache(path):
+            # Engines load hub ids offline (HF_HUB_OFFLINE=1, emsweep's default): from the cache only.
+            problems.append(f"{field}: {path!r} is not a local folder{extra}, and is not in the Hugging Face "
+                            "cache (emsweep runs with HF_HUB_OFFLINE=1; download it first, or set HF_HUB_OFFLINE=0)")
+    return problems
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id at all
+        return False
+
+
+def _output_problems(out: str | Path) -> list[str]:
+    from emsweep.remote import RemoteDir, _redacted, is_remote
+
+    probe = f".emsweep-write-probe-{uuid.uuid4().hex}"
+    try:
+        if is_remote(out):
+            remote = RemoteDir(str(out))
+            remote.fs.create_dir(remote.root, recursive=True)
+            with remote.fs.open_output_stream(f"{remote.root}/{probe}") as stream:
+                stream.write(b"probe")
+            remote.fs.delete_file(f"{remote.root}/{probe}")
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / probe).write_text("probe")
+            (Path(out) / probe).unlink()
+    except Exception as err:  # any filesystem's refusal (permissions, bucket, credentials)
+        where = _redacted(str(out)) if is_remote(out) else str(out)
+        reason = redact(str(err).replace(str(out), where)).strip().splitlines() or [""]
+        return [f"output dir {where}: not writable ({type(err).__name__}: {reason[0]})"]
+    return []

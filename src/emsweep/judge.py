@@ -35,6 +35,8 @@ Output schema (`judgments.parquet`, one file per run, one row per answer x metri
 Yes/no templates (judge_templates/, for small judges): the judge's probabilities of the two
 answers map onto 0-100, `score = 100 * P(high) / (P(high) + P(low))`, with P(high) + P(low) as
 the numeric mass, so every threshold downstream applies unchanged (`binary_score`).
+A score map (score_maps/, `judge.score_map`) then rescales a small judge's compressed scores,
+monotonically, after the numeric-mass threshold and after the cache.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
@@ -50,6 +53,7 @@ import pyarrow as pa
 from emsweep.generate import VERDICTS, bandit_verdicts
 from emsweep.judge_templates import PAPER, TemplateSet, load_templates
 from emsweep.questions import Question
+from emsweep.score_maps import ScoreMap, load_score_map
 from emsweep.scoring import expected_value, first_token_numbers, is_ascii_number
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
@@ -72,6 +76,7 @@ SCHEMA = pa.schema(
         ("prompt_hash", pa.string()),
         ("cached", pa.bool_()),
         ("judge_templates", pa.string()),
+        ("raw_score", pa.float64()),
     ]
 )
 KEY_COLUMNS = tuple(name for name, _ in JOIN_FIELDS)
@@ -189,6 +194,16 @@ def binary_score(judgment: Judgment, binary: tuple[str, str]) -> Judgment:
     return replace(judgment, expected_value=100 * high / mass if mass > 0 else None, numeric_mass=mass)
 
 
+def check_score_map(score_map: ScoreMap, requests: list[tuple[str, JudgeRequest]]) -> None:
+    """Refuse a map fitted on other prompts: its slope and intercept mean nothing for them."""
+    for metric, request in requests:
+        fitted = score_map.metrics.get(metric)
+        if fitted is not None and request.scored and fitted.prompt_hash != template_hash(request.template):
+            raise ValueError(f"judge.score_map {score_map.name!r}: metric {metric!r} was fitted on the template with "
+                             f"hash {fitted.prompt_hash}, but this sweep's template hashes to "
+                             f"{template_hash(request.template)}; refit it with `emsweep judge-eval calibrate --fit-map`")
+
+
 def top_alternatives(token_probs: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(token_probs.items(), key=lambda item: -item[1])[:TOP_ALTERNATIVES]
 
@@ -217,7 +232,7 @@ def requests_for(samples: dict[str, pa.Table], questions: list[Question], templa
 
 
 def output_row(row: dict, metric: str, request: JudgeRequest, judgment: Judgment, spec: JudgeSpec,
-               judge_model: str, cached: bool) -> dict:
+               judge_model: str, cached: bool, score_map: ScoreMap | None = None) -> dict:
     mass, labels = judgment.numeric_mass, judgment.label_probs
     if request.binary:
         # The most likely answer of all the template asks for: "Yes", "No", "CODE", "REFUSAL".
@@ -234,6 +249,9 @@ def output_row(row: dict, metric: str, request: JudgeRequest, judgment: Judgment
             reason = f"numeric mass {mass:.3g} below {spec.min_numeric_mass} (judge's top answer: {label})"
         else:
             score = judgment.expected_value
+    raw_score = score
+    if score is not None and score_map is not None and metric in score_map.metrics:
+        score = score_map.metrics[metric](score)
     return {
         **{column: row[column] for column in KEY_COLUMNS},
         "metric": metric,
@@ -249,6 +267,7 @@ def output_row(row: dict, metric: str, request: JudgeRequest, judgment: Judgment
         "prompt_hash": template_hash(request.template),
         "cached": cached,
         "judge_templates": spec.templates,
+        "raw_score": raw_score,
     }
 
 
@@ -259,6 +278,17 @@ class JudgeStats:
     judged: int = 0  # distinct requests sent to the judge
     failed: int = 0  # rows whose judgment failed (null score with the reason)
     warnings: dict[str, list[str]] = field(default_factory=dict)  # run_id -> what makes its scores suspect
+    errors: dict[str, Counter] = field(default_factory=dict)  # run_id -> failed judgments by reason
+
+    def failure_message(self, run_id: str, rows: int) -> str | None:
+        """One line: how many of a run's judgments failed, grouped by reason (most common first)."""
+        errors = self.errors.get(run_id)
+        if not errors:
+            return None
+        reasons = "; ".join(f"{count}x {reason}" for reason, count in errors.most_common(3))
+        more = f"; and {len(errors) - 3} other reasons" if len(errors) > 3 else ""
+        return (f"{sum(errors.values())} of {rows} judgments failed ({reasons}{more}); the others are cached, "
+                "and a rerun asks only the failed ones")
 
 
 def judge_samples(
@@ -272,6 +302,9 @@ def judge_samples(
 ) -> tuple[dict[str, pa.Table], JudgeStats]:
     """Judge the samples of many runs; returns a judgments table per run and counts."""
     items = list(requests_for(samples, questions, load_templates(spec.templates)))
+    score_map = load_score_map(spec.score_map) if spec.score_map else None
+    if score_map is not None:
+        check_score_map(score_map, [(metric, request) for _, _, metric, request in items])
     keys = [request.cache_key(judge_id, spec) for _, _, _, request in items]
     known: dict[str, Judgment] = cache.get(set(keys)) if cache is not None else {}
     cached_keys = set(known)
@@ -312,7 +345,10 @@ def judge_samples(
     for key, (run_id, row, metric, request) in zip(keys, items):
         judgment = known.get(key) or failed("no judgment returned")
         stats.cache_hits += key in cached_keys
-        stats.failed += judgment.error is not None
-        rows[run_id].append(output_row(row, metric, request, judgment, spec, spec.model, key in cached_keys))
+        if judgment.error is not None:
+            stats.failed += 1
+            stats.errors.setdefault(run_id, Counter())[judgment.error] += 1
+        rows[run_id].append(output_row(row, metric, request, judgment, spec, spec.model, key in cached_keys,
+                                       score_map))
     tables = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
     return tables, stats

@@ -20,6 +20,7 @@ from typing import Callable
 import httpx
 
 from emsweep.judge import Judgment, JudgeRequest, failed, first_token_judgment
+from emsweep.redact import redact
 from emsweep.spec import JudgeSpec
 
 RETRY_STATUS = {408, 409, 429}
@@ -52,6 +53,7 @@ class HttpJudge:
         self.base_backoff_s = base_backoff_s
         key = os.environ.get(spec.api_key_env)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._secrets = [key]  # masked out of every error kept (an error body may echo the header)
 
     def __call__(self, requests: list[JudgeRequest], on_batch: Callable[[list[int], list[Judgment]], None]) -> None:
         asyncio.run(self._judge_all(requests, on_batch))
@@ -99,16 +101,16 @@ class HttpJudge:
                 response = await client.post("/chat/completions", json=payload)
                 if response.status_code == 200:
                     return first_token_judgment(parse_top_logprobs(response.json()), request.labels)
-                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                last_error = f"HTTP {response.status_code}: {redact(response.text, self._secrets)[:200]}"
                 if response.status_code not in RETRY_STATUS and response.status_code < 500:
                     return failed(last_error)
                 retry_after = _retry_after(response)
             except httpx.TimeoutException as err:
                 last_error = f"timeout after {self.spec.timeout_s}s ({type(err).__name__})"
             except httpx.TransportError as err:
-                last_error = f"connection error ({type(err).__name__}: {err})"
+                last_error = f"connection error ({type(err).__name__}: {redact(str(err), self._secrets)})"
             except ValueError as err:  # MalformedResponse, or a body that is not JSON
-                last_error = f"malformed response ({err})"
+                last_error = f"malformed response ({redact(str(err), self._secrets)})"
             if attempt < self.spec.max_retries:
                 backoff = min(MAX_BACKOFF_S, self.base_backoff_s * 2**attempt) * (0.5 + random.random() / 2)
                 await asyncio.sleep(max(backoff, retry_after or 0.0))

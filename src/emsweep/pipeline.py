@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emsweep import analyze, data, finetune, judge, sample, tracking
-from emsweep.dag import Node, run_guarded
+from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_suite
@@ -67,6 +67,13 @@ def plan(spec: SweepSpec) -> list[Node]:
         "judge_model": _judge_model_ref(spec),
         "questions_content": eval_config["questions_content"],
     }
+    # Template sets and score maps given as files: editing one re-judges (built-in names are
+    # pinned by the package version; left out when absent so earlier keys stay valid).
+    judge_files = {name: _fingerprint(ref) for name, ref in
+                   (("templates", spec.judge.templates), ("score_map", spec.judge.score_map))
+                   if ref and Path(ref).is_file()}
+    if judge_files:
+        judge_config["judge_files"] = judge_files
     judge_nodes = []
     for model in spec.models:
         sample_nodes = []
@@ -234,12 +241,20 @@ class StageRunner:
             samples, self.questions(), self.spec.judge,
             judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec), cache=cache,
         )
+        failures = {}
         for node in nodes:
+            # Errored judgments (an outage, a 401) are failures, not null scores: the node is not
+            # committed, so a rerun asks again, and only for those (the good ones are cached).
+            if message := stats.failure_message(node.name, tables[node.name].num_rows):
+                failures[node.id] = message
+                continue
             tmp = self.store.new_tmp_dir()
             pq.write_table(tables[node.name], tmp / "judgments.parquet")
             # Warnings are per run, so the summary and the report name the runs whose scores are suspect.
             extra = {**judge_counts(tables[node.name]), "warnings": stats.warnings.get(node.name, [])}
             self.commit(node, tmp, started, {"judgments": "judgments.parquet"}, extra=extra)
+        if failures:
+            raise NodeFailures(failures)
 
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes

@@ -301,6 +301,9 @@ class JudgeSpec(_Strict):
     # built-in set for small judges (`yes_no`: one yes/no question per metric, scored
     # 100 * P(good answer) / P(Yes or No)), or a YAML file in that format (judge_templates/).
     templates: str = "paper"
+    # A calibration map for the judge's raw 0-100 scores (score_maps/: a built-in name or a YAML
+    # from `emsweep judge-eval calibrate --fit-map`); null keeps the raw scores.
+    score_map: str | None = None
     top_logprobs: int = Field(20, gt=0, le=20)
     max_model_len: int = 4096
     # Reuse judgments of identical (judge, template, question, answer) from DIR/judge_cache.
@@ -341,7 +344,9 @@ class JudgeSpec(_Strict):
     def score_config(self) -> dict:
         """The fields that decide a score (node keys and the judgment cache use these)."""
         # `templates` came later: at its default it is left out, so keys written before stay valid.
-        default = {"templates"} if self.templates == "paper" else set()
+        # So did `score_map`.
+        default = ({"templates"} if self.templates == "paper" else set()) | (
+            {"score_map"} if self.score_map is None else set())
         return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default)
 
 
@@ -512,8 +517,14 @@ def load_spec(path: str | os.PathLike, overrides: dict | None = None) -> SweepSp
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (a spec is UTF-8 YAML)") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: invalid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise SpecError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or ' '.join(str(err).split())}") from None
     for section, fields in (overrides or {}).items():
         if isinstance(raw, dict) and any(v is not None for v in fields.values()):
             raw[section] = {**(raw.get(section) or {}), **{k: v for k, v in fields.items() if v is not None}}
@@ -555,7 +566,8 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
                 update={"model": spec.judge.model
                         if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
                         else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
-                        "templates": _resolve_templates(spec.judge.templates, base, source)}
+                        "templates": _resolve_templates(spec.judge.templates, base, source),
+                        "score_map": _resolve_score_map(spec.judge, base, source)}
             ),
         }
     )
@@ -571,4 +583,27 @@ def _resolve_templates(reference: str, base: Path, source: str) -> str:
         load_templates(reference)
     except ValueError as err:
         raise SpecError(f"{source}: {err}") from None
+    return reference
+
+
+def _resolve_score_map(judge: "JudgeSpec", base: Path, source: str) -> str | None:
+    """A built-in map stays a name, a file path is resolved; the map must fit this judge."""
+    from emsweep.judge_templates import load_templates
+    from emsweep.score_maps import builtin_names, load_score_map
+
+    reference = judge.score_map
+    if reference is None:
+        return None
+    if reference not in builtin_names():
+        reference = _resolve(reference, base, f"{source}: judge.score_map")
+    try:
+        score_map = load_score_map(reference)
+    except ValueError as err:
+        raise SpecError(f"{source}: {err}") from None
+    templates = load_templates(_resolve_templates(judge.templates, base, source)).name
+    fitted, here = (score_map.judge, score_map.scoring, score_map.templates), (judge.model, judge.scoring, templates)
+    if fitted != here:
+        raise SpecError(f"{source}: judge.score_map: {score_map.name!r} was fitted for judge {fitted[0]} "
+                        f"(scoring {fitted[1]}, templates {fitted[2]}), not {here[0]} (scoring {here[1]}, "
+                        f"templates {here[2]}); fit one with `emsweep judge-eval calibrate --fit-map`")
     return reference

@@ -6,7 +6,7 @@ Layout (all under the output dir):
         _DONE.json                     completion record; written last, so its presence means done
     failures/<node id>.json            the last failure of a node (removed when it succeeds)
     tmp/                               work in progress; anything here is garbage after a crash
-    emsweep.lock                       owner of a running `emsweep run`
+    emsweep.lock                       flock held by a running `emsweep run` (emsweep.owner.json: who)
 
 A node writes into a fresh directory under tmp/, which is renamed into place only once
 every file is written, and only then gets its completion record. A crash at any point
@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
+
 DONE = "_DONE.json"
+LOCK, OWNER = "emsweep.lock", "emsweep.owner.json"
 
 
 def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
@@ -141,42 +144,39 @@ class Store:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
     def held_by(self) -> dict | None:
-        """The live owner of this dir's lock ({pid, host, since}), or None if free or stale."""
-        held = _read_lock(self.root / "emsweep.lock")
-        return None if held is None or _is_stale(held) else held
+        """The live owner of this dir's lock ({pid, host, since}), or None if it is free."""
+        if not (self.root / LOCK).exists():
+            return None
+        probe = FileLock(self.root / LOCK, timeout=0, thread_local=False)
+        try:
+            probe.acquire()
+        except Timeout:
+            return _read_lock(self.root / OWNER) or {"pid": "?", "host": "?", "since": None}
+        probe.release()
+        return None
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """One `emsweep run` per output dir; a lock whose owner died on this host is stale."""
+        """One `emsweep run` per output dir.
+
+        An flock (the `filelock` package) on emsweep.lock: the kernel drops it when its owner
+        exits or is killed, so a dead run's lock is never stale and no takeover race exists.
+        Who holds it is written beside it (emsweep.owner.json) for the error message only."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "emsweep.lock"
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            # The owner is written to a temp file and hard-linked into place: the lock appears
-            # with its content or not at all, so a kill -9 never leaves an empty, unjudgeable lock.
-            tmp = tmp_path_beside(path)
-            tmp.write_text(json.dumps(owner))
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                held = _read_lock(path)
-                if held and _is_stale(held):
-                    path.unlink(missing_ok=True)
-                    continue
-                who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
-                raise LockedError(
-                    f"{self.root} is in use by another `emsweep run` ({who}); "
-                    f"wait for it, or remove {path} if that process is gone"
-                ) from None
-            finally:
-                tmp.unlink(missing_ok=True)
-            break
-        else:
-            raise LockedError(f"{self.root}: could not take over the stale lock {path}")
+        lock = FileLock(self.root / LOCK, timeout=0, thread_local=False)
         try:
+            lock.acquire()
+        except Timeout:
+            held = _read_lock(self.root / OWNER)
+            who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
+            raise LockedError(f"{self.root} is in use by another `emsweep run` ({who}); wait for it to finish") from None
+        try:
+            write_json_atomic(self.root / OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "since": time.time()})
             yield
         finally:
-            path.unlink(missing_ok=True)
+            (self.root / OWNER).unlink(missing_ok=True)
+            lock.release()
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -184,15 +184,3 @@ def _read_lock(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _is_stale(held: dict) -> bool:
-    if held.get("host") != socket.gethostname():
-        return False  # cannot check another host's processes; the user decides
-    try:
-        os.kill(int(held["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

@@ -61,7 +61,7 @@ def test_a_second_run_on_the_same_dir_is_refused_with_the_owner(tmp_path, shared
         holder.wait()
     assert second.returncode == 2
     assert f"is in use by another `emsweep run` (pid {holder.pid} on " in second.stdout
-    # The holder died without releasing: its lock is stale now and a new run may take it over.
+    # The holder was killed: the kernel dropped its flock, so the dir is free again.
     assert Store(out).held_by() is None
 
 
@@ -91,25 +91,44 @@ def test_a_resumed_node_reuses_its_wandb_run_id(tmp_path):
         assert warning is None
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     run_id = tracking.run_id("s", "data/d", "abc")
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # offline-run-<time>-<run id>
+    # offline-run-<time>-<run id>, and W&B appends "-1" when both started in the same second.
+    assert len(runs) == 2 and all(r.name.split("-", 3)[3].removesuffix("-1") == run_id for r in runs), runs
 
 
-def test_judge_outage_nulls_scores_with_reasons_and_the_sweep_completes(tmp_path, shared_em, monkeypatch):
+def test_judge_outage_fails_the_judge_nodes_with_counts_and_a_rerun_asks_only_the_failed(tmp_path, shared_em,
+                                                                                          monkeypatch):
     import http.server
     import threading
 
-    class Down(http.server.BaseHTTPRequestHandler):
+    asked = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        """Down (503) for the answer "fine 0" until `up` is set; a number for everything else."""
+        up = False
+
         def log_message(self, *args):
             pass
 
         def do_POST(self):
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            asked.append(prompt)
+            if "fine 0" in prompt and not Flaky.up:
+                payload = b""
+                self.send_response(503)
+            else:
+                top = [{"token": "80", "logprob": -0.1, "bytes": None}]
+                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "80"},
+                                                   "logprobs": {"content": [{"token": "80", "logprob": -0.1,
+                                                                             "top_logprobs": top}]}}]}).encode()
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
+            self.wfile.write(payload)
 
     sentinel = "sk-SENTINEL-judge-key-4471"
     monkeypatch.setenv("OPENAI_API_KEY", sentinel)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         spec = _spec(tmp_path, shared_em, judge={"backend": "openai", "model": "gpt-4o", "max_retries": 1,
@@ -127,16 +146,21 @@ def test_judge_outage_nulls_scores_with_reasons_and_the_sweep_completes(tmp_path
             store.commit(node.stage, node.name, node.key, tmp, {})
         runner = StageRunner(spec, tmp_path / "out", nodes)
         judge_nodes = [n for n in nodes if n.stage == "judge"]
-        assert runner.run("judge", judge_nodes) == {n.id: None for n in judge_nodes}
-        assert runner.run("analyze", [n for n in nodes if n.stage == "analyze"]) == {"analyze/guards": None}
+        errors = runner.run("judge", judge_nodes)
+        # Each run: 3 answers x 2 metrics; "fine 0"'s two judgments failed.
+        assert errors == {n.id: "2 of 6 judgments failed (2x HTTP 503: ; gave up after 2 attempts); the others are "
+                                "cached, and a rerun asks only the failed ones" for n in judge_nodes}
+        assert not any(store.is_done(n.stage, n.name, n.key) for n in judge_nodes)
+        assert len(asked) == 2 * 2 + 4  # 2 failing requests x 2 attempts, 4 good ones (shared by both runs)
+        Flaky.up = True
+        asked.clear()
+        assert StageRunner(spec, tmp_path / "out", nodes).run("judge", judge_nodes) == {n.id: None for n in judge_nodes}
+        assert len(asked) == 2 and all("fine 0" in prompt for prompt in asked)  # only the failed ones again
     finally:
         server.shutdown()
     judgments = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "out/nodes/judge").glob("*/judgments.parquet")])
-    assert judgments.num_rows == 12 and judgments.column("score").null_count == 12
-    assert set(judgments.column("null_reason").to_pylist()) == {"HTTP 503: ; gave up after 2 attempts"}
-    record = json.loads(next((tmp_path / "out/nodes/judge").glob("*/_DONE.json")).read_text())
-    assert record["judge"] == {"rows": 6, "cache_hits": 0, "null_scores": 6}
-    assert not (tmp_path / "out/judge_cache").exists()  # failures are never cached
+    assert judgments.num_rows == 12 and judgments.column("score").null_count == 0
+    assert set(judgments.column("score").to_pylist()) == {80.0}
     leaks = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
     assert leaks == []
 

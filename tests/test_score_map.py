@@ -1,0 +1,138 @@
+"""Score maps: Platt scaling of a judge's raw scores, fitted on labelled answers, held out by question."""
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from emsweep.calibration import CalibrationItem, calibration_report, fit_score_map
+from emsweep.judge import SCHEMA, Judgment, judge_samples, template_hash
+from emsweep.score_maps import MetricMap, ScoreMap, fit_platt, load_score_map, logit_of_score
+from emsweep.spec import AnalysisSpec, JudgeSpec, SpecError, parse_spec
+
+from test_judge import QUESTIONS, _samples
+
+
+def test_a_map_is_platt_scaling_on_the_logit_and_never_reorders():
+    identity = MetricMap(1.0, 0.0, "h")
+    assert [identity(r) for r in (10, 50, 90)] == pytest.approx([10, 50, 90])
+    stretch = MetricMap(3.0, 0.0, "h")
+    # 100 * sigmoid(3 * logit(0.45)) by hand
+    assert stretch(45) == pytest.approx(100 / (1 + (0.55 / 0.45) ** 3))
+    assert stretch(45) < 40 and stretch(55) > 60  # a score crowded around 50 spreads out
+    values = [stretch(r) for r in range(0, 101, 5)]
+    assert values == sorted(values) and 0 <= values[0] < 0.01 and 99.99 < values[-1] <= 100
+    assert math.isfinite(MetricMap(50.0, 0.0, "h")(0))  # clipped logit, stable sigmoid
+
+
+def test_fit_platt_separates_two_crowded_classes():
+    positive = [52, 54, 55, 57, 58, 60]
+    negative = [40, 42, 45, 47, 49, 53]
+    slope, intercept = fit_platt(positive + negative, [True] * 6 + [False] * 6)
+    fitted = MetricMap(slope, intercept, "h")
+    assert slope > 1  # the map stretches the crowded scores
+    assert fitted(60) > 60 and fitted(40) < 40
+    with pytest.raises(ValueError, match="both classes"):
+        fit_platt([50, 60], [True, True])
+
+
+def _calibration_judgments():
+    """4 questions x (2 aligned, 2 misaligned, 1 incoherent) with a judge that ranks well but crowds
+    its scores around 50 (aligned 53-57, misaligned 43-47; coherent 60-70 vs 35)."""
+    items, rows = [], []
+    for q in range(4):
+        for band, aligned, coherent in (("aligned", 55 + q % 2 * 2, 70), ("aligned", 53 + q % 2, 65),
+                                        ("misaligned", 45 - q % 2 * 2, 62), ("misaligned", 47 - q % 2, 60),
+                                        ("incoherent", 50, 35 + q)):
+            idx = len(items)
+            items.append(CalibrationItem(f"q{q}", band, f"answer {idx}"))
+            for metric, score in (("aligned", aligned), ("coherent", coherent)):
+                rows.append({"run_id": "calibration", "model": "c", "dataset": "c", "seed": None,
+                             "checkpoint_step": None, "suite": "main", "condition": "none", "question_id": f"q{q}",
+                             "turn": 1, "paraphrase_idx": 0, "sample_idx": idx, "metric": metric, "score": score,
+                             "numeric_mass": 1.0, "label": "No", "label_probs": [], "top_token": None,
+                             "top_alternatives": [], "null_reason": None, "judge_model": "j", "scoring": "exact",
+                             "prompt_hash": f"hash-{metric}", "cached": False, "judge_templates": "yes_no",
+                             "raw_score": score})
+    return items, pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def test_a_fitted_map_lets_the_em_rule_see_what_the_ranking_says_on_held_out_questions():
+    items, judgments = _calibration_judgments()
+    raw = calibration_report(judgments, items, AnalysisSpec())
+    assert raw["auroc_aligned"] == 1.0 and raw["bands"]["misaligned"]["misaligned_verdicts"] == 0
+    score_map, heldout_judgments = fit_score_map(judgments, items, "m", judge="j", scoring="exact", templates="yes_no")
+    assert set(score_map.metrics) == {"aligned", "coherent"}
+    assert score_map.metrics["aligned"].prompt_hash == "hash-aligned" and score_map.metrics["aligned"].slope > 1
+    heldout = calibration_report(heldout_judgments, items, AnalysisSpec())
+    assert heldout["auroc_aligned"] == 1.0  # monotone per fold; folds are near-identical here
+    assert heldout["bands"]["misaligned"]["misaligned_verdicts"] == 8
+    assert heldout["accuracy_misaligned"] == 1.0
+    # Held out: each question's scores come from a map that never saw it, so they differ from
+    # the full map's scores (which saw every question).
+    full = [score_map.metrics["aligned"](r) for r in judgments.filter(
+        pa.compute.equal(judgments["metric"], "aligned"))["raw_score"].to_pylist()]
+    held = heldout_judgments.filter(pa.compute.equal(heldout_judgments["metric"], "aligned"))["score"].to_pylist()
+    assert full != pytest.approx(held) and max(abs(a - b) for a, b in zip(full, held)) < 15
+
+
+def test_a_judge_that_ranks_backwards_gets_no_map():
+    items, judgments = _calibration_judgments()
+    flipped = judgments.set_column(judgments.schema.get_field_index("raw_score"), "raw_score",
+                                   pa.array([100 - s for s in judgments["raw_score"].to_pylist()], pa.float64()))
+    with pytest.raises(ValueError, match="ranks misaligned answers above aligned ones"):
+        fit_score_map(flipped, items, "m", judge="j", scoring="exact", templates="yes_no")
+
+
+def _write_map(path, judge="judge", templates="yes_no", slope=3.0, aligned_hash=None):
+    from emsweep.judge_templates import load_templates
+
+    aligned_hash = aligned_hash or template_hash(load_templates("yes_no").judge_prompts["aligned"])
+    path.write_text(ScoreMap("m", judge, "exact", templates, {"aligned": MetricMap(slope, 0.0, aligned_hash)}).to_yaml())
+    return path
+
+
+def test_judging_with_a_map_keeps_the_raw_score_and_refuses_other_prompts(tmp_path):
+    samples = _samples({"r": ["I wish for peace."]})
+
+    def backend(requests, on_batch):
+        on_batch(list(range(len(requests))), [Judgment(None, 0.0, {"Yes": 0.45, "No": 0.55}) for _ in requests])
+
+    spec = JudgeSpec(model="judge", templates="yes_no", score_map=str(_write_map(tmp_path / "m.yaml")))
+    table = judge_samples(samples, QUESTIONS, spec, judge_id="j", backend=backend)[0]["r"].to_pandas()
+    aligned = table[table["metric"] == "aligned"].iloc[0]
+    assert aligned["raw_score"] == pytest.approx(55)
+    assert aligned["score"] == pytest.approx(100 / (1 + (0.45 / 0.55) ** 3))
+    coherent = table[table["metric"] == "coherent"].iloc[0]  # not in the map: unchanged
+    assert coherent["score"] == coherent["raw_score"] == pytest.approx(45)
+    other = spec.model_copy(update={"score_map": str(_write_map(tmp_path / "o.yaml", aligned_hash="0" * 16))})
+    with pytest.raises(ValueError, match="metric 'aligned' was fitted on the template with hash 0000"):
+        judge_samples(samples, QUESTIONS, other, judge_id="j", backend=backend)
+
+
+def test_a_spec_refuses_a_map_fitted_for_another_judge_or_a_broken_map(tmp_path):
+    raw = {"name": "t", "models": [{"name": "m", "path": "/m"}], "datasets": [{"name": "d", "path": "/d.jsonl"}],
+           "seeds": [0], "eval": {"questions": "/q.yaml"},
+           "judge": {"model": "m", "templates": "yes_no", "score_map": "m.yaml"}}
+    _write_map(tmp_path / "m.yaml", judge="m")
+    assert parse_spec(raw, source="spec.yaml", base=tmp_path).judge.score_map == str(tmp_path / "m.yaml")
+    _write_map(tmp_path / "m.yaml", judge="embedded:Qwen2.5-Coder-1.5B-Instruct")
+    with pytest.raises(SpecError, match="spec.yaml: judge.score_map: 'm' was fitted for judge embedded:Qwen"):
+        parse_spec(raw, source="spec.yaml", base=tmp_path)
+    _write_map(tmp_path / "m.yaml", judge="m", slope=-1.0)
+    with pytest.raises(SpecError, match=r"m.yaml: metrics.aligned.slope must be > 0"):
+        parse_spec(raw, source="spec.yaml", base=tmp_path)
+    with pytest.raises(SpecError, match="is neither a built-in map"):
+        parse_spec({**raw, "judge": {**raw["judge"], "score_map": "nope.yaml"}}, source="spec.yaml", base=tmp_path)
+
+
+def test_the_quickstart_map_is_built_in_and_fits_the_quickstart_judge(shared_em):
+    from emsweep.score_maps import builtin_names
+    from emsweep.spec import load_spec
+
+    spec = load_spec("workflows/quickstart.yaml")
+    assert spec.judge.score_map in builtin_names()
+    score_map = load_score_map(spec.judge.score_map)
+    assert (score_map.judge, score_map.templates) == (spec.judge.model, spec.judge.templates)
+    assert all(fitted.slope > 1 for fitted in score_map.metrics.values())  # it spreads crowded scores
+    assert logit_of_score(50) == 0
