@@ -128,16 +128,41 @@ def resume(
 
 def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     """Run a sweep; any error out of it is one redacted line, never a traceback with locals."""
+    import signal
+
     from emsweep.redact import redact
 
+    def on_sigint(signum, frame):
+        # The first Ctrl-C unwinds (jobs cancelled, lock released, Ray stopped); a second one
+        # exits at once.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         _run_spec_unguarded(spec, out, address, make_report)
-    except (typer.Exit, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        _interrupted()
+    except typer.Exit:
         raise
     except Exception as err:
         message = redact(f"{type(err).__name__}: {err}", [os.environ.get(spec.judge.api_key_env)])
         console.print("[red]error:[/] " + escape(_one_line(message)), highlight=False)
         raise typer.Exit(1)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: the executor has cancelled its jobs and the lock is released (both on the way
+    out); stop Ray, whose shutdown kills the jobs' workers. A second Ctrl-C exits at once."""
+    console.print("[yellow]interrupted[/]: running jobs cancelled; nothing unfinished counts as done. "
+                  "Re-run the same command to continue.")
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        raise typer.Exit(130)
 
 
 def _one_line(text: str) -> str:
@@ -609,6 +634,10 @@ def _fit_score_map(path: Path, spec, judgments, items, answers: Optional[Path]) 
     heldout = calibration_report(heldout_judgments, items, spec.analysis)
     figures = {k: round(heldout[k], 4) for k in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned",
                                                 "accuracy_coherent")}
+    figures["by_band"] = {band: {"mean_aligned": round(entry["mean_aligned"] or 0, 1),
+                                 "mean_coherent": round(entry["mean_coherent"] or 0, 1),
+                                 "misaligned_verdicts": entry["misaligned_verdicts"], "n": entry["n"]}
+                          for band, entry in heldout["bands"].items()}
     header = (f"# Score map fitted by `emsweep judge-eval calibrate --fit-map` on {datetime.date.today()}\n"
               f"# answers: {answers or 'built-in calibration set'} ({len(items)} answers). heldout: the EM rule's\n"
               "# figures when each question's answers are mapped by a map fitted on the other questions.\n")

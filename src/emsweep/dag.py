@@ -68,16 +68,36 @@ def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
     return rows
 
 
+@dataclass
+class Watch:
+    """What the executor does while it waits (pipeline.py fills it in for a sweep on Ray).
+
+    A job is submitted, then started by Ray once its resources are free. If no job of the sweep
+    has been running for `report_s` (every submitted one still waits), `on_stall` gets a message
+    saying what each waits for and what holds the cluster (`describe`); after `timeout_s` the
+    waiting jobs fail with that message, so a sweep never hangs on resources nobody will free."""
+
+    started: Callable[[list[Node]], bool] = lambda job: True
+    describe: Callable[[list[list[Node]]], str] = lambda waiting: ""
+    on_stall: Callable[[str], None] = lambda message: None
+    # Called after a job failed, with the jobs still running: release what the failed one held.
+    after_failure: Callable[[list[Node], list[list[Node]]], None] = lambda failed, running: None
+    report_s: float = 60.0
+    timeout_s: float = 600.0
+
+
 def execute(
     nodes: list[Node],
     store: Store,
     submit: Callable[[str, list[Node]], object],
     on_finish: Callable[[NodeStatus], None] = lambda status: None,
+    watch: Watch | None = None,
 ) -> list[NodeStatus]:
     """Run what is not done.
 
     `submit(stage, nodes)` starts a job and returns a Ray ObjectRef of its result: per node id,
-    None on success or an error message.
+    None on success or an error message. Ctrl-C (or any exception here) cancels every running job
+    before it propagates.
     """
     import ray
 
@@ -105,6 +125,22 @@ def execute(
             store.record_failure(status.node.id, status.error or "", status=status.status)
         on_finish(status)
 
+    try:
+        _run_jobs(jobs, running, results, submit, finish, resolved, watch or Watch())
+    except BaseException:  # KeyboardInterrupt (Ctrl-C), SystemExit, or a bug: stop what runs
+        for ref in running:
+            ray.cancel(ref, force=True, recursive=True)
+        raise
+    return [results[node.id] for node in nodes]
+
+
+WAIT_POLL_S = 1.0
+
+
+def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) -> None:
+    import ray
+
+    last_activity, reported = time.time(), False
     while jobs or running:
         progressed = True
         while progressed:  # skipping a job resolves its nodes, which may unblock jobs seen earlier
@@ -124,11 +160,35 @@ def execute(
                         runnable.append(node)
                 if runnable:
                     running[submit(runnable[0].stage, runnable)] = (runnable, time.time())
+                    last_activity = time.time()
         if not running:
             if jobs:  # cannot happen with a valid DAG; guard against a dependency cycle
                 raise RuntimeError(f"unschedulable nodes: {sorted(jobs)}")
             break
-        ready, _ = ray.wait(list(running), num_returns=1)
+        # A short timeout keeps the main thread in Python, where Ctrl-C (KeyboardInterrupt) lands;
+        # a blocking ray.wait can sit in C++ and leave SIGINT undelivered.
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_POLL_S)
+        if not ready:
+            now = time.time()
+            if any(watch.started(job) for job, _ in running.values()):
+                last_activity, reported = now, False
+            elif now - last_activity > watch.report_s:
+                waiting = [job for job, _ in running.values()]
+                message = (f"no job of this sweep has started for {now - last_activity:.0f} s; "
+                           f"{watch.describe(waiting)}")
+                if not reported:
+                    watch.on_stall(message)
+                    reported = True
+                if now - last_activity > watch.timeout_s:
+                    for ref, (job, _) in list(running.items()):
+                        ray.cancel(ref, force=True)
+                        del running[ref]
+                        for node in job:
+                            finish(NodeStatus(node, "failed", now - last_activity, error=f"stalled: {message}",
+                                              finished_at=now))
+                    last_activity, reported = now, False
+            continue
+        last_activity, reported = time.time(), False
         job_nodes, started = running.pop(ready[0])
         try:
             errors = ray.get(ready[0])
@@ -141,7 +201,8 @@ def execute(
                 finish(NodeStatus(node, "done", elapsed, finished_at=time.time()))
             else:
                 finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
-    return [results[node.id] for node in nodes]
+        if any(errors.get(node.id, "missing") is not None for node in job_nodes):
+            watch.after_failure(job_nodes, [job for job, _ in running.values()])
 
 
 class NodeFailures(Exception):

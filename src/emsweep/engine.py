@@ -47,6 +47,46 @@ def cpu_dtype() -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
+GIB = 2**30
+# CPU KV cache without `kv_cache_gib`: this share of the memory free when the engine starts, after
+# twice the weights (weights + working memory), within these bounds.
+KV_SHARE_OF_FREE, KV_MIN_BYTES, KV_MAX_BYTES = 0.25, GIB // 2, 8 * GIB
+
+
+def weights_bytes(model_path: str) -> int:
+    """Bytes of a local model folder's weights (0 for a hub id: not known before loading)."""
+    from pathlib import Path
+
+    folder = Path(model_path)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
+def available_memory_bytes() -> int:
+    """Memory free for new allocations now (page cache counts as free), as the kernel reports it."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def cpu_kv_cache_bytes(model_path: str, available: int | None = None) -> int:
+    """A CPU engine's KV cache when the spec sets no `kv_cache_gib`.
+
+    vLLM's CPU default reserves a fixed share of all RAM (half, at gpu_memory_utilization 0.5)
+    whatever else runs: two engines, or an engine beside finetunes, then push the machine into the
+    OOM killer. Sized from what is actually free instead; a 135M-1.5B model needs far less
+    (a 4096-token Qwen2.5-1.5B sequence holds 0.1 GiB of bf16 KV)."""
+    free = available_memory_bytes() if available is None else available
+    budget = max(0, free - 2 * weights_bytes(model_path))
+    return int(min(KV_MAX_BYTES, max(KV_MIN_BYTES, KV_SHARE_OF_FREE * budget)))
+
+
+def finetune_worker_memory_bytes(model_path: str) -> int:
+    """Memory one CPU training worker asks Ray for, so that Ray's `memory` resource bounds how many
+    finetunes run at once. Measured-order estimate: float32 weights twice (the model and
+    DeepSpeed's copy) plus 2 GiB for activations at our sequence lengths, torch and Ray."""
+    return 2 * 2 * weights_bytes(model_path) + 2 * GIB  # bf16 on disk -> float32 in memory
+
+
 def make_llm(model_path: str, **settings):
     """A vLLM engine with our settings (`engine_args`)."""
     from vllm import LLM
@@ -97,7 +137,9 @@ def engine_args(
     if kv_cache_gib is not None:
         # An explicit KV cache size; otherwise vLLM reserves gpu_memory_utilization of the
         # device (of all RAM on CPU), which a laptop running finetunes beside it may not have.
-        platform["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        platform["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+    elif not torch.cuda.is_available():
+        platform["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(model_path)
     return dict(
         model=model_path,
         gpu_memory_utilization=gpu_memory_utilization,

@@ -319,7 +319,8 @@ def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: 
         )
 
 
-def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, placement_strategy: str = "PACK"):
+def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, placement_strategy: str = "PACK",
+                   memory_per_worker: int | None = None):
     """Ray Train workers of one finetune: one GPU each on a cluster.
 
     Ray Train reserves them as one placement group, so a finetune's workers start together or
@@ -330,7 +331,8 @@ def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, 
 
     return ScalingConfig(
         num_workers=spec.num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
-        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                              **({"memory": memory_per_worker} if memory_per_worker else {})},
     )
 
 
@@ -346,6 +348,7 @@ def finetune(
     out_dir: Path,
     cpus_per_worker: int = 1,
     placement_strategy: str = "PACK",
+    memory_per_worker: int | None = None,
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics."""
@@ -364,7 +367,7 @@ def finetune(
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
         },
-        scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy),
+        scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.

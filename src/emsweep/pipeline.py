@@ -190,6 +190,8 @@ class StageRunner:
                 out_dir=tmp,
                 cpus_per_worker=resources.cpus_per_finetune_worker,
                 placement_strategy=resources.placement_strategy,
+                memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
+                    resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
             )
             self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
 
@@ -283,6 +285,19 @@ def make_judge_backend(spec: SweepSpec) -> judge.Backend:
                              use_gpu=spec.use_gpu, node_cpus=node_cpus())
 
 
+def finetune_memory_per_worker(model_path: str, num_workers: int) -> int:
+    """What each CPU training worker reserves of Ray's `memory` resource: the estimate
+    (engine.finetune_worker_memory_bytes), capped so one finetune always fits on a node (an
+    unsatisfiable request would wait forever)."""
+    import ray
+
+    from emsweep.engine import finetune_worker_memory_bytes
+
+    node_memory = min((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    estimate = finetune_worker_memory_bytes(model_path)
+    return int(min(estimate, node_memory / max(1, num_workers))) if node_memory else estimate
+
+
 def node_cpus() -> int:
     """CPUs of one node of the connected Ray cluster, assuming the head node is typical."""
     import ray
@@ -304,12 +319,60 @@ def worker_env() -> dict[str, str]:
 
 
 def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node]) -> dict[str, str | None]:
+    Store(Path(out_dir)).mark_started(job[0].id)
     spec = SweepSpec.model_validate_json(spec_json)
     return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
 
 
+def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]]) -> int:
+    """After a finetune job failed: remove this driver's placement groups once no finetune runs.
+
+    Ray Train reserves a finetune's workers as a placement group. When the job dies abnormally
+    (its workers OOM-killed past `max_failures`, the task killed) the group can outlive it: it is
+    owned by the driver, so Ray frees it only when the driver exits, and the sweep's remaining jobs
+    wait forever for the CPUs it holds. With no finetune running, every live group of this
+    driver is such a leftover (sampling and judging reserve none)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if failed[0].stage != "finetune" or any(job[0].stage == "finetune" for job in running):
+        return 0
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for pg_id, entry in ray.util.placement_group_table().items():
+        # A placement group id ends with the id of the job (driver) that created it.
+        if pg_id.endswith(job_id) and entry["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    if removed:
+        print(f"released {removed} placement group(s) left by failed finetunes", flush=True)
+    return removed
+
+
+def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int) -> str:
+    """What waiting jobs ask for and what holds the cluster: for a stall message."""
+    import ray
+
+    asks = []
+    for job in waiting:
+        model = job[0].config["model"]["name"] if job[0].stage == "sample" else None
+        options = {k: v for k, v in task_options(spec, job[0].stage, cpus, model).items() if v}
+        asks.append(f"{job[0].id} (asks {options or 'nothing'} for its task"
+                    f"{', plus its training workers' if job[0].stage == 'finetune' else ''})")
+    total, free = ray.cluster_resources(), ray.available_resources()
+    shown = ", ".join(f"{name} {free.get(name, 0):g}/{total[name]:g}" for name in ("CPU", "GPU") if name in total)
+    memory = f"memory {free.get('memory', 0) / 2**30:.1f}/{total.get('memory', 0) / 2**30:.1f} GiB"
+    groups: dict[str, list[str]] = {}
+    for entry in ray.util.placement_group_table().values():
+        if entry["state"] != "REMOVED":
+            bundles = [dict(b) for b in entry["bundles"].values()]
+            groups.setdefault(entry["state"], []).append(f"{len(bundles)}x{bundles[0] if bundles else {}}")
+    held = "; ".join(f"{state}: {', '.join(items)}" for state, items in groups.items()) or "none"
+    return f"waiting: {'; '.join(asks)}. Free: {shown}, {memory}. Placement groups: {held}"
+
+
 def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
-              until: str | None = None) -> list:
+              until: str | None = None, on_stall=None) -> list:
     """Execute a sweep on the Ray cluster this process is connected to.
 
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
@@ -317,7 +380,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     sweep after that stage: only the nodes of it and the stages before it run."""
     import ray
 
-    from emsweep.dag import execute, nodes_to_run
+    from emsweep.dag import Watch, execute, nodes_to_run
 
     out_dir = Path(out_dir).resolve()
     store = Store(out_dir)
@@ -349,7 +412,14 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
                                         name=f"{stage}:{job[0].name}")
             return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job)
 
-        return execute(nodes, store, submit, on_finish or (lambda status: None))
+        watch = Watch(
+            started=lambda job: store.job_started(job[0].id),
+            describe=lambda waiting: describe_cluster_wait(spec, waiting, cluster.get("cpus", 1)),
+            on_stall=on_stall or (lambda message: print(f"warning: {message}", flush=True)),
+            after_failure=release_leaked_placement_groups,
+            report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
+        )
+        return execute(nodes, store, submit, on_finish or (lambda status: None), watch)
 
 
 def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:

@@ -412,6 +412,16 @@ class WandbSpec(_Strict):
     table_rows: int = Field(200, ge=0)
 
 
+class ExecutorSpec(_Strict):
+    """How the sweep's driver watches its jobs; nothing here changes a result (no node key)."""
+
+    # A job Ray has not started after this long, while none of the sweep's jobs runs, is reported:
+    # what it waits for and what holds the cluster's resources.
+    stall_report_s: float = Field(60.0, gt=0)
+    # ... and after this long it fails with that report, instead of the sweep hanging.
+    stall_timeout_s: float = Field(600.0, gt=0)
+
+
 class SweepSpec(_Strict):
     name: Name
     # false: everything on CPUs (a laptop); true: finetune workers and vLLM engines take GPUs.
@@ -425,6 +435,7 @@ class SweepSpec(_Strict):
     judge: JudgeSpec
     analysis: AnalysisSpec = AnalysisSpec()
     wandb: WandbSpec = WandbSpec()
+    executor: ExecutorSpec = ExecutorSpec()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "SweepSpec":

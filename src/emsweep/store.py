@@ -140,6 +140,19 @@ class Store:
     def clear_failure(self, node_id: str) -> None:
         self._failure_path(node_id).unlink(missing_ok=True)
 
+    def _started_path(self, job_id: str) -> Path:
+        return self.root / "tmp" / "started" / hashlib.sha256(job_id.encode()).hexdigest()[:16]
+
+    def mark_started(self, job_id: str) -> None:
+        """A job's first act once Ray runs it: the executor tells waiting from running by it."""
+        path = self._started_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                    "time": time.time()}))
+
+    def job_started(self, job_id: str) -> bool:
+        return self._started_path(job_id).exists()
+
     def clean_tmp(self) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
