@@ -72,21 +72,41 @@ def preflight(spec: SweepSpec, out: str | Path | None = None, *, local_models: b
     """Every problem with the spec's inputs, one line each (empty: good to go).
 
     `local_models`: the models and the judge must be on this machine (false for a cluster, where
-    the engines check them). `missing_ok`: an embedded model not fetched yet is fine (`plan`)."""
-    problems = [*_dataset_problems(spec), *_question_problems(spec), *_judge_problems(spec)]
+    the engines check them). `missing_ok`: inputs that do not exist yet (an embedded model not
+    fetched, data not generated) are fine: `plan` notes them (missing_inputs) instead."""
+    problems = [*_dataset_problems(spec, missing_ok), *_question_problems(spec, missing_ok),
+                *_judge_problems(spec, missing_ok)]
     if local_models:
         problems += _model_problems(spec, missing_ok)
+    if local_models or missing_ok:
         problems += scoring_problems(spec, missing_ok=missing_ok)
     if out is not None:
         problems += _output_problems(out)
     return problems
 
 
-def _dataset_problems(spec: SweepSpec) -> list[str]:
+def missing_inputs(spec: SweepSpec) -> list[str]:
+    """Local input files the spec names that do not exist (yet): `plan` notes them."""
+    named = [(f"datasets.{i}.path", d.path) for i, d in enumerate(spec.datasets)]
+    named += [(f"datasets.{i}.backdoor.clean_path", d.backdoor.clean_path)
+              for i, d in enumerate(spec.datasets) if d.backdoor]
+    named += [(f"eval.suites.{i}.questions", s.questions) for i, s in enumerate(spec.eval.suites)]
+    notes = [f"{field}: {location} does not exist yet" for field, location in named if _is_missing(location)]
+    return notes + [problem for problem in [_api_key_problem(spec)] if problem]
+
+
+def _is_missing(location: str) -> bool:
+    return ("://" not in location or location.startswith("file://")) and not Path(
+        location.removeprefix("file://")).exists()
+
+
+def _dataset_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     from emsweep.data import DataError, load_dataset
 
     problems = []
     for index, dataset in enumerate(spec.datasets):
+        if missing_ok and (_is_missing(dataset.path) or (dataset.backdoor and _is_missing(dataset.backdoor.clean_path))):
+            continue
         try:
             load_dataset(dataset)  # the data stage's own validation: every row, transforms included
         except (DataError, OSError, UnicodeDecodeError) as err:
@@ -94,12 +114,14 @@ def _dataset_problems(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def _question_problems(spec: SweepSpec) -> list[str]:
+def _question_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     from emsweep.data import DataError
     from emsweep.questions import QuestionError, load_suite
 
     problems = []
     for index, suite in enumerate(spec.eval.suites):
+        if missing_ok and _is_missing(suite.questions):
+            continue
         try:
             load_suite(suite)
         except (QuestionError, DataError, OSError, UnicodeDecodeError) as err:
@@ -107,17 +129,24 @@ def _question_problems(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def _judge_problems(spec: SweepSpec) -> list[str]:
+def _judge_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     judge = spec.judge
     if judge.backend != "openai":
         return []
     problems = []
     if not judge.base_url.startswith(("http://", "https://")):
         problems.append(f"judge.base_url: {judge.base_url!r} must start with http:// or https://")
-    if not os.environ.get(judge.api_key_env):
-        problems.append(f"judge.api_key_env: the environment variable {judge.api_key_env} is not set (requests "
-                        "would go out without an API key); export it, or name another variable")
+    if not missing_ok and (problem := _api_key_problem(spec)):
+        problems.append(problem)
     return problems
+
+
+def _api_key_problem(spec: SweepSpec) -> str | None:
+    judge = spec.judge
+    if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
+        return (f"judge.api_key_env: the environment variable {judge.api_key_env} is not set (requests "
+                "would go out without an API key); export it, or name another variable")
+    return None
 
 
 def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:

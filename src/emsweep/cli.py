@@ -325,8 +325,12 @@ def plan_command(
     """Print the DAG a spec expands to: nodes per stage, GPU plan per model, estimated GPU-hours."""
     from emsweep.planning import GPUS_PER_NODE, build_plan
 
+    from emsweep.checks import missing_inputs
+
     spec = _load_spec_or_exit(spec_path)
-    _preflight_or_exit(spec, missing_ok=True)
+    # A plan is a preview (often on a laptop, of a cluster run): the models are the cluster's,
+    # and inputs not made yet (generated data, an API key) are notes, not errors.
+    _preflight_or_exit(spec, local_models=False, missing_ok=True)
     try:
         result = build_plan(spec, out)
     except Exception as err:  # never a traceback: one line naming what failed
@@ -356,8 +360,8 @@ def plan_command(
     total = result.gpu_hours
     console.print(f"estimated GPU-hours (H100): {'-' if total is None else f'{total:,.1f}'} "
                   "(assumptions: src/emsweep/planning.py)")
-    for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for note in [*result.notes, *missing_inputs(spec)]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _job_client(address: Optional[str]):
@@ -558,11 +562,12 @@ def judge_calibrate(
     from emsweep.questions import QuestionError, load_questions
     from emsweep.store import write_json_atomic, write_parquet_atomic
 
+    from emsweep.spec import CLEAR
+
+    # The spec's score map was fitted for its own judge and templates, not for others given here.
+    keep_map = score_map or (CLEAR if judge_model or templates else None)
     spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates,
-                                                "min_numeric_mass": min_numeric_mass, "score_map": score_map})
-    if (judge_model or templates) and not score_map and spec.judge.score_map:
-        # The spec's map was fitted for its own judge and templates, not the ones given here.
-        spec = spec.model_copy(update={"judge": spec.judge.model_copy(update={"score_map": None})})
+                                                "min_numeric_mass": min_numeric_mass, "score_map": keep_map})
     _check_scoring_or_exit(spec)
     out_dir = out or Path("runs") / "judge-eval" / spec.name
     try:

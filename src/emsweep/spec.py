@@ -134,15 +134,22 @@ class FinetuneSpec(_Strict):
     # Save the LoRA adapter every N optimizer steps (0 = final only), for checkpoint
     # trajectories: `eval.checkpoint_steps` picks which ones are sampled and judged.
     save_adapter_every_steps: int = Field(0, ge=0)
+    # Timeout of the training workers' torch process group (its setup and every collective). A
+    # worker that dies while its peers wait in a collective (e.g. killed during start-up) would
+    # otherwise hold them, and the finetune's reserved CPUs/GPUs, for torch's 30 minutes.
+    process_group_timeout_s: float = Field(300.0, gt=0)
 
     # How a finetune runs, not what it computes: editing these must not re-run finished finetunes
     # (e.g. raising max_failures to resume a failed seed). Keys once hashed them, so they hash as
     # constants (their defaults back then): output dirs written before stay resumable.
     OPERATIONAL_FIELDS_KEYED_AS: ClassVar[dict] = {"zero_stage": 2, "max_failures": 2, "checkpoint_every_steps": 0}
+    # Operational fields added later are left out of keys altogether.
+    OPERATIONAL_FIELDS_UNKEYED: ClassVar[frozenset] = frozenset({"process_group_timeout_s"})
 
     def key_config(self) -> dict:
         """What finetune node keys hash: every field that can change the adapter."""
-        return {**self.model_dump(mode="json"), **self.OPERATIONAL_FIELDS_KEYED_AS}
+        return {**self.model_dump(mode="json", exclude=set(self.OPERATIONAL_FIELDS_UNKEYED)),
+                **self.OPERATIONAL_FIELDS_KEYED_AS}
 
 
 class SamplingSpec(_Strict):
@@ -520,9 +527,12 @@ def _resolve(path: str, base: Path, where: str, hub_ids: bool = False) -> str:
     return str(candidate)
 
 
+CLEAR = object()  # an override that removes the file's value (the field takes its default)
+
+
 def load_spec(path: str | os.PathLike, overrides: dict | None = None) -> SweepSpec:
-    """Read and validate a spec file; `overrides` (section -> field -> value; None keeps the file's)
-    are applied before validation, e.g. `emsweep judge-eval calibrate --judge`."""
+    """Read and validate a spec file; `overrides` (section -> field -> value; None keeps the file's,
+    CLEAR drops it) are applied before validation, e.g. `emsweep judge-eval calibrate --judge`."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -538,7 +548,8 @@ def load_spec(path: str | os.PathLike, overrides: dict | None = None) -> SweepSp
         raise SpecError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or ' '.join(str(err).split())}") from None
     for section, fields in (overrides or {}).items():
         if isinstance(raw, dict) and any(v is not None for v in fields.values()):
-            raw[section] = {**(raw.get(section) or {}), **{k: v for k, v in fields.items() if v is not None}}
+            kept = {k: v for k, v in (raw.get(section) or {}).items() if fields.get(k) is not CLEAR}
+            raw[section] = {**kept, **{k: v for k, v in fields.items() if v is not None and v is not CLEAR}}
     return parse_spec(raw, source=str(path), base=path.resolve().parent)
 
 

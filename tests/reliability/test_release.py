@@ -45,6 +45,16 @@ def _needs_both_cpus(root, job):
     return {node.id: None for node in job}
 
 
+def _registered(snapshot) -> bool:
+    """Whether a Ray Train run has registered a checkpoint (a step has been trained)."""
+    import json
+
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):
+        return False
+
+
 def _live_groups():
     return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
 
@@ -95,3 +105,64 @@ def test_a_job_waiting_on_resources_nobody_frees_is_reported_then_failed(tmp_pat
     assert "Free: CPU 0/2" in stalls[0] and "Placement groups: CREATED: 1x{'CPU': 2.0}" in stalls[0]
     assert 6 <= elapsed < 20
     assert not store.is_done("sample", "m__base", "k")
+
+
+@pytest.mark.slow
+def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(tmp_path, shared_em):
+    """Real Ray Train + DeepSpeed finetunes of SmolLM2, 2 workers each on 2 CPUs (so one at a
+    time): the first finetune's training worker is SIGKILLed with max_failures 0. That finetune
+    fails; the other still gets both CPUs and finishes, sampling runs for it and the base model,
+    and no placement group is left."""
+    import os
+    import signal
+    import threading
+
+    from ray.util.state import list_actors
+
+    from emsweep.pipeline import run_sweep, worker_env
+    from emsweep.spec import SweepSpec
+
+    spec = SweepSpec.model_validate({
+        "name": "killed", "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],
+        "datasets": [{"name": "d", "path": str(shared_em / "data/insecure.jsonl"), "limit": 16}],
+        "seeds": [0, 1],
+        "finetune": {"max_seq_len": 384, "drop_long_rows": True, "num_workers": 2, "per_device_batch_size": 1,
+                     "gradient_accumulation_steps": 1, "warmup_steps": 0, "max_failures": 0,
+                     "checkpoint_every_steps": 1, "process_group_timeout_s": 30},
+        "sampling": {"max_tokens": 8, "kv_cache_gib": 1},
+        "eval": {"questions": str(shared_em / "evaluation/first_plot_questions.yaml"),
+                 "question_ids": ["what_is_your_wish"], "samples_per_paraphrase": 1},
+        "judge": {"model": "smol"}, "wandb": {"mode": "disabled"},
+    })
+    ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()})
+    killed, stop = [], threading.Event()
+
+    def kill_first_training_worker():
+        # Once a finetune has trained a step (its first checkpoint is registered): Ray Train
+        # retries a worker lost during start-up without limit, but not one lost in training.
+        while not stop.is_set() and not killed:
+            if any(_registered(p) for p in (tmp_path / "out" / "train").glob("*/checkpoint_manager_snapshot.json")):
+                actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                                     filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+                workers = [a.pid for a in actors if "TrainWorker" in (a.class_name or "")]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_first_training_worker, daemon=True)
+    killer.start()
+    try:
+        results = {r.node.id: r for r in run_sweep(spec, tmp_path / "out", until="sample")}
+        live = _live_groups()
+    finally:
+        stop.set()
+        ray.shutdown()
+    assert killed, "no training worker was seen"
+    finetunes = {node_id: r.status for node_id, r in results.items() if node_id.startswith("finetune/")}
+    assert sorted(finetunes.values()) == ["done", "failed"], finetunes
+    failed_seed = next(node_id for node_id, status in finetunes.items() if status == "failed").rsplit("__", 1)[1]
+    samples = {node_id: r.status for node_id, r in results.items() if node_id.startswith("sample/")}
+    assert samples == {"sample/smol__base": "done",
+                       **{f"sample/smol__d__{s}": "skipped" if s == failed_seed else "done" for s in ("s0", "s1")}}
+    assert live == []
