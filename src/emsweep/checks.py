@@ -196,9 +196,14 @@ def _output_problems(out: str | Path) -> list[str]:
                 stream.write(b"probe")
             remote.fs.delete_file(f"{remote.root}/{probe}")
         else:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / probe).write_text("probe")
-            (Path(out) / probe).unlink()
+            # Probe the dir, or its nearest existing parent: a refused run creates nothing.
+            existing = Path(out).absolute()
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a directory")
+            (existing / probe).write_text("probe")
+            (existing / probe).unlink()
     except Exception as err:  # any filesystem's refusal (permissions, bucket, credentials)
         where = _redacted(str(out)) if is_remote(out) else str(out)
         reason = redact(str(err).replace(str(out), where)).strip().splitlines() or [""]

@@ -108,4 +108,4 @@ def test_check_passes_the_quickstart_within_seconds(shared_em, tmp_path):
     assert result.returncode == 0, result.stdout
     assert result.stdout.startswith("ok: workflows/quickstart.yaml: 2 datasets, 1 question suites, 1 models")
     assert seconds < 60
-    assert list((tmp_path / "out").iterdir()) == []  # the write probe is gone
+    assert list(tmp_path.iterdir()) == []  # the write probe is gone, and no output dir was made
