@@ -27,27 +27,32 @@ class TemplateSet:
     binary: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def builtin_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
+def builtin_names(package: str = __name__) -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
+def read_builtin_or_file(package: str, reference: str, field: str, what: str, also: str = "") -> tuple[str, object]:
+    """(where, parsed YAML) of a built-in `package/<reference>.yaml` or of the file at `reference`;
+    errors name `field` or the file. Shared by template sets and score maps."""
+    if reference in builtin_names(package):
+        where, text = f"built-in {what} {reference!r}", resources.files(package).joinpath(f"{reference}.yaml").read_text()
+    else:
+        path = Path(reference)
+        if not path.is_file():
+            raise ValueError(f"{field}: {reference!r} is neither {also}a built-in {what} "
+                             f"({', '.join(builtin_names(package)) or 'none'}) nor a file")
+        where, text = str(path), path.read_text()
+    try:
+        return where, yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: invalid YAML: {err}") from None
 
 
 def load_templates(reference: str) -> TemplateSet:
     """`paper`, a built-in set's name, or a YAML path; errors name the file and field."""
     if reference == PAPER:
         return TemplateSet(PAPER)
-    if reference in builtin_names():
-        where, text = f"built-in judge templates {reference!r}", resources.files(__name__).joinpath(
-            f"{reference}.yaml").read_text()
-    else:
-        path = Path(reference)
-        if not path.is_file():
-            raise ValueError(f"judge.templates: {reference!r} is neither {PAPER!r}, a built-in set "
-                             f"({', '.join(builtin_names())}) nor a file")
-        where, text = str(path), path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{where}: invalid YAML: {err}") from None
+    where, raw = read_builtin_or_file(__name__, reference, "judge.templates", "set", also=f"{PAPER!r}, ")
     if not isinstance(raw, dict) or not isinstance(raw.get("judge_prompts"), dict) or not raw["judge_prompts"]:
         raise ValueError(f"{where}: expected a mapping with 'judge_prompts' (metric -> template)")
     prompts = {}

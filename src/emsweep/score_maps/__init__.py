@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -65,24 +64,16 @@ class ScoreMap:
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
+    from emsweep.judge_templates import builtin_names as names_in
+
+    return names_in(__name__)
 
 
 def load_score_map(reference: str) -> ScoreMap:
     """A built-in map's name or a YAML path; errors name the file and field."""
-    if reference in builtin_names():
-        where, text = f"built-in score map {reference!r}", resources.files(__name__).joinpath(
-            f"{reference}.yaml").read_text()
-    else:
-        path = Path(reference)
-        if not path.is_file():
-            raise ValueError(f"judge.score_map: {reference!r} is neither a built-in map "
-                             f"({', '.join(builtin_names()) or 'none'}) nor a file")
-        where, text = str(path), path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{where}: invalid YAML: {err}") from None
+    from emsweep.judge_templates import read_builtin_or_file
+
+    where, raw = read_builtin_or_file(__name__, reference, "judge.score_map", "map")
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping (judge, scoring, templates, metrics)")
     for key in ("judge", "scoring", "templates"):
