@@ -181,7 +181,7 @@ def fit_score_map(judgments: pa.Table, items: list[CalibrationItem], name: str, 
     frame = judgments.to_pandas()
     raw = frame["raw_score"].where(frame["raw_score"].notna(), frame["score"]) if "raw_score" in frame else frame["score"]
     frame = frame.assign(raw_score=raw, band=[items[i].band for i in frame["sample_idx"]])
-    metrics, heldout = {}, frame["raw_score"].copy() * np.nan
+    metrics, heldout = {}, pd.Series(np.nan, index=frame.index)
     for metric, (positive, negative) in MAP_CLASSES.items():
         rows = frame[(frame["metric"] == metric) & frame["raw_score"].notna()]
         train = rows[rows["band"].isin(positive + negative)]

@@ -18,10 +18,9 @@ here. Over HTTP the tokenizer is not visible; the judge stage warns instead (jud
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 import os
 import uuid
+from pathlib import Path
 
 from emsweep.models import resolve_model_path
 from emsweep.redact import redact

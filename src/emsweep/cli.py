@@ -65,26 +65,26 @@ def _load_spec_or_exit(spec_path: Path, **overrides: dict):
         raise typer.Exit(2)
 
 
-def _preflight_or_exit(spec, out=None, *, local_models: bool = True, missing_ok: bool = False) -> None:
-    """Check every input of the spec (checks.preflight) before anything starts; exit 2 listing all."""
-    from emsweep.checks import preflight
-
-    problems = preflight(spec, out, local_models=local_models, missing_ok=missing_ok)
+def _exit_on_problems(problems: list[str]) -> None:
+    """Print every problem, one line each, and exit 2 if there is any."""
     for problem in problems:
         console.print(f"[red]error:[/] {escape(problem)}", highlight=False)
     if problems:
         raise typer.Exit(2)
 
 
+def _preflight_or_exit(spec, out=None, *, local_models: bool = True, missing_ok: bool = False) -> None:
+    """Check every input of the spec (checks.preflight) before anything starts; exit 2 listing all."""
+    from emsweep.checks import preflight
+
+    _exit_on_problems(preflight(spec, out, local_models=local_models, missing_ok=missing_ok))
+
+
 def _check_scoring_or_exit(spec, missing_ok: bool = False) -> None:
     """Refuse scoring that cannot produce 0-100 scores (checks.py) before anything starts."""
     from emsweep.checks import scoring_problems
 
-    problems = scoring_problems(spec, missing_ok=missing_ok)
-    for problem in problems:
-        console.print(f"[red]error:[/] {problem}")
-    if problems:
-        raise typer.Exit(2)
+    _exit_on_problems(scoring_problems(spec, missing_ok=missing_ok))
 
 
 @app.command()
@@ -174,7 +174,7 @@ def _one_line(text: str) -> str:
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.pipeline import run_sweep
     from emsweep.remote import RemoteDir, is_remote, run_sweep_remote, staging_dir
-    from emsweep.store import LockedError, Store
+    from emsweep.store import LockedError, Store, locked_error
 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
     uri = str(out) if is_remote(out) else None
@@ -185,8 +185,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
     held = Store(out_dir).held_by()
     if held:
         # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.
-        console.print(f"[red]error:[/] {out_dir} is in use by another `emsweep run` "
-                      f"(pid {held['pid']} on {held['host']}); wait for it to finish")
+        console.print(f"[red]error:[/] {escape(str(locked_error(out_dir, held)))}")
         raise typer.Exit(2)
 
     with Progress(
@@ -323,9 +322,8 @@ def plan_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir: also count nodes already done there"),
 ) -> None:
     """Print the DAG a spec expands to: nodes per stage, GPU plan per model, estimated GPU-hours."""
-    from emsweep.planning import GPUS_PER_NODE, build_plan
-
     from emsweep.checks import missing_inputs
+    from emsweep.planning import GPUS_PER_NODE, build_plan
 
     spec = _load_spec_or_exit(spec_path)
     # A plan is a preview (often on a laptop, of a cluster run): the models are the cluster's,
@@ -560,9 +558,8 @@ def judge_calibrate(
     from emsweep.judge_cache import JudgmentCache
     from emsweep.pipeline import _judge_model_ref, make_judge_backend
     from emsweep.questions import QuestionError, load_questions
-    from emsweep.store import write_json_atomic, write_parquet_atomic
-
     from emsweep.spec import CLEAR
+    from emsweep.store import write_json_atomic, write_parquet_atomic
 
     # The spec's score map was fitted for its own judge and templates, not for others given here.
     keep_map = score_map or (CLEAR if judge_model or templates else None)

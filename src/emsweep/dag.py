@@ -195,13 +195,15 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) ->
         except Exception as err:  # the task itself died (OOM, killed worker): every node failed
             errors = {node.id: f"{type(err).__name__}: {err}" for node in job_nodes}
         elapsed = time.time() - started
+        any_failed = False
         for node in job_nodes:
             error = errors.get(node.id, "job returned no result for this node")
             if error is None:
                 finish(NodeStatus(node, "done", elapsed, finished_at=time.time()))
             else:
+                any_failed = True
                 finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
-        if any(errors.get(node.id, "missing") is not None for node in job_nodes):
+        if any_failed:
             watch.after_failure(job_nodes, [job for job, _ in running.values()])
 
 

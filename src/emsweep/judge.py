@@ -194,14 +194,15 @@ def binary_score(judgment: Judgment, binary: tuple[str, str]) -> Judgment:
     return replace(judgment, expected_value=100 * high / mass if mass > 0 else None, numeric_mass=mass)
 
 
-def check_score_map(score_map: ScoreMap, requests: list[tuple[str, JudgeRequest]]) -> None:
-    """Refuse a map fitted on other prompts: its slope and intercept mean nothing for them."""
-    for metric, request in requests:
+def check_score_map(score_map: ScoreMap, scored: set[tuple[str, str]]) -> None:
+    """Refuse a map fitted on other prompts: its slope and intercept mean nothing for them.
+    `scored`: the distinct (metric, template) pairs of the 0-100 requests."""
+    for metric, template in sorted(scored):
         fitted = score_map.metrics.get(metric)
-        if fitted is not None and request.scored and fitted.prompt_hash != template_hash(request.template):
+        if fitted is not None and fitted.prompt_hash != template_hash(template):
             raise ValueError(f"judge.score_map {score_map.name!r}: metric {metric!r} was fitted on the template with "
                              f"hash {fitted.prompt_hash}, but this sweep's template hashes to "
-                             f"{template_hash(request.template)}; refit it with `emsweep judge-eval calibrate --fit-map`")
+                             f"{template_hash(template)}; refit it with `emsweep judge-eval calibrate --fit-map`")
 
 
 def top_alternatives(token_probs: dict[str, float]) -> list[tuple[str, float]]:
@@ -304,7 +305,7 @@ def judge_samples(
     items = list(requests_for(samples, questions, load_templates(spec.templates)))
     score_map = load_score_map(spec.score_map) if spec.score_map else None
     if score_map is not None:
-        check_score_map(score_map, [(metric, request) for _, _, metric, request in items])
+        check_score_map(score_map, {(metric, request.template) for _, _, metric, request in items if request.scored})
     keys = [request.cache_key(judge_id, spec) for _, _, _, request in items]
     known: dict[str, Judgment] = cache.get(set(keys)) if cache is not None else {}
     cached_keys = set(known)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from emsweep import analyze, data, finetune, judge, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
+from emsweep.engine import GIB
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_suite
@@ -126,6 +127,12 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str 
         # engines wait for their inputs anyway, so they do not compete with finetunes.
         return {"num_cpus": max(1, cluster_cpus)}
     return {"num_cpus": 1}
+
+
+def job_task_options(spec: SweepSpec, job: list[Node], cluster_cpus: int) -> dict:
+    """Ray resources of one job's task (a sample job serves its model)."""
+    model = job[0].config["model"]["name"] if job[0].stage == "sample" else None
+    return task_options(spec, job[0].stage, cluster_cpus, model)
 
 
 class StageRunner:
@@ -355,13 +362,12 @@ def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int)
 
     asks = []
     for job in waiting:
-        model = job[0].config["model"]["name"] if job[0].stage == "sample" else None
-        options = {k: v for k, v in task_options(spec, job[0].stage, cpus, model).items() if v}
+        options = {k: v for k, v in job_task_options(spec, job, cpus).items() if v}
         asks.append(f"{job[0].id} (asks {options or 'nothing'} for its task"
                     f"{', plus its training workers' if job[0].stage == 'finetune' else ''})")
     total, free = ray.cluster_resources(), ray.available_resources()
     shown = ", ".join(f"{name} {free.get(name, 0):g}/{total[name]:g}" for name in ("CPU", "GPU") if name in total)
-    memory = f"memory {free.get('memory', 0) / 2**30:.1f}/{total.get('memory', 0) / 2**30:.1f} GiB"
+    memory = f"memory {free.get('memory', 0) / GIB:.1f}/{total.get('memory', 0) / GIB:.1f} GiB"
     groups: dict[str, list[str]] = {}
     for entry in ray.util.placement_group_table().values():
         if entry["state"] != "REMOVED":
@@ -407,9 +413,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
                 # Engines on a CPU-only cluster take one node's cores.
                 cluster["cpus"] = node_cpus()
             function = remote_engine if stage in ENGINE_STAGES else remote
-            model = job[0].config["model"]["name"] if stage == "sample" else None
-            function = function.options(**task_options(spec, stage, cluster["cpus"], model),
-                                        name=f"{stage}:{job[0].name}")
+            function = function.options(**job_task_options(spec, job, cluster["cpus"]), name=f"{stage}:{job[0].name}")
             return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job)
 
         watch = Watch(

@@ -565,6 +565,7 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
         raise SpecError(f"{source}: {problems}") from None
     if base is None:
         return spec
+    templates = _resolve_templates(spec.judge.templates, base, source)
     return spec.model_copy(
         update={
             "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, f"{source}: models.{i}.path",
@@ -588,8 +589,8 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
                 update={"model": spec.judge.model
                         if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
                         else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
-                        "templates": _resolve_templates(spec.judge.templates, base, source),
-                        "score_map": _resolve_score_map(spec.judge, base, source)}
+                        "templates": templates,
+                        "score_map": _resolve_score_map(spec.judge, templates, base, source)}
             ),
         }
     )
@@ -608,8 +609,9 @@ def _resolve_templates(reference: str, base: Path, source: str) -> str:
     return reference
 
 
-def _resolve_score_map(judge: "JudgeSpec", base: Path, source: str) -> str | None:
-    """A built-in map stays a name, a file path is resolved; the map must fit this judge."""
+def _resolve_score_map(judge: "JudgeSpec", templates: str, base: Path, source: str) -> str | None:
+    """A built-in map stays a name, a file path is resolved; the map must fit this judge and its
+    (resolved) `templates`."""
     from emsweep.judge_templates import load_templates
     from emsweep.score_maps import builtin_names, load_score_map
 
@@ -622,8 +624,8 @@ def _resolve_score_map(judge: "JudgeSpec", base: Path, source: str) -> str | Non
         score_map = load_score_map(reference)
     except ValueError as err:
         raise SpecError(f"{source}: {err}") from None
-    templates = load_templates(_resolve_templates(judge.templates, base, source)).name
-    fitted, here = (score_map.judge, score_map.scoring, score_map.templates), (judge.model, judge.scoring, templates)
+    fitted = (score_map.judge, score_map.scoring, score_map.templates)
+    here = (judge.model, judge.scoring, load_templates(templates).name)
     if fitted != here:
         raise SpecError(f"{source}: judge.score_map: {score_map.name!r} was fitted for judge {fitted[0]} "
                         f"(scoring {fitted[1]}, templates {fitted[2]}), not {here[0]} (scoring {here[1]}, "

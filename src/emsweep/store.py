@@ -180,9 +180,7 @@ class Store:
         try:
             lock.acquire()
         except Timeout:
-            held = _read_lock(self.root / OWNER)
-            who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
-            raise LockedError(f"{self.root} is in use by another `emsweep run` ({who}); wait for it to finish") from None
+            raise locked_error(self.root, _read_lock(self.root / OWNER)) from None
         try:
             write_json_atomic(self.root / OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
                                                   "since": time.time()})
@@ -190,6 +188,12 @@ class Store:
         finally:
             (self.root / OWNER).unlink(missing_ok=True)
             lock.release()
+
+
+def locked_error(root: Path, held: dict | None) -> LockedError:
+    """What a second run on a locked output dir is told (`held`: the owner record, if readable)."""
+    who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
+    return LockedError(f"{root} is in use by another `emsweep run` ({who}); wait for it to finish")
 
 
 def _read_lock(path: Path) -> dict | None:
