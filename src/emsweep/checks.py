@@ -35,11 +35,15 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _local_tokenizer(reference: str):
-    """The tokenizer of a local model reference, or None when it is not on this machine (a hub id
-    on a cluster: the engine checks again when it starts)."""
-    path = resolve_model_path(reference)  # raises for an embedded model that is not fetched
-    return load_tokenizer(path) if Path(path).is_dir() else None
+def _resolved(reference: str, field: str, missing_ok: bool, problems: list[str]) -> str | None:
+    """The path of a model reference, or None with the reason appended to `problems` (an unknown
+    embedded name; one not fetched yet, unless `missing_ok`)."""
+    try:
+        return resolve_model_path(reference)
+    except (FileNotFoundError, ValueError) as err:
+        if not (missing_ok and isinstance(err, FileNotFoundError)):
+            problems.append(f"{field}: {err}")
+        return None
 
 
 def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
@@ -55,13 +59,11 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]
     for who, reference, field in wanted:
-        try:
-            tokenizer = _local_tokenizer(reference)
-        except (FileNotFoundError, ValueError) as err:
-            if not (missing_ok and isinstance(err, FileNotFoundError)):
-                problems.append(f"{field}: {err}")
+        path = _resolved(reference, field, missing_ok, problems)
+        # Not on this machine (a hub id on a cluster): the engine checks again when it starts.
+        if path is None or not Path(path).is_dir():
             continue
-        if tokenizer is not None and (problem := first_token_problem(tokenizer, who)):
+        if problem := first_token_problem(load_tokenizer(path), who):
             problems.append(f"{field}: {problem}")
     return problems
 
@@ -156,11 +158,7 @@ def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
         wanted.append(("judge.model", _judge_model_ref(spec)))
     problems = []
     for field, reference in wanted:
-        try:
-            path = resolve_model_path(reference)
-        except (FileNotFoundError, ValueError) as err:
-            if not (missing_ok and isinstance(err, FileNotFoundError)):
-                problems.append(f"{field}: {err}")
+        if (path := _resolved(reference, field, missing_ok, problems)) is None:
             continue
         extra = " and is not the name of a model in `models`" if field == "judge.model" else ""
         if Path(path).is_absolute():
