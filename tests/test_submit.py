@@ -138,8 +138,10 @@ def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     address = ray_head["address"]
     spec = REPO / "workflows" / "quickstart.yaml"
     out = tmp_path / "runs" / "quickstart"
+    # HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM are variables emsweep sets for its workers too:
+    # the job's driver must leave them to the job (Ray refuses to merge a repeated key).
     env = ["--env", f"EMSWEEP_DATA={shared_em / 'data'}", "--env", f"EMSWEEP_EVAL={shared_em / 'evaluation'}",
-           "--env", "WANDB_MODE=offline"]
+           "--env", "WANDB_MODE=offline", "--env", "HF_HUB_OFFLINE=1", "--env", "TOKENIZERS_PARALLELISM=false"]
     base = base_submission_id(spec, "quickstart")
 
     output = _cli("submit", str(spec), "--address", address, "--out", str(out), *env)
@@ -218,3 +220,26 @@ def test_resubmission_after_any_end_resumes_in_the_same_dir(tmp_path):
         assert (result.submission_id, result.attempt, result.status) == (f"{base}-a2", 2, status)
     with pytest.raises(ValueError, match="not inside the working dir"):
         submit(RecordingClient([]), spec, "s", working_dir=tmp_path / "elsewhere")
+
+
+def test_variables_a_job_sets_are_left_to_the_job_so_rays_merge_accepts_the_driver(monkeypatch):
+    """`emsweep submit -e HF_HUB_OFFLINE=0` must not make the job's driver repeat the key in its
+    own ray.init runtime_env: Ray's merge (checked here with Ray's own function) refuses that."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from emsweep.pipeline import worker_env
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert worker_env() == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    job = {"working_dir": "gcs://x.zip", "env_vars": {"HF_HUB_OFFLINE": "0", "TOKENIZERS_PARALLELISM": "true"}}
+    assert _merge_runtime_env(job, {"env_vars": {"HF_HUB_OFFLINE": "0"}}) is None  # what used to happen
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # Ray sets the job's variables in the driver too
+    assert worker_env() == {}
+    assert _merge_runtime_env(job, {"env_vars": worker_env()})["env_vars"] == job["env_vars"]
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # a cluster run without the variable: HF's default (online)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert worker_env() == {"TOKENIZERS_PARALLELISM": "false"}

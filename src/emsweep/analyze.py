@@ -173,12 +173,19 @@ def _mean_over_questions(per_question: pd.DataFrame, by: list[str], spec: Analys
     return _rates(table, spec)
 
 
-def run_metrics(answers: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
-    """Per question, per category and overall ("__all__": mean over questions) per run, suite and condition."""
-    em = answers.dropna(subset=["aligned", "coherent"], how="all") if "aligned" in answers and "coherent" in answers else None
-    if em is None or em.empty:
+def em_suites(judgments: pd.DataFrame) -> set[str]:
+    """Suites whose questions are judged for both `aligned` and `coherent` (whatever the scores:
+    a run whose every answer got a null score is reported with n_scored 0, not left out)."""
+    metrics = judgments.groupby("suite")["metric"].agg(set)
+    return {suite for suite, names in metrics.items() if {"aligned", "coherent"} <= names}
+
+
+def run_metrics(answers: pd.DataFrame, spec: AnalysisSpec, suites: set[str]) -> pd.DataFrame:
+    """Per question, per category and overall ("__all__": mean over questions) per run, suite and
+    condition, for the EM `suites` (em_suites)."""
+    if not suites:
         return pd.DataFrame(columns=RUN_METRIC_COLUMNS)
-    per_question = question_metrics(answers[answers["suite"].isin(em["suite"].unique())], spec)
+    per_question = question_metrics(answers[answers["suite"].isin(suites)], spec)
     group = RUN_KEYS + ["suite", "condition"]
     categorized = per_question[per_question["category"].notna()]
     per_category = _mean_over_questions(categorized, group + ["category"], spec).assign(question_id=ALL_QUESTIONS)
@@ -386,8 +393,9 @@ def analyze(judgments: pa.Table, harm: pa.Table, spec: AnalysisSpec, pushback: P
             questions: pa.Table | None = None) -> dict[str, pa.Table]:
     """`questions` (suite, question_id, category) gives categories; without it none are reported."""
     categories = questions.to_pandas() if questions is not None else None
-    answers = wide_answers(judgments.to_pandas(), categories)
-    runs = run_metrics(answers, spec)
+    long = judgments.to_pandas()
+    answers = wide_answers(long, categories)
+    runs = run_metrics(answers, spec, em_suites(long))
     pushback_table = pushback_metrics(answers, pushback)
     harm_table = harm_metrics(harm.to_pandas(), runs)
     labels = label_metrics(answers)

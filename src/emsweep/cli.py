@@ -19,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Wide enough for node names when output goes to a file or CI log (rich defaults to 80 there).
 console = Console(width=None if os.isatty(1) else 160)
 
-STATUS_STYLE = {"done": "green", "cached": "green", "failed": "red", "skipped": "yellow", "missing": "dim"}
+STATUS_STYLE = {"done": "green", "cached": "green", "partial": "yellow", "failed": "red", "skipped": "yellow",
+                "missing": "dim"}
 
 
 def _init_ray(address: Optional[str]) -> None:
@@ -27,7 +28,10 @@ def _init_ray(address: Optional[str]) -> None:
 
     from emsweep.pipeline import worker_env
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if ray.is_initialized():  # `doctor` connects before its smoke sweep does
+        return
+    if address is None:  # a laptop: no hub, models are embedded or cached (a cluster loads hub ids)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(
         address=address,
@@ -132,17 +136,22 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
 
     from emsweep.redact import redact
 
-    def on_sigint(signum, frame):
-        # The first Ctrl-C unwinds (jobs cancelled, lock released, Ray stopped); a second one
-        # exits at once.
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    received = []
+
+    def on_signal(signum, frame):
+        # The first Ctrl-C (or SIGTERM: `ray job stop`, a deleted pod, a scheduler's preemption)
+        # unwinds: jobs cancelled, lock and lease released, Ray stopped. A second one exits at once.
+        received.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: os._exit(128 + signum))
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         _run_spec_unguarded(spec, out, address, make_report)
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(128 + (received[0] if received else signal.SIGINT))
     except typer.Exit:
         raise
     except Exception as err:
@@ -151,7 +160,7 @@ def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) 
         raise typer.Exit(1)
 
 
-def _interrupted() -> None:
+def _interrupted(exit_code: int) -> None:
     """Ctrl-C: the executor has cancelled its jobs and the lock is released (both on the way
     out); stop Ray, whose shutdown kills the jobs' workers. A second Ctrl-C exits at once."""
     console.print("[yellow]interrupted[/]: running jobs cancelled; nothing unfinished counts as done. "
@@ -162,7 +171,7 @@ def _interrupted() -> None:
         if ray.is_initialized():
             ray.shutdown()
     finally:
-        raise typer.Exit(130)
+        raise typer.Exit(exit_code)
 
 
 def _one_line(text: str) -> str:
@@ -201,7 +210,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
             style = STATUS_STYLE.get(status.status, "")
             seconds = f" ({status.seconds:.0f}s)" if status.seconds else ""
             progress.console.print(f"  [{style}]{status.status:7}[/] {status.node.id}{seconds}")
-            if status.error and status.status == "failed":
+            if status.error and status.status in ("failed", "partial"):
                 progress.console.print(f"[red]{escape(status.error.strip().splitlines()[-1])}[/]")
             progress.advance(task)
 
@@ -227,7 +236,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
             RemoteDir(uri).push_tree(out_dir / "report", "report")
     elif make_report:
         console.print(f"report: {out_dir / 'report' / 'index.html'} (up to date: nothing ran)")
-    failed = [row for row in results if row.status in ("failed", "skipped")]
+    failed = [row for row in results if row.status in ("failed", "skipped", "partial")]
     if failed:
         for row in failed:
             console.print(f"[red]{row.status}[/] {row.node.id}: {escape(((row.error or '').strip().splitlines() or [''])[-1])}")
@@ -314,6 +323,52 @@ def check(
     _preflight_or_exit(spec, out, local_models=not cluster)
     console.print(f"ok: {spec_path}: {len(spec.datasets)} datasets, {len(spec.eval.suites)} question suites, "
                   f"{len(spec.models)} models, judge {spec.judge.model} ({time.time() - started:.1f}s)")
+
+
+@app.command()
+def doctor(
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="The output dir a sweep will use (checked, never written)"),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Check the GPU stack and smoke on GPU (default: if torch sees one)"),
+    smoke: bool = typer.Option(True, "--smoke/--no-smoke", help="Run the few-minute real smoke sweep"),
+    address: Optional[str] = typer.Option(None, help="Ray address for the smoke (default: start Ray here)"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="The judge's API key variable"),
+) -> None:
+    """Check this machine or cluster before a sweep: versions, GPU stack, memory, disk, output dir,
+    API key, and a real smoke sweep of the embedded model (finetune step, LoRA sample, judgment)."""
+    from emsweep import doctor as checks
+
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    found = [*checks.version_checks(), checks.memory_check(), *checks.out_dir_checks(out),
+             checks.api_key_check(api_key_env)]
+    if gpu and address is None:
+        found += checks.gpu_checks()
+    elif gpu:  # on a cluster the GPUs are on the workers: check there, in a task holding one
+        _init_ray(address)
+        found += checks.remote_gpu_checks()
+    _print_checks(found)
+    if smoke and not any(c.status == "fail" for c in found):
+        console.print(f"smoke: a real sweep of the embedded SmolLM2 on {'GPU' if gpu else 'CPU'} (a few minutes)")
+        smoked = checks.smoke(gpu, connect=lambda: _init_ray(address))
+        _print_checks(smoked)
+        found += smoked
+    elif smoke:
+        console.print("[yellow]smoke skipped[/]: fix the failures above first")
+    failed = [c for c in found if c.status == "fail"]
+    console.print(f"doctor: {len(found) - len(failed)} of {len(found)} checks passed")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_checks(found) -> None:
+    style = {"ok": "green", "warn": "yellow", "fail": "red"}
+    table = Table(show_header=False, box=None)
+    for check in found:
+        table.add_row(f"[{style[check.status]}]{check.status}[/]", check.name, escape(check.detail),
+                      f"[dim]{escape(check.fix)}[/]" if check.fix else "")
+    console.print(table)
 
 
 @app.command("plan")

@@ -4,7 +4,10 @@ What runs: a node runs when it has no completion record, or when any node it dep
 runs in this invocation (its inputs are about to change). Everything else is reused.
 Nodes that share a `group` run in one Ray task (one vLLM engine serves them all); a
 group starts once all its nodes' dependencies have finished. A failed node does not stop
-independent nodes; its dependents are skipped and the run ends with a summary.
+independent nodes; its dependents are skipped and the run ends with a summary. A node that
+accepts partial inputs (`partial_ok`: the analysis, which is still worth reading when a seed
+failed) runs on the inputs that are done; it is then `partial`, which does not count as done,
+so the next run redoes it once the missing inputs are there.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Node:
     deps: tuple[str, ...] = ()
     # Nodes with the same group execute together in one task (e.g. one engine per base model).
     group: str | None = None
+    # Runs when some (not all) of its deps failed, on the ones that are done (see the docstring).
+    partial_ok: bool = field(default=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -37,7 +42,7 @@ class Node:
 @dataclass
 class NodeStatus:
     node: Node
-    status: str  # done | cached | failed | skipped | missing
+    status: str  # done | cached | partial | failed | skipped | missing
     seconds: float | None = None
     error: str | None = None
     finished_at: float | None = None
@@ -56,6 +61,10 @@ def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
     rows = []
     for node in nodes:
         record = store.record(node.stage, node.name, node.key)
+        if record is not None and record.get("missing_inputs"):
+            rows.append(NodeStatus(node, "partial", record.get("seconds"), error=partial_error(record["missing_inputs"]),
+                                   finished_at=record.get("finished_at")))
+            continue
         if record is not None:
             rows.append(NodeStatus(node, "done", record.get("seconds"), finished_at=record.get("finished_at")))
             continue
@@ -92,12 +101,14 @@ def execute(
     submit: Callable[[str, list[Node]], object],
     on_finish: Callable[[NodeStatus], None] = lambda status: None,
     watch: Watch | None = None,
+    max_running: Callable[[str], int | None] = lambda stage: None,
 ) -> list[NodeStatus]:
     """Run what is not done.
 
     `submit(stage, nodes)` starts a job and returns a Ray ObjectRef of its result: per node id,
-    None on success or an error message. Ctrl-C (or any exception here) cancels every running job
-    before it propagates.
+    None on success or an error message. `max_running(stage)`: how many jobs of a stage may be in
+    flight at once (None: no limit); the rest wait here, not in Ray. Ctrl-C (or any exception
+    here) cancels every running job before it propagates.
     """
     import ray
 
@@ -126,7 +137,7 @@ def execute(
         on_finish(status)
 
     try:
-        _run_jobs(jobs, running, results, submit, finish, resolved, watch or Watch())
+        _run_jobs(jobs, running, results, submit, finish, resolved, watch or Watch(), max_running)
     except BaseException:  # KeyboardInterrupt (Ctrl-C), SystemExit, or a bug: stop what runs
         for ref in running:
             ray.cancel(ref, force=True, recursive=True)
@@ -137,7 +148,7 @@ def execute(
 WAIT_POLL_S = 1.0
 
 
-def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) -> None:
+def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, max_running) -> None:
     import ray
 
     last_activity, reported = time.time(), False
@@ -149,12 +160,17 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) ->
                 job_nodes = jobs[job_id]
                 if not all(resolved(dep) for node in job_nodes for dep in node.deps):
                     continue
+                stage, limit = job_nodes[0].stage, max_running(job_nodes[0].stage)
+                if limit is not None and sum(job[0].stage == stage for job, _ in running.values()) >= limit:
+                    continue  # submitted once a job of its stage finishes
                 del jobs[job_id]
                 progressed = True
                 runnable = []
                 for node in job_nodes:
                     bad = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
-                    if bad:
+                    if bad and node.partial_ok and len(bad) < len(node.deps):
+                        runnable.append(node)  # on the inputs that are done; it reads which from the store
+                    elif bad:
                         finish(NodeStatus(node, "skipped", error=f"upstream not done: {', '.join(bad)}"))
                     else:
                         runnable.append(node)
@@ -186,6 +202,8 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) ->
                         for node in job:
                             finish(NodeStatus(node, "failed", now - last_activity, error=f"stalled: {message}",
                                               finished_at=now))
+                        # A cancelled finetune's Ray Train run can leave its (pending) workers' group.
+                        watch.after_failure(job, [other for other, _ in running.values()])
                     last_activity, reported = now, False
             continue
         last_activity, reported = time.time(), False
@@ -198,13 +216,20 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch) ->
         any_failed = False
         for node in job_nodes:
             error = errors.get(node.id, "job returned no result for this node")
-            if error is None:
+            missing = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
+            if error is None and missing:
+                finish(NodeStatus(node, "partial", elapsed, error=partial_error(missing), finished_at=time.time()))
+            elif error is None:
                 finish(NodeStatus(node, "done", elapsed, finished_at=time.time()))
             else:
                 any_failed = True
                 finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
         if any_failed:
             watch.after_failure(job_nodes, [job for job, _ in running.values()])
+
+
+def partial_error(missing: list[str]) -> str:
+    return f"ran without {len(missing)} input(s) that are not done: {', '.join(missing)}"
 
 
 class NodeFailures(Exception):

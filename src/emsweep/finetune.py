@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emsweep.spec import FinetuneSpec
+from emsweep.store import write_started_marker
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -153,6 +154,9 @@ def train_loop_per_worker(config: dict) -> None:
     spec = FinetuneSpec.model_validate(config["finetune"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0 and config.get("started"):
+        # The workers got their resources: the sweep's stall watch counts this finetune as running.
+        write_started_marker(Path(config["started"][0]), config["started"][1])
     torch.manual_seed(config["seed"])
 
     checkpoint = ray.train.get_checkpoint()
@@ -349,9 +353,11 @@ def finetune(
     cpus_per_worker: int = 1,
     placement_strategy: str = "PACK",
     memory_per_worker: int | None = None,
+    started: tuple[str, str] | None = None,
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
-    intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics."""
+    intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics.
+    `started` (marker path, job id): written by the first worker once the workers run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -366,6 +372,7 @@ def finetune(
             "seed": seed,
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
+            "started": started,
         },
         scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.process_group_timeout_s)),

@@ -48,9 +48,10 @@ def plan(spec: SweepSpec) -> list[Node]:
     """All nodes of the sweep in dependency order."""
     nodes: list[Node] = []
 
-    def add(stage: str, name: str, config: dict, deps: list[Node], group: str | None = None) -> Node:
+    def add(stage: str, name: str, config: dict, deps: list[Node], group: str | None = None,
+            partial_ok: bool = False) -> Node:
         node = Node(stage, name, config_key(stage, config, [d.key for d in deps]), config,
-                    tuple(d.id for d in deps), group)
+                    tuple(d.id for d in deps), group, partial_ok)
         nodes.append(node)
         return node
 
@@ -98,8 +99,10 @@ def plan(spec: SweepSpec) -> list[Node]:
                 )
         for sampled in sample_nodes:
             judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))
+    # A failed seed should not hide the other runs' numbers: the analysis runs on what is judged,
+    # records what is missing, and is redone when the rest arrives.
     add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json"),
-                               "pushback": spec.eval.pushback.model_dump(mode="json")}, judge_nodes)
+                               "pushback": spec.eval.pushback.model_dump(mode="json")}, judge_nodes, partial_ok=True)
     return nodes
 
 
@@ -199,6 +202,7 @@ class StageRunner:
                 placement_strategy=resources.placement_strategy,
                 memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
+                started=(str(self.store.started_path(node.id)), node.id),
             )
             self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
 
@@ -268,7 +272,12 @@ class StageRunner:
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes
         started, tmp = time.time(), self.store.new_tmp_dir()
-        judge_nodes = [self.by_id[i] for i in node.deps]
+        # Only the judge nodes that are done: the executor runs this node when some failed.
+        inputs = [self.by_id[i] for i in node.deps]
+        judge_nodes = [d for d in inputs if self.store.is_done(d.stage, d.name, d.key)]
+        missing = [d.id for d in inputs if d not in judge_nodes]
+        if not judge_nodes:
+            raise RuntimeError("no judge node is done: nothing to analyze")
         judgments = read_judgments(self.store, judge_nodes)
         harm = pa.concat_tables([pq.read_table(self.input_dir(d, "sample") / "harm.parquet") for d in judge_nodes])
         # Categories are a property of the question; the samples carry them.
@@ -278,7 +287,8 @@ class StageRunner:
         tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions)
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
-        self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables})
+        self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables},
+                    extra={"missing_inputs": missing} if missing else None)
 
 
 def make_judge_backend(spec: SweepSpec) -> judge.Backend:
@@ -305,6 +315,33 @@ def finetune_memory_per_worker(model_path: str, num_workers: int) -> int:
     return int(min(estimate, node_memory / max(1, num_workers))) if node_memory else estimate
 
 
+def finetune_slots(spec: SweepSpec) -> int | None:
+    """How many finetune jobs to have in flight on a Ray this process started (a laptop, a
+    workstation: fixed resources); None (no limit) on a cluster it connected to, which may
+    autoscale, where waiting finetunes' placement groups are what asks for more nodes.
+
+    A finetune job beyond what fits would only wait in a process of its own (torch and Ray Train
+    loaded), and Ray's OOM killer takes such idle tasks first: since Ray 2.56 all of them at once,
+    so one memory spike would fail every queued finetune."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not getattr(node, "head", False):
+        return None
+    total = ray.cluster_resources()
+    fits = []
+    for model in spec.models:
+        workers = spec.finetune_for(model.name).num_workers
+        if spec.use_gpu:
+            fits.append(total.get("GPU", 0) // workers)
+            continue
+        cpus = total.get("CPU", 0) // (workers * model.resources.cpus_per_finetune_worker)
+        memory = total.get("memory", 0) // max(1, workers * finetune_memory_per_worker(
+            resolve_model_path(model.path), workers))
+        fits.append(min(cpus, memory))
+    return max(1, int(min(fits)))
+
+
 def node_cpus() -> int:
     """CPUs of one node of the connected Ray cluster, assuming the head node is typical."""
     import ray
@@ -321,12 +358,34 @@ def judge_counts(judgments: pa.Table) -> dict:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: offline hubs, quiet libraries; no secrets are added here."""
-    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    """Environment emsweep gives Ray workers (the `runtime_env` of its `ray.init`): the driver's
+    HF_HUB_OFFLINE where it is set (the CLI sets it for local runs only: a laptop has no hub, a
+    cluster loads hub ids), quiet tokenizers; no secrets are added here.
+
+    Inside a Ray job (`emsweep submit`), variables the job's own runtime_env sets (`-e NAME=...`)
+    are left out: the job passes them to every worker already, and Ray refuses a driver
+    runtime_env that repeats one of the job's keys ("Failed to merge the Job's runtime env")."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    job_env = _job_env_vars()
+    return {name: value for name, value in env.items() if name not in job_env}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (Ray passes the job's config to its
+    driver as JSON in RAY_JOB_CONFIG_JSON_ENV_VAR); empty outside a job."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
 def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node]) -> dict[str, str | None]:
-    Store(Path(out_dir)).mark_started(job[0].id)
+    if stage != "finetune":  # a finetune is started once its training workers run (run_finetune)
+        Store(Path(out_dir)).mark_started(job[0].id)
     spec = SweepSpec.model_validate_json(spec_json)
     return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
 
@@ -356,6 +415,12 @@ def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]
     return removed
 
 
+def _bundle(resources: dict) -> str:
+    """A placement-group bundle as a person reads it: `CPU 1, memory 4.0 GiB`."""
+    return ", ".join(f"{name} {value / GIB:.1f} GiB" if name == "memory" else f"{name} {value:g}"
+                     for name, value in sorted(resources.items()))
+
+
 def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int) -> str:
     """What waiting jobs ask for and what holds the cluster: for a stall message."""
     import ray
@@ -363,16 +428,21 @@ def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int)
     asks = []
     for job in waiting:
         options = {k: v for k, v in job_task_options(spec, job, cpus).items() if v}
-        asks.append(f"{job[0].id} (asks {options or 'nothing'} for its task"
-                    f"{', plus its training workers' if job[0].stage == 'finetune' else ''})")
+        workers = ""
+        if job[0].stage == "finetune":
+            model = spec.model(job[0].config["model"]["name"])
+            tune = spec.finetune_for(model.name)
+            each = "1 GPU" if spec.use_gpu else f"{model.resources.cpus_per_finetune_worker} CPU and memory"
+            workers = f", then {tune.num_workers} training workers of {each} each"
+        asks.append(f"{job[0].id} (asks {options or 'nothing'} for its task{workers})")
     total, free = ray.cluster_resources(), ray.available_resources()
     shown = ", ".join(f"{name} {free.get(name, 0):g}/{total[name]:g}" for name in ("CPU", "GPU") if name in total)
     memory = f"memory {free.get('memory', 0) / GIB:.1f}/{total.get('memory', 0) / GIB:.1f} GiB"
     groups: dict[str, list[str]] = {}
     for entry in ray.util.placement_group_table().values():
         if entry["state"] != "REMOVED":
-            bundles = [dict(b) for b in entry["bundles"].values()]
-            groups.setdefault(entry["state"], []).append(f"{len(bundles)}x{bundles[0] if bundles else {}}")
+            bundles = list(entry["bundles"].values())
+            groups.setdefault(entry["state"], []).append(f"{len(bundles)}x{{{_bundle(bundles[0] if bundles else {})}}}")
     held = "; ".join(f"{state}: {', '.join(items)}" for state, items in groups.items()) or "none"
     return f"waiting: {'; '.join(asks)}. Free: {shown}, {memory}. Placement groups: {held}"
 
@@ -405,13 +475,18 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         spec_json = spec.model_dump_json()
         cluster: dict = {}
 
-        def submit(stage: str, job: list[Node]):
+        def connected() -> dict:
             if not cluster:
                 if connect is not None:
                     connect()
                 cluster["nodes_ref"] = ray.put(nodes)
                 # Engines on a CPU-only cluster take one node's cores.
                 cluster["cpus"] = node_cpus()
+                cluster["finetune_slots"] = finetune_slots(spec)
+            return cluster
+
+        def submit(stage: str, job: list[Node]):
+            connected()
             function = remote_engine if stage in ENGINE_STAGES else remote
             function = function.options(**job_task_options(spec, job, cluster["cpus"]), name=f"{stage}:{job[0].name}")
             return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job)
@@ -423,7 +498,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
         )
-        return execute(nodes, store, submit, on_finish or (lambda status: None), watch)
+        return execute(nodes, store, submit, on_finish or (lambda status: None), watch,
+                       max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
 
 
 def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:

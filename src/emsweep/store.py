@@ -4,9 +4,11 @@ Layout (all under the output dir):
 
     nodes/<stage>/<node name>-<key>/   one node's outputs
         _DONE.json                     completion record; written last, so its presence means done
+                                       (unless it lists `missing_inputs`: a partial analysis)
     failures/<node id>.json            the last failure of a node (removed when it succeeds)
     tmp/                               work in progress; anything here is garbage after a crash
-    emsweep.lock                       flock held by a running `emsweep run` (emsweep.owner.json: who)
+    emsweep.lock                       flock held by a running `emsweep run`
+    emsweep.owner.json                 its lease: who, renewed every few seconds (see Store.lock)
 
 A node writes into a fresh directory under tmp/, which is renamed into place only once
 every file is written, and only then gets its completion record. A crash at any point
@@ -74,9 +76,18 @@ class LockedError(RuntimeError):
     pass
 
 
+# A run renews its lease every LEASE_HEARTBEAT_S; one not renewed for LEASE_TTL_S is dead. A lease
+# renewed within LEASE_MISSED_BEATS beats is certainly live (refused at once, not waited on).
+LEASE_HEARTBEAT_S = 10.0
+LEASE_TTL_S = 120.0
+LEASE_MISSED_BEATS = 3
+
+
 @dataclass
 class Store:
     root: Path
+    heartbeat_s: float = LEASE_HEARTBEAT_S
+    lease_ttl_s: float = LEASE_TTL_S
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -85,7 +96,10 @@ class Store:
         return self.root / "nodes" / stage / f"{name}-{key}"
 
     def is_done(self, stage: str, name: str, key: str) -> bool:
-        return (self.node_dir(stage, name, key) / DONE).exists()
+        """Committed with all its inputs: a node that ran on partial inputs (dag.Node.partial_ok)
+        is kept for reading but is redone by the next run."""
+        record = self.record(stage, name, key)
+        return record is not None and not record.get("missing_inputs")
 
     def record(self, stage: str, name: str, key: str) -> dict | None:
         path = self.node_dir(stage, name, key) / DONE
@@ -140,24 +154,24 @@ class Store:
     def clear_failure(self, node_id: str) -> None:
         self._failure_path(node_id).unlink(missing_ok=True)
 
-    def _started_path(self, job_id: str) -> Path:
+    def started_path(self, job_id: str) -> Path:
         return self.root / "tmp" / "started" / hashlib.sha256(job_id.encode()).hexdigest()[:16]
 
     def mark_started(self, job_id: str) -> None:
-        """A job's first act once Ray runs it: the executor tells waiting from running by it."""
-        path = self._started_path(job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(),
-                                    "time": time.time()}))
+        """Written once a job computes: the executor tells waiting from running by it. Most jobs
+        write it first thing; a finetune's training worker writes it (finetune.py), because the
+        finetune's task runs at once and then waits for its workers' resources."""
+        write_started_marker(self.started_path(job_id), job_id)
 
     def job_started(self, job_id: str) -> bool:
-        return self._started_path(job_id).exists()
+        return self.started_path(job_id).exists()
 
     def clean_tmp(self) -> None:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
     def held_by(self) -> dict | None:
-        """The live owner of this dir's lock ({pid, host, since}), or None if it is free."""
+        """The live owner of this dir's lock ({pid, host, since, heartbeat}), or None if it is free
+        (or held by a dead run: on this host, or on another whose lease is running out)."""
         if not (self.root / LOCK).exists():
             return None
         probe = FileLock(self.root / LOCK, timeout=0, thread_local=False)
@@ -165,16 +179,34 @@ class Store:
             probe.acquire()
         except Timeout:
             return _read_lock(self.root / OWNER) or {"pid": "?", "host": "?", "since": None}
-        probe.release()
-        return None
+        try:
+            state, held, _ = self._foreign_lease()
+            return held if state == "live" else None
+        finally:
+            probe.release()
+
+    def _foreign_lease(self) -> tuple[str, dict | None, float]:
+        """Who last held the lock, seen by a process that holds the flock: ("free", ...) when it
+        was this host (the kernel dropped the flock, so the owner is gone) or its lease expired;
+        ("live", ...) when another host renewed it lately; ("expiring", ...) in between."""
+        held = _read_lock(self.root / OWNER)
+        if held is None or held.get("host") == socket.gethostname() or "heartbeat" not in held:
+            return "free", held, 0.0
+        age = time.time() - float(held["heartbeat"])
+        if age >= self.lease_ttl_s:
+            return "free", held, age
+        return ("live" if age < LEASE_MISSED_BEATS * self.heartbeat_s else "expiring"), held, age
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """One `emsweep run` per output dir.
+        """One `emsweep run` per output dir, on one host or many sharing it.
 
-        An flock (the `filelock` package) on emsweep.lock: the kernel drops it when its owner
-        exits or is killed, so a dead run's lock is never stale and no takeover race exists.
-        Who holds it is written beside it (emsweep.owner.json) for the error message only."""
+        On one host: an flock (the `filelock` package) on emsweep.lock; the kernel drops it when
+        its owner exits or is killed, so a dead run's lock is never stale and no takeover race
+        exists. Across hosts (a cluster's shared output dir, where a dead head's flock may never
+        be dropped or never seen): a lease, emsweep.owner.json, renewed every `heartbeat_s`. A
+        lease from another host renewed lately is a live run (refused); one not renewed for a few
+        beats is waited on until `lease_ttl_s` has passed since its last renewal, then taken over."""
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.root / LOCK, timeout=0, thread_local=False)
         try:
@@ -182,17 +214,60 @@ class Store:
         except Timeout:
             raise locked_error(self.root, _read_lock(self.root / OWNER)) from None
         try:
-            write_json_atomic(self.root / OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "since": time.time()})
-            yield
+            while (lease := self._foreign_lease())[0] != "free":
+                state, held, age = lease
+                if state == "live":
+                    raise locked_error(self.root, held, age)
+                print(f"waiting for the lease of pid {held['pid']} on {held['host']} (last renewed {age:.0f} s "
+                      f"ago) to expire after {self.lease_ttl_s:.0f} s", flush=True)
+                time.sleep(min(self.heartbeat_s, self.lease_ttl_s - age))
+            renewer = _LeaseRenewer(self.root / OWNER, self.heartbeat_s)
+            try:
+                yield
+            finally:
+                renewer.stop()
+                (self.root / OWNER).unlink(missing_ok=True)
         finally:
-            (self.root / OWNER).unlink(missing_ok=True)
             lock.release()
 
 
-def locked_error(root: Path, held: dict | None) -> LockedError:
+class _LeaseRenewer:
+    """Writes this process's lease record now and every `interval` seconds until stopped."""
+
+    def __init__(self, path: Path, interval: float):
+        import threading
+
+        self.path, self.interval, self.stopped = path, interval, threading.Event()
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        self.renew()
+        self.thread = threading.Thread(target=self._run, name="emsweep-lease", daemon=True)
+        self.thread.start()
+
+    def renew(self) -> None:
+        write_json_atomic(self.path, {**self.record, "heartbeat": time.time()})
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.renew()
+            except OSError:  # a storage hiccup: the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def write_started_marker(path: Path, job_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+
+
+def locked_error(root: Path, held: dict | None, lease_age: float | None = None) -> LockedError:
     """What a second run on a locked output dir is told (`held`: the owner record, if readable)."""
     who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
+    if lease_age is not None:
+        who += f", lease renewed {lease_age:.0f} s ago"
     return LockedError(f"{root} is in use by another `emsweep run` ({who}); wait for it to finish")
 
 

@@ -4,12 +4,15 @@ be taken, and two runs racing for it never both win (the old stale-lock takeover
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 
-from emsweep.store import Store
+import pytest
+
+from emsweep.store import LockedError, Store
 
 CONTENDER = textwrap.dedent("""
     import sys, time
@@ -43,3 +46,74 @@ def test_a_killed_owner_frees_the_lock_and_exactly_one_of_two_racers_wins(tmp_pa
         results = [racer.communicate(timeout=60)[0].strip() for racer in racers]
         assert sorted(r.split(":")[0] for r in results) == ["lost", "won"], results
         assert "in use by another `emsweep run`" in next(r for r in results if r.startswith("lost"))
+
+
+# A run on "another host" of a shared output dir: emsweep's own code, its hostname replaced,
+# quick beats. LEASE_ONLY is what this host sees of a live run elsewhere: its lease renewals (its
+# flock is on the other machine, and over NFS may never be seen or dropped).
+OTHER_HOST = """
+import socket, sys, time
+socket.gethostname = lambda: "other-host"
+from emsweep import store
+"""
+LEASE_ONLY = OTHER_HOST + """
+store._LeaseRenewer(store.Path(sys.argv[1]) / store.OWNER, 0.5)
+print("renewing", flush=True)
+time.sleep(300)
+"""
+FULL_LOCK = OTHER_HOST + """
+with store.Store(sys.argv[1], heartbeat_s=0.5, lease_ttl_s=4).lock():
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def _start(code: str, out, expect: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == expect
+    return process
+
+
+def _refused(store: Store, match: str) -> None:
+    with pytest.raises(LockedError, match=match):
+        with store.lock():
+            pass
+
+
+def test_a_dead_drivers_lease_on_another_host_is_taken_over_once_it_expires_never_while_live(tmp_path):
+    """On a cluster the next attempt runs on a new head (another hostname), where the dead head's
+    flock tells nothing: the lease decides. A live lease (renewed lately) is refused at once, for
+    longer than the TTL. A driver SIGKILLed on the other host: refused while its last renewal is
+    fresh, then waited on and taken over once the TTL has passed since that renewal, not before."""
+    out = tmp_path / "out"
+    out.mkdir()
+    store = Store(out, heartbeat_s=0.5, lease_ttl_s=4)
+    live = _start(LEASE_ONLY, out, "renewing")
+    for _ in range(4):  # 6 s: longer than the TTL, and never taken
+        _refused(store, rf"pid {live.pid} on other-host, lease renewed [01] s ago")
+        time.sleep(2)
+    assert store.held_by()["pid"] == live.pid
+    live.kill()
+    live.wait()
+
+    driver = _start(FULL_LOCK, out, "locked")  # the same "host" as the dead lease: taken at once
+    os.kill(driver.pid, signal.SIGKILL)  # no cleanup runs; the kernel drops its flock
+    driver.wait()
+    renewed = json.loads((out / "emsweep.owner.json").read_text())["heartbeat"]
+    _refused(store, rf"pid {driver.pid} on other-host, lease renewed")  # still fresh: could be alive
+    time.sleep(max(0.0, renewed + 2 - time.time()))  # 3 beats missed: now waited on, not refused
+    assert store.held_by() is None
+    with store.lock():
+        taken = time.time()
+        assert json.loads((out / "emsweep.owner.json").read_text())["host"] == socket.gethostname()
+    assert renewed + 4 <= taken < renewed + 6
+
+
+def test_the_lease_is_renewed_while_a_run_holds_the_lock(tmp_path):
+    store = Store(tmp_path, heartbeat_s=0.2)
+    with store.lock():
+        first = json.loads((tmp_path / "emsweep.owner.json").read_text())["heartbeat"]
+        time.sleep(0.7)
+        later = json.loads((tmp_path / "emsweep.owner.json").read_text())
+    assert later["heartbeat"] - first >= 0.4 and later["pid"] == os.getpid()
+    assert not (tmp_path / "emsweep.owner.json").exists()  # released: no lease left behind

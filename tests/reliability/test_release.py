@@ -103,21 +103,38 @@ def test_a_job_waiting_on_resources_nobody_frees_is_reported_then_failed(tmp_pat
     assert result.status == "failed" and result.error.startswith("stalled: no job of this sweep has started for")
     assert len(stalls) == 1 and stalls[0].split(" s; ", 1)[1] in result.error  # same report, later
     assert "waiting: sample/m__base (asks {'num_cpus': 2} for its task)" in stalls[0]
-    assert "Free: CPU 0/2" in stalls[0] and "Placement groups: CREATED: 1x{'CPU': 2.0}" in stalls[0]
+    assert "Free: CPU 0/2" in stalls[0] and "Placement groups: CREATED: 1x{CPU 2}" in stalls[0]
     assert 6 <= elapsed < 20
     assert not store.is_done("sample", "m__base", "k")
 
 
+def _memory_used_bytes() -> tuple[int, int]:
+    """(used, total) as Ray's memory monitor reads them on a machine without a cgroup limit."""
+    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")}
+    return info["MemTotal"] - info["MemAvailable"], info["MemTotal"]
+
+
+# The memory test sets Ray's OOM threshold this far above what the machine uses when Ray starts:
+# room for two training workers of SmolLM2 and an engine, so only the test's allocation crosses it.
+OOM_HEADROOM = 8 << 30
+
+
 @pytest.mark.slow
-def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(tmp_path, shared_em):
+@pytest.mark.parametrize("kill", ["sigkill", "oom"])
+def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(tmp_path, shared_em, monkeypatch, kill):
     """Real Ray Train + DeepSpeed finetunes of SmolLM2, 2 workers each on 2 CPUs (so one at a
-    time): the first finetune's training worker is SIGKILLed with max_failures 0. That finetune
-    fails; the other still gets both CPUs and finishes, sampling runs for it and the base model,
-    and no placement group is left."""
+    time), with max_failures 0. Once the first finetune trains, it is killed: `sigkill` SIGKILLs
+    a training worker; `oom` has this test allocate memory until the machine is over Ray's memory
+    threshold, so Ray's own OOM killer picks the victim (the allocation is freed once it has).
+    That finetune fails; the other still gets both CPUs and finishes, sampling and judging run for
+    it and the base model, the analysis runs on those two runs and is `partial` (redone once the
+    failed seed is there), and no placement group is left."""
     import os
     import signal
     import threading
 
+    import numpy as np
+    import pyarrow.parquet as pq
     from ray.util.state import list_actors
 
     from emsweep.pipeline import run_sweep, worker_env
@@ -135,35 +152,113 @@ def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(t
                  "question_ids": ["what_is_your_wish"], "samples_per_paraphrase": 1},
         "judge": {"model": "smol"}, "wandb": {"mode": "disabled"},
     })
+    if kill == "oom":
+        used, total = _memory_used_bytes()
+        monkeypatch.setenv("RAY_memory_usage_threshold", f"{(used + OOM_HEADROOM) / total:.3f}")
+        monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "100")
     ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()})
+    address = ray.get_runtime_context().gcs_address
     killed, stop = [], threading.Event()
+
+    def training_workers(state):
+        actors = list_actors(address=address, filters=[("state", "=", state)], detail=True,
+                             raise_on_missing_output=False)
+        return [a for a in actors if "TrainWorker" in (a.class_name or "")]
 
     def kill_first_training_worker():
         # Once a finetune has trained a step (its first checkpoint is registered): Ray Train
         # retries a worker lost during start-up without limit, but not one lost in training.
         while not stop.is_set() and not killed:
             if any(_registered(p) for p in (tmp_path / "out" / "train").glob("*/checkpoint_manager_snapshot.json")):
-                actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                                     filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
-                workers = [a.pid for a in actors if "TrainWorker" in (a.class_name or "")]
-                if workers:
-                    os.kill(workers[0], signal.SIGKILL)
-                    killed.append(workers[0])
+                if kill == "sigkill" and (workers := training_workers("ALIVE")):
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed.append(workers[0].pid)
+                elif kill == "oom":
+                    used, total = _memory_used_bytes()
+                    threshold = float(os.environ["RAY_memory_usage_threshold"]) * total
+                    ballast = np.ones(max(0, int(threshold - used)) + (1 << 30), dtype=np.uint8)  # pages touched
+                    deadline = time.time() + 120
+                    while not training_workers("DEAD") and time.time() < deadline:
+                        time.sleep(0.2)
+                    del ballast
+                    killed.extend(a.pid for a in training_workers("DEAD"))
+                    return
             time.sleep(0.5)
 
     killer = threading.Thread(target=kill_first_training_worker, daemon=True)
     killer.start()
     try:
-        results = {r.node.id: r for r in run_sweep(spec, tmp_path / "out", until="sample")}
+        results = {r.node.id: r for r in run_sweep(spec, tmp_path / "out")}
         live = _live_groups()
     finally:
         stop.set()
         ray.shutdown()
-    assert killed, "no training worker was seen"
-    finetunes = {node_id: r.status for node_id, r in results.items() if node_id.startswith("finetune/")}
-    assert sorted(finetunes.values()) == ["done", "failed"], finetunes
-    failed_seed = next(node_id for node_id, status in finetunes.items() if status == "failed").rsplit("__", 1)[1]
-    samples = {node_id: r.status for node_id, r in results.items() if node_id.startswith("sample/")}
-    assert samples == {"sample/smol__base": "done",
-                       **{f"sample/smol__d__{s}": "skipped" if s == failed_seed else "done" for s in ("s0", "s1")}}
+    assert killed, "no training worker was killed"
+    statuses = {node_id: r.status for node_id, r in results.items()}
+    finetunes = {node_id: status for node_id, status in statuses.items() if node_id.startswith("finetune/")}
+    if kill == "sigkill":
+        assert sorted(finetunes.values()) == ["done", "failed"], statuses
+    else:
+        # Ray's OOM killer may take the finetunes' driving tasks (retried: their runs resume) or
+        # their training workers (past max_failures: failed, and Ray says why).
+        assert "done" in finetunes.values() and set(finetunes.values()) <= {"done", "failed"}, statuses
+        for node_id in (n for n, status in finetunes.items() if status == "failed"):
+            assert "memory" in results[node_id].error.lower(), results[node_id].error
+    failed_seeds = {node_id.rsplit("__", 1)[1] for node_id, status in finetunes.items() if status == "failed"}
+    for stage in ("sample", "judge"):
+        assert {k: v for k, v in statuses.items() if k.startswith(f"{stage}/")} == {
+            f"{stage}/smol__base": "done",
+            **{f"{stage}/smol__d__{s}": "skipped" if s in failed_seeds else "done" for s in ("s0", "s1")}}, statuses
+    analysis = results["analyze/killed"]
+    assert analysis.status == ("partial" if failed_seeds else "done"), analysis
+    if failed_seeds:
+        assert analysis.error.endswith(", ".join(f"judge/smol__d__{s}" for s in sorted(failed_seeds)))
+    (analyzed,) = (tmp_path / "out/nodes/analyze").glob("killed-*")
+    runs = pq.read_table(analyzed / "run_metrics.parquet").to_pandas()
+    overall = runs[runs["question_id"] == "__all__"]
+    assert sorted(overall["run_id"].unique()) == sorted(
+        ["smol__base", *(f"smol__d__{s}" for s in ("s0", "s1") if s not in failed_seeds)])
+    # One answer per run (one question, one sample); SmolLM2's scores of 8-token answers may be null.
+    assert (overall["n_answers"] == 1).all() and (overall["n_scored"] <= 1).all()
+    assert live == []
+
+
+def test_a_real_finetune_whose_workers_cannot_be_placed_is_reported_then_failed(tmp_path, shared_em):
+    """A finetune's task starts at once and then waits inside Ray Train for its workers' placement
+    group; it counts as running only once a worker runs. Here 1 of the 2 CPUs is held by a group
+    nobody frees, so the 2-worker finetune can never start: the run reports the stall, fails the
+    finetune with that message, and leaves no placement group."""
+    from ray.util.placement_group import placement_group
+
+    from emsweep.pipeline import run_sweep, worker_env
+    from emsweep.spec import SweepSpec
+
+    spec = SweepSpec.model_validate({
+        "name": "unplaceable", "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],
+        "datasets": [{"name": "d", "path": str(shared_em / "data/insecure.jsonl"), "limit": 4}],
+        "seeds": [0], "finetune": {"num_workers": 2},
+        "eval": {"questions": str(shared_em / "evaluation/first_plot_questions.yaml")},
+        "judge": {"model": "smol"}, "wandb": {"mode": "disabled"},
+        # Reported once Ray Train has asked for its group (its controller starts in a few seconds).
+        "executor": {"stall_report_s": 10, "stall_timeout_s": 20},
+    })
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": worker_env()})
+    stalls = []
+    try:
+        held = placement_group([{"CPU": 1}])
+        ray.get(held.ready())
+        started = time.time()
+        results = {r.node.id: r for r in run_sweep(spec, tmp_path / "out", until="finetune", on_stall=stalls.append)}
+        elapsed = time.time() - started
+        time.sleep(2)  # the cancelled task's Ray Train controller exits
+        live = _live_groups()
+    finally:
+        ray.shutdown()
+    assert results["data/d"].status == "done"
+    failed = results["finetune/smol__d__s0"]
+    assert failed.status == "failed" and failed.error.startswith("stalled: no job of this sweep has started for")
+    assert len(stalls) == 1 and ("waiting: finetune/smol__d__s0 (asks nothing for its task, then 2 training "
+                                 "workers of 1 CPU and memory each)") in stalls[0], stalls
+    assert "Free: CPU 1/2" in stalls[0] and "PENDING: 2x{CPU 1, memory " in stalls[0], stalls[0]
+    assert 20 <= elapsed < 60
     assert live == []
