@@ -40,6 +40,8 @@ def _init_ray(address: Optional[str]) -> None:
         log_to_driver=os.environ.get("EMSWEEP_WORKER_LOGS", "0") == "1",
         include_dashboard=False if address is None else None,
     )
+    if _SIGNALS_HANDLED:  # a run (not `doctor`): keep unwinding on SIGTERM after Ray's own handler
+        _install_signal_handlers()
 
 
 def _print_status(rows) -> None:
@@ -130,28 +132,47 @@ def resume(
     _run_spec(spec, out_dir, address, make_report)
 
 
+# The signal that interrupted this run (the exit code is 128 + it), set by _on_signal; and
+# whether this process handles signals that way (a run does, from the main thread).
+_RECEIVED: list[int] = []
+_SIGNALS_HANDLED: list[bool] = []
+
+
+def _on_signal(signum, frame):
+    """The first Ctrl-C (or SIGTERM: `ray job stop`, a deleted pod, a preempted node) unwinds:
+    jobs cancelled, lock and lease released, Ray stopped. A second one exits without unwinding,
+    as soon as Python runs its handler (Ray defers SIGINT while the main thread is in its calls)."""
+    import signal
+
+    _RECEIVED.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, frame: os._exit(128 + number))
+    raise KeyboardInterrupt
+
+
+def _install_signal_handlers() -> None:
+    """Also called after ray.init, which installs a SIGTERM handler of its own (it logs a stack
+    and exits 1, skipping the unwinding)."""
+    import signal
+    import threading
+
+    if not _RECEIVED and threading.current_thread() is threading.main_thread():
+        _SIGNALS_HANDLED.append(True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+
+
 def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     """Run a sweep; any error out of it is one redacted line, never a traceback with locals."""
     import signal
 
     from emsweep.redact import redact
 
-    received = []
-
-    def on_signal(signum, frame):
-        # The first Ctrl-C (or SIGTERM: `ray job stop`, a deleted pod, a scheduler's preemption)
-        # unwinds: jobs cancelled, lock and lease released, Ray stopped. A second one exits at once.
-        received.append(signum)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: os._exit(128 + signum))
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    _install_signal_handlers()
     try:
         _run_spec_unguarded(spec, out, address, make_report)
     except KeyboardInterrupt:
-        _interrupted(128 + (received[0] if received else signal.SIGINT))
+        _interrupted(128 + (_RECEIVED[0] if _RECEIVED else signal.SIGINT))
     except typer.Exit:
         raise
     except Exception as err:
@@ -350,7 +371,7 @@ def doctor(
         found += checks.remote_gpu_checks()
     _print_checks(found)
     if smoke and not any(c.status == "fail" for c in found):
-        console.print(f"smoke: a real sweep of the embedded SmolLM2 on {'GPU' if gpu else 'CPU'} (a few minutes)")
+        console.print(f"smoke: a real sweep of the embedded SmolLM2 on {'GPU' if gpu else 'CPU'} (about a minute here)")
         smoked = checks.smoke(gpu, connect=lambda: _init_ray(address))
         _print_checks(smoked)
         found += smoked
