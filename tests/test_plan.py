@@ -186,6 +186,20 @@ def test_kuberay_manifests_parse_and_run_a_workflow():
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     (group,) = cluster["spec"]["workerGroupSpecs"]
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    clusters = [cluster["spec"]] + [yaml.safe_load(p.read_text())["spec"]["rayClusterSpec"]
+                                    for p in sorted((REPO / "manifests").glob("*.yaml"))]
+    for spec in clusters:
+        (workers,) = spec["workerGroupSpecs"]
+        pod = workers["template"]["spec"]
+        # One placement rule everywhere: the GPU request, no label only GPU Feature Discovery sets.
+        assert "nodeSelector" not in pod and pod["tolerations"] == group["template"]["spec"]["tolerations"]
+        assert workers["minReplicas"] == 0  # no idle GPU node through the data stage or an API judge
+        head = spec["headGroupSpec"]["template"]["spec"]
+        (init,) = head["initContainers"]
+        assert "chown 1000:100 /mnt/shared/runs" in init["command"][-1]
+        for container in [head["containers"][0], pod["containers"][0]]:
+            key = next(e for e in container["env"] if e["name"] == "OPENAI_API_KEY")
+            assert "optional" not in key["valueFrom"]["secretKeyRef"]  # a missing key fails the pod
     for path in sorted((REPO / "manifests").glob("*.yaml")):
         job = yaml.safe_load(path.read_text())
         assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")

@@ -258,4 +258,12 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         stages.append(StageEstimate(stage, total, jobs, gpus, tokens, gpu_hours, stage_basis, done))
     if not spec.use_gpu:
         notes.append("use_gpu is false: everything runs on CPUs, no GPU-hours")
+    else:
+        # Engines of different models can share a node; GPUs no engine can use are billed idle.
+        engine_gpus = sum(m.sampling_gpus for m in models)
+        if engine_gpus % GPUS_PER_NODE:
+            idle = GPUS_PER_NODE - engine_gpus % GPUS_PER_NODE
+            notes.append(f"sample: the sampling engines take {engine_gpus} GPU(s), so {idle} GPU(s) of an "
+                         f"{GPUS_PER_NODE}-GPU node idle (billed, not in the GPU-hours) while they sample; "
+                         "raise models[].resources.sampling_tensor_parallel to fill the node")
     return SweepPlan(spec.name, spec.use_gpu, nodes, stages, models, judge_desc, notes)
