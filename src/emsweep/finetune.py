@@ -7,7 +7,8 @@ rerun of a node whose workers died resumes from its last reported checkpoint.
 
 Outputs (in the node directory):
     adapter/          peft adapter (adapter_config.json + adapter_model.safetensors)
-    data_report.json  rows trained on and rows dropped as longer than max_seq_len
+    data_report.json  rows trained on and rows dropped as longer than max_seq_len; the share of
+                      the weights rank 0 held after loading (1/world under ZeRO-3)
     metrics.parquet   one row per optimizer step:
         step int64, epoch float64, loss float64, learning_rate float64,
         tokens int64 (tokens seen this step, all workers), trained_tokens int64 (assistant tokens),
@@ -182,7 +183,24 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = total_steps / spec.epochs
 
     dtype = torch.bfloat16 if config["use_gpu"] else torch.float32
+    ds_config = {
+        "train_micro_batch_size_per_gpu": spec.per_device_batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+    }
+    zero3 = None
+    if spec.zero_stage == 3:
+        # Weights are partitioned as they load (deepspeed.zero.Init inside from_pretrained): without
+        # it DeepSpeed first moves the whole model onto every GPU (a 32B model is 65 GB in bf16, of an
+        # H100's 80) and partitions only then. The object must live until deepspeed.initialize.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo")
+        zero3 = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    data_report["loaded_weight_fraction"] = _held_weight_fraction(model)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -198,16 +216,10 @@ def train_loop_per_worker(config: dict) -> None:
     # Our own AdamW: DeepSpeed's fused CPU Adam would need a JIT build, for no gain at LoRA sizes.
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(spec.warmup_steps, total_steps))
-    ds_config = {
-        "train_micro_batch_size_per_gpu": spec.per_device_batch_size,
-        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
-        "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "steps_per_print": 10**9,
-    }
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    del zero3
 
     history: list[dict] = []
     start_step = 0
@@ -255,6 +267,14 @@ def train_loop_per_worker(config: dict) -> None:
             _report_state(engine, history, step + 1, rank)
         else:
             ray.train.report(history[-1])
+
+
+def _held_weight_fraction(model) -> float:
+    """The share of the model's weights this rank holds after loading: 1 unless ZeRO-3 partitioned
+    them at load (then about 1 / world size)."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    return held / full
 
 
 def _is_final(checkpoint) -> bool:
