@@ -164,6 +164,10 @@ def test_cluster_launcher_configs_are_valid():
         assert any("-ge 580" in command for command in config["setup_commands"])
         assert "latest_dlami" not in str(config) and "cu124" not in str(config)  # Ubuntu 18.04 / CUDA 12.4 era
         assert ".venv" in config["rsync_exclude"] and config["rsync_filter"] == [".gitignore"]
+        # The API key reaches every Ray process from the shared secrets file, exported before `ray start`.
+        for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+            (start,) = [c for c in commands if "ray start" in c]
+            assert start.index(". /mnt/shared/.secrets/emsweep.env") < start.index("ray start")
 
 
 def test_one_constraints_file_pins_the_stack_for_every_install():
