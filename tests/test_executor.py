@@ -28,16 +28,20 @@ def _diamond():
 
 
 @ray.remote
-def _job(root, job, fail):
+def _job(root, job, fail, inputs=None):
+    """Commits each node (fails those named in `fail`). A partial_ok node records which of its
+    `inputs` (node id -> Node) are not done, as pipeline.run_analyze does."""
     store = Store(root)
     errors = {}
     for node in job:
         if node.name in fail:
             errors[node.id] = "RuntimeError: boom"
             continue
+        missing = [d for d in node.deps if node.partial_ok
+                   and not store.is_done(inputs[d].stage, inputs[d].name, inputs[d].key)]
         tmp = store.new_tmp_dir()
         (tmp / "out.txt").write_text(node.name)
-        store.commit(node.stage, node.name, node.key, tmp, {"seconds": 0.0})
+        store.commit(node.stage, node.name, node.key, tmp, {"seconds": 0.0, **({"missing_inputs": missing} if missing else {})})
         errors[node.id] = None
     return errors
 
@@ -109,25 +113,10 @@ def test_a_partial_ok_node_runs_on_the_inputs_that_are_done_and_is_redone_when_t
     by_id = {node.id: node for node in nodes}
     seen = []
 
-    @ray.remote
-    def job(root, job, fail):
-        # What a partial_ok body does (pipeline.run_analyze): read only the inputs that are done.
-        store = Store(root)
-        errors = {}
-        for node in job:
-            if node.name in fail:
-                errors[node.id] = "RuntimeError: boom"
-                continue
-            missing = [d for d in node.deps if not store.is_done(by_id[d].stage, by_id[d].name, by_id[d].key)]
-            tmp = store.new_tmp_dir()
-            store.commit(node.stage, node.name, node.key, tmp, {"missing_inputs": missing} if missing else {})
-            errors[node.id] = None
-        return errors
-
     def run(fail=()):
         def submit(stage, nodes_):
             seen.extend(n.name for n in nodes_)
-            return job.remote(str(tmp_path), nodes_, set(fail))
+            return _job.remote(str(tmp_path), nodes_, set(fail), by_id)
         return {r.node.name: r for r in execute(nodes, Store(tmp_path), submit)}
 
     results = run(fail={"b2"})

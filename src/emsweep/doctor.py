@@ -129,9 +129,11 @@ def remote_gpu_checks(timeout_s: float = 900) -> list[Check]:
 
 
 def memory_check() -> Check:
-    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")}
-    free = info.get("MemAvailable", 0) / GIB
-    detail = f"{free:.1f} of {info.get('MemTotal', 0) / GIB:.1f} GiB available"
+    import psutil
+
+    memory = psutil.virtual_memory()
+    free = memory.available / GIB
+    detail = f"{free:.1f} of {memory.total / GIB:.1f} GiB available"
     if free < MIN_FREE_MEMORY_GIB:
         return Check("memory", "warn", detail, f"the smoke needs about {MIN_FREE_MEMORY_GIB:.0f} GiB; stop other work")
     return Check("memory", "ok", detail)

@@ -110,8 +110,10 @@ def test_a_job_waiting_on_resources_nobody_frees_is_reported_then_failed(tmp_pat
 
 def _memory_used_bytes() -> tuple[int, int]:
     """(used, total) as Ray's memory monitor reads them on a machine without a cgroup limit."""
-    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")}
-    return info["MemTotal"] - info["MemAvailable"], info["MemTotal"]
+    import psutil
+
+    memory = psutil.virtual_memory()  # MemTotal and MemAvailable of /proc/meminfo, as Ray reads them
+    return memory.total - memory.available, memory.total
 
 
 # The memory test sets Ray's OOM threshold this far above what the machine uses when Ray starts:
