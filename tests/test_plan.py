@@ -108,6 +108,22 @@ def test_estimate_follows_the_stated_assumptions(tmp_path):
     # 3 runs x 2 paraphrases x 5 samples, each counted at max_tokens; 2 metrics each to judge.
     assert stages["sample"].tokens == 3 * 10 * 100
     assert stages["judge"].tokens == 3 * 10 * 2 * (300 + 100) and stages["judge"].gpu_hours == 0
+    # Billed as whole 8-GPU nodes: the 2 one-GPU finetunes share a node (8/2 GPUs billed per GPU
+    # used), the one TP-1 sampling engine holds a node alone (8/1); the API judge bills nothing.
+    assert stages["finetune"].billed_gpu_hours == pytest.approx(4 * stages["finetune"].gpu_hours)
+    assert stages["sample"].billed_gpu_hours == pytest.approx(8 * stages["sample"].gpu_hours)
+    assert stages["judge"].billed_gpu_hours == 0
+    assert result.billed_gpu_hours == pytest.approx(sum(s.billed_gpu_hours or 0 for s in result.stages))
+
+
+def test_whole_node_billing():
+    from emsweep.planning import whole_node_factor
+
+    assert [whole_node_factor(g) for g in (8, 16, 4, 6, 12)] == [1.0, 1.0, 2.0, 8 / 6, 16 / 12]
+    # betley2025: one 8-GPU finetune at a time and a TP-8 engine fill their nodes.
+    stages = {s.stage: s for s in build_plan(load_spec(REPO / "workflows" / "betley2025.yaml")).stages}
+    assert stages["finetune"].billed_gpu_hours == pytest.approx(stages["finetune"].gpu_hours)
+    assert stages["sample"].billed_gpu_hours == pytest.approx(stages["sample"].gpu_hours)
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)

@@ -412,13 +412,14 @@ def plan_command(
         raise typer.Exit(2)
     console.print(f"sweep [bold]{result.name}[/]: {len(result.nodes)} nodes, use_gpu={str(result.use_gpu).lower()}")
     stages = Table(title="nodes per stage")
-    columns = ["stage", "nodes", "jobs", "GPUs per job", "tokens", "GPU-hours", "basis"]
+    columns = ["stage", "nodes", "jobs", "GPUs per job", "tokens", "GPU-hours", "billed", "basis"]
     for column in columns + (["done"] if out else []):
         stages.add_column(column, justify="left" if column in ("stage", "basis") else "right")
     for row in result.stages:
         cells = [row.stage, str(row.nodes), str(row.jobs), row.gpus_per_job,
                  f"{row.tokens / 1e6:,.1f}M" if row.tokens else "-",
-                 "-" if row.gpu_hours is None else f"{row.gpu_hours:,.1f}", row.basis]
+                 "-" if row.gpu_hours is None else f"{row.gpu_hours:,.1f}",
+                 "-" if row.billed_gpu_hours is None else f"{row.billed_gpu_hours:,.1f}", row.basis]
         stages.add_row(*cells, *([f"{row.done}/{row.nodes}"] if out else []))
     console.print(stages)
     models = Table(title="GPU plan per model")
@@ -431,8 +432,9 @@ def plan_command(
                        str(m.concurrent_finetunes_per_node), str(m.sampling_gpus))
     console.print(models)
     console.print(f"judge: {result.judge}")
-    total = result.gpu_hours
-    console.print(f"estimated GPU-hours (H100): {'-' if total is None else f'{total:,.1f}'} "
+    total, billed = result.gpu_hours, result.billed_gpu_hours
+    console.print(f"estimated GPU-hours (H100): {'-' if total is None else f'{total:,.1f}'}, billed as whole "
+                  f"{GPUS_PER_NODE}-GPU nodes: {'-' if billed is None else f'{billed:,.1f}'} "
                   "(assumptions: src/emsweep/planning.py)")
     for note in [*result.notes, *missing_inputs(spec)]:
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -18,6 +18,10 @@ back-of-envelope model, not a measurement; its assumptions are the constants bel
   ENGINE_STARTUP_S per vLLM engine, both times the GPUs they hold.
 - The `exact` judge scoring walks about EXACT_STEPS single-token steps per judgment; a judge
   behind the `openai` backend costs no cluster GPU time.
+- Billed GPU-hours: clouds bill whole GPUS_PER_NODE-GPU nodes. A stage's jobs are assumed to
+  run at once on nodes of their own: finetunes of g GPUs pack min(count, 8 // g) to a node, the
+  sampling engines of all models (and the judge's replicas) share nodes; GPUs they leave free
+  are billed too.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ class StageEstimate:
     gpu_hours: float | None
     basis: str
     done: int | None = None
+    billed_gpu_hours: float | None = None  # whole nodes (see the module docstring)
 
 
 @dataclass
@@ -163,6 +168,19 @@ class SweepPlan:
     def gpu_hours(self) -> float | None:
         hours = [s.gpu_hours for s in self.stages if s.gpu_hours is not None]
         return sum(hours) if hours else None
+
+    @property
+    def billed_gpu_hours(self) -> float | None:
+        hours = [s.billed_gpu_hours for s in self.stages if s.billed_gpu_hours is not None]
+        return sum(hours) if hours else None
+
+
+def whole_node_factor(gpus_in_use: int) -> float:
+    """Billed GPUs per GPU in use when `gpus_in_use` GPUs run together on whole nodes."""
+    if gpus_in_use <= 0:
+        return 1.0
+    nodes = -(-gpus_in_use // GPUS_PER_NODE)
+    return nodes * GPUS_PER_NODE / gpus_in_use
 
 
 def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
@@ -182,7 +200,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         notes.append(f"sampling and judging are not estimated: {prompts.problem}")
 
     models = []
-    finetune_tokens = finetune_gpu_s = 0.0
+    finetune_tokens = finetune_gpu_s = finetune_billed_s = 0.0
     sample_tokens = sample_gpu_s = 0.0
     runs_total = 0
     for model in spec.models:
@@ -204,7 +222,10 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         if billions is None:
             notes.append(f"model {model.name}: size unknown (set params_b); not in the GPU-hour estimate")
             continue
-        finetune_gpu_s += tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU) + count * FINETUNE_STARTUP_S * max(1, gpus)
+        model_finetune_s = tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU) + count * FINETUNE_STARTUP_S * max(1, gpus)
+        finetune_gpu_s += model_finetune_s
+        per_node = min(count, GPUS_PER_NODE // gpus) if 0 < gpus <= GPUS_PER_NODE else 1
+        finetune_billed_s += model_finetune_s * whole_node_factor(per_node * gpus)
         if prompts.counted:
             sample_gpu_s += generated / tokens_per_gpu_s(billions, 2, DECODE_MFU) + ENGINE_STARTUP_S * max(1, tp)
 
@@ -238,6 +259,17 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     def hours(seconds: float | None) -> float | None:
         return None if seconds is None or not spec.use_gpu else seconds / 3600
 
+    def billed(stage: str, gpu_hours: float | None) -> float | None:
+        if gpu_hours is None:
+            return None
+        if stage == "finetune":
+            return hours(finetune_billed_s)
+        if stage == "sample":
+            return gpu_hours * whole_node_factor(sum(m.sampling_gpus for m in models))
+        if stage == "judge" and spec.judge.backend != "openai":
+            return gpu_hours * whole_node_factor(spec.judge.replicas * spec.judge.tensor_parallel_size)
+        return gpu_hours
+
     judge_gpus = "0 (API)" if spec.judge.backend == "openai" else \
         f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if spec.use_gpu else "0"
     basis = {True: "counted from files", False: "assumed"}
@@ -255,7 +287,8 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     for stage in STAGES:
         total, jobs, done = count(stage)
         gpus, tokens, gpu_hours, stage_basis = per_job[stage]
-        stages.append(StageEstimate(stage, total, jobs, gpus, tokens, gpu_hours, stage_basis, done))
+        stages.append(StageEstimate(stage, total, jobs, gpus, tokens, gpu_hours, stage_basis, done,
+                                    billed(stage, gpu_hours)))
     if not spec.use_gpu:
         notes.append("use_gpu is false: everything runs on CPUs, no GPU-hours")
     else:
@@ -264,6 +297,6 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         if engine_gpus % GPUS_PER_NODE:
             idle = GPUS_PER_NODE - engine_gpus % GPUS_PER_NODE
             notes.append(f"sample: the sampling engines take {engine_gpus} GPU(s), so {idle} GPU(s) of an "
-                         f"{GPUS_PER_NODE}-GPU node idle (billed, not in the GPU-hours) while they sample; "
+                         f"{GPUS_PER_NODE}-GPU node idle (in the `billed` column) while they sample; "
                          "raise models[].resources.sampling_tensor_parallel to fill the node")
     return SweepPlan(spec.name, spec.use_gpu, nodes, stages, models, judge_desc, notes)
