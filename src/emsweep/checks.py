@@ -181,6 +181,24 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def nearest_existing_dir(path: Path) -> Path:
+    """The dir itself or its nearest existing parent (what a run would create its dir in)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is not a directory")
+    return existing
+
+
+def probe_writable(directory: Path) -> None:
+    """Write and remove a probe file (raises OSError if the dir takes none): a refused run
+    creates nothing."""
+    probe = directory / f".emsweep-write-probe-{uuid.uuid4().hex}"
+    probe.write_text("probe")
+    probe.unlink()
+
+
 def _output_problems(out: str | Path) -> list[str]:
     from emsweep.remote import RemoteDir, _redacted, is_remote
 
@@ -193,14 +211,7 @@ def _output_problems(out: str | Path) -> list[str]:
                 stream.write(b"probe")
             remote.fs.delete_file(f"{remote.root}/{probe}")
         else:
-            # Probe the dir, or its nearest existing parent: a refused run creates nothing.
-            existing = Path(out).absolute()
-            while not existing.exists():
-                existing = existing.parent
-            if not existing.is_dir():
-                raise NotADirectoryError(f"{existing} is not a directory")
-            (existing / probe).write_text("probe")
-            (existing / probe).unlink()
+            probe_writable(nearest_existing_dir(Path(out)))
     except Exception as err:  # any filesystem's refusal (permissions, bucket, credentials)
         where = _redacted(str(out)) if is_remote(out) else str(out)
         reason = redact(str(err).replace(str(out), where)).strip().splitlines() or [""]

@@ -167,7 +167,7 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
                 progressed = True
                 runnable = []
                 for node in job_nodes:
-                    bad = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
+                    bad = _not_done(node, results)
                     if bad and node.partial_ok and len(bad) < len(node.deps):
                         runnable.append(node)  # on the inputs that are done; it reads which from the store
                     elif bad:
@@ -216,7 +216,7 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
         any_failed = False
         for node in job_nodes:
             error = errors.get(node.id, "job returned no result for this node")
-            missing = [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
+            missing = _not_done(node, results)
             if error is None and missing:
                 finish(NodeStatus(node, "partial", elapsed, error=partial_error(missing), finished_at=time.time()))
             elif error is None:
@@ -226,6 +226,11 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
                 finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
         if any_failed:
             watch.after_failure(job_nodes, [job for job, _ in running.values()])
+
+
+def _not_done(node: Node, results: dict[str, NodeStatus]) -> list[str]:
+    """The node's inputs that did not finish (failed or skipped) in this run."""
+    return [dep for dep in node.deps if results[dep].status not in ("done", "cached")]
 
 
 def partial_error(missing: list[str]) -> str:

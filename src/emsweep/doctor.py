@@ -139,26 +139,22 @@ def memory_check() -> Check:
     return Check("memory", "ok", detail)
 
 
-def _existing_parent(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def out_dir_checks(out: Path) -> list[Check]:
     """Free disk, writable, and what the store there holds (a sweep's dir or a new one)."""
+    from emsweep.checks import nearest_existing_dir, probe_writable
     from emsweep.store import Store
 
-    base = _existing_parent(out)
+    try:
+        base = nearest_existing_dir(out)
+    except NotADirectoryError as err:
+        return [Check("output dir", "fail", str(err), "choose another --out")]
     free = shutil.disk_usage(base).free / GIB
     checks = [Check("disk", "ok" if free >= MIN_FREE_DISK_GIB else "warn", f"{free:.0f} GiB free at {base}",
                     "" if free >= MIN_FREE_DISK_GIB else "adapters, checkpoints and caches need room: free some")]
     try:
-        probe = Path(tempfile.mkstemp(prefix=".emsweep-doctor-", dir=base)[1])
-        probe.unlink()
+        probe_writable(base)
     except OSError as err:
-        checks.append(Check("output dir", "fail", f"{base} is not writable: {err.strerror}",
+        checks.append(Check("output dir", "fail", f"{base} is not writable: {err.strerror or err}",
                             "choose another --out, or fix the mount's owner (the Ray user must write it)"))
         return checks
     if not (out / "spec.json").is_file():

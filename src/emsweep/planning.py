@@ -224,11 +224,13 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
             continue
         model_finetune_s = tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU) + count * FINETUNE_STARTUP_S * max(1, gpus)
         finetune_gpu_s += model_finetune_s
-        per_node = min(count, GPUS_PER_NODE // gpus) if 0 < gpus <= GPUS_PER_NODE else 1
-        finetune_billed_s += model_finetune_s * whole_node_factor(per_node * gpus)
+        packed = max(1, min(count, models[-1].concurrent_finetunes_per_node))  # 1 when it spans nodes
+        finetune_billed_s += model_finetune_s * whole_node_factor(packed * gpus)
         if prompts.counted:
             sample_gpu_s += generated / tokens_per_gpu_s(billions, 2, DECODE_MFU) + ENGINE_STARTUP_S * max(1, tp)
 
+    # The sampling engines of all models, sharing nodes (billing and the idle-GPU note).
+    engine_gpus = sum(m.sampling_gpus for m in models)
     judge_requests = runs_total * prompts.judgments
     judge_tokens = judge_requests * (JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens)
     judge_gpu_s: float | None = None
@@ -265,7 +267,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         if stage == "finetune":
             return hours(finetune_billed_s)
         if stage == "sample":
-            return gpu_hours * whole_node_factor(sum(m.sampling_gpus for m in models))
+            return gpu_hours * whole_node_factor(engine_gpus)
         if stage == "judge" and spec.judge.backend != "openai":
             return gpu_hours * whole_node_factor(spec.judge.replicas * spec.judge.tensor_parallel_size)
         return gpu_hours
@@ -291,12 +293,9 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
                                     billed(stage, gpu_hours)))
     if not spec.use_gpu:
         notes.append("use_gpu is false: everything runs on CPUs, no GPU-hours")
-    else:
-        # Engines of different models can share a node; GPUs no engine can use are billed idle.
-        engine_gpus = sum(m.sampling_gpus for m in models)
-        if engine_gpus % GPUS_PER_NODE:
-            idle = GPUS_PER_NODE - engine_gpus % GPUS_PER_NODE
-            notes.append(f"sample: the sampling engines take {engine_gpus} GPU(s), so {idle} GPU(s) of an "
-                         f"{GPUS_PER_NODE}-GPU node idle (in the `billed` column) while they sample; "
-                         "raise models[].resources.sampling_tensor_parallel to fill the node")
+    elif engine_gpus % GPUS_PER_NODE:
+        idle = GPUS_PER_NODE - engine_gpus % GPUS_PER_NODE
+        notes.append(f"sample: the sampling engines take {engine_gpus} GPU(s), so {idle} GPU(s) of an "
+                     f"{GPUS_PER_NODE}-GPU node idle (in the `billed` column) while they sample; "
+                     "raise models[].resources.sampling_tensor_parallel to fill the node")
     return SweepPlan(spec.name, spec.use_gpu, nodes, stages, models, judge_desc, notes)
