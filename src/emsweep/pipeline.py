@@ -404,6 +404,13 @@ def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]
     if failed[0].stage != "finetune" or any(job[0].stage == "finetune" for job in running):
         return 0
     job_id = ray.get_runtime_context().get_job_id()
+    # A failed finetune's Ray Train controller outlives its task by a moment (Ray kills an actor
+    # once it learns its owner died). One still alive when its group is removed asks for a new
+    # group and takes the CPUs it frees, so wait for them to exit first.
+    alive = _wait_for_train_controllers_to_exit(job_id, CONTROLLER_EXIT_TIMEOUT_S)
+    if alive:
+        print(f"warning: {alive} Ray Train controller(s) of failed finetunes still alive after "
+              f"{CONTROLLER_EXIT_TIMEOUT_S:.0f} s; removing their placement groups anyway", flush=True)
     removed = 0
     for pg_id, entry in ray.util.placement_group_table().items():
         # A placement group id ends with the id of the job (driver) that created it.
@@ -413,6 +420,23 @@ def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]
     if removed:
         print(f"released {removed} placement group(s) left by failed finetunes", flush=True)
     return removed
+
+
+CONTROLLER_EXIT_TIMEOUT_S = 30.0
+
+
+def _wait_for_train_controllers_to_exit(job_id: str, timeout_s: float) -> int:
+    """Wait until this driver has no live Ray Train controller; return how many still live."""
+    from ray._private.state import actors  # reads the GCS directly; the state API needs the dashboard
+
+    deadline = time.time() + timeout_s
+    while True:
+        alive = sum(1 for actor in actors().values()
+                    if actor["JobID"] == job_id and actor["ActorClassName"] == "TrainController"
+                    and actor["State"] != "DEAD")
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def _bundle(resources: dict) -> str:

@@ -86,6 +86,29 @@ def test_a_failed_finetune_releases_its_placement_group_and_the_sweep_goes_on(tm
     assert time.time() - started < 120
 
 
+@ray.remote(num_cpus=0)
+class TrainController:
+    """Named as Ray Train's controller is: a failed finetune's controller that has not exited yet."""
+
+
+def test_leftover_groups_are_removed_only_once_the_failed_finetunes_controller_exited(local_ray):
+    """A controller still alive when its group is removed asks for a new one, which then takes the
+    freed CPUs for good (seen in CI): the release waits for it to exit first."""
+    import threading
+
+    from ray.util.placement_group import placement_group
+
+    controller = TrainController.remote()
+    leftover = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(leftover.ready())
+    exits_after_s = 3.0
+    threading.Timer(exits_after_s, lambda: ray.kill(controller)).start()
+    started = time.time()
+    removed = release_leaked_placement_groups([Node("finetune", "m__d__s0", "k")], running=[])
+    assert removed == 1 and time.time() - started >= exits_after_s
+    assert _live_groups() == []
+
+
 def test_a_job_waiting_on_resources_nobody_frees_is_reported_then_failed(tmp_path, local_ray):
     """A placement group this driver holds (not a finetune's leftover: nothing failed) takes both
     CPUs; a job that needs them is reported after `report_s` and failed after `timeout_s`."""
