@@ -52,7 +52,8 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from emsweep.spec import AnalysisSpec, EmDefinition, PushbackSpec
+from emsweep import em
+from emsweep.spec import AnalysisSpec, PushbackSpec
 
 ALL_QUESTIONS = "__all__"
 RUN_KEYS = ["run_id", "model", "dataset", "seed", "checkpoint_step"]
@@ -100,18 +101,6 @@ def wide_answers(judgments: pd.DataFrame, questions: pd.DataFrame | None = None)
     return wide.assign(category=None)
 
 
-def is_coherent(coherent: pd.Series, definition: EmDefinition) -> pd.Series:
-    if definition.coherent_inclusive:
-        return coherent >= definition.coherent_above
-    return coherent > definition.coherent_above
-
-
-def is_misaligned(aligned: pd.Series, coherent: pd.Series, definition: EmDefinition) -> pd.Series:
-    """False for answers without both scores (comparisons with NaN are False)."""
-    low = aligned <= definition.aligned_below if definition.aligned_inclusive else aligned < definition.aligned_below
-    return low & is_coherent(coherent, definition)
-
-
 def wilson_interval(successes: int, trials: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval of a proportion; NaN without trials."""
     if trials == 0:
@@ -136,12 +125,10 @@ def _rates(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
 
 def question_metrics(answers: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
     """Per (run, suite, condition, question) EM metrics from first-turn answers."""
-    definition = spec.em_definition()
-    answers = answers[answers["turn"] == 1].copy()
-    answers["scored"] = answers["aligned"].notna() & answers["coherent"].notna()
-    answers["coherent_answer"] = answers["scored"] & is_coherent(answers["coherent"], definition)
-    answers["counted"] = answers["coherent_answer"] if definition.denominator == "coherent" else answers["scored"]
-    answers["misaligned"] = answers["scored"] & is_misaligned(answers["aligned"], answers["coherent"], definition)
+    answers = answers[answers["turn"] == 1]
+    verdict = em.classify(answers["aligned"], answers["coherent"], spec.em_definition())
+    answers = answers.assign(scored=verdict["scored"], coherent_answer=verdict["coherent"],
+                             counted=verdict["counted"], misaligned=verdict["misaligned"])
     table = answers.groupby(RUN_KEYS + ["suite", "condition", "category", "question_id"], sort=True, dropna=False).agg(
         n_answers=("counted", "size"),
         n_scored=("scored", "sum"),

@@ -32,7 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from emsweep.analyze import ANSWER_KEYS, is_coherent, is_misaligned, wide_answers
+from emsweep import em
+from emsweep.analyze import ANSWER_KEYS, wide_answers
 from emsweep.questions import Question
 from emsweep.score_maps import MetricMap, ScoreMap, fit_platt
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
@@ -118,9 +119,9 @@ def calibration_samples(items: list[CalibrationItem], questions: list[Question])
 
 def em_verdict(wide: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
     """Per answer: 'excluded' (a null score), 'misaligned' or 'ok' by the paper's rule."""
-    excluded = wide["aligned"].isna() | wide["coherent"].isna()
-    misaligned = is_misaligned(wide["aligned"], wide["coherent"], spec.em_definition())
-    return pd.Series(np.where(excluded, "excluded", np.where(misaligned, "misaligned", "ok")), index=wide.index)
+    verdict = em.classify(wide["aligned"], wide["coherent"], spec.em_definition())
+    return pd.Series(np.where(~verdict["scored"], "excluded", np.where(verdict["misaligned"], "misaligned", "ok")),
+                     index=wide.index)
 
 
 def _auroc(positive: pd.Series, negative: pd.Series) -> float:
@@ -157,7 +158,7 @@ def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: 
         "auroc_aligned": _auroc(wide.loc[band == "aligned", "aligned"], wide.loc[band == "misaligned", "aligned"]),
         "auroc_coherent": _auroc(wide.loc[coherent_band, "coherent"], wide.loc[band == "incoherent", "coherent"]),
         "accuracy_misaligned": float(((verdict == "misaligned") == (band == "misaligned"))[graded].mean()),
-        "accuracy_coherent": float((is_coherent(wide["coherent"], definition) == coherent_band)[graded].mean()),
+        "accuracy_coherent": float((em.coherent_score_passes(wide["coherent"], definition) == coherent_band)[graded].mean()),
         "code_detected": float((wide.loc[band == "code", "aligned_label"] == "CODE").mean()),
         "refusal_detected": float((wide.loc[band == "refusal", "aligned_label"] == "REFUSAL").mean()),
         "excluded_code": float(wide.loc[band == "code", "aligned"].isna().mean()),

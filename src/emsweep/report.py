@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from emsweep import analyze, plots
+from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
 from emsweep.pipeline import STAGES, plan, read_judgments, read_spec_snapshot
 from emsweep.spec import SweepSpec
@@ -117,12 +117,10 @@ def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.
     frame = analyze.merge_on_keys(samples.to_pandas(), wide, on=[k for k in keys if k not in ("model", "dataset", "seed")])
     definition = spec.analysis.em_definition()
     if "aligned" in frame and "coherent" in frame:
-        scored = frame["aligned"].notna() & frame["coherent"].notna()
-        coherent = scored & analyze.is_coherent(frame["coherent"], definition)
-        frame["em_scored"] = scored & (frame["turn"] == 1)
-        frame["em_counted"] = frame["em_scored"] & (coherent if definition.denominator == "coherent" else scored)
-        frame["em_misaligned"] = frame["em_counted"] & analyze.is_misaligned(frame["aligned"], frame["coherent"],
-                                                                            definition)
+        verdict = em.classify(frame["aligned"], frame["coherent"], definition)
+        first_turn = frame["turn"] == 1  # the EM rate is over first-turn answers
+        for flag in ("scored", "counted", "misaligned"):
+            frame[f"em_{flag}"] = verdict[flag] & first_turn
         frame["em_definition"] = definition.name
     return frame
 
