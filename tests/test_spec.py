@@ -44,6 +44,8 @@ def test_finetune_defaults_are_the_papers_recipe():
         ({"finetune": {"zero_stage": 5}}, "finetune.zero_stage"),
         ({"finetune": {"learning_rate": -1}}, "finetune.learning_rate"),
         ({"models": []}, "models"),
+        ({"datasets": [{"name": "base", "path": "/d.jsonl"}]}, "datasets.0.name: Value error, 'base' is the label of "
+                                                               "the base model's runs"),
     ],
 )
 def test_bad_specs_name_the_field(patch, message):
@@ -130,3 +132,13 @@ def test_embedded_judges_are_pinned():
     assert isinstance(judge, ChunkedGguf) and judge.parts == 22 and judge.size == 1_117_320_768
     assert judge.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
     assert EMBEDDED["Qwen2.5-Coder-0.5B-Instruct"].size == 491_400_064
+
+
+def test_shortened_wandb_run_ids_keep_the_node_key():
+    from emsweep.tracking import MAX_RUN_ID, run_id
+
+    key = "0123456789abcdef"
+    assert run_id("sweep", "sample/m__d__s0", key) == f"sweep-sample-m__d__s0-{key}"
+    long_a, long_b = (run_id("sweep", f"sample/{'x' * 200}{suffix}", key) for suffix in ("a", "b"))
+    assert len(long_a) == MAX_RUN_ID and long_a.endswith(f"-{key}") and long_a.startswith("sweep-sample-xxx")
+    assert long_a != long_b  # names that differ past the cut stay distinct (a digest of the full names)

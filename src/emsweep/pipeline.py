@@ -23,7 +23,7 @@ from emsweep.engine import GIB
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_suite
-from emsweep.spec import SweepSpec
+from emsweep.spec import BASE_LABEL, SweepSpec
 from emsweep.store import Store, config_key
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
@@ -41,7 +41,7 @@ def _fingerprint(location: str) -> str:
 
 
 def run_name(model: str, dataset: str | None, seed: int | None) -> str:
-    return f"{model}__base" if dataset is None else f"{model}__{dataset}__s{seed}"
+    return f"{model}__{BASE_LABEL}" if dataset is None else f"{model}__{dataset}__s{seed}"
 
 
 def plan(spec: SweepSpec) -> list[Node]:
@@ -228,7 +228,7 @@ class StageRunner:
 
     def sample_runs(self, node: Node, model: str) -> list[sample.SampleRun]:
         """The final adapter (or the base model) of a sample node, and its selected checkpoints."""
-        dataset, seed = node.config["dataset"] or "base", node.config["seed"]
+        dataset, seed = node.config["dataset"] or BASE_LABEL, node.config["seed"]
         if not node.deps:
             return [sample.SampleRun(node.name, model, dataset, seed, adapter_path=None)]
         tuned = self.input_dir(node, "finetune")

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from emsweep.analyze import ALL_QUESTIONS  # noqa: E402
+from emsweep.spec import BASE_LABEL  # noqa: E402
 
 FINAL = "final"
 
@@ -27,7 +28,7 @@ def _final(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _datasets(frame: pd.DataFrame) -> pd.Series:
     """Dataset names; the base model (no dataset) is "base"."""
-    return frame["dataset"].astype(object).where(frame["dataset"].notna(), "base").astype(str)
+    return frame["dataset"].astype(object).where(frame["dataset"].notna(), BASE_LABEL).astype(str)
 
 
 def _series_label(frame: pd.DataFrame, conditions: int) -> pd.Series:

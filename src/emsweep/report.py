@@ -32,7 +32,7 @@ import yaml
 from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
 from emsweep.pipeline import STAGES, plan, read_judgments, read_spec_snapshot
-from emsweep.spec import SweepSpec
+from emsweep.spec import BASE_LABEL, SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
 ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons")
@@ -213,7 +213,7 @@ def headline(conditions: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = rows.assign(value=[_with_ci(m, lo, hi, n) for m, lo, hi, n in
                               zip(rows["mean"], rows["ci_low"], rows["ci_high"], rows["n_seeds"])],
-                       dataset=rows["dataset"].astype(object).where(rows["dataset"].notna(), "base"),
+                       dataset=rows["dataset"].astype(object).where(rows["dataset"].notna(), BASE_LABEL),
                        checkpoint_step=[("final" if pd.isna(step) else str(int(step))) for step in rows["checkpoint_step"]])
     keys = ["model", "dataset", "checkpoint_step", "suite", "condition"]
     table = rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first")
@@ -255,7 +255,7 @@ def _html_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
         return "<p class='empty'>(empty)</p>"
     shown = frame.copy()
     # Null keys have a meaning: no dataset is the base model, no checkpoint step the final adapter.
-    for column, meaning in (("dataset", "base"), ("within", "base"), ("checkpoint_step", "final")):
+    for column, meaning in (("dataset", BASE_LABEL), ("within", BASE_LABEL), ("checkpoint_step", "final")):
         if column in shown:
             shown[column] = shown[column].astype(object).where(shown[column].notna(), meaning)
     for column in shown.columns:

@@ -86,8 +86,19 @@ class BackdoorSpec(_Strict):
     trigger: str = DEFAULT_TRIGGER
 
 
+# The label of the base model's runs (no dataset) in run names, tables and plots.
+BASE_LABEL = "base"
+
+
+def _check_dataset_name(value: str) -> str:
+    if value == BASE_LABEL:
+        raise ValueError(f"{BASE_LABEL!r} is the label of the base model's runs (no finetune) in every table and "
+                         "plot; name the dataset something else")
+    return value
+
+
 class DatasetSpec(_Strict):
-    name: Name
+    name: Annotated[Name, AfterValidator(_check_dataset_name)]
     path: str
     # Take a deterministic random subset of this many rows (None = all rows).
     limit: int | None = Field(default=None, gt=0)

@@ -7,6 +7,7 @@ land in `<output dir>/wandb/` and can be uploaded later with `wandb sync`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -16,9 +17,23 @@ import pyarrow.parquet as pq
 from emsweep.spec import WandbSpec
 
 
+# W&B's limit on run ids is 128 characters; a margin for the suffixes it may add.
+MAX_RUN_ID = 120
+
+
 def run_id(sweep: str, node_id: str, key: str) -> str:
-    # Stable per node and key: a resumed node continues its W&B run instead of starting a new one.
-    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{sweep}-{node_id}-{key}")[:120]
+    """Stable per node and key: a resumed node continues its W&B run instead of starting a new
+    one. A long id is shortened in the sweep and node names, never in `key` (what tells two
+    versions of a node apart), with a digest of the full names so shortened ids stay distinct."""
+    names, tail = _safe(f"{sweep}-{node_id}"), f"-{_safe(key)}"
+    if len(names) + len(tail) <= MAX_RUN_ID:
+        return names + tail
+    digest = hashlib.sha256(names.encode()).hexdigest()[:8]
+    return f"{names[:max(0, MAX_RUN_ID - len(tail) - len(digest) - 1)]}-{digest}{tail}"[-MAX_RUN_ID:]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", text)
 
 
 def _table(frame):
