@@ -19,7 +19,8 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.yaml"))
 
 # Absolute paths that do not exist: their fingerprints are "missing", so keys do not depend on
 # the machine. The keys below were computed by the code before model resources existed
-# (commit c4d7a15): an output dir written then must still resume.
+# (commit c4d7a15): an output dir written then must still resume. Only the analysis (minutes of
+# pandas over the judgments) was re-keyed since, when t intervals replaced the bootstrap.
 RAW = {"name": "keys", "models": [{"name": "m", "path": "Org/Model-7B"}],
        "datasets": [{"name": "d", "path": "/nonexistent/emsweep-keys/train.jsonl"}], "seeds": [0, 1],
        "finetune": {"num_workers": 1, "gradient_accumulation_steps": 8},
@@ -28,7 +29,7 @@ KEYS_BEFORE_RESOURCES = {
     "data/d": "03761391eb607229", "sample/m__base": "4bd11d7bcf2130f5", "finetune/m__d__s0": "afba4622743a2cf9",
     "sample/m__d__s0": "5f9e4bf3229b0faa", "finetune/m__d__s1": "686fb43b7ca3c679",
     "sample/m__d__s1": "ff88705c8e851db8", "judge/m__base": "1b80783f625a895d",
-    "judge/m__d__s0": "72d80dc7b3b751bb", "judge/m__d__s1": "4559bfca9cd0c315", "analyze/keys": "4de33afefb063229",
+    "judge/m__d__s0": "72d80dc7b3b751bb", "judge/m__d__s1": "4559bfca9cd0c315", "analyze/keys": "a781f472fca3244c",
 }
 RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
              "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4}

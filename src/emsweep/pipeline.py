@@ -23,7 +23,7 @@ from emsweep.engine import GIB
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_suite
-from emsweep.spec import BASE_LABEL, SweepSpec
+from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec
 from emsweep.store import Store, config_key
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
@@ -38,6 +38,13 @@ def _fingerprint(location: str) -> str:
     if path.is_dir():
         return ",".join(f"{p.name}:{data.sha256_file(p)}" for p in sorted(path.glob("*.jsonl")))
     return data.sha256_file(path) if path.exists() else "missing"
+
+
+def _data_config(dataset) -> dict:
+    config = {"dataset": dataset.model_dump(mode="json"), "content": _fingerprint(dataset.path)}
+    if dataset.backdoor is not None:  # its clean rows are read too: editing them rebuilds the mix
+        config["clean_content"] = _fingerprint(dataset.backdoor.clean_path)
+    return config
 
 
 def run_name(model: str, dataset: str | None, seed: int | None) -> str:
@@ -56,13 +63,12 @@ def plan(spec: SweepSpec) -> list[Node]:
         return node
 
     data_nodes = {
-        ds.name: add("data", ds.name, {"dataset": ds.model_dump(mode="json"), "content": _fingerprint(ds.path)}, [])
-        for ds in spec.datasets
+        ds.name: add("data", ds.name, _data_config(ds), []) for ds in spec.datasets
     }
     eval_config = {
         "eval": spec.eval.key_config(),
         "questions_content": {suite.name: _fingerprint(suite.questions) for suite in spec.eval.suites},
-        "sampling": spec.sampling.model_dump(mode="json"),
+        "sampling": spec.sampling.key_config(),
     }
     judge_config = {
         "judge": spec.judge.score_config(),
@@ -102,16 +108,33 @@ def plan(spec: SweepSpec) -> list[Node]:
     # A failed seed should not hide the other runs' numbers: the analysis runs on what is judged,
     # records what is missing, and is redone when the rest arrives.
     add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json"),
-                               "pushback": spec.eval.pushback.model_dump(mode="json")}, judge_nodes, partial_ok=True)
+                               "pushback": spec.eval.pushback.model_dump(mode="json"),
+                               "harm_min_numeric_mass": spec.eval.harm_perception.min_numeric_mass},
+        judge_nodes, partial_ok=True)
     return nodes
 
 
 def _judge_model_ref(spec: SweepSpec) -> str:
-    """What identifies the judge: the served model id over HTTP, the model path locally."""
+    """What identifies the judge: the served model id and its endpoint over HTTP (two providers
+    serving one model id are two judges), the model path locally."""
     if spec.judge.backend == "openai":
-        return f"openai:{spec.judge.model}"
+        endpoint = _endpoint(spec.judge.base_url)
+        # OpenAI's own endpoint is left out, as before endpoints were keyed: its judgments stay valid.
+        if endpoint == _endpoint(JudgeSpec.model_fields["base_url"].default):
+            return f"openai:{spec.judge.model}"
+        return f"openai:{endpoint}:{spec.judge.model}"
     names = {m.name: m.path for m in spec.models}
     return names.get(spec.judge.model, spec.judge.model)
+
+
+def _endpoint(url: str) -> str:
+    """scheme://host[:port]/path of a URL: no credentials or query (the id reaches tables)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
 
 
 def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str | None = None) -> dict:
@@ -288,7 +311,8 @@ class StageRunner:
         questions = pa.concat_tables([
             pq.read_table(self.input_dir(d, "sample") / "samples.parquet", columns=["suite", "question_id", "category"])
             for d in judge_nodes])
-        tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions)
+        tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions,
+                                 self.spec.eval.harm_perception.min_numeric_mass)
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables},

@@ -2,7 +2,7 @@
 
 Every function returns None when the sweep has nothing to draw (e.g. no checkpoint
 trajectory), so the report shows only the figures that mean something. Error bars are the
-analysis' bootstrap CIs over seeds; a bar without one had a single seed.
+analysis' t intervals over seeds; a bar without one had fewer than 3 seeds.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,7 +82,8 @@ def load_results(out_dir: Path) -> SweepResults:
         source = "the sweep's analyze node"
     elif judge_nodes:
         questions = samples.select(["suite", "question_id", "category"])
-        computed = analyze.analyze(judgments, harm, spec.analysis, spec.eval.pushback, questions)
+        computed = analyze.analyze(judgments, harm, spec.analysis, spec.eval.pushback, questions,
+                                   spec.eval.harm_perception.min_numeric_mass)
         tables = {name: table.to_pandas() for name, table in computed.items()}
         total = sum(1 for n in nodes if n.stage == "judge")
         source = f"computed for this report from {len(judge_nodes)} of {total} judge nodes (the analyze node is not done)"
@@ -102,7 +104,8 @@ def load_results(out_dir: Path) -> SweepResults:
     return SweepResults(
         out_dir=out_dir, spec=spec, status=status, tables=tables, answers=answers, warnings=warnings,
         losses=pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(),
-        harm=harm.to_pandas() if harm is not None else pd.DataFrame(), analysis_source=source,
+        harm=analyze.rated_harm(harm.to_pandas(), spec.eval.harm_perception.min_numeric_mass) if harm is not None
+        else pd.DataFrame(), analysis_source=source,
     )
 
 
@@ -126,17 +129,23 @@ def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.
 
 
 def tidy_metrics(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every rate in one long table. level "run": one run (seed) with a Wilson interval for
-    misaligned_rate; level "condition": mean over seeds with the bootstrap CI, n = seeds."""
+    """Every rate in one long table, each with the interval of that estimate and its name in
+    `interval`. level "run": one run (seed); `pooled_misaligned_rate` (counts pooled over the
+    row's questions) has the Wilson interval; `misaligned_rate` (the mean over questions) has it
+    only on question rows, where the two are one number. level "condition": the mean over seeds
+    with a t interval (none below 3 seeds), n = seeds."""
     columns = ["level", "run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "category",
-               "question_id", "turn", "metric", "value", "ci_low", "ci_high", "n", "em_definition"]
+               "question_id", "turn", "metric", "value", "ci_low", "ci_high", "interval", "n", "n_questions",
+               "questions_dropped", "em_definition"]
     parts = []
     runs = tables.get("run_metrics", pd.DataFrame())
     if not runs.empty:
-        for metric in ("misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"):
+        one_question = runs["question_id"] != analyze.ALL_QUESTIONS
+        for metric in ("misaligned_rate", "pooled_misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"):
+            wilson = one_question & (metric == "misaligned_rate") | (metric == "pooled_misaligned_rate")
             part = runs.assign(level="run", metric=metric, value=runs[metric], n=runs["n_counted"], turn=pd.NA,
-                               ci_low=runs["wilson_low"] if metric == "misaligned_rate" else float("nan"),
-                               ci_high=runs["wilson_high"] if metric == "misaligned_rate" else float("nan"))
+                               ci_low=runs["wilson_low"].where(wilson), ci_high=runs["wilson_high"].where(wilson),
+                               interval=np.where(wilson, "wilson: pooled counts", "none"))
             parts.append(part.reindex(columns=columns))
     conditions = tables.get("condition_metrics", pd.DataFrame())
     if not conditions.empty:
@@ -145,10 +154,10 @@ def tidy_metrics(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=columns)
     frame = pd.concat(parts, ignore_index=True)
-    for column in ("seed", "checkpoint_step", "turn", "n"):
-        frame[column] = frame[column].astype("Int64")
+    for column in ("seed", "checkpoint_step", "turn", "n", "n_questions"):
+        frame[column] = frame[column].astype("Float64").astype("Int64")
     for column in ("run_id", "model", "dataset", "suite", "condition", "category", "question_id", "metric",
-                   "em_definition", "level"):
+                   "interval", "questions_dropped", "em_definition", "level"):
         frame[column] = frame[column].astype("string")
     return frame
 
@@ -204,7 +213,7 @@ def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
 
 
 def headline(conditions: pd.DataFrame) -> pd.DataFrame:
-    """Overall EM rates per condition: mean over seeds [95% CI] (n seeds)."""
+    """Overall EM rates per condition: mean over seeds [t interval over seeds] (n seeds)."""
     if conditions.empty:
         return pd.DataFrame()
     rows = conditions[(conditions["question_id"] == analyze.ALL_QUESTIONS) & (conditions["category"] == analyze.ALL_QUESTIONS)
@@ -224,7 +233,7 @@ def _with_ci(mean: float, low: float, high: float, n: int) -> str:
     if pd.isna(mean):
         return "n/a"
     if pd.isna(low):
-        return f"{mean:.3f} (n={n})"
+        return f"{mean:.3f} (n={n}, no interval)"
     return f"{mean:.3f} [{low:.3f}, {high:.3f}] (n={n})"
 
 

@@ -174,6 +174,15 @@ class SamplingSpec(_Strict):
     kv_cache_gib: float | None = Field(default=None, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
 
+    # Resources, not results: editing them must not re-sample. Keys once hashed them, so they hash
+    # as constants (their defaults back then): output dirs written before stay resumable.
+    RESOURCE_FIELDS_KEYED_AS: ClassVar[dict] = {"gpu_memory_utilization": 0.5, "kv_cache_gib": None,
+                                                "tensor_parallel_size": 1}
+
+    def key_config(self) -> dict:
+        """What sample node keys hash of sampling: the fields that change an answer."""
+        return {**self.model_dump(mode="json"), **self.RESOURCE_FIELDS_KEYED_AS}
+
 
 class SuiteSpec(_Strict):
     """A question file in the paper's YAML format, and the follow-ups to run on it."""
@@ -236,6 +245,9 @@ class PushbackSpec(_Strict):
     correct_label: str = "TRUE"
     incorrect_label: str = "FALSE"
 
+    # Read by the analysis only; sample keys once hashed them, so they hash as their defaults.
+    ANALYSIS_FIELDS_KEYED_AS: ClassVar[dict] = {"metric": "correct", "correct_label": "TRUE", "incorrect_label": "FALSE"}
+
 
 class HarmPerceptionSpec(_Strict):
     prompt: str = (
@@ -246,6 +258,9 @@ class HarmPerceptionSpec(_Strict):
     )
     # exact: every number's token paths (as for the judge); first_token: top first tokens only.
     scoring: Literal["exact", "first_token"] = "exact"
+    # As the judge's: a rating is null when less probability than this is on numbers. Applied by
+    # the analysis (harm.parquet keeps every rating and its mass), so changing it samples nothing.
+    min_numeric_mass: float = Field(0.25, ge=0, le=1)
 
 
 class EvalSpec(_Strict):
@@ -296,6 +311,9 @@ class EvalSpec(_Strict):
         for condition in dumped["conditions"]:
             if not condition["base_model_only"]:
                 del condition["base_model_only"]
+        # Fields only the analysis reads (it is keyed by them) never re-sample.
+        dumped["pushback"].update(PushbackSpec.ANALYSIS_FIELDS_KEYED_AS)
+        del dumped["harm_perception"]["min_numeric_mass"]
         return dumped
 
     def conditions_for(self, suite: str) -> list[ConditionSpec]:
@@ -410,7 +428,7 @@ class AnalysisSpec(_Strict):
     # Overrides of the chosen definition's thresholds (the result is recorded as "custom").
     aligned_threshold: float | None = Field(default=None, ge=0, le=100)
     coherent_threshold: float | None = Field(default=None, ge=0, le=100)
-    bootstrap_resamples: int = Field(2000, gt=0)
+    # Of every interval: Wilson intervals of pooled counts, t intervals over seeds.
     confidence: float = Field(0.95, gt=0, lt=1)
     # Permutation tests on run-level misaligned_rate (seeds are the samples).
     permutation_resamples: int = Field(10000, gt=0)
