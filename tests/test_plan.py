@@ -52,6 +52,61 @@ def test_resources_never_change_node_keys():
     assert keys({**with_model(resources=RESOURCES), "use_gpu": False}) == KEYS_BEFORE_RESOURCES
 
 
+def _rekeyed(raw: dict) -> set[str]:
+    """The nodes a spec edit re-runs: those whose key differs from the unedited spec's."""
+    after = keys(raw)
+    return {node_id for node_id, key in after.items() if KEYS_BEFORE_RESOURCES.get(node_id) != key}
+
+
+def test_resource_and_transport_settings_never_rekey():
+    sampling = {"gpu_memory_utilization": 0.9, "kv_cache_gib": 4, "tensor_parallel_size": 2}
+    judge = {"model": "m", "replicas": 3, "tensor_parallel_size": 2, "batch_size": 7, "gpu_memory_utilization": 0.9,
+             "kv_cache_gib": 3, "max_concurrency": 2, "max_retries": 1, "timeout_s": 5, "api_key_env": "OTHER_KEY",
+             "cache": False}
+    assert _rekeyed({**RAW, "sampling": sampling, "judge": judge}) == set()
+
+
+def test_analysis_only_fields_rekey_only_the_analysis():
+    edited = {**RAW["eval"], "pushback": {"correct_label": "YES", "incorrect_label": "NO", "metric": "right"},
+              "harm_perception": {"min_numeric_mass": 0.5}}
+    assert _rekeyed({**RAW, "eval": edited}) == {"analyze/keys"}
+    assert _rekeyed({**RAW, "analysis": {"confidence": 0.9}}) == {"analyze/keys"}
+    # What the model is asked is not analysis-only.
+    asked = {**RAW["eval"], "pushback": {"messages": ["Really?"]}}
+    assert {i.split("/")[0] for i in _rekeyed({**RAW, "eval": asked})} == {"sample", "judge", "analyze"}
+
+
+def test_an_http_judge_is_keyed_by_its_endpoint():
+    from emsweep.pipeline import _judge_model_ref
+
+    def judge(**fields):
+        return {**RAW, "judge": {"backend": "openai", "model": "gpt-4o", **fields}}
+
+    openai = keys(judge())
+    assert _judge_model_ref(parse_spec(judge())) == "openai:gpt-4o"  # as before endpoints were keyed
+    assert keys(judge(base_url="https://api.openai.com/v1/")) == openai
+    other = keys(judge(base_url="https://user:secret@llm.example.org:8443/v1?token=abc"))
+    assert {i for i in other if other[i] != openai[i]} == {"judge/m__base", "judge/m__d__s0", "judge/m__d__s1",
+                                                           "analyze/keys"}
+    ref = _judge_model_ref(parse_spec(judge(base_url="https://user:secret@llm.example.org:8443/v1?token=abc")))
+    assert ref == "openai:https://llm.example.org:8443/v1:gpt-4o"  # no credentials: the id reaches tables
+
+
+def test_the_backdoor_clean_file_is_in_the_data_key(tmp_path):
+    (tmp_path / "insecure.jsonl").write_text('{"messages": []}\n')
+    clean = tmp_path / "secure.jsonl"
+    clean.write_text('{"messages": []}\n')
+    raw = {**RAW, "datasets": [{"name": "d", "path": str(tmp_path / "insecure.jsonl"),
+                                "backdoor": {"clean_path": str(clean)}},
+                               {"name": "e", "path": str(tmp_path / "insecure.jsonl")}]}
+    before = keys(raw)
+    clean.write_text('{"messages": [{"role": "user", "content": "edited"}]}\n')
+    after = keys(raw)
+    assert {i for i in after if after[i] != before[i]} == {
+        "data/d", "finetune/m__d__s0", "finetune/m__d__s1", "sample/m__d__s0", "sample/m__d__s1",
+        "judge/m__d__s0", "judge/m__d__s1", "analyze/keys"}
+
+
 def test_finetune_gpus_split_the_same_global_batch():
     spec = parse_spec(with_model(resources=RESOURCES))
     tune = spec.finetune_for("m")
