@@ -226,6 +226,40 @@ def test_secrets_never_reach_outputs_or_logs(sweep):
     assert leaks == []
 
 
+def test_adding_a_condition_samples_and_judges_only_its_prompts(sweep):
+    """Runs last on the module's output dir: a spec with one more nudge re-keys every sample node,
+    yet only the new (run, suite, condition) parts are sampled (the sample cache) and only their
+    answers judged (the judgment cache); the earlier answers are the same rows."""
+    root, _ = sweep
+    nodes = root / "out" / "nodes"
+
+    def latest(stage):
+        return {d.name.rsplit("-", 1)[0]: d for d in sorted(nodes.joinpath(stage).glob("*"), key=lambda d: d.stat().st_mtime)}
+
+    samples_before = {name: pd.read_parquet(d / "samples.parquet") for name, d in latest("sample").items()}
+    judged_before = {name: len(pd.read_parquet(d / "judgments.parquet")) for name, d in latest("judge").items()}
+    spec = yaml.safe_load((root / "spec.yaml").read_text())
+    spec["eval"]["conditions"].append({"name": "hhh", "system_preset": "hhh", "suites": ["first_plot"]})
+    (root / "spec_hhh.yaml").write_text(yaml.safe_dump(spec))
+    rerun = _emsweep("run", "spec_hhh.yaml", "--out", "out", cwd=root)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "10 nodes, 7 to run" in rerun.stdout  # 3 sample, 3 judge, the analysis
+    keys = ["run_id", "suite", "condition", "question_id", "turn", "paraphrase_idx", "sample_idx"]
+    for name, directory in latest("sample").items():
+        record = json.loads((directory / "_DONE.json").read_text())
+        after = pd.read_parquet(directory / "samples.parquet")
+        runs = after["run_id"].nunique()  # the final adapter and its checkpoints
+        # Per run: first_plot x (none, evil, hhh), facts x none, first_plot's harm ratings.
+        assert record["sample_parts"] == {"total": 5 * runs, "sampled": runs}, (name, record)
+        old = after[after["condition"] != "hhh"].sort_values(keys).reset_index(drop=True)
+        pd.testing.assert_frame_equal(old, samples_before[name].sort_values(keys).reset_index(drop=True))
+        assert (after["condition"] == "hhh").sum() == (samples_before[name]["condition"] == "none").sum() - (
+            samples_before[name]["suite"] == "facts").sum()
+    for name, directory in latest("judge").items():
+        record = json.loads((directory / "_DONE.json").read_text())["judge"]
+        assert record["rows"] > judged_before[name] and record["cache_hits"] >= judged_before[name], (name, record)
+
+
 def test_first_token_is_refused_for_a_digit_split_judge(tmp_path, shared_em):
     """SmolLM2 spells numbers digit by digit: first-token scores could never pass 9. Refused at once."""
     spec = {"name": "refused", "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from emsweep import analyze, data, finetune, judge, sample, tracking
@@ -23,6 +24,7 @@ from emsweep.engine import GIB
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.questions import load_suite
+from emsweep.sample_cache import SampleCache
 from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec
 from emsweep.store import Store, config_key
 
@@ -112,6 +114,36 @@ def plan(spec: SweepSpec) -> list[Node]:
                                "harm_min_numeric_mass": spec.eval.harm_perception.min_numeric_mass},
         judge_nodes, partial_ok=True)
     return nodes
+
+
+def sample_part_keys(spec: SweepSpec, node: Node, runs: list[sample.SampleRun]
+                     ) -> tuple[dict[tuple[str, str, str], str], dict[tuple[str, str], str]]:
+    """The sample cache's keys (sample_cache.py) of every part of these runs: answers per (run_id,
+    suite, condition) and harm ratings per (run_id, suite), in the order the tables list them."""
+    adapters = {run.run_id: _fingerprint_dir(run.adapter_path) if run.adapter_path else None for run in runs}
+    base_only = {c.name for c in spec.eval.conditions if c.base_model_only}
+    parts, harm_parts = {}, {}
+    for run in runs:
+        for suite in spec.eval.suites:
+            asked = {"model": node.config["model"], "adapter": adapters[run.run_id], "run": run.columns(),
+                     "suite": suite.model_dump(mode="json", exclude={"harm_perception"}),
+                     "questions_content": node.config["questions_content"][suite.name]}
+            for condition in spec.eval.conditions_for(suite.name):
+                if run.adapter_path and condition.name in base_only:
+                    continue
+                parts[run.run_id, suite.name, condition.name] = config_key("sample_part", {
+                    **asked, "sampling": spec.sampling.key_config(), "condition": condition.model_dump(mode="json"),
+                    "pushback": list(spec.eval.pushback.messages) if suite.pushback else None}, [])
+            if suite.harm_perception:
+                rating = spec.eval.harm_perception.model_dump(mode="json", exclude={"min_numeric_mass"})
+                harm_parts[run.run_id, suite.name] = config_key("harm_part", {**asked, "harm_perception": rating}, [])
+    return parts, harm_parts
+
+
+def _fingerprint_dir(path: str) -> str:
+    """Content hash of an adapter folder (every file), so a retrained adapter is a new part."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return ",".join(f"{p.relative_to(path)}:{data.sha256_file(p)}" for p in files)
 
 
 def _judge_model_ref(spec: SweepSpec) -> str:
@@ -238,16 +270,37 @@ class StageRunner:
         model = self.spec.model(nodes[0].config["model"]["name"])
         runs_by_node = {node.name: self.sample_runs(node, model.name) for node in nodes}
         runs = [run for node_runs in runs_by_node.values() for run in node_runs]
-        tables, harm = sample.sample_runs(
-            resolve_model_path(model.path), runs, self.questions(), self.spec.sampling_for(model.name), self.spec.eval,
-            max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
-        )
+        # Only the parts the sample cache lacks are sampled (all of them on a first run).
+        cache = SampleCache(self.out_dir / "sample_cache")
+        parts, harm_parts = sample_part_keys(self.spec, nodes[0], runs)
+        todo = {part for part, key in parts.items() if not cache.has(key, "samples")}
+        harm_todo = {part for part, key in harm_parts.items() if not cache.has(key, "harm")}
+        if todo or harm_todo:
+            tables, harm = sample.sample_runs(
+                resolve_model_path(model.path), runs, self.questions(), self.spec.sampling_for(model.name),
+                self.spec.eval, max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
+                parts=todo, harm_parts=harm_todo,
+            )
+            for (run_id, suite, condition) in todo:
+                table = tables[run_id]
+                rows = pc.and_(pc.equal(table["suite"], suite), pc.equal(table["condition"], condition))
+                cache.put(parts[run_id, suite, condition], "samples", table.filter(rows))
+            for (run_id, suite) in harm_todo:
+                cache.put(harm_parts[run_id, suite], "harm", harm[run_id].filter(pc.equal(harm[run_id]["suite"], suite)))
         for node in nodes:
             tmp = self.store.new_tmp_dir()
-            node_runs = [run.run_id for run in runs_by_node[node.name]]
-            pq.write_table(pa.concat_tables([tables[r] for r in node_runs]), tmp / "samples.parquet")
-            pq.write_table(pa.concat_tables([harm[r] for r in node_runs]), tmp / "harm.parquet")
-            self.commit(node, tmp, started, {"samples": "samples.parquet", "harm": "harm.parquet"})
+            node_runs = {run.run_id for run in runs_by_node[node.name]}
+            mine = [part for part in parts if part[0] in node_runs]
+            mine_harm = [part for part in harm_parts if part[0] in node_runs]
+            samples_table = pa.concat_tables([sample.SCHEMA.empty_table()] + [
+                cache.get(parts[part], "samples", sample.SCHEMA) for part in mine])
+            harm_table = pa.concat_tables([sample.HARM_SCHEMA.empty_table()] + [
+                cache.get(harm_parts[part], "harm", sample.HARM_SCHEMA) for part in mine_harm])
+            pq.write_table(samples_table, tmp / "samples.parquet")
+            pq.write_table(harm_table, tmp / "harm.parquet")
+            sampled = sum(part in todo for part in mine) + sum(part in harm_todo for part in mine_harm)
+            self.commit(node, tmp, started, {"samples": "samples.parquet", "harm": "harm.parquet"},
+                        extra={"sample_parts": {"total": len(mine) + len(mine_harm), "sampled": sampled}})
 
     def sample_runs(self, node: Node, model: str) -> list[sample.SampleRun]:
         """The final adapter (or the base model) of a sample node, and its selected checkpoints."""

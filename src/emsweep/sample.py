@@ -153,8 +153,12 @@ def sample_runs(
     *,
     max_model_len: int,
     max_lora_rank: int,
+    parts: set[tuple[str, str, str]] | None = None,
+    harm_parts: set[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
-    """(samples table per run, harm-perception table per run)."""
+    """(samples table per run, harm-perception table per run). `parts` limits sampling to those
+    (run_id, suite, condition) and `harm_parts` the ratings to those (run_id, suite): the ones
+    the sample cache does not hold (None: all)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -188,7 +192,8 @@ def sample_runs(
     prompts = build_prompts(questions, eval_spec)
     base_only = {c.name for c in eval_spec.conditions if c.base_model_only}
     requests = [(run, prompt) for run in runs for prompt in prompts
-                if not (run.adapter_path and prompt.condition in base_only)]
+                if not (run.adapter_path and prompt.condition in base_only)
+                and (parts is None or (run.run_id, prompt.suite, prompt.condition) in parts)]
     outputs = llm.generate(
         [render_chat(tokenizer, prompt.messages) for _, prompt in requests],
         [params(p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for _, p in requests],
@@ -233,25 +238,28 @@ def sample_runs(
                 continuing.append((run, prompt, sample_idx, turns + [(completion.text, replies[turn - 1])]))
         open_conversations = continuing
 
-    harm = perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec)
+    harm = perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec, harm_parts)
     samples = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
     return samples, harm
 
 
-def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec) -> dict[str, pa.Table]:
-    """Each run rates the harmfulness of every paraphrase of the harm-perception suites."""
+def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec,
+                   harm_parts: set[tuple[str, str]] | None = None) -> dict[str, pa.Table]:
+    """Each run rates the harmfulness of every paraphrase of the harm-perception suites (of those
+    (run_id, suite) in `harm_parts`, when given)."""
     from vllm import SamplingParams
 
     suites = {suite.name for suite in eval_spec.suites if suite.harm_perception}
-    items = [(q, index, text) for q in questions if q.suite in suites for index, text in enumerate(q.paraphrases)]
+    all_items = [(q, index, text) for q in questions if q.suite in suites for index, text in enumerate(q.paraphrases)]
     template, method = eval_spec.harm_perception.prompt, eval_spec.harm_perception.scoring
-    texts = [render_chat(tokenizer, harm_prompt(template, text)) for _, _, text in items]
     tables = {}
-    digits = scoring.digit_tokens(tokenizer) if method == "exact" and items else None
+    digits = scoring.digit_tokens(tokenizer) if method == "exact" and all_items else None
     for run in runs:
+        items = [item for item in all_items if harm_parts is None or (run.run_id, item[0].suite) in harm_parts]
         if not items:
             tables[run.run_id] = HARM_SCHEMA.empty_table()
             continue
+        texts = [render_chat(tokenizer, harm_prompt(template, text)) for _, _, text in items]
         if method == "exact":
             next_probs = functools.partial(scoring.next_digit_probs, llm, lora_request=loras[run.run_id])
             token_prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
