@@ -43,10 +43,40 @@ def test_micro_batches_cover_every_row_each_epoch():
     assert np.array_equal(batches, micro_batch_indices(10, 0, 2, 2, 2, 2))
 
 
-def test_linear_schedule_warms_up_then_decays_to_zero():
-    multiplier = linear_schedule(warmup_steps=5, total_steps=15)
-    values = [multiplier(step) for step in range(15)]
-    assert values[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+def test_linear_schedule_warms_up_from_zero_then_decays_to_zero():
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = linear_schedule(optimizer, warmup_steps=5, total_steps=15)
+    values = []
+    for _ in range(15):
+        values.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # Step s of 5 warmup steps: s / 5 (transformers' Trainer: the first step has lr 0).
+    assert values[:5] == pytest.approx([0, 1 / 5, 2 / 5, 3 / 5, 4 / 5])
     assert values[5] == pytest.approx(1.0)
-    assert values[14] == pytest.approx(0.1)
+    assert values[14] == pytest.approx(1 / 10)  # (15 - 14) / (15 - 5)
     assert all(a >= b for a, b in zip(values[5:], values[6:]))
+
+
+def test_checkpoints_load_strictly_for_the_trainable_weights():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from emsweep.finetune import load_trainable_weights
+
+    def model(r):
+        base = torch.nn.Sequential()
+        base.add_module("q_proj", torch.nn.Linear(4, 4))
+        return get_peft_model(base, LoraConfig(r=r, target_modules=["q_proj"]))
+
+    saved = model(2)
+    trainable = {k: v for k, v in saved.state_dict().items() if "lora_" in k}
+    restored = model(2)
+    load_trainable_weights(trainable, restored)  # frozen base weights absent: fine
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in trainable.items())
+    with pytest.raises(RuntimeError, match=r"1 trainable weights missing"):
+        load_trainable_weights({k: v for k, v in trainable.items() if "lora_B" not in k}, model(2))
+    with pytest.raises(RuntimeError, match=r"unexpected"):
+        load_trainable_weights({**trainable, "other.lora_A.weight": torch.zeros(1)}, model(2))

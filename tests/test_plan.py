@@ -19,17 +19,18 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.yaml"))
 
 # Absolute paths that do not exist: their fingerprints are "missing", so keys do not depend on
 # the machine. The keys below were computed by the code before model resources existed
-# (commit c4d7a15): an output dir written then must still resume. Only the analysis (minutes of
-# pandas over the judgments) was re-keyed since, when t intervals replaced the bootstrap.
+# (commit c4d7a15): an output dir written then must still resume, except where results changed:
+# the finetunes (and what reads them) when warmup became transformers' (from 0), and the
+# analysis when t intervals replaced the bootstrap.
 RAW = {"name": "keys", "models": [{"name": "m", "path": "Org/Model-7B"}],
        "datasets": [{"name": "d", "path": "/nonexistent/emsweep-keys/train.jsonl"}], "seeds": [0, 1],
        "finetune": {"num_workers": 1, "gradient_accumulation_steps": 8},
        "eval": {"questions": "/nonexistent/emsweep-keys/q.yaml"}, "judge": {"model": "m"}}
 KEYS_BEFORE_RESOURCES = {
-    "data/d": "03761391eb607229", "sample/m__base": "4bd11d7bcf2130f5", "finetune/m__d__s0": "afba4622743a2cf9",
-    "sample/m__d__s0": "5f9e4bf3229b0faa", "finetune/m__d__s1": "686fb43b7ca3c679",
-    "sample/m__d__s1": "ff88705c8e851db8", "judge/m__base": "1b80783f625a895d",
-    "judge/m__d__s0": "72d80dc7b3b751bb", "judge/m__d__s1": "4559bfca9cd0c315", "analyze/keys": "a781f472fca3244c",
+    "data/d": "03761391eb607229", "sample/m__base": "4bd11d7bcf2130f5", "finetune/m__d__s0": "a2c05bca96218794",
+    "sample/m__d__s0": "56cf29cacaa22f7b", "finetune/m__d__s1": "0e194b084955edf2",
+    "sample/m__d__s1": "dbb19ec1eb083694", "judge/m__base": "1b80783f625a895d",
+    "judge/m__d__s0": "49382856ec8aae58", "judge/m__d__s1": "e573b4abb5972c8e", "analyze/keys": "f7da25c44b8da310",
 }
 RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
              "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4}

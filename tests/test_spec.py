@@ -31,6 +31,7 @@ def test_finetune_defaults_are_the_papers_recipe():
     assert set(ft.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (ft.learning_rate, ft.epochs, ft.per_device_batch_size, ft.gradient_accumulation_steps) == (1e-5, 1, 2, 8)
     assert (ft.warmup_steps, ft.weight_decay, ft.max_seq_len) == (5, 0.01, 2048)
+    assert spec.global_batch() == 16  # 2 x 8 on one worker
     assert (spec.sampling.temperature, spec.sampling.top_p) == (1.0, 1.0)
     assert spec.judge.min_numeric_mass == 0.25
 

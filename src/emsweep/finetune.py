@@ -116,15 +116,26 @@ def collate(examples: list[Example], pad_id: int):
     return input_ids, attention_mask, labels
 
 
-def linear_schedule(warmup_steps: int, total_steps: int):
-    """The multiplier of the paper's schedule: linear warmup, then linear decay to zero."""
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """The paper's schedule, as transformers' Trainer runs it: linear warmup from 0 over
+    `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    from transformers import get_linear_schedule_with_warmup
 
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
-    return multiplier
+
+def load_trainable_weights(src: dict, dst) -> None:
+    """Restore a checkpoint's weights, strictly for what it holds: every trainable (LoRA) weight
+    of the model and nothing else. Frozen base weights are left out of checkpoints
+    (exclude_frozen_parameters), which a plain strict load would call missing; a non-strict one
+    would accept a checkpoint of other adapters without a word."""
+    result = dst.load_state_dict(src, strict=False)
+    trainable = {name for name, param in dst.named_parameters() if param.requires_grad}
+    missing = sorted(trainable & set(result.missing_keys))
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match this finetune's adapter: {len(missing)} trainable weights "
+                           f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
 def micro_batch_indices(n_rows: int, seed: int, epochs: int, micro: int, accum: int, world: int) -> np.ndarray:
@@ -215,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Our own AdamW: DeepSpeed's fused CPU Adam would need a JIT build, for no gain at LoRA sizes.
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(spec.warmup_steps, total_steps))
+    scheduler = linear_schedule(optimizer, spec.warmup_steps, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -225,8 +236,12 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            # Frozen base weights are not in the checkpoint (exclude_frozen_parameters).
-            engine.load_checkpoint(directory, tag="state", load_module_strict=False)
+            if spec.zero_stage == 3:
+                # ZeRO-3 restores the trainable weights from its partitioned fp32 optimizer state,
+                # which DeepSpeed checks against this model's partitions itself.
+                engine.load_checkpoint(directory, tag="state", load_module_strict=False)
+            else:
+                engine.load_checkpoint(directory, tag="state", custom_load_fn=load_trainable_weights)
             state = json.loads((Path(directory) / "trainer_state.json").read_text())
         start_step, history = state["step"], state["history"]
 

@@ -1,6 +1,8 @@
 """A training worker killed in the middle of a real CPU finetune (Ray Train, 2 workers, DeepSpeed
 ZeRO-2, LoRA): Ray Train restarts the worker group and training resumes from the latest
-checkpoint, not from step 0, and still runs the full number of steps."""
+checkpoint, not from step 0, still runs the full number of steps, and ends with the adapter an
+uninterrupted run with the same seed trains (the checkpoint restored every weight, the optimizer
+and the schedule)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from emsweep.finetune import finetune
 from emsweep.pipeline import worker_env
@@ -67,12 +71,13 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
         out_dir.mkdir()
         result: dict = {}
 
+        data = _tiny_data(tmp_path / "data.parquet")
+
         def train():
             try:
                 result["metrics"] = finetune(
                     run_name="kill-test", storage_path=storage, model_path=embedded_model,
-                    data_path=_tiny_data(tmp_path / "data.parquet"), seed=0, spec=spec, use_gpu=False,
-                    out_dir=out_dir,
+                    data_path=data, seed=0, spec=spec, use_gpu=False, out_dir=out_dir,
                 )
             except BaseException as error:  # surfaced by the assertion below
                 result["error"] = error
@@ -103,5 +108,19 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
         first_resumed = min(row["step"] for row in metrics if row["resumed_from_step"] == resumed[-1])
         assert first_resumed == resumed[-1] + 1
         assert (out_dir / "adapter" / "adapter_config.json").exists()
+
+        uninterrupted = tmp_path / "uninterrupted"
+        uninterrupted.mkdir()
+        reference = finetune(run_name="reference", storage_path=storage, model_path=embedded_model, data_path=data,
+                             seed=0, spec=spec, use_gpu=False, out_dir=uninterrupted).to_pylist()
+        assert [row["resumed_from_step"] for row in reference] == [0] * len(steps)
+        assert [row["loss"] for row in metrics] == pytest.approx([row["loss"] for row in reference], rel=1e-4)
+        resumed_weights, reference_weights = (load_file(d / "adapter" / "adapter_model.safetensors")
+                                              for d in (out_dir, uninterrupted))
+        assert resumed_weights.keys() == reference_weights.keys() and len(resumed_weights) > 0
+        for name, tensor in reference_weights.items():
+            assert torch.allclose(resumed_weights[name], tensor, rtol=1e-4, atol=1e-6), name
+        lora_b = [t for name, t in reference_weights.items() if "lora_B" in name]
+        assert any(t.abs().max() > 0 for t in lora_b)  # trained: LoRA's B starts at zero
     finally:
         ray.shutdown()
