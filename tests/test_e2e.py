@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,10 +27,15 @@ SECRETS = {"OPENAI_API_KEY": "sk-sentinel-openai-7f3a", "WANDB_API_KEY": "sentin
 
 
 def _emsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200", **SECRETS}
     return subprocess.run(
-        [sys.executable, "-m", "emsweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
+        [sys.executable, "-m", "emsweep.cli", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800
     )
+
+
+def _env() -> dict:
+    # Progress lines every 2 s (30 s by default without a terminal), so these short jobs log some.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200",
+            "EMSWEEP_PROGRESS_EVERY_S": "2", **SECRETS}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,13 @@ def sweep(tmp_path_factory, shared_em):
 def test_fresh_run_writes_every_stage(sweep):
     root, first = sweep
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    # Without a terminal, each running job's progress is a log line from its own record.
+    logged = [line.strip() for line in first.stdout.splitlines() if line.strip().startswith("progress ")]
+    assert any(line.startswith("progress finetune/smol__insecure__s") and " steps (" in line and "loss" in line
+               for line in logged), logged
+    assert any(line.startswith("progress sample/") and " requests (" in line for line in logged), logged
+    assert any(line.startswith("progress judge/") and " judgments (" in line for line in logged), logged
+    assert not (root / "out" / "progress").exists() or not any((root / "out" / "progress").iterdir())
     nodes = root / "out" / "nodes"
     data = pd.read_parquet(next((nodes / "data").glob("*/data.parquet")))
     assert len(data) <= 8 and list(data.columns) == ["row_id", "source_file", "source_line", "split", "messages"]
@@ -241,9 +254,17 @@ def test_adding_a_condition_samples_and_judges_only_its_prompts(sweep):
     spec = yaml.safe_load((root / "spec.yaml").read_text())
     spec["eval"]["conditions"].append({"name": "hhh", "system_preset": "hhh", "suites": ["first_plot"]})
     (root / "spec_hhh.yaml").write_text(yaml.safe_dump(spec))
-    rerun = _emsweep("run", "spec_hhh.yaml", "--out", "out", cwd=root)
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "10 nodes, 7 to run" in rerun.stdout  # 3 sample, 3 judge, the analysis
+    running = subprocess.Popen([sys.executable, "-m", "emsweep.cli", "run", "spec_hhh.yaml", "--out", "out"], cwd=root,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # `emsweep status` on the running sweep: the owner, the running nodes and their jobs' progress.
+    seen = ""
+    while running.poll() is None and " requests (" not in seen and " judgments (" not in seen:
+        time.sleep(1)
+        seen = _emsweep("status", "out", cwd=root).stdout
+    stdout, _ = running.communicate(timeout=1800)
+    assert running.returncode == 0, stdout[-3000:]
+    assert "run in progress: pid" in seen and "running" in seen, seen
+    assert "10 nodes, 7 to run" in stdout  # 3 sample, 3 judge, the analysis
     keys = ["run_id", "suite", "condition", "question_id", "turn", "paraphrase_idx", "sample_idx"]
     for name, directory in latest("sample").items():
         record = json.loads((directory / "_DONE.json").read_text())

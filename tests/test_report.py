@@ -123,3 +123,30 @@ def test_report_reads_the_analyze_node(tmp_path, shared_em):
     html = result.html.read_text()
     assert "the sweep&#39;s analyze node" in html
     assert "misaligned_rate" in html and "&lt;script&gt;" in html and "<script>" not in html
+
+
+def test_a_partial_sweep_reports_what_is_done_and_names_what_is_missing(tmp_path, shared_em):
+    """A sweep still running or with a failed seed: the report covers the judged runs, says
+    which are missing and why, and does not crash; with nothing judged it says so."""
+    import shutil
+
+    from emsweep.store import Store
+
+    out = tmp_path / "sweep"
+    build(out, shared_em)
+    store = Store(out)
+    (failed,) = (out / "nodes" / "judge").glob("smol__secure__s1-*")
+    shutil.rmtree(failed)
+    store.record_failure("judge/smol__secure__s1", "RuntimeError: judge engine died")
+    (running,) = (out / "nodes" / "judge").glob("smol__insecure__s1-*")
+    shutil.rmtree(running)  # not finished yet: no record at all
+    result = build_report(out, log_to_wandb=False)
+    text = result.html.read_text()
+    assert ("computed for this report from 3 of 5 judge nodes (the analyze node is not done); missing: "
+            "judge/smol__insecure__s1 (missing), judge/smol__secure__s1 (failed)") in text
+    metrics = pd.read_parquet(result.exports["metrics"])
+    assert set(metrics["run_id"].dropna()) == {"smol__base", "smol__insecure__s0", "smol__secure__s0"}
+    for judged in (out / "nodes" / "judge").glob("*"):
+        shutil.rmtree(judged)
+    empty = build_report(out, log_to_wandb=False)
+    assert "none: no judge node is done yet" in empty.html.read_text()

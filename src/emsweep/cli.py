@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(width=None if os.isatty(1) else 160)
 
 STATUS_STYLE = {"done": "green", "cached": "green", "partial": "yellow", "failed": "red", "skipped": "yellow",
-                "missing": "dim"}
+                "missing": "dim", "running": "cyan"}
 
 
 def _init_ray(address: Optional[str]) -> None:
@@ -201,6 +202,61 @@ def _one_line(text: str) -> str:
     return " | ".join(lines[:3]) if lines else "unknown error"
 
 
+# Without a terminal (a log file, CI) running jobs' progress is one line each this often.
+LOG_PROGRESS_EVERY_S = float(os.environ.get("EMSWEEP_PROGRESS_EVERY_S", "30"))
+
+
+class _LiveJobs:
+    """Under the node bar, one bar per running job from its progress record (progress.py): a
+    finetune's steps and loss, a sample job's requests and tokens/s, a judge job's judgments.
+    Without a terminal, a line per running job every LOG_PROGRESS_EVERY_S instead of bars."""
+
+    def __init__(self, out_dir: Path, bars: Progress, poll_s: float = 1.0):
+        import threading
+
+        self.out_dir, self.bars, self.poll_s = Path(out_dir), bars, poll_s
+        self.tasks: dict[str, int] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="emsweep-progress", daemon=True)
+        self.last_logged = time.time()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self.thread.join()
+        for task in self.tasks.values():
+            self.bars.remove_task(task)
+
+    def _run(self) -> None:
+        from emsweep import progress
+
+        while not self.stopped.wait(self.poll_s):
+            try:
+                records = progress.read_records(self.out_dir)
+                if console.is_terminal:
+                    self._draw(records, progress)
+                elif records and time.time() - self.last_logged >= LOG_PROGRESS_EVERY_S:
+                    self.last_logged = time.time()
+                    for record in records:
+                        console.print(f"  progress {escape(progress.describe(record))}", highlight=False)
+            except Exception:  # the display never stops a sweep
+                continue
+
+    def _draw(self, records: list[dict], progress) -> None:
+        live = {record["job"]: record for record in records}
+        for job in set(self.tasks) - set(live):
+            self.bars.remove_task(self.tasks.pop(job))
+        for job, record in live.items():
+            description = "  " + escape(progress.describe(record, amount=False))
+            if job not in self.tasks:
+                self.tasks[job] = self.bars.add_task(description, total=record.get("total"))
+            self.bars.update(self.tasks[job], description=description, completed=record.get("done", 0),
+                             total=record.get("total"))
+
+
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.pipeline import run_sweep
     from emsweep.remote import RemoteDir, is_remote, run_sweep_remote, staging_dir
@@ -220,7 +276,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
+    ) as progress, _LiveJobs(out_dir, progress):
         task = progress.add_task("nodes", total=None)
 
         def on_start(nodes, to_run):
@@ -300,12 +356,28 @@ def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> 
     from emsweep.pipeline import plan, read_spec_snapshot
     from emsweep.store import Store
 
+    import dataclasses
+
+    from emsweep import progress
+
     try:
         spec = read_spec_snapshot(out_dir)
     except FileNotFoundError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
-    _print_status(status_table(plan(spec), Store(out_dir)))
+    store = Store(out_dir)
+    owner = store.held_by()
+    # A run in progress: its jobs' own records say what runs and how far it is.
+    records = progress.read_records(out_dir) if owner else []
+    now = time.time()
+    running = {node for r in records if now - r.get("updated_at", 0) <= progress.STALE_S for node in r["nodes"]}
+    rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
+            for row in status_table(plan(spec), store)]
+    _print_status(rows)
+    if owner:
+        console.print(f"run in progress: pid {owner['pid']} on {owner['host']}")
+        for record in records:
+            console.print(f"  {escape(progress.describe(record, now))}", highlight=False)
 
 
 @app.command()

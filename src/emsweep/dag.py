@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from emsweep import progress
 from emsweep.redact import redact
 from emsweep.store import Store
 
@@ -134,6 +135,7 @@ def execute(
         results[status.node.id] = status
         if status.status in ("failed", "skipped"):
             store.record_failure(status.node.id, status.error or "", status=status.status)
+        progress.clear(store.root, [status.node.id])  # its job is over
         on_finish(status)
 
     try:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from emsweep.progress import ProgressWriter
 from emsweep.spec import FinetuneSpec
 from emsweep.store import write_started_marker
 
@@ -246,6 +247,10 @@ def train_loop_per_worker(config: dict) -> None:
         start_step, history = state["step"], state["history"]
 
     device = engine.device
+    # Rank 0 says how far training is after every step (progress.py; `emsweep run/status` show it).
+    live = ProgressWriter(config.get("progress_path") if rank == 0 else None, "finetune",
+                          [config["started"][1]] if config.get("started") else [])
+    live.update(start_step, total_steps, "steps", phase="training", force=True)
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         losses, tokens, trained_tokens = [], 0, 0
@@ -272,6 +277,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "step_seconds": time.perf_counter() - step_started,
             }
         )
+        live.update(step + 1, total_steps, "steps", detail=f"loss {history[-1]['loss']:.3f}")
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
@@ -389,6 +395,7 @@ def finetune(
     placement_strategy: str = "PACK",
     memory_per_worker: int | None = None,
     started: tuple[str, str] | None = None,
+    progress_path: str | None = None,
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics.
@@ -408,6 +415,7 @@ def finetune(
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
             "started": started,
+            "progress_path": progress_path,
         },
         scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.process_group_timeout_s)),

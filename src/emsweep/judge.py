@@ -300,8 +300,10 @@ def judge_samples(
     judge_id: str,
     backend: Backend,
     cache=None,
+    progress=None,
 ) -> tuple[dict[str, pa.Table], JudgeStats]:
-    """Judge the samples of many runs; returns a judgments table per run and counts."""
+    """Judge the samples of many runs; returns a judgments table per run and counts.
+    `progress` (a progress.ProgressWriter) hears of every finished batch."""
     items = list(requests_for(samples, questions, load_templates(spec.templates)))
     score_map = load_score_map(spec.score_map) if spec.score_map else None
     if score_map is not None:
@@ -317,6 +319,12 @@ def judge_samples(
     # Shared prefixes (the template) next to each other keep the engines' prefix caches warm.
     todo_keys = sorted(todo, key=lambda k: (todo[k].template, todo[k].question))
     todo_requests = [todo[k] for k in todo_keys]
+    judged = [0]
+
+    def report() -> None:
+        if progress is not None:
+            progress.update(judged[0], len(todo_requests), "judgments",
+                            detail=f"{len(cached_keys)} of {len(set(keys))} from the cache", phase="judging")
 
     def on_batch(indices: list[int], judgments: list[Judgment]) -> None:
         done = {todo_keys[i]: binary_score(j, todo[todo_keys[i]].binary) if todo[todo_keys[i]].binary else j
@@ -324,6 +332,10 @@ def judge_samples(
         known.update(done)
         if cache is not None:
             cache.put({k: j for k, j in done.items() if j.error is None}, judge_model=judge_id)
+        judged[0] += len(done)
+        report()
+
+    report()
 
     static = [i for i, request in enumerate(todo_requests) if request.static]
     if static:

@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from emsweep import analyze, data, finetune, judge, sample, tracking
+from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
 from emsweep.judge_cache import JudgmentCache
 from emsweep.models import resolve_model_path
+from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
 from emsweep.sample_cache import SampleCache
 from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec
@@ -234,6 +235,8 @@ class StageRunner:
 
     # --- stages --------------------------------------------------------------------
     def run(self, stage: str, nodes: list[Node]) -> dict[str, str | None]:
+        # What the job says about itself while it runs (progress.py): shown by `emsweep run/status`.
+        self.progress = ProgressWriter(progress.record_path(self.out_dir, nodes[0].id), stage, [n.id for n in nodes])
         return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
 
     def run_data(self, nodes: list[Node]) -> None:
@@ -262,6 +265,7 @@ class StageRunner:
                 memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
                 started=(str(self.store.started_path(node.id)), node.id),
+                progress_path=str(progress.record_path(self.out_dir, node.id)),
             )
             self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
 
@@ -279,7 +283,7 @@ class StageRunner:
             tables, harm = sample.sample_runs(
                 resolve_model_path(model.path), runs, self.questions(), self.spec.sampling_for(model.name),
                 self.spec.eval, max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
-                parts=todo, harm_parts=harm_todo,
+                parts=todo, harm_parts=harm_todo, progress=self.progress,
             )
             for (run_id, suite, condition) in todo:
                 table = tables[run_id]
@@ -333,6 +337,7 @@ class StageRunner:
         tables, stats = judge.judge_samples(
             samples, self.questions(), self.spec.judge,
             judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec), cache=cache,
+            progress=self.progress,
         )
         failures = {}
         for node in nodes:

@@ -86,7 +86,9 @@ def load_results(out_dir: Path) -> SweepResults:
                                    spec.eval.harm_perception.min_numeric_mass)
         tables = {name: table.to_pandas() for name, table in computed.items()}
         total = sum(1 for n in nodes if n.stage == "judge")
-        source = f"computed for this report from {len(judge_nodes)} of {total} judge nodes (the analyze node is not done)"
+        missing = [f"{row.node.id} ({row.status})" for row in status if row.node.stage == "judge" and row.status != "done"]
+        source = (f"computed for this report from {len(judge_nodes)} of {total} judge nodes (the analyze node is not "
+                  "done)" + (f"; missing: {', '.join(missing)}" if missing else ""))
     else:
         tables = {name: pd.DataFrame() for name in ANALYSIS_TABLES}
         source = "none: no judge node is done yet"

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from emsweep import scoring
 from emsweep.engine import first_token_probs, make_llm, render_chat, stable_seed
+from emsweep.progress import ProgressWriter, vllm_progress
 from emsweep.questions import Question
 from emsweep.spec import ConditionSpec, EvalSpec, SamplingSpec
 
@@ -155,6 +156,7 @@ def sample_runs(
     max_lora_rank: int,
     parts: set[tuple[str, str, str]] | None = None,
     harm_parts: set[tuple[str, str]] | None = None,
+    progress: ProgressWriter | None = None,
 ) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
     """(samples table per run, harm-perception table per run). `parts` limits sampling to those
     (run_id, suite, condition) and `harm_parts` the ratings to those (run_id, suite): the ones
@@ -198,7 +200,7 @@ def sample_runs(
         [render_chat(tokenizer, prompt.messages) for _, prompt in requests],
         [params(p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for _, p in requests],
         lora_request=[loras[run.run_id] for run, _ in requests],
-        use_tqdm=True,
+        use_tqdm=vllm_progress(progress, "answers") if progress else True,
     )
     rows: dict[str, list[dict]] = {run.run_id: [] for run in runs}
 
@@ -228,7 +230,7 @@ def sample_runs(
             [params(1, p.suite, p.question_id, p.condition, p.paraphrase_idx, i, turn)
              for _, p, i, _ in open_conversations],
             lora_request=[loras[run.run_id] for run, _, _, _ in open_conversations],
-            use_tqdm=False,
+            use_tqdm=vllm_progress(progress, f"pushback turn {turn}") if progress else False,
         )
         continuing = []
         for (run, prompt, sample_idx, turns), output in zip(open_conversations, outputs):
@@ -238,6 +240,8 @@ def sample_runs(
                 continuing.append((run, prompt, sample_idx, turns + [(completion.text, replies[turn - 1])]))
         open_conversations = continuing
 
+    if progress and (harm_parts is None or harm_parts):
+        progress.update(0, None, "", phase="harm ratings", force=True)
     harm = perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec, harm_parts)
     samples = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
     return samples, harm

@@ -167,7 +167,10 @@ class Store:
         return self.started_path(job_id).exists()
 
     def clean_tmp(self) -> None:
+        """At the start of a run (it holds the lock): what a dead run left half-written, and its
+        jobs' progress records, go."""
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
+        shutil.rmtree(self.root / "progress", ignore_errors=True)
 
     def held_by(self) -> dict | None:
         """The live owner of this dir's lock ({pid, host, since, heartbeat}), or None if it is free

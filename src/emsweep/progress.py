@@ -1,0 +1,125 @@
+"""Live progress of running jobs: a small JSON record per job in `DIR/progress/`, written
+atomically by the job itself (a finetune's rank-0 worker after every step, a sample job as vLLM
+finishes requests, a judge job after every batch) and read by `emsweep run`'s terminal display
+and by `emsweep status DIR`. A record is removed when its job finishes; one whose job died is
+shown as stale once it has not been updated for STALE_S.
+
+Record: {"job": first node id, "nodes": [node ids], "stage", "phase" (e.g. "answers",
+"pushback turn 2"), "done", "total", "unit" ("steps", "requests", "judgments"), "detail"
+(e.g. "loss 1.234"), "started_at", "updated_at"} (times: seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from emsweep.store import write_text_atomic
+
+STALE_S = 120.0
+# A record is rewritten at most this often (vLLM finishes many requests a second).
+MIN_INTERVAL_S = 1.0
+
+
+def record_path(out_dir: Path, job_id: str) -> Path:
+    return Path(out_dir) / "progress" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}.json"
+
+
+class ProgressWriter:
+    """What a running job says about itself; `update` is cheap to call often (throttled)."""
+
+    def __init__(self, path: Path | str | None, stage: str, nodes: list[str]):
+        self.path = Path(path) if path else None
+        self.record = {"job": nodes[0] if nodes else "", "nodes": list(nodes), "stage": stage, "phase": "",
+                       "done": 0, "total": None, "unit": "", "detail": "", "started_at": time.time()}
+        self._written = 0.0
+
+    def update(self, done: int, total: int | None, unit: str, detail: str = "", phase: str | None = None,
+               force: bool = False) -> None:
+        if self.path is None:
+            return
+        self.record.update(done=int(done), total=None if total is None else int(total), unit=unit, detail=detail)
+        if phase is not None:
+            self.record["phase"] = phase
+        now = time.time()
+        if not force and now - self._written < MIN_INTERVAL_S and (total is None or done < total):
+            return
+        self._written = now
+        try:
+            write_text_atomic(self.path, json.dumps({**self.record, "updated_at": now}))
+        except OSError:  # progress is for people; it never fails the job
+            pass
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """Every job's latest record, oldest job first."""
+    records = []
+    for path in sorted((Path(out_dir) / "progress").glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # being replaced, or removed as its job finished
+    return sorted(records, key=lambda r: r.get("started_at", 0))
+
+
+def clear(out_dir: Path, node_ids: list[str]) -> None:
+    """Remove the records of finished jobs (their nodes' ids)."""
+    for record in read_records(out_dir):
+        if set(record.get("nodes", ())) & set(node_ids):
+            record_path(out_dir, record["job"]).unlink(missing_ok=True)
+
+
+def describe(record: dict, now: float | None = None, amount: bool = True) -> str:
+    """One line: `finetune/m__d__s0 training: 12/40 steps (30%), loss 1.234, ETA 9s` (without
+    the counts when a progress bar shows them: `amount=False`)."""
+    now = time.time() if now is None else now
+    done, total, unit = record.get("done", 0), record.get("total"), record.get("unit", "")
+    elapsed = max(1e-9, record.get("updated_at", now) - record.get("started_at", now))
+    phase = f" {record['phase']}" if record.get("phase") else ""
+    counts = (f"{done}/{total} {unit} ({100 * done / total:.0f}%)" if total else f"{done} {unit}") if unit else ""
+    parts = [f"{record.get('job', '?')}{phase}" + (f": {counts}" if amount and counts else "")]
+    if record.get("detail"):
+        parts.append(record["detail"])
+    rate = done / elapsed
+    if done and total and done < total:
+        parts.append(f"ETA {_duration((total - done) / rate)}")
+    age = now - record.get("updated_at", now)
+    if age > STALE_S:
+        parts.append(f"no update for {_duration(age)} (stale)")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def vllm_progress(writer: ProgressWriter, phase: str):
+    """A factory for vLLM's `use_tqdm`: a tqdm that draws nothing and reports finished requests
+    (and vLLM's own tokens/s estimate) to `writer`."""
+    import io
+
+    from tqdm import tqdm
+
+    class _Reporting(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["file"] = io.StringIO()  # vLLM's bar is not drawn; emsweep's display shows the record
+            super().__init__(*args, **kwargs)
+            self.finished_requests = 0
+            writer.update(0, self.total, "requests", phase=phase, force=True)
+
+        def update(self, n=1):
+            super().update(n)
+            self.finished_requests += 1  # vLLM calls update once per finished request (n = its samples)
+            # vLLM's postfix: "est. speed input: X toks/s, output: Y toks/s".
+            speed = str(self.postfix).split("output: ")[-1] if "output: " in str(self.postfix) else ""
+            writer.update(self.finished_requests, self.total, "requests", detail=f"output {speed}" if speed else "",
+                          phase=phase)
+
+    return _Reporting

@@ -1,0 +1,50 @@
+"""Progress records of running jobs (emsweep/progress.py): written atomically, throttled, read
+back and described with the right numbers; the vLLM adapter counts finished requests the way
+vLLM's own loop reports them. Real jobs write them in tests/test_e2e.py (the run's log lines and
+`emsweep status` on a running sweep)."""
+
+import json
+
+from emsweep import progress
+
+
+def test_a_record_is_written_read_described_and_cleared(tmp_path):
+    path = progress.record_path(tmp_path, "finetune/m__d__s0")
+    writer = progress.ProgressWriter(path, "finetune", ["finetune/m__d__s0"])
+    writer.record["started_at"] = 1000.0
+    writer.update(0, 40, "steps", phase="training", force=True)
+    writer.update(1, 40, "steps", detail="loss 2.000")  # within MIN_INTERVAL_S: not written
+    assert json.loads(path.read_text())["done"] == 0
+    writer.update(10, 40, "steps", detail="loss 1.234", force=True)
+    (record,) = progress.read_records(tmp_path)
+    assert (record["done"], record["total"], record["detail"]) == (10, 40, "loss 1.234")
+    record["updated_at"] = 1020.0  # 10 steps in 20 s: 30 more take 60 s
+    assert progress.describe(record, now=1021.0) == (
+        "finetune/m__d__s0 training: 10/40 steps (25%), loss 1.234, ETA 1m00s")
+    assert progress.describe(record, now=1021.0, amount=False) == "finetune/m__d__s0 training, loss 1.234, ETA 1m00s"
+    assert progress.describe(record, now=1020.0 + progress.STALE_S + 5).endswith("no update for 2m05s (stale)")
+    progress.clear(tmp_path, ["sample/other"])
+    assert len(progress.read_records(tmp_path)) == 1
+    progress.clear(tmp_path, ["finetune/m__d__s0"])
+    assert progress.read_records(tmp_path) == []
+
+
+def test_the_last_update_is_always_written(tmp_path):
+    writer = progress.ProgressWriter(progress.record_path(tmp_path, "judge/x"), "judge", ["judge/x"])
+    for done in range(1, 6):  # five batches within a second: the first and the finished one land
+        writer.update(done, 5, "judgments")
+    assert progress.read_records(tmp_path)[0]["done"] == 5
+
+
+def test_the_vllm_adapter_counts_finished_requests(tmp_path):
+    writer = progress.ProgressWriter(progress.record_path(tmp_path, "sample/m__base"), "sample", ["sample/m__base"])
+    # As vLLM's offline loop drives its bar: total = requests, update(n) per finished request of n samples.
+    bar = progress.vllm_progress(writer, "answers")(total=3, desc="Processed prompts", dynamic_ncols=True,
+                                                     postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+    for _ in range(3):
+        bar.postfix = "est. speed input: 120.00 toks/s, output: 35.50 toks/s"
+        bar.update(4)
+    bar.close()
+    (record,) = progress.read_records(tmp_path)
+    assert (record["done"], record["total"], record["unit"], record["phase"]) == (3, 3, "requests", "answers")
+    assert record["detail"] == "output 35.50 toks/s"
