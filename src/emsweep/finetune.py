@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emsweep.progress import ProgressWriter
+from emsweep.tracking import LiveRun
 from emsweep.spec import FinetuneSpec
 from emsweep.store import write_started_marker
 
@@ -251,6 +252,11 @@ def train_loop_per_worker(config: dict) -> None:
     live = ProgressWriter(config.get("progress_path") if rank == 0 else None, "finetune",
                           [config["started"][1]] if config.get("started") else [])
     live.update(start_step, total_steps, "steps", phase="training", force=True)
+    # The node's W&B run, open while it trains (rank 0); the marker sits beside the checkpoints.
+    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None,
+                        Path(config["snapshot_dir"]).parent / "wandb_logged_step")
+    for row in history:  # a resumed attempt: the steps before its checkpoint
+        wandb_run.log(row)
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         losses, tokens, trained_tokens = [], 0, 0
@@ -278,11 +284,14 @@ def train_loop_per_worker(config: dict) -> None:
             }
         )
         live.update(step + 1, total_steps, "steps", detail=f"loss {history[-1]['loss']:.3f}")
+        grad_norm = engine.get_global_grad_norm()
+        wandb_run.log({**history[-1], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
             _save_snapshot(engine, spec, Path(config["snapshot_dir"]) / f"step-{step + 1}", rank)
         if last:
+            wandb_run.finish()
             _report_final(engine, spec, history, data_report, rank)
         elif every and (step + 1) % every == 0:
             _report_state(engine, history, step + 1, rank)
@@ -396,6 +405,7 @@ def finetune(
     memory_per_worker: int | None = None,
     started: tuple[str, str] | None = None,
     progress_path: str | None = None,
+    wandb_live: dict | None = None,
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics.
@@ -416,6 +426,8 @@ def finetune(
             "snapshot_dir": str(snapshots),
             "started": started,
             "progress_path": progress_path,
+            # {"wandb": WandbSpec fields, "out_dir", "sweep", "node_id", "key", "config"}: tracking.LiveRun.
+            "wandb": wandb_live,
         },
         scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.process_group_timeout_s)),

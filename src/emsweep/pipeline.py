@@ -213,7 +213,7 @@ class StageRunner:
         return self.store.node_dir(dep.stage, dep.name, dep.key)
 
     def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
-               extra: dict | None = None):
+               extra: dict | None = None, logged_steps: int = 0):
         final = self.store.commit(
             node.stage, node.name, node.key, tmp,
             {"seconds": time.time() - started, "finished_at": time.time(), "config": node.config,
@@ -222,7 +222,7 @@ class StageRunner:
         warning = tracking.log_node(
             self.spec.wandb, out_dir=self.out_dir, sweep=self.spec.name, stage=node.stage, node_id=node.id,
             key=node.key, config=node.config, tables={k: final / v for k, v in tables.items()},
-            step_metrics=final / step_metrics if step_metrics else None,
+            step_metrics=final / step_metrics if step_metrics else None, logged_steps=logged_steps,
         )
         if warning:
             # Recorded with the node so the run's summary can say what was not logged.
@@ -266,8 +266,13 @@ class StageRunner:
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
                 started=(str(self.store.started_path(node.id)), node.id),
                 progress_path=str(progress.record_path(self.out_dir, node.id)),
+                wandb_live={"wandb": self.spec.wandb.model_dump(mode="json"), "out_dir": str(self.out_dir.resolve()),
+                            "sweep": self.spec.name, "node_id": node.id, "key": node.key, "config": node.config},
             )
-            self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet")
+            # Steps the live W&B run logged while training are not logged again.
+            logged = tracking.LiveRun.logged_steps(self.out_dir / "train" / f"{node.name}-{node.key}" / "wandb_logged_step")
+            self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet",
+                        logged_steps=logged)
 
     def run_sample(self, nodes: list[Node]) -> None:
         started = time.time()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from emsweep.spec import WandbSpec
+from emsweep.store import write_text_atomic
 
 
 # W&B's limit on run ids is 128 characters; a margin for the suffixes it may add.
@@ -69,8 +70,10 @@ def log_node(
     config: dict,
     tables: dict[str, Path],
     step_metrics: Path | None = None,
+    logged_steps: int = 0,
 ) -> str | None:
-    """Log a finished node; returns None on success or a warning message."""
+    """Log a finished node; returns None on success or a warning message. `logged_steps`: the
+    steps of `step_metrics` its live run already logged (LiveRun), which are not logged again."""
     if spec.mode == "disabled":
         return None
     try:
@@ -79,13 +82,16 @@ def log_node(
         run = _start_run(spec, out_dir, sweep, job_type=stage, name=node_id.replace("/", ":"),
                          run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
         try:
+            last_step = None
             if step_metrics is not None:
                 for row in pq.read_table(step_metrics).to_pylist():
-                    run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+                    last_step = int(row["step"])
+                    if last_step > logged_steps:
+                        run.log({k: v for k, v in row.items() if k != "step"}, step=last_step)
             artifact = wandb.Artifact(name=run_id(sweep, stage, node_id.split("/", 1)[-1]), type=stage)
             for name, path in tables.items():
-                if spec.table_rows:
-                    run.log({name: _table(pq.read_table(path).slice(0, spec.table_rows).to_pandas())})
+                if spec.table_rows:  # at the last step: W&B steps only go up within a run
+                    run.log({name: _table(pq.read_table(path).slice(0, spec.table_rows).to_pandas())}, step=last_step)
                 artifact.add_file(str(path), name=path.name)
             run.log_artifact(artifact)
         finally:
@@ -93,6 +99,57 @@ def log_node(
     except Exception as err:  # W&B must never fail a sweep
         return f"W&B logging failed for {node_id}: {type(err).__name__}: {err}"
     return None
+
+
+class LiveRun:
+    """A finetune's W&B run while it trains (rank 0): each step is logged as it ends, under the
+    node's stable run id, so the tables logged when the node commits land in the same run.
+
+    An attempt resumed from a checkpoint (a worker died) opens the run again and first logs the
+    steps its checkpoint's history holds, then the ones it trains: W&B buffers what a run logs,
+    and a killed attempt's buffer is lost, so only what a finished run flushed counts as logged.
+    `marker` (in the Ray Train run's storage) records that: the last step of a finished run, so
+    the node's commit does not log those steps again. Every call is guarded: W&B failing never
+    fails the finetune (the commit then logs every step)."""
+
+    def __init__(self, live: dict | None, marker: Path):
+        self.run, self.marker, self.last = None, Path(marker), 0
+        self.logged = self.logged_steps(self.marker)
+        if not live or live["wandb"]["mode"] == "disabled":
+            return
+        try:
+            self.run = _start_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
+                                  job_type="finetune", name=live["node_id"].replace("/", ":"),
+                                  run_key=run_id(live["sweep"], live["node_id"], live["key"]),
+                                  config={"node_key": live["key"], **live["config"]})
+        except Exception:
+            self.run = None
+
+    @staticmethod
+    def logged_steps(marker: Path) -> int:
+        try:
+            return int(Path(marker).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def log(self, row: dict) -> None:
+        if self.run is None or row["step"] <= max(self.logged, self.last):
+            return
+        try:
+            speed = {"tokens_per_s": row["tokens"] / row["step_seconds"]} if row.get("step_seconds") else {}
+            self.run.log({**{k: v for k, v in row.items() if k != "step"}, **speed}, step=int(row["step"]))
+            self.last = int(row["step"])
+        except Exception:
+            pass
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()  # flushed: its steps are logged for good
+                write_text_atomic(self.marker, str(max(self.logged, self.last)))
+            except Exception:
+                pass
+            self.run = None
 
 
 def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tables: dict, images: dict[str, Path],

@@ -17,11 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+import wandb_offline
 from safetensors.torch import load_file
 
 from emsweep.finetune import finetune
 from emsweep.pipeline import worker_env
 from emsweep.spec import FinetuneSpec
+from emsweep.tracking import run_id
 
 ROWS = 24  # 2 workers x batch 1 -> 12 optimizer steps
 
@@ -72,12 +74,15 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
         result: dict = {}
 
         data = _tiny_data(tmp_path / "data.parquet")
+        # The node's W&B run is live while it trains (offline here, in tmp_path/wandb).
+        live = {"wandb": {"mode": "offline", "project": "kill-test"}, "out_dir": str(tmp_path), "sweep": "kill",
+                "node_id": "finetune/kill", "key": "k", "config": {}}
 
         def train():
             try:
                 result["metrics"] = finetune(
                     run_name="kill-test", storage_path=storage, model_path=embedded_model,
-                    data_path=data, seed=0, spec=spec, use_gpu=False, out_dir=out_dir,
+                    data_path=data, seed=0, spec=spec, use_gpu=False, out_dir=out_dir, wandb_live=live,
                 )
             except BaseException as error:  # surfaced by the assertion below
                 result["error"] = error
@@ -94,6 +99,11 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
                     killed = pids[-1]
                     os.kill(killed, signal.SIGKILL)
             time.sleep(0.5)
+        # The live run's steps reach disk while the resumed attempt trains, not only at its end.
+        logged_while_training = False
+        while thread.is_alive() and not logged_while_training:
+            logged_while_training = bool(wandb_offline.history(tmp_path / "wandb", run_id("kill", "finetune/kill", "k")))
+            time.sleep(0.5)
         thread.join(timeout=300)
 
         assert killed is not None, "training ended before a worker could be killed"
@@ -108,6 +118,17 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
         first_resumed = min(row["step"] for row in metrics if row["resumed_from_step"] == resumed[-1])
         assert first_resumed == resumed[-1] + 1
         assert (out_dir / "adapter" / "adapter_config.json").exists()
+
+        # W&B: the resumed attempt's run holds every step once (those before its checkpoint from
+        # the checkpoint's history, as the killed attempt's unflushed buffer is lost), with its loss.
+        wandb_id = run_id("kill", "finetune/kill", "k")
+        segments = sorted((tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}"))
+        assert len(segments) >= 2  # one per attempt
+        resumed_rows = wandb_offline.rows(segments[-1] / f"run-{wandb_id}.wandb")
+        assert [row["_step"] for row in resumed_rows] == steps, [row["_step"] for row in resumed_rows]
+        assert [row["loss"] for row in resumed_rows] == pytest.approx([row["loss"] for row in metrics])
+        assert all(row["tokens_per_s"] > 0 for row in resumed_rows)
+        assert logged_while_training, "no W&B step was on disk before the finetune ended"
 
         uninterrupted = tmp_path / "uninterrupted"
         uninterrupted.mkdir()

@@ -1,0 +1,46 @@
+"""Reading W&B offline runs back, for tests: the history rows a run's `.wandb` files hold.
+
+A `.wandb` file is a LevelDB-style log (W&B's datastore): a 7-byte header, then records in
+32 KiB blocks, each chunk with a 7-byte header (crc32, length, type: full, first, middle, last),
+each record a serialized `wandb_internal_pb2.Record`."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7
+
+
+def records(path: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending = Path(path).read_bytes(), HEADER, b""
+    while pos + HEADER <= len(data):
+        if BLOCK - pos % BLOCK < HEADER:  # a block's tail too short for a chunk header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
+        if kind == 1:
+            yield wandb_internal_pb2.Record.FromString(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield wandb_internal_pb2.Record.FromString(pending + chunk)
+
+
+def rows(path: Path) -> list[dict]:
+    """The history rows of one offline run's `.wandb` file, in the order they were logged."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in records(path) if record.HasField("history")]
+
+
+def history(wandb_dir: Path, run_id: str) -> list[dict]:
+    """Every history row logged under `run_id` in the offline runs of `wandb_dir`, oldest run first."""
+    return [row for path in sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+            for row in rows(path)]
