@@ -43,6 +43,7 @@ TARGETS = {
     "P4e": ("exact scores, 1.5B judge: tree forward / vLLM digit trie (judgments/s)", 1.0, "min"),
     "P5": ("no-op resume of a 100-node sweep (s)", 10.0, "max"),
     "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
+    "P6l": ("finetune tokens/s with live progress + W&B logging / without", 0.98, "min"),
     "P7": ("quickstart wall time on this machine (s)", None, "report"),
 }
 
@@ -462,8 +463,51 @@ def p6(smoke: bool) -> dict:
     return result
 
 
+def p6l(smoke: bool) -> dict:
+    """Our finetune with live monitoring (a progress record and an offline W&B run, both written
+    every step by rank 0) against the same finetune without, same rows and order: tokens over the
+    wall time from the end of step 1 to the end of the last step (`ended_at`), so what is done
+    between steps (the logging) counts; W&B's start-up, once per finetune, is reported apart."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from emsweep import finetune
+    from emsweep.data import load_dataset
+    from emsweep.pipeline import worker_env
+    from emsweep.spec import DatasetSpec, FinetuneSpec
+
+    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,
+                          learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _tiny_rows(tmp / "rows.jsonl", 8 if smoke else 48)
+        pq.write_table(load_dataset(DatasetSpec(name="bench", path=str(tmp / "rows.jsonl"))), tmp / "data.parquet")
+        ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()}, logging_level="WARNING", log_to_driver=False,
+                 include_dashboard=False)
+        for side in ("baseline", "ours"):
+            live = side == "ours"
+            (tmp / side).mkdir()
+            started = time.perf_counter()
+            metrics = finetune.finetune(
+                run_name=side, storage_path=tmp / "train", model_path=model_path(), data_path=tmp / "data.parquet",
+                seed=0, spec=recipe, use_gpu=False, out_dir=(tmp / side),
+                progress_path=str(tmp / "progress.json") if live else None,
+                wandb_live={"wandb": {"mode": "offline", "project": "bench"}, "out_dir": str(tmp), "sweep": "bench",
+                            "node_id": "finetune/bench", "key": "p6l", "config": {}} if live else None,
+            ).to_pandas()
+            total = time.perf_counter() - started
+            span = float(metrics["ended_at"].iloc[-1] - metrics["ended_at"].iloc[0])
+            result[side] = span
+            result[f"{side}_tokens_per_s"] = float(metrics["tokens"].iloc[1:].sum()) / span
+            result[f"{side}_startup_seconds"] = total - span
+        ray.shutdown()
+    # Same steps and tokens on both sides: the time ratio is the tokens/s ratio.
+    return result | {"ratio": result["baseline"] / result["ours"], "steps": len(metrics)}
+
+
 MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P4e": p4e,
-            "P5": p5, "P6": p6}
+            "P5": p5, "P6": p6, "P6l": p6l}
 
 
 def machine() -> dict:

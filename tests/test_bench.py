@@ -18,13 +18,13 @@ def test_bench_smoke_writes_every_measure(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)], cwd=REPO, env=env, check=True)
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"P1", "P2", "P2s", "P3", "P4", "P4e", "P5", "P6"}
+    assert set(results) == {"P1", "P2", "P2s", "P3", "P4", "P4e", "P5", "P6", "P6l"}
     for name, result in results.items():
         assert math.isfinite(result["ours"]) and result["ours"] > 0, name
         if name != "P5":
             assert math.isfinite(result["ratio"]) and result["ratio"] > 0, name
     assert results["P5"]["runs"][0]["nodes"] >= 100
-    for name in ("P1", "P2", "P2s", "P6"):  # each side's own token count over its own time
+    for name in ("P1", "P2", "P2s", "P6", "P6l"):  # each side's own token count over its own time
         assert results[name]["ours_tokens_per_s"] > 0 and results[name]["baseline_tokens_per_s"] > 0, name
     # Both exact methods compute the same P(n): their 0-100 scores agree to arithmetic noise.
     assert results["P4e"]["runs"][0]["max_score_difference"] < 2.0

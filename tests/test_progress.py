@@ -11,14 +11,13 @@ from emsweep import progress
 def test_a_record_is_written_read_described_and_cleared(tmp_path):
     path = progress.record_path(tmp_path, "finetune/m__d__s0")
     writer = progress.ProgressWriter(path, "finetune", ["finetune/m__d__s0"])
-    writer.record["started_at"] = 1000.0
     writer.update(0, 40, "steps", phase="training", force=True)
     writer.update(1, 40, "steps", detail="loss 2.000")  # within MIN_INTERVAL_S: not written
     assert json.loads(path.read_text())["done"] == 0
     writer.update(10, 40, "steps", detail="loss 1.234", force=True)
     (record,) = progress.read_records(tmp_path)
     assert (record["done"], record["total"], record["detail"]) == (10, 40, "loss 1.234")
-    record["updated_at"] = 1020.0  # 10 steps in 20 s: 30 more take 60 s
+    record.update(phase_started_at=1000.0, updated_at=1020.0)  # 10 steps in 20 s: 30 more take 60 s
     assert progress.describe(record, now=1021.0) == (
         "finetune/m__d__s0 training: 10/40 steps (25%), loss 1.234, ETA 1m00s")
     assert progress.describe(record, now=1021.0, amount=False) == "finetune/m__d__s0 training, loss 1.234, ETA 1m00s"
@@ -48,3 +47,9 @@ def test_the_vllm_adapter_counts_finished_requests(tmp_path):
     (record,) = progress.read_records(tmp_path)
     assert (record["done"], record["total"], record["unit"], record["phase"]) == (3, 3, "requests", "answers")
     assert record["detail"] == "output 35.50 toks/s"
+
+
+def test_batched_requests_get_no_eta():
+    record = {"job": "sample/m__base", "phase": "answers", "done": 2, "total": 192, "unit": "requests",
+              "detail": "output 6.67 toks/s", "started_at": 0.0, "phase_started_at": 50.0, "updated_at": 60.0}
+    assert progress.describe(record, now=61.0) == "sample/m__base answers: 2/192 requests (1%), output 6.67 toks/s"

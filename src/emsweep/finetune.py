@@ -13,7 +13,9 @@ Outputs (in the node directory):
         step int64, epoch float64, loss float64, learning_rate float64,
         tokens int64 (tokens seen this step, all workers), trained_tokens int64 (assistant tokens),
         resumed_from_step int64 (the step this attempt started at; 0 unless resumed),
-        step_seconds float64 (wall time of the step, all workers synchronised)
+        step_seconds float64 (wall time of the step, all workers synchronised),
+        ended_at float64 (when it ended, seconds since the epoch: what lies between two steps,
+        logging included, is the difference less step_seconds)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ METRICS_SCHEMA = pa.schema(
         ("trained_tokens", pa.int64()),
         ("resumed_from_step", pa.int64()),
         ("step_seconds", pa.float64()),
+        ("ended_at", pa.float64()),
     ]
 )
 IGNORE_INDEX = -100
@@ -281,6 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "trained_tokens": int(totals[2]),
                 "resumed_from_step": start_step,
                 "step_seconds": time.perf_counter() - step_started,
+                "ended_at": time.time(),
             }
         )
         live.update(step + 1, total_steps, "steps", detail=f"loss {history[-1]['loss']:.3f}")

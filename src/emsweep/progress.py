@@ -6,7 +6,8 @@ shown as stale once it has not been updated for STALE_S.
 
 Record: {"job": first node id, "nodes": [node ids], "stage", "phase" (e.g. "answers",
 "pushback turn 2"), "done", "total", "unit" ("steps", "requests", "judgments"), "detail"
-(e.g. "loss 1.234"), "started_at", "updated_at"} (times: seconds since the epoch).
+(e.g. "loss 1.234"), "started_at", "phase_started_at", "updated_at"} (times: seconds since
+the epoch; the ETA is from the phase's own rate).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class ProgressWriter:
                force: bool = False) -> None:
         if self.path is None:
             return
-        self.record.update(done=int(done), total=None if total is None else int(total), unit=unit, detail=detail)
-        if phase is not None:
-            self.record["phase"] = phase
         now = time.time()
+        if phase is not None and phase != self.record["phase"]:
+            self.record.update(phase=phase, phase_started_at=now)  # rates and ETAs are per phase
+        self.record.update(done=int(done), total=None if total is None else int(total), unit=unit, detail=detail)
         if not force and now - self._written < MIN_INTERVAL_S and (total is None or done < total):
             return
         self._written = now
@@ -76,15 +77,16 @@ def describe(record: dict, now: float | None = None, amount: bool = True) -> str
     the counts when a progress bar shows them: `amount=False`)."""
     now = time.time() if now is None else now
     done, total, unit = record.get("done", 0), record.get("total"), record.get("unit", "")
-    elapsed = max(1e-9, record.get("updated_at", now) - record.get("started_at", now))
+    since = record.get("phase_started_at", record.get("started_at", now))
+    elapsed = max(1e-9, record.get("updated_at", now) - since)
     phase = f" {record['phase']}" if record.get("phase") else ""
     counts = (f"{done}/{total} {unit} ({100 * done / total:.0f}%)" if total else f"{done} {unit}") if unit else ""
     parts = [f"{record.get('job', '?')}{phase}" + (f": {counts}" if amount and counts else "")]
     if record.get("detail"):
         parts.append(record["detail"])
-    rate = done / elapsed
-    if done and total and done < total:
-        parts.append(f"ETA {_duration((total - done) / rate)}")
+    # vLLM finishes a batch's requests together at its end: a rate of requests would not say when.
+    if done and total and done < total and unit != "requests":
+        parts.append(f"ETA {_duration((total - done) / (done / elapsed))}")
     age = now - record.get("updated_at", now)
     if age > STALE_S:
         parts.append(f"no update for {_duration(age)} (stale)")
