@@ -21,7 +21,7 @@ def test_a_record_is_written_read_described_and_cleared(tmp_path):
     assert progress.describe(record, now=1021.0) == (
         "finetune/m__d__s0 training: 10/40 steps (25%), loss 1.234, ETA 1m00s")
     assert progress.describe(record, now=1021.0, amount=False) == "finetune/m__d__s0 training, loss 1.234, ETA 1m00s"
-    assert progress.describe(record, now=1020.0 + progress.STALE_S + 5).endswith("no update for 2m05s (stale)")
+    assert progress.describe(record, now=1020.0 + progress.QUIET_S + 5).endswith("last update 2m05s ago")
     progress.clear(tmp_path, ["sample/other"])
     assert len(progress.read_records(tmp_path)) == 1
     progress.clear(tmp_path, ["finetune/m__d__s0"])

@@ -370,7 +370,7 @@ def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> 
     # A run in progress: its jobs' own records say what runs and how far it is.
     records = progress.read_records(out_dir) if owner else []
     now = time.time()
-    running = {node for r in records if now - r.get("updated_at", 0) <= progress.STALE_S for node in r["nodes"]}
+    running = {node for record in records for node in record["nodes"]}
     rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
             for row in status_table(plan(spec), store)]
     _print_status(rows)

@@ -162,6 +162,9 @@ def judge_class(spec: JudgeSpec, use_gpu: bool):
     return TreeJudge if spec.scoring == "exact" and not use_gpu else LocalJudge
 
 
+TREE_BATCH = 32
+
+
 def run_pool(
     model_path: str,
     spec: JudgeSpec,
@@ -174,8 +177,11 @@ def run_pool(
     """Judge `requests` on `spec.replicas` LocalJudge actors; call on_batch per finished batch."""
     import ray
 
-    batches = [list(range(start, min(start + spec.batch_size, len(requests))))
-               for start in range(0, len(requests), spec.batch_size)]
+    # The tree judge runs one forward per answer whatever the batch (its prefix cache lives in the
+    # actor), so smaller batches cost nothing and report progress, and reach the judgment cache,
+    # every TREE_BATCH answers. vLLM engines keep the spec's batch: they gain from big ones.
+    size = min(spec.batch_size, TREE_BATCH) if judge_class(spec, use_gpu) is TreeJudge else spec.batch_size
+    batches = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
     replica_count = min(spec.replicas, len(batches))
     if use_gpu:
         resources = {"num_cpus": 1, "num_gpus": spec.tensor_parallel_size}

@@ -1,8 +1,8 @@
 """Live progress of running jobs: a small JSON record per job in `DIR/progress/`, written
 atomically by the job itself (a finetune's rank-0 worker after every step, a sample job as vLLM
 finishes requests, a judge job after every batch) and read by `emsweep run`'s terminal display
-and by `emsweep status DIR`. A record is removed when its job finishes; one whose job died is
-shown as stale once it has not been updated for STALE_S.
+and by `emsweep status DIR`. A record is removed when its job finishes (and every record when a
+run starts: the lock says no other run is live); one not updated for QUIET_S says since when.
 
 Record: {"job": first node id, "nodes": [node ids], "stage", "phase" (e.g. "answers",
 "pushback turn 2"), "done", "total", "unit" ("steps", "requests", "judgments"), "detail"
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from emsweep.store import write_text_atomic
 
-STALE_S = 120.0
+# Past this without an update a record says how long ago its last update was.
+QUIET_S = 120.0
 # A record is rewritten at most this often (vLLM finishes many requests a second).
 MIN_INTERVAL_S = 1.0
 
@@ -88,8 +89,8 @@ def describe(record: dict, now: float | None = None, amount: bool = True) -> str
     if done and total and done < total and unit != "requests":
         parts.append(f"ETA {_duration((total - done) / (done / elapsed))}")
     age = now - record.get("updated_at", now)
-    if age > STALE_S:
-        parts.append(f"no update for {_duration(age)} (stale)")
+    if age > QUIET_S:  # a long batch, or a job that died without its driver knowing yet
+        parts.append(f"last update {_duration(age)} ago")
     return ", ".join(parts)
 
 
