@@ -101,6 +101,10 @@ def log_node(
     return None
 
 
+# Live runs this process opened and has not finished, by run id (LiveRun).
+_OPEN_LIVE_RUNS: dict = {}
+
+
 class LiveRun:
     """A finetune's W&B run while it trains (rank 0): each step is logged as it ends, under the
     node's stable run id, so the tables logged when the node commits land in the same run.
@@ -113,15 +117,25 @@ class LiveRun:
     fails the finetune (the commit then logs every step)."""
 
     def __init__(self, live: dict | None, marker: Path):
-        self.run, self.marker, self.last = None, Path(marker), 0
+        self.run, self.marker, self.last, self.key = None, Path(marker), 0, None
         self.logged = self.logged_steps(self.marker)
         if not live or live["wandb"]["mode"] == "disabled":
             return
+        self.key = run_id(live["sweep"], live["node_id"], live["key"])
+        # Ray can start the next attempt's rank 0 in the process that hosted this run's rank 0
+        # before (its actor torn down mid-run when a peer died): that run is still open here, and
+        # W&B refuses a second one with its id ("run ID is in use"). Finish it first.
+        stale = _OPEN_LIVE_RUNS.pop(self.key, None)
+        if stale is not None:
+            try:
+                stale.finish()
+            except Exception:
+                pass
         try:
             self.run = _start_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
-                                  job_type="finetune", name=live["node_id"].replace("/", ":"),
-                                  run_key=run_id(live["sweep"], live["node_id"], live["key"]),
+                                  job_type="finetune", name=live["node_id"].replace("/", ":"), run_key=self.key,
                                   config={"node_key": live["key"], **live["config"]})
+            _OPEN_LIVE_RUNS[self.key] = self.run
         except Exception:
             self.run = None
 
@@ -144,6 +158,7 @@ class LiveRun:
 
     def finish(self) -> None:
         if self.run is not None:
+            _OPEN_LIVE_RUNS.pop(self.key, None)
             try:
                 self.run.finish()  # flushed: its steps are logged for good
                 write_text_atomic(self.marker, str(max(self.logged, self.last)))
