@@ -15,7 +15,7 @@ def _live(tmp_path):
 
 def _segments(tmp_path):
     return [[row["_step"] for row in wandb_offline.rows(next(d.glob("*.wandb")))]
-            for d in sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id('s', 'finetune/n', 'k')}"))]
+            for d in wandb_offline.segments(tmp_path / "wandb", run_id("s", "finetune/n", "k"))]
 
 
 def test_an_unfinished_run_of_an_earlier_attempt_in_this_process_does_not_block_the_next(tmp_path):
@@ -30,7 +30,8 @@ def test_an_unfinished_run_of_an_earlier_attempt_in_this_process_does_not_block_
     resumed.finish()
     assert _segments(tmp_path) == [[1], [1, 2, 3]]
     assert marker.read_text() == "3"
-    rows = wandb_offline.rows(next(sorted((tmp_path / "wandb").glob("offline-run-*"))[-1].glob("*.wandb")))
+    last = wandb_offline.segments(tmp_path / "wandb", run_id("s", "finetune/n", "k"))[-1]
+    rows = wandb_offline.rows(next(last.glob("*.wandb")))
     assert [row["loss"] for row in rows] == [1.0, 0.5, 0.25] and all(row["tokens_per_s"] == 50.0 for row in rows)
     # A later attempt (the node's commit) knows steps 1-3 are logged.
     assert LiveRun.logged_steps(marker) == 3

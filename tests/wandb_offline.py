@@ -40,7 +40,12 @@ def rows(path: Path) -> list[dict]:
             for record in records(path) if record.HasField("history")]
 
 
+def segments(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline run dirs of `run_id`, oldest first (W&B names a second one started in the same
+    second `offline-run-<time>-<id>-1`)."""
+    return sorted(path.parent for path in Path(wandb_dir).glob(f"offline-run-*/run-{run_id}.wandb"))
+
+
 def history(wandb_dir: Path, run_id: str) -> list[dict]:
     """Every history row logged under `run_id` in the offline runs of `wandb_dir`, oldest run first."""
-    return [row for path in sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-            for row in rows(path)]
+    return [row for segment in segments(wandb_dir, run_id) for row in rows(segment / f"run-{run_id}.wandb")]

@@ -131,6 +131,11 @@ class LiveRun:
                 stale.finish()
             except Exception:
                 pass
+        # A worker inherits WANDB_SERVICE when the process that started Ray had used W&B: all
+        # workers would then share that process's W&B service, where a dead attempt's run keeps
+        # its id "in use". Each worker process runs its own service instead.
+        if not _OPEN_LIVE_RUNS:
+            os.environ.pop("WANDB_SERVICE", None)
         try:
             self.run = _start_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
                                   job_type="finetune", name=live["node_id"].replace("/", ":"), run_key=self.key,

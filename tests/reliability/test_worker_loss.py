@@ -63,6 +63,12 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_model):
+    import wandb
+
+    # As in CI, where earlier tests used W&B in this process: the Ray workers started below
+    # inherit its WANDB_SERVICE (a dead attempt's run once kept the resumed one from starting).
+    wandb.init(mode="offline", dir=str(tmp_path), project="driver", settings=wandb.Settings(silent=True)).finish()
+    assert "WANDB_SERVICE" in os.environ
     ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()})
     try:
         spec = FinetuneSpec(
@@ -122,8 +128,7 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
         # W&B: the resumed attempt's run holds every step once (those before its checkpoint from
         # the checkpoint's history, as the killed attempt's unflushed buffer is lost), with its loss.
         wandb_id = run_id("kill", "finetune/kill", "k")
-        segments = sorted((tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}"))
-        assert len(segments) >= 2  # one per attempt
+        segments = wandb_offline.segments(tmp_path / "wandb", wandb_id)  # one per attempt
         resumed_rows = wandb_offline.rows(segments[-1] / f"run-{wandb_id}.wandb")
         assert [row["_step"] for row in resumed_rows] == steps, [row["_step"] for row in resumed_rows]
         assert [row["loss"] for row in resumed_rows] == pytest.approx([row["loss"] for row in metrics])
