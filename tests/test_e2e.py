@@ -153,10 +153,12 @@ def test_fresh_run_writes_every_stage(sweep):
     assert sorted(trajectory["checkpoint_step"].fillna(-1).tolist()) == [-1, 1]
     assert (trajectory["n_seeds"] <= 2).all()
 
-    # One offline W&B run directory per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze,
-    # each with its tables logged (a failure would be a warning in the run's summary), and the
-    # report's summary run.
-    assert len(list((root / "out" / "wandb").glob("offline-run-*"))) == 11
+    # One W&B run per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze, each with its
+    # tables logged (a failure would be a warning in the run's summary), and the report's summary
+    # run. A finetune's run has two offline segments: live while it trained, then its commit.
+    wandb_dir = root / "out" / "wandb"
+    assert len({path.name for path in wandb_dir.glob("offline-run-*/run-*.wandb")}) == 11
+    assert len(list(wandb_dir.glob("offline-run-*"))) == 13
     assert "W&B logging failed" not in first.stdout and "W&B summary logging failed" not in first.stdout
 
 
