@@ -256,8 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
                           [config["started"][1]] if config.get("started") else [])
     live.update(start_step, total_steps, "steps", phase="training", force=True)
     # The node's W&B run, open while it trains (rank 0); the marker sits beside the checkpoints.
-    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None,
-                        Path(config["snapshot_dir"]).parent / "wandb_logged_step")
+    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None, Path(config["wandb_marker"]))
     for row in history:  # a resumed attempt: the steps before its checkpoint
         wandb_run.log(row)
     for step in range(start_step, total_steps):
@@ -394,6 +393,12 @@ def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, 
     )
 
 
+def live_wandb_marker(storage_path: Path, run_name: str) -> Path:
+    """Where a finetune's live W&B run records the steps it logged for good (tracking.LiveRun),
+    beside the Ray Train run's checkpoints."""
+    return Path(storage_path) / run_name / "wandb_logged_step"
+
+
 def finetune(
     *,
     run_name: str,
@@ -428,6 +433,7 @@ def finetune(
             "seed": seed,
             "use_gpu": use_gpu,
             "snapshot_dir": str(snapshots),
+            "wandb_marker": str(live_wandb_marker(storage_path, run_name)),
             "started": started,
             "progress_path": progress_path,
             # {"wandb": WandbSpec fields, "out_dir", "sweep", "node_id", "key", "config"}: tracking.LiveRun.

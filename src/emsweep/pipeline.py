@@ -251,9 +251,10 @@ class StageRunner:
             started, tmp = time.time(), self.store.new_tmp_dir()
             model = self.spec.model(node.config["model"]["name"])
             resources = model.resources
+            run_name, storage_path = f"{node.name}-{node.key}", (self.out_dir / "train").resolve()
             finetune.finetune(
-                run_name=f"{node.name}-{node.key}",
-                storage_path=(self.out_dir / "train").resolve(),
+                run_name=run_name,
+                storage_path=storage_path,
                 model_path=resolve_model_path(model.path),
                 data_path=self.input_dir(node, "data") / "data.parquet",
                 seed=node.config["seed"],
@@ -270,7 +271,7 @@ class StageRunner:
                             "sweep": self.spec.name, "node_id": node.id, "key": node.key, "config": node.config},
             )
             # Steps the live W&B run logged while training are not logged again.
-            logged = tracking.LiveRun.logged_steps(self.out_dir / "train" / f"{node.name}-{node.key}" / "wandb_logged_step")
+            logged = tracking.LiveRun.logged_steps(finetune.live_wandb_marker(storage_path, run_name))
             self.commit(node, tmp, started, {"finetune_metrics": "metrics.parquet"}, step_metrics="metrics.parquet",
                         logged_steps=logged)
 
