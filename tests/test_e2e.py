@@ -157,7 +157,8 @@ def test_fresh_run_writes_every_stage(sweep):
     # tables logged (a failure would be a warning in the run's summary), and the report's summary
     # run. A finetune's run has two offline segments: live while it trained, then its commit.
     wandb_dir = root / "out" / "wandb"
-    assert len({path.name for path in wandb_dir.glob("offline-run-*/run-*.wandb")}) == 11
+    run_files = {path.name for path in wandb_dir.glob("offline-run-*/run-*.wandb")}
+    assert len(run_files) == 11, sorted(run_files)
     assert len(list(wandb_dir.glob("offline-run-*"))) == 13
     assert "W&B logging failed" not in first.stdout and "W&B summary logging failed" not in first.stdout
 

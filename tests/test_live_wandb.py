@@ -43,3 +43,28 @@ def test_disabled_wandb_logs_nothing(tmp_path):
     run.log({"step": 1, "loss": 1.0})
     run.finish()
     assert run.run is None and not (tmp_path / "wandb").exists() and not (tmp_path / "marker").exists()
+
+
+def test_a_process_started_by_one_that_used_wandb_logs_through_its_own_service(tmp_path, monkeypatch):
+    """CI lost the summary run's file: pytest had used W&B, so `emsweep run` inherited its
+    WANDB_SERVICE and handed runs to pytest's service, which resolved the relative run dir from
+    its own working directory. Here the child logs a node with a relative out dir from another cwd."""
+    import os
+    import subprocess
+    import sys
+
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    wandb.init(mode="offline", dir=str(tmp_path), project="parent", settings=wandb.Settings(silent=True)).finish()
+    assert os.environ["WANDB_SERVICE"].startswith(f"3-{os.getpid()}-")
+    child_cwd = tmp_path / "elsewhere"
+    child_cwd.mkdir()
+    code = ("from pathlib import Path; from emsweep.spec import WandbSpec; from emsweep.tracking import log_node;"
+            "print(log_node(WandbSpec(mode='offline', project='child'), out_dir=Path('out'), sweep='s',"
+            " stage='data', node_id='data/d', key='k', config={}, tables={}))")
+    child = subprocess.run([sys.executable, "-c", code], cwd=child_cwd, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and child.stdout.strip() == "None", child.stdout + child.stderr
+    files = list((child_cwd / "out" / "wandb").glob("offline-run-*/run-s-data-d-k.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 1000
+    assert not (tmp_path / "out").exists()  # nothing under the parent's cwd

@@ -46,11 +46,27 @@ def _table(frame):
     return wandb.Table(dataframe=frame, allow_mixed_types=True)
 
 
+def use_own_wandb_service() -> None:
+    """Make this process's runs go through a W&B service of its own.
+
+    W&B puts its service's address in WANDB_SERVICE, and child processes inherit it: an `emsweep`
+    started by a process that had used W&B (a notebook, pytest), and every Ray worker of that
+    `emsweep`, would hand their runs to that foreign service. It resolves a relative run dir from
+    its own working directory, may exit first (CI lost the summary run's file that way), and keeps
+    a killed attempt's run id "in use". The token names the process that started the service
+    (`3-<pid>-...`); one started by another process is dropped, so W&B starts one here."""
+    token = os.environ.get("WANDB_SERVICE")
+    if token is not None and token.split("-")[1:2] != [str(os.getpid())]:
+        del os.environ["WANDB_SERVICE"]
+
+
 def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, name: str, run_key: str, config: dict):
     """A W&B run in DIR/wandb, grouped by sweep; a stable id, so logging again resumes the same run."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    use_own_wandb_service()
+    out_dir = Path(out_dir).resolve()
     (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=spec.project, entity=spec.entity, mode=spec.mode, dir=str(out_dir), group=sweep, job_type=job_type,
@@ -131,11 +147,6 @@ class LiveRun:
                 stale.finish()
             except Exception:
                 pass
-        # A worker inherits WANDB_SERVICE when the process that started Ray had used W&B: all
-        # workers would then share that process's W&B service, where a dead attempt's run keeps
-        # its id "in use". Each worker process runs its own service instead.
-        if not _OPEN_LIVE_RUNS:
-            os.environ.pop("WANDB_SERVICE", None)
         try:
             self.run = _start_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
                                   job_type="finetune", name=live["node_id"].replace("/", ":"), run_key=self.key,
