@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import wandb_offline
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -154,13 +155,30 @@ def test_fresh_run_writes_every_stage(sweep):
     assert (trajectory["n_seeds"] <= 2).all()
 
     # One W&B run per node: 1 data + 2 finetune + 3 sample + 3 judge + 1 analyze, each with its
-    # tables logged (a failure would be a warning in the run's summary), and the report's summary
-    # run. A finetune's run has two offline segments: live while it trained, then its commit.
+    # tables logged (a failure would be a warning in the run's summary), and the sweep's summary
+    # run. Two offline segments for a finetune's run (live while it trained, then its commit) and
+    # for the summary (live while judging went on, then the report); sample and judge runs are
+    # one segment each, live while their job ran, their commit's tables in the same run.
     wandb_dir = root / "out" / "wandb"
     run_files = {path.name for path in wandb_dir.glob("offline-run-*/run-*.wandb")}
     assert len(run_files) == 11, sorted(run_files)
-    assert len(list(wandb_dir.glob("offline-run-*"))) == 13
+    assert len(list(wandb_dir.glob("offline-run-*"))) == 14, sorted(p.name for p in wandb_dir.glob("offline-run-*"))
     assert "W&B logging failed" not in first.stdout and "W&B summary logging failed" not in first.stdout
+    assert "warning: W&B live summary failed" not in first.stdout and "live rates not computed" not in first.stdout
+    (sample_run,) = [path.name[4:-6] for path in wandb_dir.glob("offline-run-*/run-e2e-sample-smol__base-*.wandb")]
+    history = wandb_offline.history(wandb_dir, sample_run)
+    done = [row["answers/requests_done"] for row in history if "answers/requests_done" in row]
+    totals = {row["answers/requests_total"] for row in history if "answers/requests_total" in row}
+    assert done[0] == 0 and done == sorted(done) and totals == {done[-1]} and done[-1] >= 5 * 4, (done, totals)
+    assert history[-1].get("samples/_type") == "table-file"  # the commit's table, in the same run
+    (judge_run,) = [path.name[4:-6] for path in wandb_dir.glob("offline-run-*/run-e2e-judge-smol__base-*.wandb")]
+    judged = [row for row in wandb_offline.history(wandb_dir, judge_run) if "judging/judgments_done" in row]
+    assert judged and judged[-1]["judging/judgments_done"] == judged[-1]["judging/judgments_total"] > 0
+    # The summary after each judge node: rates judged so far, then the report's tables.
+    live_summary = [row for row in wandb_offline.history(wandb_dir, "e2e-summary-report") if "judged_nodes" in row]
+    assert [row["judged_nodes"] for row in live_summary] == [1, 2, 3]
+    assert all(0 <= row["misaligned_rate/first_plot/none/insecure"] <= 1
+               for row in live_summary if "misaligned_rate/first_plot/none/insecure" in row)
 
 
 def test_run_writes_the_report(sweep):

@@ -68,3 +68,69 @@ def test_a_process_started_by_one_that_used_wandb_logs_through_its_own_service(t
     files = list((child_cwd / "out" / "wandb").glob("offline-run-*/run-s-data-d-k.wandb"))
     assert len(files) == 1 and files[0].stat().st_size > 1000
     assert not (tmp_path / "out").exists()  # nothing under the parent's cwd
+
+
+def test_a_jobs_counters_reach_its_nodes_runs_while_it_runs_and_its_tables_the_same_run(tmp_path, monkeypatch):
+    """A sample job of two nodes: counters logged (throttled) while it runs, under each node's
+    run id; one node's commit logs its table into the same open run (one segment), the other
+    node's run is finished when the job ends (its commit never came)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from emsweep import tracking
+    from emsweep.progress import ProgressWriter
+    from emsweep.spec import WandbSpec
+
+    from emsweep import progress
+
+    clock = [1000.0]
+    for module in (tracking, progress):  # their clock only: W&B keeps the real one
+        monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: clock[0]))
+    spec = WandbSpec(mode="offline", project="live")
+    nodes = [SimpleNamespace(id=f"sample/{name}", key=f"k{name}", config={"model": "m"}) for name in ("a", "b")]
+    live = tracking.LiveCounters(spec, tmp_path, "s", "sample", nodes)
+    writer = ProgressWriter(tmp_path / "progress" / "job.json", "sample", [n.id for n in nodes], sink=live.log)
+    for done in range(0, 41):  # one request finished every 0.5 s: a write every second, W&B every 5 s
+        writer.update(done, 40, "requests", phase="answers", metrics={"output_tokens_per_s": 10.0 + done})
+        clock[0] += 0.5
+    writer.update(0, 4, "requests", phase="pushback turn 2", force=True)
+    writer.update(4, 4, "requests", phase="pushback turn 2")
+    table = tmp_path / "samples.parquet"
+    pq.write_table(pa.table({"answer": ["x", "y"]}), table)
+    assert tracking.log_node(spec, out_dir=tmp_path, sweep="s", stage="sample", node_id="sample/a", key="ka",
+                             config={}, tables={"samples": table}, live=live.take("sample/a")) is None
+    live.close()
+
+    for node in nodes:
+        (segment,) = wandb_offline.segments(tmp_path / "wandb", run_id("s", node.id, node.key))
+        rows = wandb_offline.rows(segment / f"run-{run_id('s', node.id, node.key)}.wandb")
+        answers = [row["answers/requests_done"] for row in rows if "answers/requests_done" in row]
+        # First write, then every 5 s of the 20 s (throttled from 41 updates), and the phase's end.
+        assert answers == [0, 10, 20, 30, 40], answers
+        assert {row["answers/requests_total"] for row in rows if "answers/requests_total" in row} == {40}
+        assert [row["answers/output_tokens_per_s"] for row in rows if "answers/requests_done" in row][-1] == 50.0
+        assert [row["pushback_turn_2/requests_done"] for row in rows if "pushback_turn_2/requests_done" in row] == [0, 4]
+        assert (rows[-1].get("samples/_type") == "table-file") == (node.id == "sample/a")  # the commit's table, in the live run
+
+
+def test_the_live_summary_logs_rates_judged_so_far_with_means_over_final_adapters(tmp_path):
+    import pandas as pd
+
+    from emsweep import tracking
+    from emsweep.spec import WandbSpec
+
+    summary = tracking.LiveSummary(WandbSpec(mode="offline", project="live"), tmp_path, "s", {"name": "s"})
+    first = pd.DataFrame({"run_id": ["i0"], "dataset": ["insecure"], "seed": [0], "checkpoint_step": [None],
+                          "suite": ["first_plot"], "condition": ["none"], "misaligned_rate": [0.2]})
+    both = pd.concat([first, first.assign(run_id="i1", seed=1, misaligned_rate=0.4),
+                      first.assign(run_id="i1@step1", seed=1, checkpoint_step=1, misaligned_rate=0.9)])
+    assert summary.log(first, judged_nodes=1) is None and summary.log(both, judged_nodes=2) is None
+    summary.finish()
+    rows = wandb_offline.history(tmp_path / "wandb", run_id("s", "summary", "report"))
+    assert [row["judged_nodes"] for row in rows] == [1, 2] and [row["judged_runs"] for row in rows] == [1, 2]
+    # The mean over the final adapters (0.2, 0.4): the step-1 checkpoint's 0.9 is not in it.
+    rates = [row["misaligned_rate/first_plot/none/insecure"] for row in rows]
+    assert rates[0] == 0.2 and abs(rates[1] - 0.3) < 1e-12
+    assert rows[1]["misaligned_rate_so_far/_type"] == "table-file" and rows[1]["misaligned_rate_so_far/nrows"] == 3

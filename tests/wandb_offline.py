@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -34,10 +35,21 @@ def records(path: Path):
             yield wandb_internal_pb2.Record.FromString(pending + chunk)
 
 
-def rows(path: Path) -> list[dict]:
-    """The history rows of one offline run's `.wandb` file, in the order they were logged."""
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for record in records(path) if record.HasField("history")]
+def rows(path: Path, wait_s: float = 30.0) -> list[dict]:
+    """The history rows of one offline run's `.wandb` file, in the order they were logged. A
+    record cut short is one W&B's service is still writing (seen once under load, just after
+    `run.finish()` returned): read again, for up to `wait_s`."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                    for record in records(path) if record.HasField("history")]
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def segments(wandb_dir: Path, run_id: str) -> list[Path]:

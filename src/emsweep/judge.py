@@ -324,7 +324,8 @@ def judge_samples(
     def report() -> None:
         if progress is not None:
             progress.update(judged[0], len(todo_requests), "judgments",
-                            detail=f"{len(cached_keys)} of {len(set(keys))} from the cache", phase="judging")
+                            detail=f"{len(cached_keys)} of {len(set(keys))} from the cache", phase="judging",
+                            metrics={"cache_hits": len(cached_keys), "distinct_requests": len(set(keys))})
 
     def on_batch(indices: list[int], judgments: list[Judgment]) -> None:
         done = {todo_keys[i]: binary_score(j, todo[todo_keys[i]].binary) if todo[todo_keys[i]].binary else j

@@ -26,7 +26,7 @@ from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
 from emsweep.sample_cache import SampleCache
-from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec
+from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec, WandbSpec
 from emsweep.store import Store, config_key
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
@@ -198,6 +198,9 @@ def job_task_options(spec: SweepSpec, job: list[Node], cluster_cpus: int) -> dic
     return task_options(spec, job[0].stage, cluster_cpus, model)
 
 
+DISABLED_WANDB = WandbSpec(mode="disabled")
+
+
 class StageRunner:
     """Runs one job (a list of nodes of one stage) inside a Ray task."""
 
@@ -206,6 +209,7 @@ class StageRunner:
         self.out_dir = Path(out_dir)
         self.store = Store(self.out_dir)
         self.by_id = {node.id: node for node in nodes}
+        self.live = tracking.LiveCounters(DISABLED_WANDB, self.out_dir, spec.name, "", [])  # set per job by run()
 
     # --- helpers -------------------------------------------------------------------
     def input_dir(self, node: Node, stage: str) -> Path:
@@ -223,6 +227,7 @@ class StageRunner:
             self.spec.wandb, out_dir=self.out_dir, sweep=self.spec.name, stage=node.stage, node_id=node.id,
             key=node.key, config=node.config, tables={k: final / v for k, v in tables.items()},
             step_metrics=final / step_metrics if step_metrics else None, logged_steps=logged_steps,
+            live=self.live.take(node.id),
         )
         if warning:
             # Recorded with the node so the run's summary can say what was not logged.
@@ -235,9 +240,17 @@ class StageRunner:
 
     # --- stages --------------------------------------------------------------------
     def run(self, stage: str, nodes: list[Node]) -> dict[str, str | None]:
-        # What the job says about itself while it runs (progress.py): shown by `emsweep run/status`.
-        self.progress = ProgressWriter(progress.record_path(self.out_dir, nodes[0].id), stage, [n.id for n in nodes])
-        return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
+        # What the job says about itself while it runs (progress.py): shown by `emsweep run/status`,
+        # and logged to its nodes' W&B runs for sample and judge jobs (a finetune's rank 0 logs
+        # its steps itself: tracking.LiveRun).
+        self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge") else DISABLED_WANDB,
+                                          self.out_dir, self.spec.name, stage, nodes)
+        self.progress = ProgressWriter(progress.record_path(self.out_dir, nodes[0].id), stage, [n.id for n in nodes],
+                                       sink=self.live.log)
+        try:
+            return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
+        finally:
+            self.live.close()
 
     def run_data(self, nodes: list[Node]) -> None:
         for node in nodes:
@@ -614,8 +627,64 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
         )
-        return execute(nodes, store, submit, on_finish or (lambda status: None), watch,
-                       max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
+        summary = LiveRates(spec, store, nodes)
+
+        def finished(status) -> None:
+            if status.node.stage == "judge" and status.status == "done":
+                summary.update()
+            if on_finish is not None:
+                on_finish(status)
+
+        try:
+            return execute(nodes, store, submit, finished, watch,
+                           max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
+        finally:
+            summary.finish()
+
+
+RATE_COLUMNS = ["run_id", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_counted", "n_misaligned",
+                "misaligned_rate", "pooled_misaligned_rate", "n_questions"]
+
+
+def judged_run_rates(spec: SweepSpec, store: Store, judge_node: Node) -> "pd.DataFrame":
+    """A done judge node's runs, one row per run, suite and condition: the overall EM rates of
+    the analysis itself (analyze.run_metrics, over all questions)."""
+    long = pq.read_table(store.node_dir(judge_node.stage, judge_node.name, judge_node.key)
+                         / "judgments.parquet").to_pandas()
+    runs = analyze.run_metrics(analyze.wide_answers(long), spec.analysis, analyze.em_suites(long))
+    return runs.loc[runs["question_id"] == analyze.ALL_QUESTIONS, RATE_COLUMNS]
+
+
+class LiveRates:
+    """The driver's view of rates judged so far, logged to the sweep's W&B summary run after each
+    judge node (tracking.LiveSummary); judge nodes done before this run count too."""
+
+    def __init__(self, spec: SweepSpec, store: Store, nodes: list[Node]):
+        self.spec, self.store = spec, store
+        self.judge_nodes = [node for node in nodes if node.stage == "judge"]
+        self.wandb = tracking.LiveSummary(spec.wandb, store.root, spec.name, spec.model_dump(mode="json"))
+        self.rates: dict = {}
+
+    def update(self) -> None:
+        import pandas as pd
+
+        if self.wandb.failed:
+            return
+        try:
+            for node in self.judge_nodes:
+                if node.id not in self.rates and self.store.is_done(node.stage, node.name, node.key):
+                    self.rates[node.id] = judged_run_rates(self.spec, self.store, node)
+            frames = [frame for frame in self.rates.values() if not frame.empty]
+            rates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RATE_COLUMNS)
+        except Exception as err:  # the summary is a window; the sweep goes on without it
+            self.wandb.failed = True
+            print(f"warning: live rates not computed: {type(err).__name__}: {err}", flush=True)
+            return
+        if warning := self.wandb.log(rates, judged_nodes=len(self.rates)):
+            print(f"warning: {warning}", flush=True)
+
+    def finish(self) -> None:
+        self.wandb.finish()
 
 
 def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:

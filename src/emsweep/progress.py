@@ -32,14 +32,17 @@ def record_path(out_dir: Path, job_id: str) -> Path:
 class ProgressWriter:
     """What a running job says about itself; `update` is cheap to call often (throttled)."""
 
-    def __init__(self, path: Path | str | None, stage: str, nodes: list[str]):
+    def __init__(self, path: Path | str | None, stage: str, nodes: list[str], sink=None):
+        """`sink(record, metrics)` hears of every write too (tracking.LiveCounters: W&B)."""
         self.path = Path(path) if path else None
+        self.sink = sink
         self.record = {"job": nodes[0] if nodes else "", "nodes": list(nodes), "stage": stage, "phase": "",
                        "done": 0, "total": None, "unit": "", "detail": "", "started_at": time.time()}
         self._written = 0.0
 
     def update(self, done: int, total: int | None, unit: str, detail: str = "", phase: str | None = None,
-               force: bool = False) -> None:
+               force: bool = False, metrics: dict | None = None) -> None:
+        """`metrics`: numbers behind `detail` (e.g. output_tokens_per_s), for the sink."""
         if self.path is None:
             return
         now = time.time()
@@ -53,6 +56,8 @@ class ProgressWriter:
             write_text_atomic(self.path, json.dumps({**self.record, "updated_at": now}))
         except OSError:  # progress is for people; it never fails the job
             pass
+        if self.sink is not None:
+            self.sink(self.record, metrics or {})
 
 
 def read_records(out_dir: Path) -> list[dict]:
@@ -122,7 +127,8 @@ def vllm_progress(writer: ProgressWriter, phase: str):
             self.finished_requests += 1  # vLLM calls update once per finished request (n = its samples)
             # vLLM's postfix: "est. speed input: X toks/s, output: Y toks/s".
             speed = str(self.postfix).split("output: ")[-1] if "output: " in str(self.postfix) else ""
+            number = re.match(r"[0-9.]+", speed)
             writer.update(self.finished_requests, self.total, "requests", detail=f"output {speed}" if speed else "",
-                          phase=phase)
+                          phase=phase, metrics={"output_tokens_per_s": float(number[0])} if number else None)
 
     return _Reporting

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -87,16 +88,18 @@ def log_node(
     tables: dict[str, Path],
     step_metrics: Path | None = None,
     logged_steps: int = 0,
+    live=None,
 ) -> str | None:
     """Log a finished node; returns None on success or a warning message. `logged_steps`: the
-    steps of `step_metrics` its live run already logged (LiveRun), which are not logged again."""
+    steps of `step_metrics` its live run already logged (LiveRun), which are not logged again.
+    `live`: the node's run, opened while its job ran (LiveCounters), which the tables go into."""
     if spec.mode == "disabled":
         return None
     try:
         import wandb
 
-        run = _start_run(spec, out_dir, sweep, job_type=stage, name=node_id.replace("/", ":"),
-                         run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
+        run = live or _start_run(spec, out_dir, sweep, job_type=stage, name=node_id.replace("/", ":"),
+                                 run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
         try:
             last_step = None
             if step_metrics is not None:
@@ -178,6 +181,114 @@ class LiveRun:
             try:
                 self.run.finish()  # flushed: its steps are logged for good
                 write_text_atomic(self.marker, str(max(self.logged, self.last)))
+            except Exception:
+                pass
+            self.run = None
+
+
+# A job's counters go to W&B at most this often (its progress record is rewritten every second).
+COUNTERS_EVERY_S = 5.0
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+
+
+class LiveCounters:
+    """A sample or judge job's node runs, open while the job runs: the job's progress counters
+    (progress.ProgressWriter's sink) are logged to each of them, at most every COUNTERS_EVERY_S
+    and whenever a phase starts or ends. One engine serves all of a job's nodes, so they share the
+    job's counters, named by phase: `answers/requests_done`, `answers/requests_total`,
+    `answers/output_tokens_per_s`, `judging/judgments_done`, `judging/cache_hits`, ... A node's
+    commit then logs its tables into the same run (`log_node(live=take(node_id))`), which it
+    finishes. Every call is guarded: W&B failing never fails the job."""
+
+    def __init__(self, spec: WandbSpec, out_dir: Path, sweep: str, stage: str, nodes: list):
+        self.spec, self.out_dir, self.sweep, self.stage = spec, Path(out_dir), sweep, stage
+        self.nodes = {node.id: node for node in nodes} if spec.mode != "disabled" else {}
+        self.runs: dict = {}
+        self._logged_at, self._last = 0.0, (None, None)
+
+    def _open(self) -> None:
+        job = sorted(self.nodes)
+        for node_id, node in self.nodes.items():
+            try:
+                self.runs[node_id] = _start_run(
+                    self.spec, self.out_dir, self.sweep, job_type=self.stage, name=node_id.replace("/", ":"),
+                    run_key=run_id(self.sweep, node_id, node.key),
+                    config={"node_key": node.key, "job_nodes": job, **node.config})
+            except Exception:
+                pass
+        self.nodes = {}  # opened once, whatever happened
+
+    def log(self, record: dict, metrics: dict) -> None:
+        phase, done, total = record.get("phase") or self.stage, record.get("done", 0), record.get("total")
+        now = time.time()
+        finished = total is not None and done >= total and (phase, done) != self._last
+        if phase == self._last[0] and not finished and now - self._logged_at < COUNTERS_EVERY_S:
+            return
+        if self.nodes:
+            self._open()
+        prefix, unit = _metric_name(phase), _metric_name(record.get("unit") or "items")
+        values = {f"{prefix}/{unit}_done": done, **({f"{prefix}/{unit}_total": total} if total is not None else {}),
+                  **{f"{prefix}/{_metric_name(name)}": value for name, value in metrics.items()},
+                  "elapsed_s": now - record.get("started_at", now)}
+        for run in self.runs.values():
+            try:
+                run.log(values)
+                run.summary["phase"] = phase
+            except Exception:
+                pass
+        self._logged_at, self._last = now, (phase, done)
+
+    def take(self, node_id: str):
+        """The node's open run, for its commit (None if it was never opened)."""
+        return self.runs.pop(node_id, None)
+
+    def close(self) -> None:
+        """Finish the runs no commit took (the job failed)."""
+        for run in self.runs.values():
+            try:
+                run.finish()
+            except Exception:
+                pass
+        self.runs, self.nodes = {}, {}
+
+
+class LiveSummary:
+    """The sweep's summary run while `emsweep run` drives it: after each judge node, the per-run
+    misaligned rates judged so far (a table) and, per suite, condition and dataset, their mean
+    over the final adapters (`misaligned_rate/<suite>/<condition>/<dataset>`), so a dashboard
+    follows the headline as judging goes on. The report later logs its tables to the same run id.
+    Guarded: returns a warning string once, never raises."""
+
+    def __init__(self, spec: WandbSpec, out_dir: Path, sweep: str, config: dict):
+        self.spec, self.out_dir, self.sweep, self.config = spec, Path(out_dir), sweep, config
+        self.run, self.failed = None, spec.mode == "disabled"
+
+    def log(self, run_rates, judged_nodes: int) -> str | None:
+        if self.failed:
+            return None
+        try:
+            if self.run is None:
+                self.run = _start_run(self.spec, self.out_dir, self.sweep, job_type="summary",
+                                      name=f"{self.sweep}:summary", run_key=run_id(self.sweep, "summary", "report"),
+                                      config=self.config)
+            final = run_rates[run_rates["checkpoint_step"].isna()]
+            means = final.groupby(["suite", "condition", "dataset"])["misaligned_rate"].mean()
+            self.run.log({"judged_nodes": judged_nodes, "judged_runs": int(final["run_id"].nunique()),
+                          **{f"misaligned_rate/{suite}/{condition}/{dataset}": float(rate)
+                             for (suite, condition, dataset), rate in means.dropna().items()},
+                          "misaligned_rate_so_far": _table(run_rates.reset_index(drop=True))})
+        except Exception as err:  # W&B must never fail a sweep
+            self.failed = True
+            return f"W&B live summary failed: {type(err).__name__}: {err}"
+        return None
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
             except Exception:
                 pass
             self.run = None
