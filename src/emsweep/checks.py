@@ -75,7 +75,7 @@ def preflight(spec: SweepSpec, out: str | Path | None = None, *, local_models: b
     `local_models`: the models and the judge must be on this machine (false for a cluster, where
     the engines check them). `missing_ok`: inputs that do not exist yet (an embedded model not
     fetched, data not generated) are fine: `plan` notes them (missing_inputs) instead."""
-    problems = [*_dataset_problems(spec, missing_ok), *_question_problems(spec, missing_ok),
+    problems = [*_dataset_problems(spec, missing_ok, out), *_question_problems(spec, missing_ok),
                 *_judge_problems(spec, missing_ok)]
     if local_models:
         problems += _model_problems(spec, missing_ok)
@@ -101,18 +101,36 @@ def _is_missing(location: str) -> bool:
         location.removeprefix("file://")).exists()
 
 
-def _dataset_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
+def _dataset_problems(spec: SweepSpec, missing_ok: bool = False, out: str | Path | None = None) -> list[str]:
     from emsweep.data import DataError, load_dataset
 
     problems = []
     for index, dataset in enumerate(spec.datasets):
         if missing_ok and (_is_missing(dataset.path) or (dataset.backdoor and _is_missing(dataset.backdoor.clean_path))):
             continue
+        if _data_node_done(dataset, out):
+            continue  # validated when its data node was made, from these very bytes (the key hashes them)
         try:
             load_dataset(dataset)  # the data stage's own validation: every row, transforms included
         except (DataError, OSError, UnicodeDecodeError) as err:
             problems += [f"datasets.{index} ({dataset.name}): {line}" for line in str(err).splitlines()]
     return problems
+
+
+def _data_node_done(dataset, out: str | Path | None) -> bool:
+    """Whether a local output dir holds this dataset's data node, done: the node's key holds the
+    dataset's spec and its files' content hashes, so a resumed sweep of thousands of nodes does
+    not read every row of every dataset again."""
+    from emsweep.pipeline import data_node_key
+    from emsweep.remote import is_remote
+    from emsweep.store import Store
+
+    if out is None or is_remote(str(out)) or _is_missing(dataset.path):
+        return False
+    try:
+        return Store(Path(out)).is_done("data", dataset.name, data_node_key(dataset))
+    except OSError:
+        return False
 
 
 def _question_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:

@@ -10,8 +10,10 @@ Output schema (`data.parquet`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import urllib.request
@@ -44,6 +46,14 @@ class DataError(ValueError):
 
 
 def sha256_file(path: Path) -> str:
+    # Many datasets of a sweep can name one file, and plan() keys every one of them: hashed once
+    # per version of the file (its size and modification time).
+    stat = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

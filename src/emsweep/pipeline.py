@@ -50,6 +50,11 @@ def _data_config(dataset) -> dict:
     return config
 
 
+def data_node_key(dataset) -> str:
+    """The key plan() gives a dataset's data node."""
+    return config_key("data", _data_config(dataset), [])
+
+
 def run_name(model: str, dataset: str | None, seed: int | None) -> str:
     return f"{model}__{BASE_LABEL}" if dataset is None else f"{model}__{dataset}__s{seed}"
 

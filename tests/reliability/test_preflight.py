@@ -109,3 +109,42 @@ def test_check_passes_the_quickstart_within_seconds(shared_em, tmp_path):
     assert result.stdout.startswith("ok: workflows/quickstart.yaml: 2 datasets, 1 question suites, 1 models")
     assert seconds < 60
     assert list(tmp_path.iterdir()) == []  # the write probe is gone, and no output dir was made
+
+
+def test_a_resumed_sweep_reads_no_dataset_whose_data_node_is_done_and_an_edited_one_again(tmp_path, shared_em,
+                                                                                           monkeypatch):
+    """A no-op resume of thousands of nodes must not read every row of every dataset: a data node
+    done in the output dir was validated from the same bytes (its key hashes them). An edited
+    file has another key, so it is read and its new bad row is reported."""
+    from emsweep import data
+    from emsweep.checks import preflight
+    from emsweep.pipeline import data_node_key, plan
+    from emsweep.spec import SweepSpec
+    from emsweep.store import Store
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("\n".join((shared_em / "data/insecure.jsonl").read_text().splitlines()[:4]) + "\n")
+    spec = SweepSpec.model_validate({
+        "name": "resume", "models": [{"name": "m", "path": "embedded:SmolLM2-135M-Instruct"}],
+        "datasets": [{"name": "d", "path": str(source)}], "seeds": [0],
+        "eval": {"questions": str(shared_em / "evaluation/first_plot_questions.yaml")}, "wandb": {"mode": "disabled"},
+        "judge": {"backend": "openai", "model": "gpt-4o"}})
+    (data_node,) = [node for node in plan(spec) if node.stage == "data"]
+    assert data_node.key == data_node_key(spec.datasets[0])
+    store = Store(tmp_path / "out")
+    work = store.new_tmp_dir()
+    (work / "data.parquet").write_bytes(b"")
+    store.commit("data", data_node.name, data_node.key, work, {"seconds": 0.0})
+
+    read = []
+    real_load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda dataset: read.append(dataset.name) or real_load(dataset))
+    problems = [p for p in preflight(spec, tmp_path / "out", local_models=False) if p.startswith("datasets")]
+    assert problems == [] and read == []
+    assert preflight(spec, None, local_models=False) is not None and read == ["d"]  # no output dir: read
+
+    with source.open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    read.clear()
+    problems = [p for p in preflight(spec, tmp_path / "out", local_models=False) if p.startswith("datasets")]
+    assert read == ["d"] and problems == [f"datasets.0 (d): {source}:5: the last message must be an assistant turn (nothing to train on)"]
