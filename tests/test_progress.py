@@ -36,17 +36,24 @@ def test_the_last_update_is_always_written(tmp_path):
 
 
 def test_the_vllm_adapter_counts_finished_requests(tmp_path):
-    writer = progress.ProgressWriter(progress.record_path(tmp_path, "sample/m__base"), "sample", ["sample/m__base"])
-    # As vLLM's offline loop drives its bar: total = requests, update(n) per finished request of n samples.
-    bar = progress.vllm_progress(writer, "answers")(total=3, desc="Processed prompts", dynamic_ncols=True,
-                                                     postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+    heard = []
+    writer = progress.ProgressWriter(progress.record_path(tmp_path, "sample/m__base"), "sample", ["sample/m__base"],
+                                     sink=lambda record, metrics: heard.append((record["done"], record["total"], metrics)))
+    factory = progress.vllm_progress(writer, "answers")
+    # As vLLM drives its bars: first one over the 3 prompts as they are rendered (not reported),
+    # then one whose total is the engine's 12 requests (3 prompts of n=4), with update(4) as each
+    # prompt's samples finish (what the e2e sweep showed: totals of 30 prompts and 90 requests).
+    assert list(factory([1, 2, 3], desc="Rendering prompts")) == [1, 2, 3] and heard == []
+    bar = factory(total=12, desc="Processed prompts", dynamic_ncols=True,
+                  postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
     for _ in range(3):
         bar.postfix = "est. speed input: 120.00 toks/s, output: 35.50 toks/s"
         bar.update(4)
     bar.close()
     (record,) = progress.read_records(tmp_path)
-    assert (record["done"], record["total"], record["unit"], record["phase"]) == (3, 3, "requests", "answers")
+    assert (record["done"], record["total"], record["unit"], record["phase"]) == (12, 12, "requests", "answers")
     assert record["detail"] == "output 35.50 toks/s"
+    assert heard[0] == (0, 12, {}) and heard[-1] == (12, 12, {"output_tokens_per_s": 35.5})
 
 
 def test_batched_requests_get_no_eta():

@@ -110,7 +110,11 @@ def _duration(seconds: float) -> str:
 
 def vllm_progress(writer: ProgressWriter, phase: str):
     """A factory for vLLM's `use_tqdm`: a tqdm that draws nothing and reports finished requests
-    (and vLLM's own tokens/s estimate) to `writer`."""
+    (and vLLM's own tokens/s estimate) to `writer`.
+
+    vLLM makes two bars with it: one over the prompts as they are rendered (an iterable: not
+    reported), then one whose total is the engine's unfinished requests, where a prompt asking
+    for n samples counts n and adds n when it finishes; so its count `n` is what reaches the total."""
     import io
 
     from tqdm import tqdm
@@ -119,16 +123,18 @@ def vllm_progress(writer: ProgressWriter, phase: str):
         def __init__(self, *args, **kwargs):
             kwargs["file"] = io.StringIO()  # vLLM's bar is not drawn; emsweep's display shows the record
             super().__init__(*args, **kwargs)
-            self.finished_requests = 0
-            writer.update(0, self.total, "requests", phase=phase, force=True)
+            self.reporting = self.iterable is None
+            if self.reporting:
+                writer.update(0, self.total, "requests", phase=phase, force=True)
 
         def update(self, n=1):
             super().update(n)
-            self.finished_requests += 1  # vLLM calls update once per finished request (n = its samples)
+            if not self.reporting:
+                return
             # vLLM's postfix: "est. speed input: X toks/s, output: Y toks/s".
             speed = str(self.postfix).split("output: ")[-1] if "output: " in str(self.postfix) else ""
             number = re.match(r"[0-9.]+", speed)
-            writer.update(self.finished_requests, self.total, "requests", detail=f"output {speed}" if speed else "",
+            writer.update(int(self.n), self.total, "requests", detail=f"output {speed}" if speed else "",
                           phase=phase, metrics={"output_tokens_per_s": float(number[0])} if number else None)
 
     return _Reporting
