@@ -468,6 +468,10 @@ def _print_checks(found) -> None:
 def plan_command(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output dir: also count nodes already done there"),
+    simulate: bool = typer.Option(False, "--simulate", help="Play the DAG out on a modelled cluster: makespan, "
+                                                            "GPU utilisation and critical path, barrier vs pipelined"),
+    cluster: str = typer.Option("4x8xH100", "--cluster", help="For --simulate: NODESxGPUS[xGPU], or a cluster "
+                                                              "config (cluster/aws-gpu.yaml, a KubeRay RayCluster)"),
 ) -> None:
     """Print the DAG a spec expands to: nodes per stage, GPU plan per model, estimated GPU-hours."""
     from emsweep.checks import missing_inputs
@@ -510,6 +514,27 @@ def plan_command(
                   "(assumptions: src/emsweep/planning.py)")
     for note in [*result.notes, *missing_inputs(spec)]:
         console.print(f"[yellow]note:[/] {escape(note)}")
+    if simulate:
+        _print_simulation(spec, cluster)
+
+
+def _print_simulation(spec, cluster_text: str) -> None:
+    from emsweep.simulate import parse_cluster, simulate, summarize_path
+
+    try:
+        cluster = parse_cluster(cluster_text)
+        results = [simulate(spec, cluster, schedule) for schedule in ("barrier", "pipelined")]
+    except ValueError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(2)
+    table = Table(title=f"simulated on {cluster} ({cluster.gpus} GPUs; src/emsweep/simulate.py)")
+    for column in ("schedule", "makespan", "first judged", "GPU util", "finetune", "sample", "judge", "critical path"):
+        table.add_column(column, justify="left" if column in ("schedule", "critical path") else "right")
+    for result in results:
+        table.add_row(result.schedule, f"{result.makespan_s / 3600:,.2f} h", f"{result.first_judged_s / 3600:,.2f} h",
+                      *(f"{result.utilisation(stage):.0%}" for stage in (None, "finetune", "sample", "judge")),
+                      escape(summarize_path(result.critical_path)))
+    console.print(table)
 
 
 def _job_client(address: Optional[str]):

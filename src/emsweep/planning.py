@@ -67,6 +67,30 @@ def tokens_per_gpu_s(billions: float, flops_per_token: float, mfu: float) -> flo
     return min(MAX_TOKENS_PER_GPU_S, H100_BF16_FLOPS * mfu / (flops_per_token * billions * 1e9))
 
 
+# The cost model's GPU-seconds of work, without the fixed start-up costs (both the plan and the
+# simulation, simulate.py, add those where they fall).
+def finetune_work_gpu_s(tokens: float, billions: float) -> float:
+    return tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU)
+
+
+def sample_work_gpu_s(generated_tokens: float, billions: float) -> float:
+    return generated_tokens / tokens_per_gpu_s(billions, 2, DECODE_MFU)
+
+
+def judge_work_gpu_s(spec: SweepSpec, judgments: float, billions: float) -> float:
+    steps = EXACT_STEPS if spec.judge.scoring == "exact" else 1
+    prompt_tokens = judgments * (JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens)
+    return (prompt_tokens / tokens_per_gpu_s(billions, 2, PREFILL_MFU)
+            + judgments * steps / tokens_per_gpu_s(billions, 2, DECODE_MFU))
+
+
+def judge_params_b(spec: SweepSpec) -> float | None:
+    """The local judge's size (None: unknown, or an API judge)."""
+    if spec.judge.backend == "openai":
+        return None
+    return params_b(next((m for m in spec.models if m.name == spec.judge.model), None), spec.judge.model)
+
+
 @dataclass
 class DatasetSize:
     rows: int
@@ -222,12 +246,12 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         if billions is None:
             notes.append(f"model {model.name}: size unknown (set params_b); not in the GPU-hour estimate")
             continue
-        model_finetune_s = tokens / tokens_per_gpu_s(billions, 4, FINETUNE_MFU) + count * FINETUNE_STARTUP_S * max(1, gpus)
+        model_finetune_s = finetune_work_gpu_s(tokens, billions) + count * FINETUNE_STARTUP_S * max(1, gpus)
         finetune_gpu_s += model_finetune_s
         packed = max(1, min(count, models[-1].concurrent_finetunes_per_node))  # 1 when it spans nodes
         finetune_billed_s += model_finetune_s * whole_node_factor(packed * gpus)
         if prompts.counted:
-            sample_gpu_s += generated / tokens_per_gpu_s(billions, 2, DECODE_MFU) + ENGINE_STARTUP_S * max(1, tp)
+            sample_gpu_s += sample_work_gpu_s(generated, billions) + ENGINE_STARTUP_S * max(1, tp)
 
     # The sampling engines of all models, sharing nodes (billing and the idle-GPU note).
     engine_gpus = sum(m.sampling_gpus for m in models)
@@ -238,8 +262,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         judge_desc = f"{spec.judge.model} over HTTP ({spec.judge.scoring})"
         judge_gpu_s = 0.0
     else:
-        judge_model = next((m for m in spec.models if m.name == spec.judge.model), None)
-        billions = params_b(judge_model, spec.judge.model)
+        billions = judge_params_b(spec)
         from emsweep.judge_local import judge_class
 
         engine = "vLLM" if judge_class(spec.judge, spec.use_gpu).__name__ == "LocalJudge" else "transformers (tree)"
@@ -248,9 +271,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         if billions is None:
             notes.append(f"judge {spec.judge.model}: size unknown; judging not in the GPU-hour estimate")
         elif prompts.counted:
-            steps = EXACT_STEPS if spec.judge.scoring == "exact" else 1
-            judge_gpu_s = (judge_tokens / tokens_per_gpu_s(billions, 2, PREFILL_MFU)
-                           + judge_requests * steps / tokens_per_gpu_s(billions, 2, DECODE_MFU)
+            judge_gpu_s = (judge_work_gpu_s(spec, judge_requests, billions)
                            + ENGINE_STARTUP_S * spec.judge.replicas * spec.judge.tensor_parallel_size)
 
     def count(stage: str) -> tuple[int, int, int | None]:
