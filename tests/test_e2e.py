@@ -170,15 +170,20 @@ def test_fresh_run_writes_every_stage(sweep):
     done = [row["answers/requests_done"] for row in history if "answers/requests_done" in row]
     totals = {row["answers/requests_total"] for row in history if "answers/requests_total" in row}
     assert done[0] == 0 and done == sorted(done) and totals == {done[-1]} and done[-1] >= 5 * 4, (done, totals)
-    assert history[-1].get("samples/_type") == "table-file"  # the commit's table, in the same run
+    # The commit's tables (samples, then harm), in the same run, after the counters.
+    assert [row.get("samples/_type") for row in history[-2:]] == ["table-file", None]
+    assert history[-1].get("harm/_type") == "table-file"
     (judge_run,) = [path.name[4:-6] for path in wandb_dir.glob("offline-run-*/run-e2e-judge-smol__base-*.wandb")]
     judged = [row for row in wandb_offline.history(wandb_dir, judge_run) if "judging/judgments_done" in row]
     assert judged and judged[-1]["judging/judgments_done"] == judged[-1]["judging/judgments_total"] > 0
-    # The summary after each judge node: rates judged so far, then the report's tables.
+    # The summary as judge nodes finish: rates judged so far (this sweep's three judge nodes are
+    # one job and finish together: one update), then the report's tables.
     live_summary = [row for row in wandb_offline.history(wandb_dir, "e2e-summary-report") if "judged_nodes" in row]
-    assert [row["judged_nodes"] for row in live_summary] == [1, 2, 3]
-    assert all(0 <= row["misaligned_rate/first_plot/none/insecure"] <= 1
-               for row in live_summary if "misaligned_rate/first_plot/none/insecure" in row)
+    assert [(row["judged_nodes"], row["judged_runs"]) for row in live_summary] == [(3, 3)]
+    assert live_summary[0]["misaligned_rate_so_far/nrows"] == 10  # 5 runs x 2 conditions of first_plot
+    for condition in ("none", "evil"):
+        assert 0 <= live_summary[0][f"misaligned_rate/first_plot/{condition}/insecure"] <= 1
+        assert 0 <= live_summary[0][f"misaligned_rate/first_plot/{condition}/base"] <= 1
 
 
 def test_run_writes_the_report(sweep):

@@ -199,6 +199,14 @@ def run_metrics(answers: pd.DataFrame, spec: AnalysisSpec, suites: set[str]) -> 
     return pd.concat(parts, ignore_index=True)
 
 
+def overall_run_rates(judgments: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
+    """Per run, suite and condition, the rates over all questions (run_metrics' "__all__" rows),
+    with null keys as nulls (the final adapter's checkpoint_step, the base model's seed): what
+    the live summary shows while judging goes on."""
+    runs = run_metrics(wide_answers(judgments), spec, em_suites(judgments))
+    return _restore_keys(runs[runs["question_id"] == ALL_QUESTIONS].reset_index(drop=True))
+
+
 def pushback_metrics(answers: pd.DataFrame, spec: PushbackSpec) -> pd.DataFrame:
     """Initial accuracy and flip rate per (run, suite, condition, later turn)."""
     label = f"{spec.metric}_label"

@@ -656,8 +656,7 @@ def judged_run_rates(spec: SweepSpec, store: Store, judge_node: Node) -> "pd.Dat
     the analysis itself (analyze.run_metrics, over all questions)."""
     long = pq.read_table(store.node_dir(judge_node.stage, judge_node.name, judge_node.key)
                          / "judgments.parquet").to_pandas()
-    runs = analyze.run_metrics(analyze.wide_answers(long), spec.analysis, analyze.em_suites(long))
-    return runs.loc[runs["question_id"] == analyze.ALL_QUESTIONS, RATE_COLUMNS]
+    return analyze.overall_run_rates(long, spec.analysis)[RATE_COLUMNS]
 
 
 class LiveRates:
@@ -676,9 +675,12 @@ class LiveRates:
         if self.wandb.failed:
             return
         try:
-            for node in self.judge_nodes:
-                if node.id not in self.rates and self.store.is_done(node.stage, node.name, node.key):
-                    self.rates[node.id] = judged_run_rates(self.spec, self.store, node)
+            new = [node for node in self.judge_nodes
+                   if node.id not in self.rates and self.store.is_done(node.stage, node.name, node.key)]
+            if not new:  # the nodes of one judge job finish together: logged once
+                return
+            for node in new:
+                self.rates[node.id] = judged_run_rates(self.spec, self.store, node)
             frames = [frame for frame in self.rates.values() if not frame.empty]
             rates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RATE_COLUMNS)
         except Exception as err:  # the summary is a window; the sweep goes on without it
