@@ -33,7 +33,7 @@ KEYS_BEFORE_RESOURCES = {
     "judge/m__d__s0": "49382856ec8aae58", "judge/m__d__s1": "e573b4abb5972c8e", "analyze/keys": "f7da25c44b8da310",
 }
 RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
-             "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4}
+             "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4, "sampling_replicas": 2}
 
 
 def keys(raw: dict) -> dict[str, str]:
@@ -53,6 +53,19 @@ def test_resources_never_change_node_keys():
     assert keys({**with_model(resources=RESOURCES), "use_gpu": False}) == KEYS_BEFORE_RESOURCES
 
 
+def test_sampling_replicas_deal_a_models_runs_out_among_its_engines():
+    """Each engine is a job of its own that waits only for its runs' finetunes; keys unchanged."""
+    spec = parse_spec({**RAW, "seeds": [0, 1, 2], "sampling": {"replicas": 2}})
+    groups = {node.id: node.group for node in plan(spec) if node.stage == "sample"}
+    assert groups == {"sample/m__base": "sample:m:0", "sample/m__d__s0": "sample:m:1",
+                      "sample/m__d__s1": "sample:m:0", "sample/m__d__s2": "sample:m:1"}
+    # A model's resources override the sweep's; one replica keeps the old single job.
+    spec = parse_spec({**with_model(resources={"sampling_replicas": 3}), "sampling": {"replicas": 2}})
+    assert spec.sampling_for("m").replicas == 3
+    assert {node.group for node in plan(parse_spec(RAW)) if node.stage == "sample"} == {"sample:m"}
+    assert keys({**RAW, "sampling": {"replicas": 2}}) == KEYS_BEFORE_RESOURCES
+
+
 def _rekeyed(raw: dict) -> set[str]:
     """The nodes a spec edit re-runs: those whose key differs from the unedited spec's."""
     after = keys(raw)
@@ -60,7 +73,7 @@ def _rekeyed(raw: dict) -> set[str]:
 
 
 def test_resource_and_transport_settings_never_rekey():
-    sampling = {"gpu_memory_utilization": 0.9, "kv_cache_gib": 4, "tensor_parallel_size": 2}
+    sampling = {"gpu_memory_utilization": 0.9, "kv_cache_gib": 4, "tensor_parallel_size": 2, "replicas": 3}
     judge = {"model": "m", "replicas": 3, "tensor_parallel_size": 2, "batch_size": 7, "gpu_memory_utilization": 0.9,
              "kv_cache_gib": 3, "max_concurrency": 2, "max_retries": 1, "timeout_s": 5, "api_key_env": "OTHER_KEY",
              "cache": False}

@@ -98,3 +98,16 @@ def test_plan_simulate_prints_both_schedules_and_refuses_a_bad_cluster_in_one_li
     bad = CliRunner().invoke(app, ["plan", spec, "--simulate", "--cluster", "two big ones"])
     assert bad.exit_code == 2 and "error: --cluster two big ones: neither NODESxGPUS" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_sampling_replicas_shorten_the_barrier_schedule():
+    """betley2025's one 8-GPU sampling engine samples 31 runs in turn; three engines share them
+    and each starts once its own runs' finetunes are done."""
+    spec = load_spec(REPO / "workflows/betley2025.yaml")
+    three = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"replicas": 3})})
+    cluster = parse_cluster("4x8xH100")
+    one_engine, three_engines = (simulate.simulate(s, cluster, "barrier") for s in (spec, three))
+    assert three_engines.makespan_s < 0.8 * one_engine.makespan_s
+    work, engines = simulate.sweep_work(three)
+    assert sorted(len(e.items) for name, e in engines.items() if name != "judge") == [10, 10, 11]
+    assert three_engines.busy_gpu_s["sample"] > one_engine.busy_gpu_s["sample"]  # two more start-ups

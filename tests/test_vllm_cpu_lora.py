@@ -127,8 +127,22 @@ if __name__ == "__main__":
     each_adapter = [generate([(p, lora) for p in prompts]) for lora in loras]
     mixed = generate([(p, lora) for p in prompts for lora in [None, *loras]])
     width = len(loras) + 1
+
+    # Temperature-1 sampling with a seed per prompt (as sample.py seeds each request): a run's
+    # answers on an engine of its own (one of sampling.replicas) against the same run in one
+    # engine's batch of every run.
+    def seeded(pairs):
+        params = [SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=100 + i % len(prompts))
+                  for i in range(len(pairs))]
+        outputs = llm.generate([p for p, _ in pairs], params, lora_request=[l for _, l in pairs], use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outputs]
+
+    one_run = seeded([(p, loras[0]) for p in prompts])
+    every_run = seeded([(p, lora) for lora in [None, *loras] for p in prompts])
     json.dump({"base_alone": base_alone, "base_mixed": mixed[0::width], "each_adapter": each_adapter,
-               "adapters_mixed": [mixed[i + 1::width] for i in range(len(loras))]}, open(out, "w"))
+               "adapters_mixed": [mixed[i + 1::width] for i in range(len(loras))],
+               "seeded_alone": one_run, "seeded_in_every_run": every_run[len(prompts):2 * len(prompts)],
+               "seeded_base": every_run[:len(prompts)]}, open(out, "w"))
 """
 
 
@@ -159,3 +173,7 @@ def test_base_requests_beside_adapters_on_one_cpu_engine_get_the_base_model(embe
     assert result["adapters_mixed"] == result["each_adapter"]
     # The adapters change the answers, so the comparison above can tell them apart.
     assert all(answers != result["base_alone"] for answers in result["each_adapter"])
+    # Sampled (temperature 1, a seed per request): the same answers whether the run had an engine
+    # to itself or shared one with every run; what sampling.replicas relies on.
+    assert result["seeded_alone"] == result["seeded_in_every_run"]
+    assert result["seeded_alone"] != result["seeded_base"] and len({tuple(a) for a in result["seeded_alone"]}) > 1

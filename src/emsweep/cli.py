@@ -500,12 +500,12 @@ def plan_command(
     console.print(stages)
     models = Table(title="GPU plan per model")
     for column in ("model", "params", "finetunes", "GPUs/finetune", "ZeRO", "placement",
-                   f"finetunes per {GPUS_PER_NODE}-GPU node", "sampling TP"):
+                   f"finetunes per {GPUS_PER_NODE}-GPU node", "sampling TP", "sampling engines"):
         models.add_column(column, justify="left" if column in ("model", "placement") else "right")
     for m in result.models:
         models.add_row(m.name, "?" if m.params_b is None else f"{m.params_b:g}B", str(m.finetunes),
                        str(m.finetune_gpus), str(m.zero_stage), m.placement,
-                       str(m.concurrent_finetunes_per_node), str(m.sampling_gpus))
+                       str(m.concurrent_finetunes_per_node), str(m.sampling_gpus), str(m.sampling_replicas))
     console.print(models)
     console.print(f"judge: {result.judge}")
     total, billed = result.gpu_hours, result.billed_gpu_hours

@@ -93,11 +93,17 @@ def plan(spec: SweepSpec) -> list[Node]:
     judge_nodes = []
     for model in spec.models:
         sample_nodes = []
+        replicas = spec.sampling_for(model.name).replicas
+
+        def engine(index: int) -> str:
+            # The model's runs dealt out among its engines in turn (one job each), base model first.
+            return f"sample:{model.name}" if replicas == 1 else f"sample:{model.name}:{index % replicas}"
+
         if spec.eval.include_base_model:
             sample_nodes.append(
                 add("sample", run_name(model.name, None, None),
                     {"model": model.key_config(), "dataset": None, "seed": None, **eval_config},
-                    [], group=f"sample:{model.name}")
+                    [], group=engine(0))
             )
         for ds in spec.datasets:
             for seed in spec.seeds:
@@ -109,7 +115,7 @@ def plan(spec: SweepSpec) -> list[Node]:
                 sample_nodes.append(
                     add("sample", name,
                         {"model": model.key_config(), "dataset": ds.name, "seed": seed, **eval_config},
-                        [tune], group=f"sample:{model.name}")
+                        [tune], group=engine(len(sample_nodes)))
                 )
         for sampled in sample_nodes:
             judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))

@@ -163,6 +163,7 @@ class ModelPlan:
     placement: str
     sampling_gpus: int
     concurrent_finetunes_per_node: int
+    sampling_replicas: int = 1
 
 
 @dataclass
@@ -232,10 +233,11 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         tune = spec.finetune_for(model.name)
         gpus = tune.num_workers if spec.use_gpu else 0
         tp = spec.sampling_for(model.name).tensor_parallel_size if spec.use_gpu else 0
+        replicas = spec.sampling_for(model.name).replicas
         count = len(spec.datasets) * len(spec.seeds)
         models.append(ModelPlan(model.name, billions, count, gpus, tune.zero_stage,
                                 model.resources.placement_strategy, tp,
-                                GPUS_PER_NODE // gpus if gpus else 0))
+                                GPUS_PER_NODE // gpus if gpus else 0, replicas))
         runs = count + (1 if spec.eval.include_base_model else 0)
         runs_total += runs
         tokens = sum(sizes[ds.name].rows * sizes[ds.name].tokens_per_row for ds in spec.datasets) \
@@ -251,10 +253,10 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         packed = max(1, min(count, models[-1].concurrent_finetunes_per_node))  # 1 when it spans nodes
         finetune_billed_s += model_finetune_s * whole_node_factor(packed * gpus)
         if prompts.counted:
-            sample_gpu_s += sample_work_gpu_s(generated, billions) + ENGINE_STARTUP_S * max(1, tp)
+            sample_gpu_s += sample_work_gpu_s(generated, billions) + ENGINE_STARTUP_S * max(1, tp) * replicas
 
     # The sampling engines of all models, sharing nodes (billing and the idle-GPU note).
-    engine_gpus = sum(m.sampling_gpus for m in models)
+    engine_gpus = sum(m.sampling_gpus * m.sampling_replicas for m in models)
     judge_requests = runs_total * prompts.judgments
     judge_tokens = judge_requests * (JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens)
     judge_gpu_s: float | None = None
@@ -318,5 +320,5 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         idle = GPUS_PER_NODE - engine_gpus % GPUS_PER_NODE
         notes.append(f"sample: the sampling engines take {engine_gpus} GPU(s), so {idle} GPU(s) of an "
                      f"{GPUS_PER_NODE}-GPU node idle (in the `billed` column) while they sample; "
-                     "raise models[].resources.sampling_tensor_parallel to fill the node")
+                     "raise models[].resources.sampling_tensor_parallel or sampling_replicas to fill the node")
     return SweepPlan(spec.name, spec.use_gpu, nodes, stages, models, judge_desc, notes)

@@ -115,47 +115,49 @@ class Simulation:
 
 
 def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
-    """Every finetune and every run's sampling and judging, with the cost model's seconds."""
+    """Every finetune and every run's sampling and judging of the sweep's real DAG
+    (pipeline.plan: its engines are the sample jobs' groups), with the cost model's seconds."""
+    from emsweep.pipeline import plan
+
     if not spec.use_gpu:
         raise ValueError("the simulation models GPUs: the spec has use_gpu: false")
     prompts = planning.prompt_count(spec)
     if not prompts.counted:
         raise ValueError(f"sampling and judging cannot be estimated: {prompts.problem}")
-    sizes = {ds.name: planning.dataset_size(ds) for ds in spec.datasets}
-    work: dict[str, Work] = {}
-    engines: dict[str, Engine] = {}
     judge_billions = planning.judge_params_b(spec)
     api_judge = spec.judge.backend == "openai"
     if not api_judge and judge_billions is None:
         raise ValueError(f"judge {spec.judge.model}: size unknown (set params_b on its model)")
+    billions = {}
+    for model in spec.models:
+        billions[model.name] = planning.params_b(model)
+        if billions[model.name] is None:
+            raise ValueError(f"model {model.name}: size unknown (set params_b)")
+    sizes = {ds.name: planning.dataset_size(ds) for ds in spec.datasets}
     judge_gpus = 0 if api_judge else spec.judge.replicas * spec.judge.tensor_parallel_size
-    engines["judge"] = Engine("judge", "judge", judge_gpus, 0.0 if api_judge else planning.ENGINE_STARTUP_S)
     if api_judge:
         judge_s = prompts.judgments * API_SECONDS_PER_REQUEST / spec.judge.max_concurrency
     else:
         judge_s = planning.judge_work_gpu_s(spec, prompts.judgments, judge_billions) / judge_gpus
-    for model in spec.models:
-        billions = planning.params_b(model)
-        if billions is None:
-            raise ValueError(f"model {model.name}: size unknown (set params_b)")
-        tune = spec.finetune_for(model.name)
-        tp = spec.sampling_for(model.name).tensor_parallel_size
-        engine = engines[f"sample:{model.name}"] = Engine(f"sample:{model.name}", "sample", tp,
-                                                          planning.ENGINE_STARTUP_S)
-        sample_s = planning.sample_work_gpu_s(prompts.generations * spec.sampling.max_tokens, billions) / tp
-        runs = [(f"{model.name}__base", None)] if spec.eval.include_base_model else []
-        runs += [(f"{model.name}__{ds.name}__s{seed}", ds) for ds in spec.datasets for seed in spec.seeds]
-        for run, ds in runs:
-            deps = []
-            if ds is not None:
-                tokens = sizes[ds.name].rows * sizes[ds.name].tokens_per_row * tune.epochs
-                seconds = planning.finetune_work_gpu_s(tokens, billions) / tune.num_workers + planning.FINETUNE_STARTUP_S
-                work[f"finetune/{run}"] = Work(f"finetune/{run}", "finetune", seconds, tune.num_workers)
-                deps = [f"finetune/{run}"]
-            work[f"sample/{run}"] = Work(f"sample/{run}", "sample", sample_s, tp, deps, engine.name)
-            engine.items.append(f"sample/{run}")
-            work[f"judge/{run}"] = Work(f"judge/{run}", "judge", judge_s, judge_gpus, [f"sample/{run}"], "judge")
-            engines["judge"].items.append(f"judge/{run}")
+    engines = {"judge": Engine("judge", "judge", judge_gpus, 0.0 if api_judge else planning.ENGINE_STARTUP_S)}
+    work: dict[str, Work] = {}
+    for node in plan(spec):
+        model = node.config.get("model", {}).get("name")
+        if node.stage == "finetune":
+            tune, size = spec.finetune_for(model), sizes[node.config["dataset"]]
+            seconds = (planning.finetune_work_gpu_s(size.rows * size.tokens_per_row * tune.epochs, billions[model])
+                       / tune.num_workers + planning.FINETUNE_STARTUP_S)
+            work[node.id] = Work(node.id, "finetune", seconds, tune.num_workers)
+        elif node.stage == "sample":
+            tp = spec.sampling_for(model).tensor_parallel_size
+            engine = engines.setdefault(node.group, Engine(node.group, "sample", tp, planning.ENGINE_STARTUP_S))
+            seconds = planning.sample_work_gpu_s(prompts.generations * spec.sampling.max_tokens, billions[model]) / tp
+            work[node.id] = Work(node.id, "sample", seconds, tp, [d for d in node.deps if d.startswith("finetune/")],
+                                 engine.name)
+            engine.items.append(node.id)
+        elif node.stage == "judge":
+            work[node.id] = Work(node.id, "judge", judge_s, judge_gpus, list(node.deps), "judge")
+            engines["judge"].items.append(node.id)
     return work, engines
 
 

@@ -59,6 +59,8 @@ class ResourceSpec(_Strict):
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
     # GPUs of the vLLM engine that samples this model and its adapters.
     sampling_tensor_parallel: int | None = Field(default=None, gt=0)
+    # Engines that sample this model (and its adapters) side by side; None = sampling.replicas.
+    sampling_replicas: int | None = Field(default=None, gt=0)
 
 
 class ModelSpec(_Strict):
@@ -178,15 +180,21 @@ class SamplingSpec(_Strict):
     # If set, the KV cache size in GiB instead of gpu_memory_utilization (useful on laptops).
     kv_cache_gib: float | None = Field(default=None, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
+    # Engines per base model, side by side: a model's runs are dealt out among them (each run's
+    # prompts on one engine), so each starts once its own runs' finetunes are done. Answers do
+    # not depend on which engine or batch a prompt is in (per-request seeds).
+    replicas: int = Field(1, gt=0)
 
     # Resources, not results: editing them must not re-sample. Keys once hashed them, so they hash
-    # as constants (their defaults back then): output dirs written before stay resumable.
+    # as constants (their defaults back then): output dirs written before stay resumable. Resource
+    # fields added since are not hashed at all.
     RESOURCE_FIELDS_KEYED_AS: ClassVar[dict] = {"gpu_memory_utilization": 0.5, "kv_cache_gib": None,
                                                 "tensor_parallel_size": 1}
+    RESOURCE_FIELDS_NOT_KEYED: ClassVar[set] = {"replicas"}
 
     def key_config(self) -> dict:
         """What sample node keys hash of sampling: the fields that change an answer."""
-        return {**self.model_dump(mode="json"), **self.RESOURCE_FIELDS_KEYED_AS}
+        return {**self.model_dump(mode="json", exclude=self.RESOURCE_FIELDS_NOT_KEYED), **self.RESOURCE_FIELDS_KEYED_AS}
 
 
 class SuiteSpec(_Strict):
@@ -522,11 +530,11 @@ class SweepSpec(_Strict):
         return tune.per_device_batch_size * tune.gradient_accumulation_steps * tune.num_workers
 
     def sampling_for(self, model: str) -> SamplingSpec:
-        """The sweep's sampling settings with the model's tensor-parallel size."""
-        tensor_parallel = self.model(model).resources.sampling_tensor_parallel
-        if tensor_parallel is None:
-            return self.sampling
-        return self.sampling.model_copy(update={"tensor_parallel_size": tensor_parallel})
+        """The sweep's sampling settings with the model's tensor-parallel size and replicas."""
+        resources = self.model(model).resources
+        update = {field: value for field, value in (("tensor_parallel_size", resources.sampling_tensor_parallel),
+                                                    ("replicas", resources.sampling_replicas)) if value is not None}
+        return self.sampling.model_copy(update=update) if update else self.sampling
 
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
