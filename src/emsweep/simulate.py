@@ -242,7 +242,7 @@ def _play(work: dict[str, Work], engines: dict[str, Engine], cluster: Cluster, s
         return last_release[0]  # ready earlier: it waited for GPUs
 
     def start_ready(now: float) -> None:
-        while _start_once(now):
+        while start_what_fits(now):
             # Ready work that does not fit while an engine holds GPUs with nothing to do (its next
             # runs wait for that very work: a deadlock otherwise): the engine stops and gives its
             # GPUs back; it starts again, paying its start-up again, when a run of it is ready.
@@ -258,11 +258,9 @@ def _play(work: dict[str, Work], engines: dict[str, Engine], cluster: Cluster, s
                 state["held"] = None
                 last_release[0] = state["last"]
 
-    def _start_once(now: float) -> bool:
-        """Start what fits; True if some engine was left holding GPUs idle (see start_ready)."""
-        order = sorted(waiting, key=lambda n: (STAGE_ORDER.index(work[n].stage), n))
-        candidates = [("job", n) for n in order if ready(work[n])]
-        candidates += [("engine", e) for e in sorted(engines, key=lambda e: STAGE_ORDER.index(engines[e].stage))]
+    def start_what_fits(now: float) -> bool:
+        """Start what fits, downstream stages first; True if some engine holds GPUs idle."""
+        candidates = [("job", n) for n in sorted(waiting) if ready(work[n])] + [("engine", e) for e in engines]
         candidates.sort(key=lambda c: STAGE_ORDER.index(work[c[1]].stage if c[0] == "job" else engines[c[1]].stage))
         for kind, name in candidates:
             if kind == "job":
