@@ -218,7 +218,7 @@ class LiveCounters:
                     run_key=run_id(self.sweep, node_id, node.key),
                     config={"node_key": node.key, "job_nodes": job, **node.config})
             except Exception:
-                pass
+                break  # W&B unreachable: the other nodes would each wait out the same init timeout
         self.nodes = {}  # opened once, whatever happened
 
     def log(self, record: dict, metrics: dict) -> None:
