@@ -181,8 +181,8 @@ class SamplingSpec(_Strict):
     kv_cache_gib: float | None = Field(default=None, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
     # Engines per base model, side by side: a model's runs are dealt out among them (each run's
-    # prompts on one engine), so each starts once its own runs' finetunes are done. Answers do
-    # not depend on which engine or batch a prompt is in (per-request seeds).
+    # prompts on one engine), so each starts once its own runs' finetunes are done. Seeds are
+    # per request, so which engine a run is on does not change its random draws.
     replicas: int = Field(1, gt=0)
 
     # Resources, not results: editing them must not re-sample. Keys once hashed them, so they hash
