@@ -76,6 +76,19 @@ def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, nam
     )
 
 
+def _start_node_run(spec: WandbSpec, out_dir: Path, sweep: str, node_id: str, key: str, config: dict):
+    """A node's run: the same id whichever process opens it (a live run while its job runs, its
+    commit, a resumed attempt), so all of them land in one W&B run."""
+    return _start_run(spec, out_dir, sweep, job_type=node_id.split("/", 1)[0], name=node_id.replace("/", ":"),
+                      run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
+
+
+def _start_summary_run(spec: WandbSpec, out_dir: Path, sweep: str, config: dict):
+    """The sweep's summary run (one id per sweep: the live rates and every report land in it)."""
+    return _start_run(spec, out_dir, sweep, job_type="summary", name=f"{sweep}:summary",
+                      run_key=run_id(sweep, "summary", "report"), config=config)
+
+
 def log_node(
     spec: WandbSpec,
     *,
@@ -98,8 +111,7 @@ def log_node(
     try:
         import wandb
 
-        run = live or _start_run(spec, out_dir, sweep, job_type=stage, name=node_id.replace("/", ":"),
-                                 run_key=run_id(sweep, node_id, key), config={"node_key": key, **config})
+        run = live or _start_node_run(spec, out_dir, sweep, node_id, key, config)
         try:
             last_step = None
             if step_metrics is not None:
@@ -151,9 +163,8 @@ class LiveRun:
             except Exception:
                 pass
         try:
-            self.run = _start_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
-                                  job_type="finetune", name=live["node_id"].replace("/", ":"), run_key=self.key,
-                                  config={"node_key": live["key"], **live["config"]})
+            self.run = _start_node_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
+                                       live["node_id"], live["key"], live["config"])
             _OPEN_LIVE_RUNS[self.key] = self.run
         except Exception:
             self.run = None
@@ -213,10 +224,8 @@ class LiveCounters:
         job = sorted(self.nodes)
         for node_id, node in self.nodes.items():
             try:
-                self.runs[node_id] = _start_run(
-                    self.spec, self.out_dir, self.sweep, job_type=self.stage, name=node_id.replace("/", ":"),
-                    run_key=run_id(self.sweep, node_id, node.key),
-                    config={"node_key": node.key, "job_nodes": job, **node.config})
+                self.runs[node_id] = _start_node_run(self.spec, self.out_dir, self.sweep, node_id, node.key,
+                                                     {"job_nodes": job, **node.config})
             except Exception:
                 break  # W&B unreachable: the other nodes would each wait out the same init timeout
         self.nodes = {}  # opened once, whatever happened
@@ -271,9 +280,7 @@ class LiveSummary:
             return None
         try:
             if self.run is None:
-                self.run = _start_run(self.spec, self.out_dir, self.sweep, job_type="summary",
-                                      name=f"{self.sweep}:summary", run_key=run_id(self.sweep, "summary", "report"),
-                                      config=self.config)
+                self.run = _start_summary_run(self.spec, self.out_dir, self.sweep, self.config)
             final = run_rates[run_rates["checkpoint_step"].isna()]
             means = final.groupby(["suite", "condition", "dataset"])["misaligned_rate"].mean()
             self.run.log({"judged_nodes": judged_nodes, "judged_runs": int(final["run_id"].nunique()),
@@ -303,8 +310,7 @@ def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tab
     try:
         import wandb
 
-        run = _start_run(spec, out_dir, sweep, job_type="summary", name=f"{sweep}:summary",
-                         run_key=run_id(sweep, "summary", "report"), config=config)
+        run = _start_summary_run(spec, out_dir, sweep, config)
         try:
             run.log({**{name: _table(frame) for name, frame in tables.items()},
                      **{name: wandb.Image(str(path)) for name, path in images.items()}})
