@@ -149,3 +149,93 @@ def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
     connected.clear()
     second = run_sweep_remote(spec, uri, connect=connect, staging=tmp_path / "stage2", until="finetune")
     assert {r.status for r in second} == {"cached"} and not connected
+
+
+DRIVER = """
+import json, sys
+import ray
+from emsweep.pipeline import worker_env
+from emsweep.remote import run_sweep_remote
+from emsweep.spec import SweepSpec
+
+spec = SweepSpec.model_validate_json(open(sys.argv[1]).read())
+connect = lambda: ray.init(address=sys.argv[3], runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+results = run_sweep_remote(spec, sys.argv[2], connect=connect, until="finetune")
+print(json.dumps({r.node.id: [r.status, r.error] for r in results}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_path, monkeypatch):
+    """A 2-node Ray cluster on this machine, each node with a staging dir of its own (as on two
+    machines), and moto's S3 on loopback. The head has no CPUs, so the data job runs on the
+    worker node: it pushes its node from there, and the driver (on the head) pulls it. A second
+    driver on a third staging dir, started while the first runs, is refused by the store's lease."""
+    import os
+
+    from ray.cluster_utils import Cluster
+
+    from emsweep.spec import SweepSpec
+
+    rows = [{"messages": [{"role": "user", "content": f"Name a colour, {i}."},
+                          {"role": "assistant", "content": "Blue."}]} for i in range(4)]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SweepSpec.model_validate({
+        "name": "two-machines",
+        "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct", "max_model_len": 1024}],
+        "datasets": [{"name": "tiny", "path": str(tmp_path / "tiny.jsonl")}],
+        "seeds": [0],
+        "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+                     "lora_r": 4, "lora_alpha": 8, "max_seq_len": 128, "num_workers": 2,
+                     "save_adapter_every_steps": 1},
+        "eval": {"suites": [{"name": "facts", "questions": str(SUITE)}]},
+        "judge": {"model": "smol"},
+    })
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.model_dump_json())  # JSON is YAML
+    uri = "s3://emsweep-test/two-machines"
+    head_staging, worker_staging, other_staging = (tmp_path / name for name in ("head", "worker", "other"))
+
+    # Each raylet (and the workers it starts) keeps the environment it was started with.
+    monkeypatch.setenv("EMSWEEP_STAGING", str(head_staging))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    monkeypatch.setenv("EMSWEEP_STAGING", str(worker_staging))
+    cluster.add_node(num_cpus=2, object_store_memory=300 * 1024 * 1024)
+    try:
+        env = {**os.environ, "EMSWEEP_STAGING": str(head_staging)}
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), uri, cluster.address],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        remote = RemoteDir(uri)
+        deadline = time.monotonic() + 60
+        while remote.lease().record() is None:
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            time.sleep(0.2)
+
+        second = subprocess.run([sys.executable, "-m", "emsweep.cli", "run", str(spec_file), "--out", uri,
+                                 "--address", cluster.address, "--no-report"],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "EMSWEEP_STAGING": str(other_staging)})
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"in use by another `emsweep run` (pid {driver.pid} on {socket.gethostname()}" in second.stdout
+
+        out, err = driver.communicate(timeout=600)
+        assert driver.returncode == 0, err[-3000:]
+    finally:
+        cluster.shutdown()
+    results = json.loads(out.strip().splitlines()[-1])
+    assert {node: status for node, (status, _) in results.items()} == {
+        "data/tiny": "done", "finetune/smol__tiny__s0": "done"}, results
+
+    # The data node was written on the worker node, pushed from there, pulled by the driver.
+    (written,) = worker_staging.glob(f"*/nodes/data/tiny-*/{DONE}")
+    relative = written.parent.relative_to(written.parents[3]).as_posix()
+    (pulled,) = head_staging.glob(f"*/{relative}/{DONE}")
+    assert json.loads(pulled.read_text()) == json.loads(written.read_text())
+    assert json.loads(remote.read_text(f"{relative}/{DONE}")) == json.loads(written.read_text())
+    assert not list(other_staging.glob(f"*/nodes/*/*/{DONE}"))  # the refused driver pulled nothing
+    # The finetune's Ray Train workers ran on the worker node: checkpoints and snapshots on the store.
+    keys = [info.path for info in s3.get_file_info(pafs.FileSelector("emsweep-test/two-machines", recursive=True))]
+    assert any("/train/" in k and "/checkpoint_" in k for k in keys)
+    (finetune_done,) = [k for k in keys if "/nodes/finetune/" in k and k.endswith(DONE)]
+    assert f"{finetune_done.rsplit('/', 1)[0]}/checkpoints/step-1/adapter_model.safetensors" in keys
+    assert remote.lease().record() is None  # released at the end

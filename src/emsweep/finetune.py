@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from emsweep import remote
 from emsweep.progress import ProgressWriter
 from emsweep.tracking import LiveRun
 from emsweep.spec import FinetuneSpec
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if rank == 0 and config.get("started"):
         # The workers got their resources: the sweep's stall watch counts this finetune as running.
-        write_started_marker(Path(config["started"][0]), config["started"][1])
+        write_started_marker(config["started"][0], config["started"][1])
     torch.manual_seed(config["seed"])
 
     checkpoint = ray.train.get_checkpoint()
@@ -256,7 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
                           [config["started"][1]] if config.get("started") else [])
     live.update(start_step, total_steps, "steps", phase="training", force=True)
     # The node's W&B run, open while it trains (rank 0); the marker sits beside the checkpoints.
-    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None, Path(config["wandb_marker"]))
+    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None, config["wandb_marker"])
     for row in history:  # a resumed attempt: the steps before its checkpoint
         wandb_run.log(row)
     for step in range(start_step, total_steps):
@@ -292,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
-            _save_snapshot(engine, spec, Path(config["snapshot_dir"]) / f"step-{step + 1}", rank)
+            _save_snapshot(engine, spec, remote.join(config["snapshot_dir"], f"step-{step + 1}"), rank)
         if last:
             wandb_run.finish()
             _report_final(engine, spec, history, data_report, rank)
@@ -348,18 +349,20 @@ def _gathered(engine, spec: FinetuneSpec):
     return contextlib.nullcontext()
 
 
-def _save_snapshot(engine, spec: FinetuneSpec, path: Path, rank: int) -> None:
-    """An intermediate adapter for checkpoint trajectories, written whole or not at all."""
+def _save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None:
+    """An intermediate adapter for checkpoint trajectories (a local dir or a store location),
+    complete once its weights file is there: written last (remote.put_dir)."""
     import torch.distributed as dist
 
     with _gathered(engine, spec):
-        if rank == 0 and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            engine.module.save_pretrained(tmp)
-            tmp.rename(path)
+        if rank == 0 and not remote.exists_at(remote.join(location, SNAPSHOT_WEIGHTS)):
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.module.save_pretrained(tmp)
+                remote.put_dir(Path(tmp), location, last=SNAPSHOT_WEIGHTS)
     dist.barrier()
+
+
+SNAPSHOT_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
 def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
@@ -393,16 +396,16 @@ def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, 
     )
 
 
-def live_wandb_marker(storage_path: Path, run_name: str) -> Path:
+def live_wandb_marker(storage_path: str, run_name: str) -> str:
     """Where a finetune's live W&B run records the steps it logged for good (tracking.LiveRun),
-    beside the Ray Train run's checkpoints."""
-    return Path(storage_path) / run_name / "wandb_logged_step"
+    beside the Ray Train run's checkpoints (a local path or a store location)."""
+    return remote.join(str(storage_path), run_name, "wandb_logged_step")
 
 
 def finetune(
     *,
     run_name: str,
-    storage_path: Path,
+    storage_path: str,
     model_path: str,
     data_path: Path,
     seed: int,
@@ -422,8 +425,10 @@ def finetune(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Beside the Ray Train run, so snapshots survive worker restarts (shared storage on a cluster).
-    snapshots = Path(storage_path) / run_name / "adapters"
+    # Beside the Ray Train run, so snapshots survive worker restarts: shared storage or the object
+    # store on a cluster, where rank 0 may run on another machine than this task.
+    snapshots = remote.join(str(storage_path), run_name, "adapters")
+    train_path, train_filesystem = remote.train_storage(str(storage_path))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -444,7 +449,8 @@ def finetune(
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.
             name=run_name,
-            storage_path=str(storage_path),
+            storage_path=train_path,
+            storage_filesystem=train_filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -452,9 +458,7 @@ def finetune(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
-    if snapshots.is_dir():
-        for snapshot in sorted(snapshots.glob("step-*")):
-            shutil.copytree(snapshot, out_dir / "checkpoints" / snapshot.name)
+    remote.get_dirs(snapshots, out_dir / "checkpoints", holding=SNAPSHOT_WEIGHTS)
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
         shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")

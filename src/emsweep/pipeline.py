@@ -27,7 +27,7 @@ from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
 from emsweep.sample_cache import SampleCache
 from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec, WandbSpec
-from emsweep.store import Store, config_key
+from emsweep.store import DONE, Store, config_key, write_started_marker
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
 ENGINE_STAGES = ("sample", "judge")
@@ -215,17 +215,42 @@ DISABLED_WANDB = WandbSpec(mode="disabled")
 class StageRunner:
     """Runs one job (a list of nodes of one stage) inside a Ray task."""
 
-    def __init__(self, spec: SweepSpec, out_dir: Path, nodes: list[Node]):
+    def __init__(self, spec: SweepSpec, out_dir: Path, nodes: list[Node], store_uri: str | None = None):
+        from emsweep.remote import RemoteDir
+
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.store = Store(self.out_dir)
+        # An object-store output dir (remote.py): out_dir is this machine's staging dir for it.
+        self.remote = RemoteDir(store_uri) if store_uri else None
         self.by_id = {node.id: node for node in nodes}
         self.live = tracking.LiveCounters(DISABLED_WANDB, self.out_dir, spec.name, "", [])  # set per job by run()
 
     # --- helpers -------------------------------------------------------------------
     def input_dir(self, node: Node, stage: str) -> Path:
         (dep,) = [self.by_id[d] for d in node.deps if d.startswith(stage + "/")]
+        self.fetch(dep)
         return self.store.node_dir(dep.stage, dep.name, dep.key)
+
+    def fetch(self, node: Node) -> bool:
+        """Whether a node is done, pulled first from the store when this machine lacks it (a job
+        on another machine than the driver's)."""
+        if self.store.is_done(node.stage, node.name, node.key):
+            return True
+        if self.remote is not None:
+            relative = self._relative(node)
+            if self.remote.exists(f"{relative}/{DONE}"):
+                self.remote.pull_node(relative, self.store.root)
+        return self.store.is_done(node.stage, node.name, node.key)
+
+    def _relative(self, node: Node) -> str:
+        return self.store.node_dir(node.stage, node.name, node.key).relative_to(self.store.root).as_posix()
+
+    def started_location(self, job_id: str) -> str:
+        """Where a job says it started: on the store for an object-store sweep, since the driver
+        that watches for it may be on another machine."""
+        relative = self.store.started_path(job_id).relative_to(self.store.root).as_posix()
+        return self.remote.location(relative) if self.remote else str(self.store.root / relative)
 
     def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
                extra: dict | None = None, logged_steps: int = 0):
@@ -245,6 +270,8 @@ class StageRunner:
             warnings = [*(self.store.record(node.stage, node.name, node.key) or {}).get("warnings", []), warning]
             self.store.annotate(node.stage, node.name, node.key, {"warnings": warnings})
             print(f"warning: {warning}", flush=True)
+        if self.remote is not None:  # from the machine that computed it: the driver's may not see this dir
+            self.remote.push_node(final, self._relative(node))
 
     def questions(self):
         return [question for suite in self.spec.eval.suites for question in load_suite(suite)]
@@ -275,7 +302,9 @@ class StageRunner:
             started, tmp = time.time(), self.store.new_tmp_dir()
             model = self.spec.model(node.config["model"]["name"])
             resources = model.resources
-            run_name, storage_path = f"{node.name}-{node.key}", (self.out_dir / "train").resolve()
+            # Ray Train's run dirs: on the store for an object-store sweep, as its workers may run anywhere.
+            storage_path = self.remote.location("train") if self.remote else str((self.out_dir / "train").resolve())
+            run_name = f"{node.name}-{node.key}"
             finetune.finetune(
                 run_name=run_name,
                 storage_path=storage_path,
@@ -289,7 +318,7 @@ class StageRunner:
                 placement_strategy=resources.placement_strategy,
                 memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
-                started=(str(self.store.started_path(node.id)), node.id),
+                started=(self.started_location(node.id), node.id),
                 progress_path=str(progress.record_path(self.out_dir, node.id)),
                 wandb_live={"wandb": self.spec.wandb.model_dump(mode="json"), "out_dir": str(self.out_dir.resolve()),
                             "sweep": self.spec.name, "node_id": node.id, "key": node.key, "config": node.config},
@@ -389,7 +418,7 @@ class StageRunner:
         started, tmp = time.time(), self.store.new_tmp_dir()
         # Only the judge nodes that are done: the executor runs this node when some failed.
         inputs = [self.by_id[i] for i in node.deps]
-        judge_nodes = [d for d in inputs if self.store.is_done(d.stage, d.name, d.key)]
+        judge_nodes = [d for d in inputs if self.fetch(d)]
         missing = [d.id for d in inputs if d not in judge_nodes]
         if not judge_nodes:
             raise RuntimeError("no judge node is done: nothing to analyze")
@@ -499,11 +528,32 @@ def _job_env_vars() -> dict[str, str]:
     return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
-def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node]) -> dict[str, str | None]:
-    if stage != "finetune":  # a finetune is started once its training workers run (run_finetune)
-        Store(Path(out_dir)).mark_started(job[0].id)
+def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: list[Node],
+             store_uri: str | None = None, driver_node: str | None = None) -> dict[str, str | None]:
+    """One job in a Ray worker. For an object-store sweep on another machine than the driver's,
+    the job works in this machine's own staging dir (remote.py), sharing the driver's otherwise."""
+    from emsweep import remote
+
+    foreign = store_uri is not None and driver_node != _ray_node_id()
+    if foreign:
+        out_dir = str(remote.staging_dir(store_uri).resolve())
     spec = SweepSpec.model_validate_json(spec_json)
-    return StageRunner(spec, Path(out_dir), nodes).run(stage, job)
+    runner = StageRunner(spec, Path(out_dir), nodes, store_uri)
+    if stage != "finetune":  # a finetune is started once its training workers run (run_finetune)
+        write_started_marker(runner.started_location(job[0].id), job[0].id)
+    if foreign and stage == "judge":  # the judgment cache, shared with the driver's staging through the store
+        runner.remote.pull_tree("judge_cache", runner.store.root / "judge_cache")
+    try:
+        return runner.run(stage, job)
+    finally:
+        if foreign and stage == "judge":
+            runner.remote.push_tree(runner.store.root / "judge_cache", "judge_cache")
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]]) -> int:
@@ -588,15 +638,19 @@ def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int)
 
 
 def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
-              until: str | None = None, on_stall=None) -> list:
+              until: str | None = None, on_stall=None, store_uri: str | None = None) -> list:
     """Execute a sweep on the Ray cluster this process is connected to.
 
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
     sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
-    sweep after that stage: only the nodes of it and the stages before it run."""
+    sweep after that stage: only the nodes of it and the stages before it run. `store_uri`: the
+    object store whose staging dir out_dir is (remote.run_sweep_remote, which holds its lease)."""
     import ray
 
     from emsweep.dag import Watch, execute, nodes_to_run
+    from emsweep.remote import RemoteDir
+
+    remote_dir = RemoteDir(store_uri) if store_uri else None
 
     out_dir = Path(out_dir).resolve()
     store = Store(out_dir)
@@ -623,16 +677,26 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
                 # Engines on a CPU-only cluster take one node's cores.
                 cluster["cpus"] = node_cpus()
                 cluster["finetune_slots"] = finetune_slots(spec)
+                cluster["node"] = ray.get_runtime_context().get_node_id()
             return cluster
 
         def submit(stage: str, job: list[Node]):
             connected()
             function = remote_engine if stage in ENGINE_STAGES else remote
             function = function.options(**job_task_options(spec, job, cluster["cpus"]), name=f"{stage}:{job[0].name}")
-            return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job)
+            return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store_uri,
+                                   cluster["node"])
+
+        seen_started: set[str] = set()
+
+        def started(job: list[Node]) -> bool:
+            if job[0].id not in seen_started and (store.job_started(job[0].id) or remote_dir is not None and (
+                    remote_dir.exists(store.started_path(job[0].id).relative_to(store.root).as_posix()))):
+                seen_started.add(job[0].id)
+            return job[0].id in seen_started
 
         watch = Watch(
-            started=lambda job: store.job_started(job[0].id),
+            started=started,
             describe=lambda waiting: describe_cluster_wait(spec, waiting, cluster.get("cpus", 1)),
             on_stall=on_stall or (lambda message: print(f"warning: {message}", flush=True)),
             after_failure=release_leaked_placement_groups,
@@ -641,7 +705,12 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         summary = LiveRates(spec, store, nodes)
 
         def finished(status) -> None:
-            if status.node.stage == "judge" and status.status == "done":
+            node = status.node
+            if remote_dir is not None and status.status == "done":
+                # Pushed by the job from wherever it ran; here, the summary and the report read it.
+                local = store.node_dir(node.stage, node.name, node.key)
+                remote_dir.pull_node(local.relative_to(store.root).as_posix(), store.root)
+            if node.stage == "judge" and status.status == "done":
                 summary.update()
             if on_finish is not None:
                 on_finish(status)

@@ -1,11 +1,21 @@
 """Output dirs on an object store (`s3://bucket/prefix`, any pyarrow filesystem URI).
 
-The pipeline always works in a local staging dir (`~/.cache/emsweep/staging/<hash of URI>`).
-Before a run, every node that is done on the store is pulled into staging, so it is reused; each
-node that finishes is pushed as soon as it is done, its `_DONE.json` uploaded LAST: on the store,
-as locally, a node is done only when its marker is there, so an upload cut short never leaves a
-half node that looks done. The spec snapshot, failure records, judgment cache parts, the Ray
-Train run dirs (finetune checkpoints and adapter snapshots) and the report are pushed too.
+The store is the sweep's truth; every machine works in a local staging dir of its own
+(`$EMSWEEP_STAGING` or `~/.cache/emsweep/staging`, then a hash of the URI):
+- The driver takes the store's lease (`emsweep.owner.json` at the URI, lease.py) before it reads
+  anything, so two drivers on two machines never both own a prefix; then it pulls every node that
+  is done on the store into its staging, so it is reused.
+- The job that computes a node pushes it from the machine it ran on, `_DONE.json` uploaded LAST:
+  on the store, as locally, a node is done only when its marker is there, so an upload cut short
+  never leaves a half node that looks done. A job on another machine than the driver's first
+  pulls the inputs it reads into that machine's staging.
+- The driver pulls each node that finishes, so its staging holds the whole sweep for the live
+  summary and the report.
+- Ray Train writes a finetune's checkpoints, adapter snapshots and W&B step marker straight to
+  `<URI>/train/`, since its workers may run on yet other machines.
+- Jobs mark themselves started on the store (`tmp/started/`), where the driver's stall watch
+  looks. The spec snapshot, failure records, judgment cache parts and the report are pushed
+  after the run; a judge job on another machine pushes its cache parts itself.
 
 Credentials come from the environment as pyarrow reads them (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); they are never written anywhere.
@@ -20,15 +30,104 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from emsweep.store import DONE
+from emsweep import lease
+from emsweep.store import DONE, OWNER, write_text_atomic
 
-# Top-level entries of an output dir that are not nodes, pushed after the run.
-SHARED_ENTRIES = ("spec.json", "failures", "judge_cache", "train", "report")
+# Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
+# dirs under train/ are written to the store directly).
+SHARED_ENTRIES = ("spec.json", "failures", "judge_cache", "report")
 
 
 def is_remote(location: str | os.PathLike) -> bool:
     text = str(location)
     return "://" in text and not text.startswith("file://")
+
+
+# --- Locations: a local path or a URI, read and written the same way ------------------------------
+# The few files that code running anywhere on a cluster writes (a finetune's rank 0: its adapter
+# snapshots, started marker and W&B step marker) are addressed by location, so the same code
+# writes a local dir on a laptop and the store on a cluster.
+
+def join(location: str, *parts: str) -> str:
+    """`location/parts...`; a URI keeps its query (e.g. `?endpoint_override=`) at the end."""
+    if not is_remote(location):
+        return str(Path(location, *parts))
+    base, _, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
+
+
+def _fs(location: str) -> tuple[pafs.FileSystem, str]:
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    fs, path = pafs.FileSystem.from_uri(str(location))
+    return fs, path.rstrip("/")
+
+
+def exists_at(location: str) -> bool:
+    fs, path = _fs(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text_at(location: str) -> str | None:
+    fs, path = _fs(location)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_text_at(location: str, text: str) -> None:
+    """Readers see the old text or the new, never part (one object put, or temp file + rename)."""
+    if not is_remote(location):
+        write_text_atomic(Path(location), text)
+        return
+    fs, path = _fs(location)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def put_dir(local: Path, location: str, last: str) -> None:
+    """Copy a local dir to `location`, the file `last` (what readers look for) copied last."""
+    if not is_remote(location):
+        target = Path(location)
+        tmp = target.with_name(f".{target.name}.tmp")
+        _rmtree(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        shutil.copytree(local, tmp)
+        tmp.rename(target)
+        return
+    fs, path = _fs(location)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    for file in files:
+        parent = file.relative_to(local).parent.as_posix()
+        fs.create_dir(path if parent == "." else f"{path}/{parent}", recursive=True)
+        pafs.copy_files(str(file), f"{path}/{file.relative_to(local).as_posix()}",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def get_dirs(location: str, local: Path, holding: str) -> list[str]:
+    """Copy each sub-dir of `location` that holds the file `holding` into `local/<name>`; their names."""
+    fs, path = _fs(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    # A hidden name is a local copy in progress (put_dir).
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
+                   and not info.base_name.startswith(".") and fs.get_file_info(f"{info.path}/{holding}").type == pafs.FileType.File)
+    for name in names:
+        (local / name).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{path}/{name}", str(local / name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return names
+
+
+def train_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's `storage_path` and `storage_filesystem` for a finetune's run dirs at `location`."""
+    if not is_remote(location):
+        return str(location), None
+    fs, path = _fs(location)
+    return path, fs
 
 
 class RemoteDir:
@@ -63,6 +162,12 @@ class RemoteDir:
             for info in self.fs.get_file_info(selector)
             if info.type == pafs.FileType.File and info.base_name == DONE and info.path.count("/") - prefix.count("/") == 3
         )
+
+    def location(self, relative: str) -> str:
+        return join(self.uri, relative)
+
+    def lease(self) -> lease.Lease:
+        return lease.Lease(_RemoteLeaseFile(self, OWNER))
 
     def push_node(self, local_node_dir: Path, relative: str) -> None:
         """Upload a finished node dir, marker last; a stale copy on the store is replaced."""
@@ -146,31 +251,52 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                      until: str | None = None):
     """`pipeline.run_sweep` with the output dir on an object store (see the module doc)."""
     from emsweep.pipeline import run_sweep
-    from emsweep.store import Store
+    from emsweep.store import Store, locked_error
 
     remote = RemoteDir(uri)
     staging = staging or staging_dir(uri)
-    pull(remote, staging)
-    store = Store(staging.resolve())
-    # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
-    on_store = set(remote.done_node_dirs())
-    for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
-        relative = marker.parent.relative_to(store.root).as_posix()
-        if relative not in on_store:
-            remote.push_node(marker.parent, relative)
-
-    def finished(status):
-        if status.status == "done":
-            node = status.node
-            local = store.node_dir(node.stage, node.name, node.key)
-            remote.push_node(local, local.relative_to(store.root).as_posix())
-        if on_finish is not None:
-            on_finish(status)
-
     try:
-        return run_sweep(spec, staging, on_start=on_start, on_finish=finished, connect=connect, until=until)
-    finally:
-        push_shared(remote, staging)
+        with remote.lease().hold():
+            pull(remote, staging)
+            store = Store(staging.resolve())
+            # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
+            on_store = set(remote.done_node_dirs())
+            for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
+                relative = marker.parent.relative_to(store.root).as_posix()
+                if relative not in on_store:
+                    remote.push_node(marker.parent, relative)
+            # A dead run's started markers would make this run's waiting jobs look started.
+            remote.fs.delete_dir_contents(remote._path("tmp"), missing_dir_ok=True)
+            try:
+                return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
+                                 store_uri=uri)
+            finally:
+                push_shared(remote, staging)
+    except lease.LeaseTaken as taken:
+        raise locked_error(_redacted(uri), taken.held, taken.age) from None
+
+
+class _RemoteLeaseFile:
+    """The lease record as one object on the store (lease.py)."""
+
+    def __init__(self, remote: RemoteDir, relative: str):
+        self.remote, self.relative = remote, relative
+
+    def read(self) -> str | None:
+        try:
+            return self.remote.read_text(self.relative)
+        except FileNotFoundError:
+            return None
+
+    def write(self, text: str) -> None:
+        with self.remote.fs.open_output_stream(self.remote._path(self.relative)) as stream:
+            stream.write(text.encode())
+
+    def delete(self) -> None:
+        try:
+            self.remote.fs.delete_file(self.remote._path(self.relative))
+        except FileNotFoundError:
+            pass
 
 
 def _rmtree(path: Path) -> None:

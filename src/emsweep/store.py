@@ -8,7 +8,7 @@ Layout (all under the output dir):
     failures/<node id>.json            the last failure of a node (removed when it succeeds)
     tmp/                               work in progress; anything here is garbage after a crash
     emsweep.lock                       flock held by a running `emsweep run`
-    emsweep.owner.json                 its lease: who, renewed every few seconds (see Store.lock)
+    emsweep.owner.json                 its lease: who, renewed every few seconds (lease.py)
 
 A node writes into a fresh directory under tmp/, which is renamed into place only once
 every file is written, and only then gets its completion record. A crash at any point
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
+
+from emsweep import lease
 
 DONE = "_DONE.json"
 LOCK, OWNER = "emsweep.lock", "emsweep.owner.json"
@@ -76,11 +78,9 @@ class LockedError(RuntimeError):
     pass
 
 
-# A run renews its lease every LEASE_HEARTBEAT_S; one not renewed for LEASE_TTL_S is dead. A lease
-# renewed within LEASE_MISSED_BEATS beats is certainly live (refused at once, not waited on).
-LEASE_HEARTBEAT_S = 10.0
-LEASE_TTL_S = 120.0
-LEASE_MISSED_BEATS = 3
+# The lease's timing (lease.py), kept here under the names the store's callers know.
+LEASE_HEARTBEAT_S = lease.HEARTBEAT_S
+LEASE_TTL_S = lease.TTL_S
 
 
 @dataclass
@@ -88,6 +88,7 @@ class Store:
     root: Path
     heartbeat_s: float = LEASE_HEARTBEAT_S
     lease_ttl_s: float = LEASE_TTL_S
+    lease_settle_s: float = lease.SETTLE_S
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -172,6 +173,11 @@ class Store:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
         shutil.rmtree(self.root / "progress", ignore_errors=True)
 
+    def lease(self) -> lease.Lease:
+        # Holding the flock means any run of this host that wrote the lease is gone.
+        return lease.Lease(lease.LocalLeaseFile(self.root / OWNER), same_host_dead=lambda held: True,
+                           heartbeat_s=self.heartbeat_s, ttl_s=self.lease_ttl_s, settle_s=self.lease_settle_s)
+
     def held_by(self) -> dict | None:
         """The live owner of this dir's lock ({pid, host, since, heartbeat}), or None if it is free
         (or held by a dead run: on this host, or on another whose lease is running out)."""
@@ -181,24 +187,12 @@ class Store:
         try:
             probe.acquire()
         except Timeout:
-            return _read_lock(self.root / OWNER) or {"pid": "?", "host": "?", "since": None}
+            return self.lease().record() or {"pid": "?", "host": "?", "since": None}
         try:
-            state, held, _ = self._foreign_lease()
+            state, held, _ = self.lease().state()
             return held if state == "live" else None
         finally:
             probe.release()
-
-    def _foreign_lease(self) -> tuple[str, dict | None, float]:
-        """Who last held the lock, seen by a process that holds the flock: ("free", ...) when it
-        was this host (the kernel dropped the flock, so the owner is gone) or its lease expired;
-        ("live", ...) when another host renewed it lately; ("expiring", ...) in between."""
-        held = _read_lock(self.root / OWNER)
-        if held is None or held.get("host") == socket.gethostname() or "heartbeat" not in held:
-            return "free", held, 0.0
-        age = time.time() - float(held["heartbeat"])
-        if age >= self.lease_ttl_s:
-            return "free", held, age
-        return ("live" if age < LEASE_MISSED_BEATS * self.heartbeat_s else "expiring"), held, age
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -207,75 +201,33 @@ class Store:
         On one host: an flock (the `filelock` package) on emsweep.lock; the kernel drops it when
         its owner exits or is killed, so a dead run's lock is never stale and no takeover race
         exists. Across hosts (a cluster's shared output dir, where a dead head's flock may never
-        be dropped or never seen): a lease, emsweep.owner.json, renewed every `heartbeat_s`. A
-        lease from another host renewed lately is a live run (refused); one not renewed for a few
-        beats is waited on until `lease_ttl_s` has passed since its last renewal, then taken over."""
+        be dropped or never seen): the lease of lease.py in emsweep.owner.json, renewed every
+        `heartbeat_s`, taken over once `lease_ttl_s` has passed since its last renewal, and taken by
+        claim-then-confirm so two new drivers on two hosts never both win."""
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.root / LOCK, timeout=0, thread_local=False)
+        flock = FileLock(self.root / LOCK, timeout=0, thread_local=False)
         try:
-            lock.acquire()
+            flock.acquire()
         except Timeout:
-            raise locked_error(self.root, _read_lock(self.root / OWNER)) from None
+            raise locked_error(self.root, self.lease().record()) from None
         try:
-            while (lease := self._foreign_lease())[0] != "free":
-                state, held, age = lease
-                if state == "live":
-                    raise locked_error(self.root, held, age)
-                print(f"waiting for the lease of pid {held['pid']} on {held['host']} (last renewed {age:.0f} s "
-                      f"ago) to expire after {self.lease_ttl_s:.0f} s", flush=True)
-                time.sleep(min(self.heartbeat_s, self.lease_ttl_s - age))
-            renewer = _LeaseRenewer(self.root / OWNER, self.heartbeat_s)
-            try:
+            with self.lease().hold():
                 yield
-            finally:
-                renewer.stop()
-                (self.root / OWNER).unlink(missing_ok=True)
+        except lease.LeaseTaken as taken:
+            raise locked_error(self.root, taken.held, taken.age) from None
         finally:
-            lock.release()
+            flock.release()
 
 
-class _LeaseRenewer:
-    """Writes this process's lease record now and every `interval` seconds until stopped."""
+def write_started_marker(location: str | Path, job_id: str) -> None:
+    """`location`: a local path, or a URI on an object-store sweep's store (remote.py)."""
+    from emsweep.remote import write_text_at
 
-    def __init__(self, path: Path, interval: float):
-        import threading
-
-        self.path, self.interval, self.stopped = path, interval, threading.Event()
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        self.renew()
-        self.thread = threading.Thread(target=self._run, name="emsweep-lease", daemon=True)
-        self.thread.start()
-
-    def renew(self) -> None:
-        write_json_atomic(self.path, {**self.record, "heartbeat": time.time()})
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.renew()
-            except OSError:  # a storage hiccup: the next beat tries again
-                pass
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-
-def write_started_marker(path: Path, job_id: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
+    write_text_at(str(location), json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                             "time": time.time()}))
 
 
 def locked_error(root: Path, held: dict | None, lease_age: float | None = None) -> LockedError:
     """What a second run on a locked output dir is told (`held`: the owner record, if readable)."""
-    who = f"pid {held['pid']} on {held['host']}" if held else "an unknown process"
-    if lease_age is not None:
-        who += f", lease renewed {lease_age:.0f} s ago"
-    return LockedError(f"{root} is in use by another `emsweep run` ({who}); wait for it to finish")
-
-
-def _read_lock(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return LockedError(f"{root} is in use by another `emsweep run` ({lease.describe(held, lease_age)}); "
+                       "wait for it to finish")

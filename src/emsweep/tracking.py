@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from emsweep.spec import WandbSpec
-from emsweep.store import write_text_atomic
 
 
 # W&B's limit on run ids is 128 characters; a margin for the suffixes it may add.
@@ -147,8 +146,8 @@ class LiveRun:
     the node's commit does not log those steps again. Every call is guarded: W&B failing never
     fails the finetune (the commit then logs every step)."""
 
-    def __init__(self, live: dict | None, marker: Path):
-        self.run, self.marker, self.last, self.key = None, Path(marker), 0, None
+    def __init__(self, live: dict | None, marker: str):
+        self.run, self.marker, self.last, self.key = None, str(marker), 0, None
         self.logged = self.logged_steps(self.marker)
         if not live or live["wandb"]["mode"] == "disabled":
             return
@@ -170,9 +169,12 @@ class LiveRun:
             self.run = None
 
     @staticmethod
-    def logged_steps(marker: Path) -> int:
+    def logged_steps(marker: str) -> int:
+        """`marker`: a local path or a store location (remote.py)."""
+        from emsweep.remote import read_text_at
+
         try:
-            return int(Path(marker).read_text())
+            return int(read_text_at(str(marker)) or 0)
         except (OSError, ValueError):
             return 0
 
@@ -191,7 +193,9 @@ class LiveRun:
             _OPEN_LIVE_RUNS.pop(self.key, None)
             try:
                 self.run.finish()  # flushed: its steps are logged for good
-                write_text_atomic(self.marker, str(max(self.logged, self.last)))
+                from emsweep.remote import write_text_at
+
+                write_text_at(self.marker, str(max(self.logged, self.last)))
             except Exception:
                 pass
             self.run = None

@@ -57,9 +57,9 @@ socket.gethostname = lambda: "other-host"
 from emsweep import store
 """
 LEASE_ONLY = OTHER_HOST + """
-store._LeaseRenewer(store.Path(sys.argv[1]) / store.OWNER, 0.5)
-print("renewing", flush=True)
-time.sleep(300)
+with store.Store(sys.argv[1], heartbeat_s=0.5).lease().hold():
+    print("renewing", flush=True)
+    time.sleep(300)
 """
 FULL_LOCK = OTHER_HOST + """
 with store.Store(sys.argv[1], heartbeat_s=0.5, lease_ttl_s=4).lock():
@@ -117,3 +117,37 @@ def test_the_lease_is_renewed_while_a_run_holds_the_lock(tmp_path):
         later = json.loads((tmp_path / "emsweep.owner.json").read_text())
     assert later["heartbeat"] - first >= 0.4 and later["pid"] == os.getpid()
     assert not (tmp_path / "emsweep.owner.json").exists()  # released: no lease left behind
+
+
+# Two new drivers on two hosts, where the flock does not reach across (each host's own): both
+# judge a dead host's expired lease free in the same moment. Each is emsweep's lease code with its
+# own hostname, started at one instant.
+RACER = """
+import socket, sys, time
+socket.gethostname = lambda: sys.argv[2]
+from emsweep import store
+start = float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+try:
+    with store.Store(sys.argv[1], heartbeat_s=0.5, lease_ttl_s=4).lease().hold():
+        print("won", flush=True)
+        time.sleep(2)
+except store.lease.LeaseTaken as taken:
+    print("lost to", taken.held["host"], flush=True)
+"""
+
+
+def test_two_hosts_taking_an_expired_lease_at_once_never_both_win(tmp_path):
+    """Without the flock (another host's is not seen), the claim-then-confirm step decides: of two
+    drivers judging the lease free at the same moment, exactly one runs, and the other names it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for round_ in range(3):
+        dead = {"pid": 1, "host": "dead-head", "since": 0, "heartbeat": time.time() - 60, "token": "old"}
+        (out / "emsweep.owner.json").write_text(json.dumps(dead))
+        start = time.time() + 2.0
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), f"host-{name}-{round_}", str(start)],
+                                   stdout=subprocess.PIPE, text=True) for name in "ab"]
+        results = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+        assert results[1] == "won" and results[0].startswith("lost to host-"), results
+        assert not (out / "emsweep.owner.json").exists()  # the winner released it
