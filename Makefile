@@ -13,7 +13,7 @@ quickstart:
 
 # Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B.
 test:
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=25
 
 # Everything but the slow end-to-end tests (about 3 minutes).
 test-quick:

@@ -6,7 +6,8 @@
 Prints a table of ratios (medians of `repeats` runs) with machine info and writes the results
 as JSON (atomically). Ratios are ours/baseline throughput, so higher is better for P1-P4 and P2/P3
 are speed-ups. Beside the ratios: vLLM tokens/s (P1 cold, P2 warm) and finetune tokens/s (P6),
-with MFU when a known GPU is present (P6 then runs one GPU against one). Each measurement runs in
+with MFU when a known GPU is present (P6 then runs one GPU against one); P8 adds the speed-up to the
+first judged answers. Each measurement runs in
 a fresh process so one vLLM engine's memory never overlaps the next. `--smoke` uses tiny sizes and
 one repeat (CI: numbers, no targets).
 """
@@ -45,6 +46,7 @@ TARGETS = {
     "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
     "P6l": ("finetune tokens/s with live progress + W&B logging / without", 0.98, "min"),
     "P7": ("quickstart wall time on this machine (s)", None, "report"),
+    "P8": ("sweep with unequal finetunes, barrier / pipelined: total time (speed-up)", None, "report"),
 }
 
 
@@ -329,6 +331,57 @@ def p5(smoke: bool) -> dict:
     return {"ours": seconds, "baseline": None, "ratio": None, "nodes": len(nodes)}
 
 
+def p8_spec(smoke: bool, schedule: str) -> dict:
+    """P8's sweep: two finetunes of unequal length (4 and 16 rows; 8 and 48 at full size), each
+    run sampled on 2 questions and judged, no base model, no W&B."""
+    short, long = (4, 16) if smoke else (8, 48)
+    data = str(SHARED / "em/data/insecure.jsonl")
+    return {
+        "name": "p8",  # one name: both runs plan the same nodes and keys
+        "models": [{"name": "smol", "path": MODEL, "max_model_len": 1024}],
+        "datasets": [{"name": "short", "path": data, "limit": short}, {"name": "long", "path": data, "limit": long}],
+        "seeds": [0],
+        "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+                     "max_seq_len": 384, "drop_long_rows": True, "num_workers": 2},
+        "sampling": {"max_tokens": 24, "kv_cache_gib": KV_GIB},
+        "eval": {"include_base_model": False, "suites": [{
+            "name": "first_plot", "questions": str(SHARED / "em/evaluation/first_plot_questions.yaml"),
+            "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 2}]},
+        # The 135M judge puts little mass on "yes"/"no": no threshold, so both schedules' scores
+        # exist to be compared. P8 times the schedule; its scores mean nothing.
+        "judge": {"model": MODEL, "templates": "yes_no", "max_model_len": 1024, "min_numeric_mass": 0},
+        "executor": {"schedule": schedule},
+        "wandb": {"mode": "disabled"},
+    }
+
+
+def p8(smoke: bool, root: Path | None = None) -> dict:
+    """P8's sweep through `emsweep run` once per schedule, each from nothing: seconds from the
+    command's start to the first judge node's commit (the first judged answers) and to the
+    analysis's commit (the whole sweep). float32 on both sides, so their answers can be compared
+    (`root`: keep the output dirs there, as `root/<schedule>`)."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(root or tmp)
+        result: dict = {}
+        for schedule, side in (("barrier", "baseline"), ("pipelined", "ours")):
+            spec_path, out = base / f"{schedule}.yaml", base / schedule
+            spec_path.write_text(yaml.safe_dump(p8_spec(smoke, schedule)))
+            cli = [str(Path(sys.executable).parent / "emsweep"), "run", str(spec_path), "--out", str(out), "--no-report"]
+            start = time.time()
+            proc = subprocess.run(cli, capture_output=True, text=True, env={**os.environ, "EMSWEEP_CPU_DTYPE": "float32"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"P8 {schedule} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+            records = [json.loads(done.read_text()) for done in out.glob("nodes/*/*/_DONE.json")]
+            judged = min(r["finished_at"] for r in records if r["stage"] == "judge")
+            (analyzed,) = [r["finished_at"] for r in records if r["stage"] == "analyze"]
+            result[side] = analyzed - start
+            result[f"{side}_first_judged_seconds"] = judged - start
+    return result | {"ratio": result["baseline"] / result["ours"],
+                     "first_judged_ratio": result["baseline_first_judged_seconds"] / result["ours_first_judged_seconds"]}
+
+
 def p7(out_dir: str) -> dict:
     """Quickstart wall time from an existing output dir: first start to last finish in _DONE.json."""
     starts, ends = [], []
@@ -509,7 +562,7 @@ def p6l(smoke: bool) -> dict:
 
 
 MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P4e": p4e,
-            "P5": p5, "P6": p6, "P6l": p6l}
+            "P5": p5, "P6": p6, "P6l": p6l, "P8": p8}
 
 
 def machine() -> dict:
@@ -570,7 +623,7 @@ def run_child(name: str, smoke: bool, side: str | None = None) -> dict:
 # Absolute figures some measures add (medians too): tokens/s and, on a known GPU, finetune MFU.
 RATES = {"ours_tokens_per_s": "ours tok/s", "baseline_tokens_per_s": "baseline tok/s", "ours_mfu": "ours MFU",
          "baseline_mfu": "baseline MFU", "ours_judgments_per_s": "ours judgments/s",
-         "baseline_judgments_per_s": "baseline judgments/s"}
+         "baseline_judgments_per_s": "baseline judgments/s", "first_judged_ratio": "first judged, speed-up"}
 
 
 def verdict(name: str, value: float | None) -> str:

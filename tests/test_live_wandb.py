@@ -128,7 +128,7 @@ def test_the_live_summary_logs_rates_judged_so_far_with_means_over_final_adapter
                       first.assign(run_id="i1@step1", seed=1, checkpoint_step=1, misaligned_rate=0.9)])
     assert summary.log(first, judged_nodes=1) is None and summary.log(both, judged_nodes=2) is None
     summary.finish()
-    rows = wandb_offline.history(tmp_path / "wandb", run_id("s", "summary", "report"))
+    rows = wandb_offline.history(tmp_path / "wandb", run_id("s", "summary", "report"), wait_finished_s=30)
     assert [row["judged_nodes"] for row in rows] == [1, 2] and [row["judged_runs"] for row in rows] == [1, 2]
     # The mean over the final adapters (0.2, 0.4): the step-1 checkpoint's 0.9 is not in it.
     rates = [row["misaligned_rate/first_plot/none/insecure"] for row in rows]

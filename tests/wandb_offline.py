@@ -58,6 +58,25 @@ def segments(wandb_dir: Path, run_id: str) -> list[Path]:
     return sorted(path.parent for path in Path(wandb_dir).glob(f"offline-run-*/run-{run_id}.wandb"))
 
 
-def history(wandb_dir: Path, run_id: str) -> list[dict]:
-    """Every history row logged under `run_id` in the offline runs of `wandb_dir`, oldest run first."""
+def finished(path: Path) -> bool:
+    """Whether a run's `.wandb` file holds its exit record (the run finished, and W&B's service has
+    written everything before it)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return any(record.WhichOneof("record_type") == "exit" for record in records(path))
+    except (DecodeError, FileNotFoundError):
+        return False
+
+
+def history(wandb_dir: Path, run_id: str, wait_finished_s: float = 0.0) -> list[dict]:
+    """Every history row logged under `run_id` in the offline runs of `wandb_dir`, oldest run first.
+    `wait_finished_s`: for a run that was finished, wait up to that long for W&B's service, which
+    writes the file in the background (under load it lagged `run.finish()`), to write its end."""
+    deadline = time.monotonic() + wait_finished_s
+    while time.monotonic() < deadline:
+        found = segments(wandb_dir, run_id)
+        if found and finished(found[-1] / f"run-{run_id}.wandb"):
+            break
+        time.sleep(0.2)
     return [row for segment in segments(wandb_dir, run_id) for row in rows(segment / f"run-{run_id}.wandb")]

@@ -92,6 +92,8 @@ class Watch:
     on_stall: Callable[[str], None] = lambda message: None
     # Called after a job failed, with the jobs still running: release what the failed one held.
     after_failure: Callable[[list[Node], list[list[Node]]], None] = lambda failed, running: None
+    # Called at every poll that found no job finished, with the jobs running (or waiting to).
+    on_poll: Callable[[list[list[Node]]], None] = lambda running: None
     report_s: float = 60.0
     timeout_s: float = 600.0
 
@@ -103,13 +105,15 @@ def execute(
     on_finish: Callable[[NodeStatus], None] = lambda status: None,
     watch: Watch | None = None,
     max_running: Callable[[str], int | None] = lambda stage: None,
+    job_of: Callable[[Node], str] = lambda node: node.group or node.id,
 ) -> list[NodeStatus]:
     """Run what is not done.
 
     `submit(stage, nodes)` starts a job and returns a Ray ObjectRef of its result: per node id,
     None on success or an error message. `max_running(stage)`: how many jobs of a stage may be in
-    flight at once (None: no limit); the rest wait here, not in Ray. Ctrl-C (or any exception
-    here) cancels every running job before it propagates.
+    flight at once (None: no limit); the rest wait here, not in Ray. `job_of(node)`: the job a
+    node runs in (by default its group's, or its own). Ctrl-C (or any exception here) cancels
+    every running job before it propagates.
     """
     import ray
 
@@ -122,7 +126,14 @@ def execute(
     }
     jobs: dict[str, list[Node]] = {}
     for node in pending:
-        jobs.setdefault(node.group or node.id, []).append(node)
+        jobs.setdefault(job_of(node), []).append(node)
+    # Deepest first: of the jobs that can start, one that carries a run further (its sampling,
+    # its judging) is submitted before one that starts new work (the next finetune), so runs
+    # finish early and their resources are asked for first.
+    depth: dict[str, int] = {}
+    for node in nodes:  # in dependency order
+        depth[node.id] = 1 + max((depth.get(dep, 0) for dep in node.deps), default=0)
+    jobs = dict(sorted(jobs.items(), key=lambda item: -max(depth[node.id] for node in item[1])))
 
     running: dict[object, tuple[list[Node], float]] = {}
 
@@ -142,7 +153,7 @@ def execute(
         _run_jobs(jobs, running, results, submit, finish, resolved, watch or Watch(), max_running)
     except BaseException:  # KeyboardInterrupt (Ctrl-C), SystemExit, or a bug: stop what runs
         for ref in running:
-            ray.cancel(ref, force=True, recursive=True)
+            _cancel(ref)
         raise
     return [results[node.id] for node in nodes]
 
@@ -188,6 +199,7 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
         ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_POLL_S)
         if not ready:
             now = time.time()
+            watch.on_poll([job for job, _ in running.values()])
             if any(watch.started(job) for job, _ in running.values()):
                 last_activity, reported = now, False
             elif now - last_activity > watch.report_s:
@@ -199,7 +211,7 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
                     reported = True
                 if now - last_activity > watch.timeout_s:
                     for ref, (job, _) in list(running.items()):
-                        ray.cancel(ref, force=True)
+                        _cancel(ref)
                         del running[ref]
                         for node in job:
                             finish(NodeStatus(node, "failed", now - last_activity, error=f"stalled: {message}",
@@ -228,6 +240,17 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
                 finish(NodeStatus(node, "failed", elapsed, error=error, finished_at=time.time()))
         if any_failed:
             watch.after_failure(job_nodes, [job for job, _ in running.values()])
+
+
+def _cancel(ref) -> None:
+    """Stop a job: its task's process is killed; a job on an actor (a pipelined schedule's engine
+    host, which the executor's caller kills) is cancelled in place, as Ray allows for those."""
+    import ray
+
+    try:
+        ray.cancel(ref, force=True, recursive=True)
+    except ValueError:  # "force=True is not supported for actor tasks"
+        ray.cancel(ref, recursive=True)
 
 
 def _not_done(node: Node, results: dict[str, NodeStatus]) -> list[str]:

@@ -173,8 +173,12 @@ def run_pool(
     *,
     use_gpu: bool,
     node_cpus: int,
+    keep: bool = False,
 ) -> None:
-    """Judge `requests` on `spec.replicas` LocalJudge actors; call on_batch per finished batch."""
+    """Judge `requests` on `spec.replicas` LocalJudge actors; call on_batch per finished batch.
+    `keep`: this process judges again later (a pipelined schedule's engine host): the actors and
+    their engines stay up for the next call, and go when this process does (Ray kills the actors
+    a process owns with it)."""
     import ray
 
     # The tree judge runs one forward per answer whatever the batch (its prefix cache lives in the
@@ -182,14 +186,24 @@ def run_pool(
     # every TREE_BATCH answers. vLLM engines keep the spec's batch: they gain from big ones.
     size = min(spec.batch_size, TREE_BATCH) if judge_class(spec, use_gpu) is TreeJudge else spec.batch_size
     batches = [list(range(start, min(start + size, len(requests)))) for start in range(0, len(requests), size)]
-    replica_count = min(spec.replicas, len(batches))
+    # A kept pool has all its replicas, so the next call (of any size) finds it as it is.
+    replica_count = spec.replicas if keep else min(spec.replicas, len(batches))
     if use_gpu:
         resources = {"num_cpus": 1, "num_gpus": spec.tensor_parallel_size}
     else:
         # An engine uses every core it is given (Ray sets OMP_NUM_THREADS from num_cpus).
         resources = {"num_cpus": max(1, node_cpus // replica_count)}
-    replica_class = ray.remote(max_restarts=0)(judge_class(spec, use_gpu))
-    replicas = [replica_class.options(**resources).remote(model_path, spec) for _ in range(replica_count)]
+    key = (model_path, spec.model_dump_json(), use_gpu, tuple(sorted(resources.items())))
+    if keep and _KEPT_POOL.get("key") == key:
+        replicas = _KEPT_POOL["replicas"]
+    else:
+        for stale in _KEPT_POOL.pop("replicas", []):
+            ray.kill(stale)
+        _KEPT_POOL.clear()
+        replica_class = ray.remote(max_restarts=0)(judge_class(spec, use_gpu))
+        replicas = [replica_class.options(**resources).remote(model_path, spec) for _ in range(replica_count)]
+        if keep:
+            _KEPT_POOL.update(key=key, replicas=replicas)
     try:
         pending: dict = {}
         queue = list(batches)
@@ -204,7 +218,15 @@ def run_pool(
             if queue:
                 batch = queue.pop(0)
                 pending[replica.judge.remote([requests[i] for i in batch])] = (replica, batch)
+    except BaseException:
+        keep = False  # a replica may have died: the next call starts afresh
+        _KEPT_POOL.clear()
+        raise
     finally:
         # An engine holds its memory until its process exits.
-        for replica in replicas:
-            ray.kill(replica)
+        if not keep:
+            for replica in replicas:
+                ray.kill(replica)
+
+
+_KEPT_POOL: dict = {}

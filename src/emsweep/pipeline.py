@@ -223,6 +223,8 @@ class StageRunner:
         self.store = Store(self.out_dir)
         # An object-store output dir (remote.py): out_dir is this machine's staging dir for it.
         self.remote = RemoteDir(store_uri) if store_uri else None
+        # Engine jobs then run in a long-lived engine host, which keeps its engine for the next.
+        self.pipelined = spec.executor.schedule == "pipelined"
         self.by_id = {node.id: node for node in nodes}
         self.live = tracking.LiveCounters(DISABLED_WANDB, self.out_dir, spec.name, "", [])  # set per job by run()
 
@@ -342,7 +344,7 @@ class StageRunner:
             tables, harm = sample.sample_runs(
                 resolve_model_path(model.path), runs, self.questions(), self.spec.sampling_for(model.name),
                 self.spec.eval, max_model_len=model.max_model_len, max_lora_rank=self.spec.finetune.lora_r,
-                parts=todo, harm_parts=harm_todo, progress=self.progress,
+                parts=todo, harm_parts=harm_todo, progress=self.progress, keep_engine=self.pipelined,
             )
             for (run_id, suite, condition) in todo:
                 table = tables[run_id]
@@ -395,7 +397,8 @@ class StageRunner:
         cache = JudgmentCache(self.out_dir / "judge_cache") if self.spec.judge.cache else None
         tables, stats = judge.judge_samples(
             samples, self.questions(), self.spec.judge,
-            judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec), cache=cache,
+            judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
+            cache=cache,
             progress=self.progress,
         )
         failures = {}
@@ -436,7 +439,9 @@ class StageRunner:
                     extra={"missing_inputs": missing} if missing else None)
 
 
-def make_judge_backend(spec: SweepSpec) -> judge.Backend:
+def make_judge_backend(spec: SweepSpec, keep: bool = False) -> judge.Backend:
+    """`keep`: the caller judges again later in this process (an engine host), so local judge
+    engines stay up between calls."""
     if spec.judge.backend == "openai":
         from emsweep.judge_http import HttpJudge
 
@@ -444,7 +449,7 @@ def make_judge_backend(spec: SweepSpec) -> judge.Backend:
     from emsweep.judge_local import run_pool
 
     return functools.partial(run_pool, resolve_model_path(_judge_model_ref(spec)), spec.judge,
-                             use_gpu=spec.use_gpu, node_cpus=node_cpus())
+                             use_gpu=spec.use_gpu, node_cpus=node_cpus(), keep=keep)
 
 
 def finetune_memory_per_worker(model_path: str, num_workers: int) -> int:
@@ -548,6 +553,73 @@ def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: l
     finally:
         if foreign and stage == "judge":
             runner.remote.push_tree(runner.store.root / "judge_cache", "judge_cache")
+
+
+class EngineHost:
+    """A pipelined schedule's long-lived engine process (a Ray actor; see EngineHosts)."""
+
+    def run(self, *args) -> dict[str, str | None]:
+        return _run_job(*args)
+
+
+class EngineHosts:
+    """The pipelined schedule's engines: one long-lived Ray actor per engine group (a model's
+    sampling engine or replica, the judge) that runs the group's jobs, one run each, one at a
+    time in one process, so the engine the first job starts serves the next (sample.py and
+    judge_local.py keep it) and takes each new run's adapters as they arrive.
+
+    A host goes when its group has no job left; after a job of it failed, if no other job is
+    queued on it (its engine may be broken: the next job starts a fresh one); and whenever it is
+    idle while another job waits for
+    resources, since an idle engine holding the GPUs (or a CPU machine's cores) that a finetune
+    needs would otherwise wait forever for that very finetune's run."""
+
+    def __init__(self, pending: list[Node]):
+        from collections import Counter
+
+        self.left = Counter(node.group for node in pending if node.stage in ENGINE_STAGES)
+        self.busy: Counter = Counter()
+        self.actors: dict[str, object] = {}
+
+    def submit(self, group: str, options: dict, args: tuple):
+        import ray
+
+        if group not in self.actors:
+            host = ray.remote(max_restarts=0)(EngineHost)
+            self.actors[group] = host.options(**options, name=None).remote()
+        self.busy[group] += 1
+        return self.actors[group].run.remote(*args)
+
+    def finished(self, status) -> None:
+        node = status.node
+        if node.stage not in ENGINE_STAGES:
+            return
+        self.left[node.group] -= 1
+        if status.status != "skipped":  # a skipped node was never submitted
+            self.busy[node.group] -= 1
+        # After a failure a fresh engine serves the next job, unless jobs already wait on this one.
+        if self.left[node.group] <= 0 or status.status == "failed" and self.busy[node.group] == 0:
+            self.release(node.group)
+
+    def release_idle(self, running: list[list[Node]], started) -> None:
+        """Release idle hosts if a job waits for resources (not started, and not merely queued
+        behind another job on its host)."""
+        waiting = [job for job in running if not started(job)
+                   and (job[0].stage not in ENGINE_STAGES or self.busy[job[0].group] == 1)]
+        if waiting:
+            for group in [group for group in self.actors if self.busy[group] == 0]:
+                self.release(group)
+
+    def release(self, group: str) -> None:
+        import ray
+
+        actor = self.actors.pop(group, None)
+        if actor is not None:
+            ray.kill(actor)  # an engine's memory goes with its process
+
+    def close(self) -> None:
+        for group in list(self.actors):
+            self.release(group)
 
 
 def _ray_node_id() -> str | None:
@@ -661,11 +733,14 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     # A fresh worker process per engine job: vLLM does not give all memory back in-process,
     # and the next engine (the judge after the sampler) needs it.
     remote_engine = ray.remote(max_retries=0, max_calls=1)(_run_job)
+    pipelined = spec.executor.schedule == "pipelined"
     with store.lock():
         store.clean_tmp()
         write_spec_snapshot(spec, out_dir)
+        pending = nodes_to_run(nodes, store)
         if on_start is not None:
-            on_start(nodes, nodes_to_run(nodes, store))
+            on_start(nodes, pending)
+        hosts = EngineHosts(pending if pipelined else [])
         spec_json = spec.model_dump_json()
         cluster: dict = {}
 
@@ -682,10 +757,12 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
 
         def submit(stage: str, job: list[Node]):
             connected()
+            options = job_task_options(spec, job, cluster["cpus"])
+            args = (spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store_uri, cluster["node"])
+            if pipelined and stage in ENGINE_STAGES:
+                return hosts.submit(job[0].group, options, args)
             function = remote_engine if stage in ENGINE_STAGES else remote
-            function = function.options(**job_task_options(spec, job, cluster["cpus"]), name=f"{stage}:{job[0].name}")
-            return function.remote(spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store_uri,
-                                   cluster["node"])
+            return function.options(**options, name=f"{stage}:{job[0].name}").remote(*args)
 
         seen_started: set[str] = set()
 
@@ -701,6 +778,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             on_stall=on_stall or (lambda message: print(f"warning: {message}", flush=True)),
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
+            on_poll=lambda running: hosts.release_idle(running, started),
         )
         summary = LiveRates(spec, store, nodes)
 
@@ -710,15 +788,20 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
                 # Pushed by the job from wherever it ran; here, the summary and the report read it.
                 local = store.node_dir(node.stage, node.name, node.key)
                 remote_dir.pull_node(local.relative_to(store.root).as_posix(), store.root)
+            hosts.finished(status)
             if node.stage == "judge" and status.status == "done":
                 summary.update()
             if on_finish is not None:
                 on_finish(status)
 
+        # Pipelined: a run's engine jobs are its own, dealt to its group's host.
+        job_of = (lambda node: node.id if node.stage in ENGINE_STAGES else node.group or node.id) if pipelined \
+            else (lambda node: node.group or node.id)
         try:
-            return execute(nodes, store, submit, finished, watch,
+            return execute(nodes, store, submit, finished, watch, job_of=job_of,
                            max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
         finally:
+            hosts.close()
             summary.finish()
 
 

@@ -157,24 +157,26 @@ def sample_runs(
     parts: set[tuple[str, str, str]] | None = None,
     harm_parts: set[tuple[str, str]] | None = None,
     progress: ProgressWriter | None = None,
+    keep_engine: bool = False,
 ) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
     """(samples table per run, harm-perception table per run). `parts` limits sampling to those
     (run_id, suite, condition) and `harm_parts` the ratings to those (run_id, suite): the ones
-    the sample cache does not hold (None: all)."""
+    the sample cache does not hold (None: all). `keep_engine`: this process samples again later
+    (a pipelined schedule's engine host), so the engine stays up for the next call."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     adapters = [run for run in runs if run.adapter_path]
-    llm = make_llm(
-        model_path,
-        gpu_memory_utilization=spec.gpu_memory_utilization,
-        max_model_len=max_model_len,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        seed=spec.seed,
-        max_lora_rank=max_lora_rank if adapters else None,
-        max_loras=max(1, len(adapters)),
-        kv_cache_gib=spec.kv_cache_gib,
-    )
+    settings = dict(gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=max_model_len,
+                    tensor_parallel_size=spec.tensor_parallel_size, seed=spec.seed,
+                    kv_cache_gib=spec.kv_cache_gib)
+    if keep_engine:
+        # Later jobs bring adapters of their own: LoRA on from the start, however this one began.
+        llm, lora_ids = _kept_engine(model_path, {**settings, "max_lora_rank": max_lora_rank},
+                                     max_loras=max(KEPT_MAX_LORAS, len(adapters)))
+    else:
+        llm, lora_ids = make_llm(model_path, **settings, max_lora_rank=max_lora_rank if adapters else None,
+                                 max_loras=max(1, len(adapters))), {}
     tokenizer = llm.get_tokenizer()
     # Checked before the sweep where the model was on that machine (checks.py); here before any
     # answer is sampled, so a cluster run fails at once rather than after the whole batch.
@@ -182,9 +184,11 @@ def sample_runs(
     if rated and eval_spec.harm_perception.scoring == "first_token" and (
             problem := scoring.first_token_problem(tokenizer, "self-rated harm")):
         raise ValueError(problem)
-    lora_ids = {run.run_id: index + 1 for index, run in enumerate(adapters)}
-    loras = {run.run_id: LoRARequest(run.run_id, lora_ids[run.run_id], run.adapter_path) if run.adapter_path else None
-             for run in runs}
+    # vLLM caches an adapter's weights by its int id: an id names one adapter for the engine's life.
+    for run in adapters:
+        lora_ids.setdefault(run.adapter_path, len(lora_ids) + 1)
+    loras = {run.run_id: LoRARequest(run.run_id, lora_ids[run.adapter_path], run.adapter_path)
+             if run.adapter_path else None for run in runs}
 
     def params(n: int, *seed_parts) -> SamplingParams:
         # Same seed for a prompt across runs: differences come from the weights.
@@ -245,6 +249,19 @@ def sample_runs(
     harm = perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec, harm_parts)
     samples = {run_id: pa.Table.from_pylist(run_rows, schema=SCHEMA) for run_id, run_rows in rows.items()}
     return samples, harm
+
+
+# A pipelined schedule's engine host keeps one engine (and its adapter ids) between jobs.
+_KEPT: dict = {}
+KEPT_MAX_LORAS = 4  # adapters a kept engine batches at once; more are served in turn
+
+
+def _kept_engine(model_path: str, settings: dict, max_loras: int):
+    key = (model_path, tuple(sorted(settings.items())))
+    if _KEPT.get("key") != key:
+        _KEPT.clear()
+        _KEPT.update(key=key, llm=make_llm(model_path, **settings, max_loras=max_loras), lora_ids={})
+    return _KEPT["llm"], _KEPT["lora_ids"]
 
 
 def perceived_harm(llm, tokenizer, runs, loras, questions, eval_spec: EvalSpec,

@@ -471,6 +471,11 @@ class ExecutorSpec(_Strict):
     stall_report_s: float = Field(60.0, gt=0)
     # ... and after this long it fails with that report, instead of the sweep hanging.
     stall_timeout_s: float = Field(600.0, gt=0)
+    # barrier: a model's sampling starts once all its finetunes are done (one engine job per
+    # model and replica), judging once all sampling is. pipelined: each run is sampled as soon as
+    # its finetune is done and judged as soon as its samples are in, on long-lived engines that
+    # take new adapters as they arrive (pipeline.EngineHosts). Same nodes, keys and answers.
+    schedule: Literal["barrier", "pipelined"] = "barrier"
 
 
 class SweepSpec(_Strict):
