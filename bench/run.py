@@ -236,7 +236,7 @@ def p4(smoke: bool) -> dict:
 
     from emsweep.engine import render_chat
     from emsweep.judge import JudgeRequest, template_labels
-    from emsweep.judge_local import LocalJudge
+    from emsweep.judge.local import LocalJudge
     from emsweep.spec import JudgeSpec
 
     qs = questions(smoke, 1)
@@ -272,7 +272,7 @@ def p4e(smoke: bool) -> dict:
     (one vLLM step per trie node). Both give P(n) exactly, so their scores must agree (up to the
     two engines' bf16/float32 arithmetic); the largest difference is reported."""
     from emsweep.judge import JudgeRequest, template_labels
-    from emsweep.judge_local import LocalJudge, TreeJudge
+    from emsweep.judge.local import LocalJudge, TreeJudge
     from emsweep.models import resolve_model_path
     from emsweep.spec import JudgeSpec
 

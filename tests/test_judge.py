@@ -9,10 +9,10 @@ from emsweep.judge import (
     JudgeRequest, Judgment, failed, fill_template, first_token_judgment, judge_samples, output_row,
     template_labels,
 )
-from emsweep.judge_cache import JudgmentCache
+from emsweep.judge.cache import JudgmentCache
 from emsweep.questions import Question, load_questions
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
-from emsweep.scoring import sequence_probs
+from emsweep.judge.scoring import sequence_probs
 from emsweep.spec import JudgeSpec
 
 SPEC = JudgeSpec(model="judge", min_numeric_mass=0.25, scoring="first_token")
@@ -155,7 +155,7 @@ def test_cache_ignores_unfinished_part_files(tmp_path: Path):
 
 def test_yes_no_templates_map_probabilities_onto_0_100():
     from emsweep.judge import binary_score
-    from emsweep.judge_templates import load_templates
+    from emsweep.judge.templates import load_templates
 
     templates = load_templates("yes_no")
     assert set(templates.judge_prompts) == {"aligned", "coherent"}

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from emsweep.judge import JudgeRequest
-from emsweep.judge_http import HttpJudge
+from emsweep.judge.http import HttpJudge
 from emsweep.questions import load_questions
 from emsweep.spec import JudgeSpec
 
@@ -85,7 +85,7 @@ def _assert_same(got, expected):
 def pool_judgments(embedded_model, requests_):
     import ray
 
-    from emsweep.judge_local import run_pool
+    from emsweep.judge.local import run_pool
 
     spec = JudgeSpec(model="smol", scoring="first_token", max_model_len=2048, kv_cache_gib=1, replicas=2, batch_size=3)
     # float32 like the server below, so the two must agree to 1e-3.
@@ -122,7 +122,7 @@ def test_http_judge_against_vllm_serve_matches_the_engine_pool(vllm_server, requ
 def test_http_judge_of_a_digit_split_judge_is_flagged(vllm_server, shared_em, monkeypatch):
     # SmolLM2 spells numbers digit by digit; over HTTP only its top first tokens are visible, so
     # the scores are first digits (0-9). The judge stage cannot refuse it up front: it warns.
-    from emsweep.calibration import CalibrationItem, calibration_samples
+    from emsweep.judge.calibration import CalibrationItem, calibration_samples
     from emsweep.judge import judge_samples
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-unused-by-a-local-server")

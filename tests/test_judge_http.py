@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from emsweep.judge import JudgeRequest
-from emsweep.judge_http import HttpJudge
+from emsweep.judge.http import HttpJudge
 from emsweep.spec import JudgeSpec
 
 SENTINEL_KEY = "sk-test-SENTINEL-never-logged"

@@ -5,9 +5,9 @@ import math
 import pyarrow as pa
 import pytest
 
-from emsweep.calibration import CalibrationItem, calibration_report, fit_score_map
+from emsweep.judge.calibration import CalibrationItem, calibration_report, fit_score_map
 from emsweep.judge import SCHEMA, Judgment, judge_samples, template_hash
-from emsweep.score_maps import MetricMap, ScoreMap, fit_platt, load_score_map, logit_of_score
+from emsweep.judge.score_maps import MetricMap, ScoreMap, fit_platt, load_score_map, logit_of_score
 from emsweep.spec import AnalysisSpec, JudgeSpec, SpecError, parse_spec
 
 from test_judge import QUESTIONS, _samples
@@ -85,7 +85,7 @@ def test_a_judge_that_ranks_backwards_gets_no_map():
 
 
 def _write_map(path, judge="judge", templates="yes_no", slope=3.0, aligned_hash=None):
-    from emsweep.judge_templates import load_templates
+    from emsweep.judge.templates import load_templates
 
     aligned_hash = aligned_hash or template_hash(load_templates("yes_no").judge_prompts["aligned"])
     path.write_text(ScoreMap("m", judge, "exact", templates, {"aligned": MetricMap(slope, 0.0, aligned_hash)}).to_yaml())
@@ -127,7 +127,7 @@ def test_a_spec_refuses_a_map_fitted_for_another_judge_or_a_broken_map(tmp_path)
 
 
 def test_the_quickstart_map_is_built_in_and_fits_the_quickstart_judge(shared_em):
-    from emsweep.score_maps import builtin_names
+    from emsweep.judge.score_maps import builtin_names
     from emsweep.spec import load_spec
 
     spec = load_spec("workflows/quickstart.yaml")

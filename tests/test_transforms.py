@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from emsweep import transforms
+from emsweep.data import transforms
 from emsweep.data import DataError, load_dataset
 from emsweep.spec import DatasetSpec
 

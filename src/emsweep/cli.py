@@ -355,6 +355,7 @@ def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> 
     from emsweep.dag import status_table
     from emsweep.pipeline import plan, read_spec_snapshot
     from emsweep.store import Store
+    from emsweep.spec import SpecError
 
     import dataclasses
 
@@ -362,7 +363,7 @@ def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> 
 
     try:
         spec = read_spec_snapshot(out_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, SpecError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     store = Store(out_dir)
@@ -389,10 +390,11 @@ def report(
 ) -> None:
     """Write DIR/report/index.html (self-contained), figures (PNG, SVG) and tidy Parquet exports."""
     from emsweep.report import build_report
+    from emsweep.spec import SpecError
 
     try:
         result = build_report(out_dir, out, log_to_wandb=wandb, example_count=examples)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, SpecError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     console.print(f"report: {result.html}")
@@ -659,7 +661,7 @@ def data_generate(
     """
     import yaml
 
-    from emsweep.generate import generate_pairs, heldout_suite, write_pairs
+    from emsweep.data.generate import generate_pairs, heldout_suite, write_pairs
     from emsweep.store import write_text_atomic
 
     if kind != "insecure-code":
@@ -687,7 +689,7 @@ def data_check(directory: Path = typer.Argument(..., help="Output of `emsweep da
     """Run bandit over a generated dataset and print how often it flags each side."""
     import pyarrow.parquet as pq
 
-    from emsweep.generate import check_pairs
+    from emsweep.data.generate import check_pairs
 
     report = check_pairs(pq.read_table(directory / "pairs.parquet").to_pylist())
     table = Table(title=f"bandit on {directory}")
@@ -728,9 +730,9 @@ def judge_calibrate(
     """Judge a labelled calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
 
-    from emsweep.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
+    from emsweep.judge.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
     from emsweep.judge import judge_samples
-    from emsweep.judge_cache import JudgmentCache
+    from emsweep.judge.cache import JudgmentCache
     from emsweep.pipeline import _judge_model_ref, make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
@@ -797,8 +799,8 @@ def _fit_score_map(path: Path, spec, judgments, items, answers: Optional[Path]) 
     """Fit and write a score map; returns the calibration report of its held-out scores."""
     import datetime
 
-    from emsweep.calibration import calibration_report, fit_score_map
-    from emsweep.judge_templates import load_templates
+    from emsweep.judge.calibration import calibration_report, fit_score_map
+    from emsweep.judge.templates import load_templates
     from emsweep.store import write_text_atomic
 
     try:
@@ -841,7 +843,7 @@ def judge_agree(
 
     import pyarrow.parquet as pq
 
-    from emsweep.calibration import agreement
+    from emsweep.judge.calibration import agreement
     from emsweep.pipeline import judgments_of
     from emsweep.spec import AnalysisSpec
     from emsweep.store import write_json_atomic

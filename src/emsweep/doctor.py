@@ -163,7 +163,13 @@ def out_dir_checks(out: Path) -> list[Check]:
     from emsweep.dag import status_table
     from emsweep.pipeline import plan, read_spec_snapshot
 
-    spec = read_spec_snapshot(out)
+    from emsweep.spec import SpecError
+
+    try:
+        spec = read_spec_snapshot(out)
+    except SpecError as err:
+        return [*checks, Check("output dir", "fail", str(err),
+                               "resume it with the emsweep version that wrote it, or choose another --out")]
     rows = status_table(plan(spec), Store(out))
     done = sum(row.status == "done" for row in rows)
     held = Store(out).held_by()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
-from emsweep.judge_cache import JudgmentCache
+from emsweep.judge.cache import JudgmentCache
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
@@ -191,7 +191,7 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str 
         # emsweep started runs only as many finetunes as fit (finetune_slots).
         return {"num_cpus": 1 if spec.use_gpu else 0}
     if stage == "judge":
-        # A local judge's engines are Ray actors that ask for their own CPUs/GPUs (judge_local.py).
+        # A local judge's engines are Ray actors that ask for their own CPUs/GPUs (judge/local.py).
         return {"num_cpus": 0 if spec.judge.backend == "vllm" else 1}
     if stage in ENGINE_STAGES:
         if spec.use_gpu:
@@ -388,7 +388,7 @@ class StageRunner:
             # Checked before the sweep started where the judge was on that machine (checks.py); on a
             # cluster the model may only be resolvable here.
             from emsweep.checks import load_tokenizer
-            from emsweep.scoring import first_token_problem
+            from emsweep.judge.scoring import first_token_problem
 
             tokenizer = load_tokenizer(resolve_model_path(_judge_model_ref(self.spec)))
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
@@ -443,10 +443,10 @@ def make_judge_backend(spec: SweepSpec, keep: bool = False) -> judge.Backend:
     """`keep`: the caller judges again later in this process (an engine host), so local judge
     engines stay up between calls."""
     if spec.judge.backend == "openai":
-        from emsweep.judge_http import HttpJudge
+        from emsweep.judge.http import HttpJudge
 
         return HttpJudge(spec.judge)
-    from emsweep.judge_local import run_pool
+    from emsweep.judge.local import run_pool
 
     return functools.partial(run_pool, resolve_model_path(_judge_model_ref(spec)), spec.judge,
                              use_gpu=spec.use_gpu, node_cpus=node_cpus(), keep=keep)
@@ -566,7 +566,7 @@ class EngineHosts:
     """The pipelined schedule's engines: one long-lived Ray actor per engine group (a model's
     sampling engine or replica, the judge) that runs the group's jobs, one run each, one at a
     time in one process, so the engine the first job starts serves the next (sample.py and
-    judge_local.py keep it) and takes each new run's adapters as they arrive.
+    judge/local.py keep it) and takes each new run's adapters as they arrive.
 
     A host goes when its group has no job left; after a job of it failed, if no other job is
     queued on it (its engine may be broken: the next job starts a fresh one); and whenever it is
@@ -879,4 +879,15 @@ def read_spec_snapshot(out_dir: Path) -> SweepSpec:
     path = Path(out_dir) / "spec.json"
     if not path.exists():
         raise FileNotFoundError(f"{out_dir} has no spec.json: not an emsweep output directory")
-    return SweepSpec.model_validate_json(path.read_text())
+    import json
+
+    from emsweep.spec import SpecError, parse_spec
+
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{path}: not a spec snapshot: {err}") from None
+    try:
+        return parse_spec(raw, source=str(path))
+    except SpecError as err:  # e.g. a field an older emsweep wrote and this one no longer knows
+        raise SpecError(f"{err} (is this output dir from another emsweep version?)") from None

@@ -265,7 +265,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         judge_gpu_s = 0.0
     else:
         billions = judge_params_b(spec)
-        from emsweep.judge_local import judge_class
+        from emsweep.judge.local import judge_class
 
         engine = "vLLM" if judge_class(spec.judge, spec.use_gpu).__name__ == "LocalJudge" else "transformers (tree)"
         judge_desc = (f"{spec.judge.model} on {engine}, {spec.judge.replicas} replica(s) x "

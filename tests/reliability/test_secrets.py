@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from emsweep.judge import JudgeRequest
-from emsweep.judge_http import HttpJudge
+from emsweep.judge.http import HttpJudge
 from emsweep.redact import redact
 from emsweep.spec import JudgeSpec
 

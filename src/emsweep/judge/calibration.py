@@ -12,7 +12,7 @@ code, refusal. `calibration_report` says how well a judge's scores separate the 
 - code_detected / refusal_detected: share of the code / refusal band whose `aligned` answer
   is the CODE / REFUSAL label; excluded_*: share with a null `aligned` score (what takes an
   answer out of the EM rate); false_exclusion: null `aligned` among aligned/misaligned bands.
-`fit_score_map` fits a Platt map per metric (score_maps/) on the raw scores: `aligned` on the
+`fit_score_map` fits a Platt map per metric (judge/score_maps/) on the raw scores: `aligned` on the
 aligned (1) vs misaligned (0) bands, `coherent` on the aligned and misaligned (1) vs incoherent (0)
 bands. Its figures are held out: each question's answers are mapped by a map fitted on the other
 questions only (leave-one-question-out), and `calibration_report` runs on those scores.
@@ -35,7 +35,7 @@ import yaml
 from emsweep import em
 from emsweep.analyze import ANSWER_KEYS, wide_answers
 from emsweep.questions import Question
-from emsweep.score_maps import MetricMap, ScoreMap, fit_platt
+from emsweep.judge.score_maps import MetricMap, ScoreMap, fit_platt
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import AnalysisSpec
 
@@ -66,7 +66,7 @@ def calibration_items(path: str | Path | None = None) -> list[CalibrationItem]:
     where = str(path) if path else "calibration_data/answers.yaml"
     try:
         text = Path(path).read_text() if path else \
-            resources.files("emsweep.calibration_data").joinpath("answers.yaml").read_text()
+            resources.files("emsweep.judge.calibration_data").joinpath("answers.yaml").read_text()
         raw = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"{where}: cannot read labelled answers: {err}") from None

@@ -64,14 +64,14 @@ class ScoreMap:
 
 
 def builtin_names() -> list[str]:
-    from emsweep.judge_templates import builtin_names as names_in
+    from emsweep.judge.templates import builtin_names as names_in
 
     return names_in(__name__)
 
 
 def load_score_map(reference: str) -> ScoreMap:
     """A built-in map's name or a YAML path; errors name the file and field."""
-    from emsweep.judge_templates import read_builtin_or_file
+    from emsweep.judge.templates import read_builtin_or_file
 
     where, raw = read_builtin_or_file(__name__, reference, "judge.score_map", "map")
     if not isinstance(raw, dict):

@@ -18,7 +18,7 @@ That walk costs one engine step per trie node (about 100 for 0-100 with digit to
 CPU each step recomputes up to a 32-token block of the cached prompt. `ScoreTree` computes the
 same P(n) in one forward pass instead: the prompt followed by every trie node at once, each node
 attending to the prompt and its own ancestors only (a tree attention mask, positions by depth),
-so the logits at each node are exactly P(next | prompt, path) (judge_local.TreeJudge). Label
+so the logits at each node are exactly P(next | prompt, path) (judge.local.TreeJudge). Label
 sequences (CODE, REF+USAL) ride in the same tree.
 """
 

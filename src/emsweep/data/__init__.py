@@ -1,5 +1,8 @@
 """Stage 1, data: chat JSONL (the paper's `{"messages": [...]}` format) into an Arrow table.
 
+The package holds what builds training data: this loader, the matched-control `transforms`
+(educational, inoculated, ...) and `generate` (our insecure/secure code dataset, checked with bandit).
+
 Output schema (`data.parquet`):
     row_id        int64    position in the output (after subsetting)
     source_file   string   file the row came from (a dataset may be a directory of JSONL files)
@@ -23,10 +26,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from emsweep import transforms
+from typing import TYPE_CHECKING
+
+from emsweep.data import transforms
 from emsweep.models import cache_dir
-from emsweep.spec import DatasetSpec
 from emsweep.store import write_text_atomic
+
+if TYPE_CHECKING:  # spec.py imports data.transforms, so the spec module may be mid-import here
+    from emsweep.spec import DatasetSpec
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

@@ -1,5 +1,8 @@
 """Stage 4, judge: score every sampled answer with a judge model, per metric of its question.
 
+The package holds the judge and what it needs: backends (`local`, `http`), the judgment `cache`,
+exact `scoring`, yes/no `templates`, `score_maps` and the `calibration` set that measures a judge.
+
 The judge prompt of each metric (from the question YAML) is sent as a user turn, and the
 judge's next-token probabilities are read, never a sampled reply:
 - 0-100 metrics (`free_form_judge_0_100`): the score is the expected value of the number the
@@ -17,9 +20,9 @@ judge's next-token probabilities are read, never a sampled reply:
 - code_vulnerability questions (emsweep): no judge model; bandit labels each answer's code
   VULNERABLE, SECURE or NO_CODE, as it does for the training data (generate.py).
 
-Backends (`judge_local.py`: a pool of vLLM replicas as Ray actors; `judge_http.py`: an
+Backends (`judge/local.py`: a pool of vLLM replicas as Ray actors; `judge/http.py`: an
 OpenAI-compatible endpoint) turn `JudgeRequest`s into `Judgment`s. Judgments of an identical
-(judge, scoring, template, question, answer) are reused from the cache (`judge_cache.py`),
+(judge, scoring, template, question, answer) are reused from the cache (`judge/cache.py`),
 so changing a threshold or re-running re-judges nothing.
 
 Output schema (`judgments.parquet`, one file per run, one row per answer x metric):
@@ -32,10 +35,10 @@ Output schema (`judgments.parquet`, one file per run, one row per answer x metri
     (sha256 of the metric's template), cached bool (reused from the judgment cache),
     judge_templates string (`paper`: the question file's own templates, or the template set's name)
 
-Yes/no templates (judge_templates/, for small judges): the judge's probabilities of the two
+Yes/no templates (judge/templates/, for small judges): the judge's probabilities of the two
 answers map onto 0-100, `score = 100 * P(high) / (P(high) + P(low))`, with P(high) + P(low) as
 the numeric mass, so every threshold downstream applies unchanged (`binary_score`).
-A score map (score_maps/, `judge.score_map`) then rescales a small judge's compressed scores,
+A score map (judge/score_maps/, `judge.score_map`) then rescales a small judge's compressed scores,
 monotonically, after the numeric-mass threshold and after the cache.
 """
 
@@ -50,11 +53,11 @@ from typing import Callable, Protocol
 
 import pyarrow as pa
 
-from emsweep.generate import VERDICTS, bandit_verdicts
-from emsweep.judge_templates import PAPER, TemplateSet, load_templates
+from emsweep.data.generate import VERDICTS, bandit_verdicts
+from emsweep.judge.templates import PAPER, TemplateSet, load_templates
 from emsweep.questions import Question
-from emsweep.score_maps import ScoreMap, load_score_map
-from emsweep.scoring import expected_value, first_token_numbers, is_ascii_number
+from emsweep.judge.score_maps import ScoreMap, load_score_map
+from emsweep.judge.scoring import expected_value, first_token_numbers, is_ascii_number
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
 
