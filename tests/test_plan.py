@@ -372,3 +372,17 @@ def test_how_a_finetune_runs_never_changes_its_key():
     assert {i for i in changed if changed[i] != KEYS_BEFORE_RESOURCES[i]} == {
         "finetune/m__d__s0", "finetune/m__d__s1", "sample/m__d__s0", "sample/m__d__s1",
         "judge/m__d__s0", "judge/m__d__s1", "analyze/keys"}
+
+
+def test_a_pipelined_plan_counts_one_sampling_and_judging_job_per_run():
+    from emsweep.planning import build_plan
+    from emsweep.spec import load_spec
+
+    spec = load_spec(REPO / "workflows" / "quickstart.yaml")
+    barrier = {stage.stage: stage.jobs for stage in build_plan(spec).stages}
+    pipelined = {stage.stage: stage.jobs for stage in build_plan(
+        spec.model_copy(update={"executor": spec.executor.model_copy(update={"schedule": "pipelined"})})).stages}
+    # 4 finetuned runs and the base model: one engine job per model and one judge job, or one per run.
+    assert (barrier["sample"], barrier["judge"]) == (1, 1)
+    assert (pipelined["sample"], pipelined["judge"]) == (5, 5)
+    assert barrier["finetune"] == pipelined["finetune"] == 4

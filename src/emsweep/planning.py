@@ -279,7 +279,9 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     def count(stage: str) -> tuple[int, int, int | None]:
         stage_nodes = [n for n in nodes if n.stage == stage]
         done = sum(store.is_done(n.stage, n.name, n.key) for n in stage_nodes) if store else None
-        return len(stage_nodes), len({n.group or n.id for n in stage_nodes}), done
+        # Pipelined, a run's sampling and judging are jobs of their own (on its group's engine).
+        per_node = spec.executor.schedule == "pipelined" and stage in ("sample", "judge")
+        return len(stage_nodes), len({n.id if per_node else n.group or n.id for n in stage_nodes}), done
 
     def hours(seconds: float | None) -> float | None:
         return None if seconds is None or not spec.use_gpu else seconds / 3600
