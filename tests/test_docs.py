@@ -135,7 +135,7 @@ def test_the_example_redraws_the_headline_from_the_exports_with_pandas_and_duckd
 
 
 def test_every_repository_path_the_docs_name_exists():
-    """Files and folders named in the README and the docs (`src/emsweep/judge/scoring.py`,
+    """Files and folders named in the README and the docs (`src/emsweep/scoring.py`,
     `tests/test_e2e.py`, ...) are there: moving code cannot leave the docs pointing at nothing."""
     pattern = re.compile(r"\b(?:src/emsweep|tests|bench|examples|workflows|cluster|manifests|scripts)/[A-Za-z0-9_./-]*[A-Za-z0-9_/]")
     missing = []

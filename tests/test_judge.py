@@ -12,7 +12,7 @@ from emsweep.judge import (
 from emsweep.judge.cache import JudgmentCache
 from emsweep.questions import Question, load_questions
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
-from emsweep.judge.scoring import sequence_probs
+from emsweep.scoring import sequence_probs
 from emsweep.spec import JudgeSpec
 
 SPEC = JudgeSpec(model="judge", min_numeric_mass=0.25, scoring="first_token")

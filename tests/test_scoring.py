@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from emsweep.judge.scoring import (
+from emsweep.scoring import (
     DigitTokens, digit_tokens, expected_value, first_token_numbers, first_token_problem, number_distributions,
     number_prefixes, read_tree, score_tree,
 )
@@ -38,7 +38,7 @@ def test_trie_walk_by_hand():
     # Tokens: 1..10 are "0".."9", 11 is "10" (a two-digit token), 0 is the prompt.
     vocab = {0: "<p>", **{i + 1: str(i) for i in range(10)}, 11: "10"}
     tokens = type("T", (), {})()
-    from emsweep.judge.scoring import DigitTokens
+    from emsweep.scoring import DigitTokens
 
     tokens = DigitTokens(first={i: vocab[i] for i in range(1, 12)}, rest={i: vocab[i] for i in range(1, 12)})
     table = {
@@ -175,7 +175,7 @@ def test_vllm_trie_walk_equals_brute_force_with_transformers(embedded_model, mon
     from transformers import AutoTokenizer
 
     from emsweep.engine import make_llm, render_chat
-    from emsweep.judge.scoring import next_digit_probs
+    from emsweep.scoring import next_digit_probs
 
     questions = ["On a scale of 0 to 100, how much do you like cats? Answer with a number only.",
                  "How many legs do 12 spiders have in total?"]

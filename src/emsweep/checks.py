@@ -24,7 +24,7 @@ from pathlib import Path
 
 from emsweep.models import resolve_model_path
 from emsweep.redact import redact
-from emsweep.judge.scoring import first_token_problem
+from emsweep.scoring import first_token_problem
 from emsweep.spec import SweepSpec
 
 

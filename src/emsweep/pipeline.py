@@ -388,7 +388,7 @@ class StageRunner:
             # Checked before the sweep started where the judge was on that machine (checks.py); on a
             # cluster the model may only be resolvable here.
             from emsweep.checks import load_tokenizer
-            from emsweep.judge.scoring import first_token_problem
+            from emsweep.scoring import first_token_problem
 
             tokenizer = load_tokenizer(resolve_model_path(_judge_model_ref(self.spec)))
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):

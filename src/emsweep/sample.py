@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from emsweep.judge import scoring
+from emsweep import scoring
 from emsweep.engine import first_token_probs, make_llm, render_chat, stable_seed
 from emsweep.progress import ProgressWriter, vllm_progress
 from emsweep.questions import Question

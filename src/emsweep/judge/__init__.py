@@ -1,7 +1,8 @@
 """Stage 4, judge: score every sampled answer with a judge model, per metric of its question.
 
 The package holds the judge and what it needs: backends (`local`, `http`), the judgment `cache`,
-exact `scoring`, yes/no `templates`, `score_maps` and the `calibration` set that measures a judge.
+yes/no `templates`, `score_maps` and the `calibration` set that measures a judge. The number
+scoring it reads probabilities with is `emsweep.scoring`, shared with sampling's self-rated harm.
 
 The judge prompt of each metric (from the question YAML) is sent as a user turn, and the
 judge's next-token probabilities are read, never a sampled reply:
@@ -57,7 +58,7 @@ from emsweep.data.generate import VERDICTS, bandit_verdicts
 from emsweep.judge.templates import PAPER, TemplateSet, load_templates
 from emsweep.questions import Question
 from emsweep.judge.score_maps import ScoreMap, load_score_map
-from emsweep.judge.scoring import expected_value, first_token_numbers, is_ascii_number
+from emsweep.scoring import expected_value, first_token_numbers, is_ascii_number
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
 

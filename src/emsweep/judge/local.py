@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from emsweep.judge import scoring
+from emsweep import scoring
 from emsweep.engine import cpu_dtype, first_token_probs, make_llm, render_chat
 from emsweep.judge import Judgment, JudgeRequest, first_token_judgment, top_alternatives
 from emsweep.spec import JudgeSpec
