@@ -100,27 +100,33 @@ def test_resume_of_a_uri_without_a_sweep_says_so(s3):
     assert result.exit_code == 2 and "s3://emsweep-test/no-sweep-here has no spec.json" in result.output
 
 
-@pytest.mark.slow
-def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
-    import ray
-
-    from emsweep.pipeline import worker_env
+def tiny_spec(tmp_path: Path, name: str, **finetune):
+    """Four rows, one seed, a 2-worker finetune of the embedded model: data and finetune nodes."""
     from emsweep.spec import SweepSpec
 
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(4)]
     (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = SweepSpec.model_validate({
-        "name": "s3",
+    return SweepSpec.model_validate({
+        "name": name,
         "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct", "max_model_len": 1024}],
         "datasets": [{"name": "tiny", "path": str(tmp_path / "tiny.jsonl")}],
         "seeds": [0],
         "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
                      "lora_r": 4, "lora_alpha": 8, "max_seq_len": 128, "num_workers": 2,
-                     "save_adapter_every_steps": 1, "checkpoint_every_steps": 1},
+                     "save_adapter_every_steps": 1, **finetune},
         "eval": {"suites": [{"name": "facts", "questions": str(SUITE)}]},
         "judge": {"model": "smol"},
     })
+
+
+@pytest.mark.slow
+def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
+    import ray
+
+    from emsweep.pipeline import worker_env
+
+    spec = tiny_spec(tmp_path, "s3", checkpoint_every_steps=1)
     uri = "s3://emsweep-test/sweep"
     connected = []
 
@@ -175,22 +181,7 @@ def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_pat
 
     from ray.cluster_utils import Cluster
 
-    from emsweep.spec import SweepSpec
-
-    rows = [{"messages": [{"role": "user", "content": f"Name a colour, {i}."},
-                          {"role": "assistant", "content": "Blue."}]} for i in range(4)]
-    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = SweepSpec.model_validate({
-        "name": "two-machines",
-        "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct", "max_model_len": 1024}],
-        "datasets": [{"name": "tiny", "path": str(tmp_path / "tiny.jsonl")}],
-        "seeds": [0],
-        "finetune": {"per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
-                     "lora_r": 4, "lora_alpha": 8, "max_seq_len": 128, "num_workers": 2,
-                     "save_adapter_every_steps": 1},
-        "eval": {"suites": [{"name": "facts", "questions": str(SUITE)}]},
-        "judge": {"model": "smol"},
-    })
+    spec = tiny_spec(tmp_path, "two-machines")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.model_dump_json())  # JSON is YAML
     uri = "s3://emsweep-test/two-machines"

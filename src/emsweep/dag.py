@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from emsweep import progress
 from emsweep.redact import redact
-from emsweep.store import Store
+from emsweep.store import Store, is_partial
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
     rows = []
     for node in nodes:
         record = store.record(node.stage, node.name, node.key)
-        if record is not None and record.get("missing_inputs"):
+        if record is not None and is_partial(record):
             rows.append(NodeStatus(node, "partial", record.get("seconds"), error=partial_error(record["missing_inputs"]),
                                    finished_at=record.get("finished_at")))
             continue

@@ -24,7 +24,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 # A run renews its lease every HEARTBEAT_S; one not renewed for TTL_S is dead. A lease renewed
@@ -45,28 +44,11 @@ class LeaseTaken(RuntimeError):
 
 
 class LeaseFile(Protocol):
+    """Where the record lives (remote.LocationFile: a local path or a store object)."""
+
     def read(self) -> str | None: ...
     def write(self, text: str) -> None: ...
     def delete(self) -> None: ...
-
-
-@dataclass
-class LocalLeaseFile:
-    path: Path
-
-    def read(self) -> str | None:
-        try:
-            return self.path.read_text()
-        except FileNotFoundError:
-            return None
-
-    def write(self, text: str) -> None:
-        from emsweep.store import write_text_atomic
-
-        write_text_atomic(self.path, text)
-
-    def delete(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def pid_is_dead(record: dict) -> bool:

@@ -246,12 +246,12 @@ class StageRunner:
         return self.store.is_done(node.stage, node.name, node.key)
 
     def _relative(self, node: Node) -> str:
-        return self.store.node_dir(node.stage, node.name, node.key).relative_to(self.store.root).as_posix()
+        return self.store.relative(self.store.node_dir(node.stage, node.name, node.key))
 
     def started_location(self, job_id: str) -> str:
         """Where a job says it started: on the store for an object-store sweep, since the driver
         that watches for it may be on another machine."""
-        relative = self.store.started_path(job_id).relative_to(self.store.root).as_posix()
+        relative = self.store.relative(self.store.started_path(job_id))
         return self.remote.location(relative) if self.remote else str(self.store.root / relative)
 
     def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
@@ -570,9 +570,8 @@ class EngineHosts:
 
     A host goes when its group has no job left; after a job of it failed, if no other job is
     queued on it (its engine may be broken: the next job starts a fresh one); and whenever it is
-    idle while another job waits for
-    resources, since an idle engine holding the GPUs (or a CPU machine's cores) that a finetune
-    needs would otherwise wait forever for that very finetune's run."""
+    idle while another job waits for resources, since an idle engine holding the GPUs (or a CPU
+    machine's cores) that a finetune needs would otherwise wait forever for that very finetune."""
 
     def __init__(self, pending: list[Node]):
         from collections import Counter
@@ -768,7 +767,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
 
         def started(job: list[Node]) -> bool:
             if job[0].id not in seen_started and (store.job_started(job[0].id) or remote_dir is not None and (
-                    remote_dir.exists(store.started_path(job[0].id).relative_to(store.root).as_posix()))):
+                    remote_dir.exists(store.relative(store.started_path(job[0].id))))):
                 seen_started.add(job[0].id)
             return job[0].id in seen_started
 
@@ -787,7 +786,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             if remote_dir is not None and status.status == "done":
                 # Pushed by the job from wherever it ran; here, the summary and the report read it.
                 local = store.node_dir(node.stage, node.name, node.key)
-                remote_dir.pull_node(local.relative_to(store.root).as_posix(), store.root)
+                remote_dir.pull_node(store.relative(local), store.root)
             hosts.finished(status)
             if node.stage == "judge" and status.status == "done":
                 summary.update()

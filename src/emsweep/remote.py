@@ -87,6 +87,30 @@ def write_text_at(location: str, text: str) -> None:
         stream.write(text.encode())
 
 
+def delete_at(location: str) -> None:
+    fs, path = _fs(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+class LocationFile:
+    """One small file at a location, as lease.py reads and writes its record."""
+
+    def __init__(self, location: str):
+        self.location = location
+
+    def read(self) -> str | None:
+        return read_text_at(self.location)
+
+    def write(self, text: str) -> None:
+        write_text_at(self.location, text)
+
+    def delete(self) -> None:
+        delete_at(self.location)
+
+
 def put_dir(local: Path, location: str, last: str) -> None:
     """Copy a local dir to `location`, the file `last` (what readers look for) copied last."""
     if not is_remote(location):
@@ -167,7 +191,7 @@ class RemoteDir:
         return join(self.uri, relative)
 
     def lease(self) -> lease.Lease:
-        return lease.Lease(_RemoteLeaseFile(self, OWNER))
+        return lease.Lease(LocationFile(self.location(OWNER)))
 
     def push_node(self, local_node_dir: Path, relative: str) -> None:
         """Upload a finished node dir, marker last; a stale copy on the store is replaced."""
@@ -262,7 +286,7 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
             # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
             on_store = set(remote.done_node_dirs())
             for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
-                relative = marker.parent.relative_to(store.root).as_posix()
+                relative = store.relative(marker.parent)
                 if relative not in on_store:
                     remote.push_node(marker.parent, relative)
             # A dead run's started markers would make this run's waiting jobs look started.
@@ -274,29 +298,6 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                 push_shared(remote, staging)
     except lease.LeaseTaken as taken:
         raise locked_error(_redacted(uri), taken.held, taken.age) from None
-
-
-class _RemoteLeaseFile:
-    """The lease record as one object on the store (lease.py)."""
-
-    def __init__(self, remote: RemoteDir, relative: str):
-        self.remote, self.relative = remote, relative
-
-    def read(self) -> str | None:
-        try:
-            return self.remote.read_text(self.relative)
-        except FileNotFoundError:
-            return None
-
-    def write(self, text: str) -> None:
-        with self.remote.fs.open_output_stream(self.remote._path(self.relative)) as stream:
-            stream.write(text.encode())
-
-    def delete(self) -> None:
-        try:
-            self.remote.fs.delete_file(self.remote._path(self.relative))
-        except FileNotFoundError:
-            pass
 
 
 def _rmtree(path: Path) -> None:

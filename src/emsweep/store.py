@@ -83,6 +83,11 @@ LEASE_HEARTBEAT_S = lease.HEARTBEAT_S
 LEASE_TTL_S = lease.TTL_S
 
 
+def is_partial(record: dict) -> bool:
+    """A node record written by a node that ran without some of its inputs (it lists them)."""
+    return bool(record.get("missing_inputs"))
+
+
 @dataclass
 class Store:
     root: Path
@@ -96,11 +101,15 @@ class Store:
     def node_dir(self, stage: str, name: str, key: str) -> Path:
         return self.root / "nodes" / stage / f"{name}-{key}"
 
+    def relative(self, path: Path) -> str:
+        """A path under the output dir as the same relative key on an object store (remote.py)."""
+        return Path(path).relative_to(self.root).as_posix()
+
     def is_done(self, stage: str, name: str, key: str) -> bool:
         """Committed with all its inputs: a node that ran on partial inputs (dag.Node.partial_ok)
         is kept for reading but is redone by the next run."""
         record = self.record(stage, name, key)
-        return record is not None and not record.get("missing_inputs")
+        return record is not None and not is_partial(record)
 
     def record(self, stage: str, name: str, key: str) -> dict | None:
         path = self.node_dir(stage, name, key) / DONE
@@ -175,7 +184,9 @@ class Store:
 
     def lease(self) -> lease.Lease:
         # Holding the flock means any run of this host that wrote the lease is gone.
-        return lease.Lease(lease.LocalLeaseFile(self.root / OWNER), same_host_dead=lambda held: True,
+        from emsweep.remote import LocationFile
+
+        return lease.Lease(LocationFile(str(self.root / OWNER)), same_host_dead=lambda held: True,
                            heartbeat_s=self.heartbeat_s, ttl_s=self.lease_ttl_s, settle_s=self.lease_settle_s)
 
     def held_by(self) -> dict | None:
