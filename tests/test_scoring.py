@@ -108,7 +108,8 @@ def test_non_ascii_digits_never_crash_or_count():
 
 
 def brute_force(model_path: str, prompts: list[str]) -> list[dict[int, float]]:
-    """P(n) for n in 0..100 per prompt, by a full transformers forward per number path, float32."""
+    """P(n) for n in 0..100 per prompt: along each token path that spells n, the product of its
+    next-token probabilities from plain transformers forwards (float32), times not continuing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emsweep.engine import render_chat
@@ -129,21 +130,21 @@ def brute_force(model_path: str, prompts: list[str]) -> list[dict[int, float]]:
     for prompt in prompts:
         token_prompt = tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": prompt}]),
                                         add_special_tokens=False)
-        # The prompt but its last token, once; each path then runs from a fresh copy of that KV
-        # cache (the same numbers as a full forward of prompt + path, at a tenth of the compute).
+        numbered_paths = [(n, path) for n in range(101) for path in paths(str(n), True)]
+        # Every path in one batch from the prompt's KV cache (the prompt but its last token, run
+        # once): the same numbers as a full forward of prompt + path per path, but the weights
+        # are read once rather than 100+ times. Right padding: causal attention keeps it from
+        # reaching the positions that are read.
+        width = 1 + max(len(path) for _, path in numbered_paths)
+        batch = torch.tensor([token_prompt[-1:] + path + [0] * (width - 1 - len(path)) for _, path in numbered_paths])
         with torch.no_grad():
             prefix = model(torch.tensor([token_prompt[:-1]]), use_cache=True).past_key_values
-        dist = {}
-        for n in range(101):
-            total = 0.0
-            for path in paths(str(n), True):
-                with torch.no_grad():
-                    logits = model(torch.tensor([token_prompt[-1:] + path]),
-                                   past_key_values=copy.deepcopy(prefix)).logits[0]
-                probs = torch.softmax(logits, dim=-1)
-                total += math.prod(float(probs[i, t]) for i, t in enumerate(path)) * (
-                    1 - float(probs[len(path), rest_ids].sum()))
-            dist[n] = total
+            prefix.batch_repeat_interleave(len(numbered_paths))
+            all_probs = torch.softmax(model(batch, past_key_values=prefix).logits, dim=-1)
+        dist = {n: 0.0 for n in range(101)}
+        for (n, path), probs in zip(numbered_paths, all_probs):
+            dist[n] += math.prod(float(probs[i, t]) for i, t in enumerate(path)) * (
+                1 - float(probs[len(path), rest_ids].sum()))
         results.append(dist)
     return results
 
