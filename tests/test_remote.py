@@ -85,6 +85,42 @@ def test_nodes_round_trip_and_a_node_without_marker_is_not_done(s3, tmp_path):
     assert (store.node_dir("finetune", "m__d__s0", "k1") / "checkpoints/step-1/adapter_config.json").exists()
 
 
+def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, tmp_path):
+    """Jobs on any machine read and write both caches on the store (StageRunner.shared_location):
+    what one machine's job put there, another's sees; nothing goes through a staging dir."""
+    import pyarrow as pa
+
+    from emsweep.judge import Judgment
+    from emsweep.judge.cache import JudgmentCache
+    from emsweep.pipeline import StageRunner
+    from emsweep.sample_cache import SampleCache
+
+    uri = "s3://emsweep-test/caches"
+    runner = StageRunner(tiny_spec(tmp_path, "caches"), tmp_path / "staging", [], uri)
+    assert runner.shared_location("judge_cache") == f"{uri}/judge_cache"
+    assert StageRunner(tiny_spec(tmp_path, "caches"), tmp_path / "local", [], None).shared_location(
+        "judge_cache") == str(tmp_path / "local" / "judge_cache")
+
+    JudgmentCache(runner.shared_location("judge_cache")).put(
+        {"k1": Judgment(73.5, 0.91, {"CODE": 0.02}, [("7", 0.6)], longest_number_token=1)}, judge_model="j")
+    found = JudgmentCache(f"{uri}/judge_cache").get({"k1", "k2"})  # a fresh reader, as on another machine
+    assert list(found) == ["k1"] and found["k1"].expected_value == 73.5 and found["k1"].numeric_mass == 0.91
+    assert found["k1"].label_probs == {"CODE": 0.02} and found["k1"].longest_number_token == 1
+    assert JudgmentCache(f"{uri}/no-cache-yet").get({"k1"}) == {}
+
+    answers = pa.table({"answer": ["yes", "no"], "answer_tokens": [1, 1]})
+    cache = SampleCache(runner.shared_location("sample_cache"))
+    assert not cache.has("part1", "samples")
+    cache.put("part1", "samples", answers)
+    other_machine = SampleCache(f"{uri}/sample_cache")
+    assert other_machine.has("part1", "samples") and not other_machine.has("part1", "harm")
+    assert other_machine.get("part1", "samples", answers.schema).equals(answers)
+    keys = {info.path for info in s3.get_file_info(pafs.FileSelector("emsweep-test/caches", recursive=True))}
+    assert "emsweep-test/caches/sample_cache/part1.samples.parquet" in keys
+    assert sum(k.startswith("emsweep-test/caches/judge_cache/part-") for k in keys) == 1
+    assert not (tmp_path / "staging" / "judge_cache").exists() and not (tmp_path / "staging" / "sample_cache").exists()
+
+
 def test_bad_uri_is_a_clear_error_without_the_query():
     with pytest.raises(ValueError, match="output dir nosuchscheme://x") as error:
         RemoteDir("nosuchscheme://x?secret_key=hidden")

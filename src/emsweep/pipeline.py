@@ -248,11 +248,14 @@ class StageRunner:
     def _relative(self, node: Node) -> str:
         return self.store.relative(self.store.node_dir(node.stage, node.name, node.key))
 
-    def started_location(self, job_id: str) -> str:
-        """Where a job says it started: on the store for an object-store sweep, since the driver
-        that watches for it may be on another machine."""
-        relative = self.store.relative(self.store.started_path(job_id))
+    def shared_location(self, relative: str) -> str:
+        """Where an entry of the output dir that every machine reads and writes lives: on the
+        store for an object-store sweep (the driver and other jobs may be on other machines)."""
         return self.remote.location(relative) if self.remote else str(self.store.root / relative)
+
+    def started_location(self, job_id: str) -> str:
+        """Where a job says it started, for the driver's stall watch."""
+        return self.shared_location(self.store.relative(self.store.started_path(job_id)))
 
     def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
                extra: dict | None = None, logged_steps: int = 0):
@@ -336,7 +339,7 @@ class StageRunner:
         runs_by_node = {node.name: self.sample_runs(node, model.name) for node in nodes}
         runs = [run for node_runs in runs_by_node.values() for run in node_runs]
         # Only the parts the sample cache lacks are sampled (all of them on a first run).
-        cache = SampleCache(self.out_dir / "sample_cache")
+        cache = SampleCache(self.shared_location("sample_cache"))
         parts, harm_parts = sample_part_keys(self.spec, nodes[0], runs)
         todo = {part for part, key in parts.items() if not cache.has(key, "samples")}
         harm_todo = {part for part, key in harm_parts.items() if not cache.has(key, "harm")}
@@ -394,7 +397,7 @@ class StageRunner:
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
                 raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
-        cache = JudgmentCache(self.out_dir / "judge_cache") if self.spec.judge.cache else None
+        cache = JudgmentCache(self.shared_location("judge_cache")) if self.spec.judge.cache else None
         tables, stats = judge.judge_samples(
             samples, self.questions(), self.spec.judge,
             judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
@@ -546,13 +549,7 @@ def _run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: l
     runner = StageRunner(spec, Path(out_dir), nodes, store_uri)
     if stage != "finetune":  # a finetune is started once its training workers run (run_finetune)
         write_started_marker(runner.started_location(job[0].id), job[0].id)
-    if foreign and stage == "judge":  # the judgment cache, shared with the driver's staging through the store
-        runner.remote.pull_tree("judge_cache", runner.store.root / "judge_cache")
-    try:
-        return runner.run(stage, job)
-    finally:
-        if foreign and stage == "judge":
-            runner.remote.push_tree(runner.store.root / "judge_cache", "judge_cache")
+    return runner.run(stage, job)
 
 
 class EngineHost:

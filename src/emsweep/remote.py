@@ -14,8 +14,9 @@ The store is the sweep's truth; every machine works in a local staging dir of it
 - Ray Train writes a finetune's checkpoints, adapter snapshots and W&B step marker straight to
   `<URI>/train/`, since its workers may run on yet other machines.
 - Jobs mark themselves started on the store (`tmp/started/`), where the driver's stall watch
-  looks. The spec snapshot, failure records, judgment cache parts and the report are pushed
-  after the run; a judge job on another machine pushes its cache parts itself.
+  looks. The judgment cache and the sample cache live on the store too (`judge_cache/`,
+  `sample_cache/`): every job reads and writes them there, whichever machine it runs on. The
+  spec snapshot, failure records and the report are pushed after the run.
 
 Credentials come from the environment as pyarrow reads them (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); they are never written anywhere.
@@ -28,14 +29,16 @@ import hashlib
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from emsweep import lease
-from emsweep.store import DONE, OWNER, write_text_atomic
+from emsweep.store import DONE, OWNER, write_parquet_atomic, write_text_atomic
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
 # dirs under train/ are written to the store directly).
-SHARED_ENTRIES = ("spec.json", "failures", "judge_cache", "report")
+SHARED_ENTRIES = ("spec.json", "failures", "report")
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -44,9 +47,9 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 
 # --- Locations: a local path or a URI, read and written the same way ------------------------------
-# The few files that code running anywhere on a cluster writes (a finetune's rank 0: its adapter
-# snapshots, started marker and W&B step marker) are addressed by location, so the same code
-# writes a local dir on a laptop and the store on a cluster.
+# What code running anywhere on a cluster writes outside its node (a finetune's rank 0: its
+# adapter snapshots, started marker and W&B step marker; the judgment and sample caches) is
+# addressed by location, so the same code writes a local dir on a laptop and the store on a cluster.
 
 def join(location: str, *parts: str) -> str:
     """`location/parts...`; a URI keeps its query (e.g. `?endpoint_override=`) at the end."""
@@ -85,6 +88,30 @@ def write_text_at(location: str, text: str) -> None:
     fs, path = _fs(location)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())
+
+
+def write_parquet_at(location: str, table: pa.Table) -> None:
+    """Readers see the whole file or nothing (one object put, or temp file + rename)."""
+    if not is_remote(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(Path(location), table)
+        return
+    fs, path = _fs(location)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def read_parquet_at(location: str, schema: pa.Schema | None = None) -> pa.Table:
+    fs, path = _fs(location)
+    return pq.read_table(path, filesystem=fs, schema=schema)
+
+
+def files_at(location: str, prefix: str = "", suffix: str = "") -> tuple[pafs.FileSystem, list[str]]:
+    """The files directly in the dir at `location` named prefix*suffix (none if it is missing),
+    as paths on the filesystem returned with them."""
+    fs, path = _fs(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return fs, sorted(info.path for info in infos if info.type == pafs.FileType.File
+                      and info.base_name.startswith(prefix) and info.base_name.endswith(suffix))
 
 
 def delete_at(location: str) -> None:

@@ -2,8 +2,9 @@
 one suite, stored by what decides them, so a sample node re-keyed by a spec edit (a condition or
 suite added) samples only the prompts it has not answered before.
 
-`DIR/sample_cache/<key>.samples.parquet` and `<key>.harm.parquet`, each written to a temp name
-and renamed (never half-written). A part's key (pipeline.sample_part_keys) hashes the model,
+`DIR/sample_cache/<key>.samples.parquet` and `<key>.harm.parquet`, each written whole or not
+at all (a temp name and a rename; one object put on an object store, where the cache lives on
+the store). A part's key (pipeline.sample_part_keys) hashes the model,
 the adapter's bytes (a retrained adapter is a new part), the sampling fields that change an
 answer, the suite's questions (file content and selection) and the condition (or, for ratings,
 the harm prompt and scoring). Answers are deterministic given those: every request carries its
@@ -12,27 +13,27 @@ own seed (sample.py), so a cached part is what sampling it again would give.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from emsweep.store import write_parquet_atomic
+from emsweep import remote
 
 
 class SampleCache:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    """`location`: a local dir, or a dir on the sweep's object store (shared by every machine)."""
 
-    def _path(self, key: str, kind: str) -> Path:
-        return self.root / f"{key}.{kind}.parquet"
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
+
+    def _location(self, key: str, kind: str) -> str:
+        return remote.join(self.location, f"{key}.{kind}.parquet")
 
     def has(self, key: str, kind: str) -> bool:
-        return self._path(key, kind).is_file()
+        return remote.exists_at(self._location(key, kind))
 
     def get(self, key: str, kind: str, schema: pa.Schema) -> pa.Table:
-        return pq.read_table(self._path(key, kind), schema=schema)
+        return remote.read_parquet_at(self._location(key, kind), schema=schema)
 
     def put(self, key: str, kind: str, table: pa.Table) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(self._path(key, kind), table)
+        remote.write_parquet_at(self._location(key, kind), table)

@@ -1,8 +1,8 @@
 """The judgment cache: what a judge said about (judge, scoring, template, question, answer).
 
 Part files `DIR/judge_cache/part-*.parquet`, one per finished batch, each written to a
-hidden temp name and renamed, so a crash never leaves a half-written part that readers see
-(pyarrow's dataset discovery skips names starting with "." or "_"). Keys are
+hidden temp name and renamed (one object put on an object store, where the cache lives on the
+store for every machine), so a crash never leaves a half-written part that readers see. Keys are
 `JudgeRequest.cache_key`; thresholds are applied after the cache, so changing
 `min_numeric_mass` or the analysis re-judges nothing. Failed judgments are never cached.
 
@@ -14,16 +14,16 @@ Schema: cache_key string, expected_value float64, numeric_mass float64,
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from emsweep import remote
 from emsweep.judge import ALTERNATIVE, PAIR, Judgment
-from emsweep.store import write_parquet_atomic
 
 SCHEMA = pa.schema(
     [
@@ -40,13 +40,16 @@ SCHEMA = pa.schema(
 
 
 class JudgmentCache:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    """`location`: a local dir, or a dir on the sweep's object store (shared by every machine)."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
 
     def get(self, keys: set[str]) -> dict[str, Judgment]:
-        if not keys or not self.root.is_dir() or not any(self.root.glob("part-*.parquet")):
+        fs, parts = remote.files_at(self.location, "part-", ".parquet")
+        if not keys or not parts:
             return {}
-        dataset = ds.dataset(self.root, format="parquet", schema=SCHEMA)
+        dataset = ds.dataset(parts, filesystem=fs, format="parquet", schema=SCHEMA)
         table = dataset.to_table(filter=pc.field("cache_key").isin(pa.array(sorted(keys))))
         found = {}
         for row in table.to_pylist():
@@ -79,5 +82,5 @@ class JudgmentCache:
             ],
             schema=SCHEMA,
         )
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(self.root / f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet", table)
+        remote.write_parquet_at(remote.join(self.location, f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet"),
+                                table)
