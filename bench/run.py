@@ -41,7 +41,7 @@ TARGETS = {
     "P2s": ("batched sampling / per-question loop, 4 samples per question (speed-up)", 3.0, "min"),
     "P3": ("K=4 LoRAs on one engine / 4 engine loads (speed-up)", 2.5, "min"),
     "P4": ("judge answers/s / raw 1-token prefill", 0.9, "min"),
-    "P4e": ("exact scores, 1.5B judge: tree forward / vLLM digit trie (judgments/s)", 1.0, "min"),
+    "P4e": ("exact scores, 1.5B judge (smoke: 135M): tree forward / vLLM digit trie (judgments/s)", 1.0, "min"),
     "P5": ("no-op resume of a 10,000-node sweep (s)", 10.0, "max"),
     "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
     "P6l": ("finetune tokens/s with live progress + W&B logging / without", 0.98, "min"),
@@ -270,7 +270,9 @@ def p4e(smoke: bool) -> dict:
     """Exact 0-100 scores with the embedded 1.5B judge on the same answers: TreeJudge (one
     transformers forward over the prompt and the whole number trie) against LocalJudge's walk
     (one vLLM step per trie node). Both give P(n) exactly, so their scores must agree (up to the
-    two engines' bf16/float32 arithmetic); the largest difference is reported."""
+    two engines' bf16/float32 arithmetic); the largest difference is reported. --smoke uses the
+    135M subject model as the judge: the 1.5B's vLLM walk alone takes about 30 s per judgment here,
+    and both methods are checked against brute force in tests/test_scoring.py."""
     from emsweep.judge import JudgeRequest, template_labels
     from emsweep.judge.local import LocalJudge, TreeJudge
     from emsweep.models import resolve_model_path
@@ -280,7 +282,7 @@ def p4e(smoke: bool) -> dict:
     answers = P4E_ANSWERS[:1] if smoke else P4E_ANSWERS
     requests = [JudgeRequest(template, question.paraphrases[0], answer, True, template_labels(template))
                 for template in question.judge_prompts.values() for answer in answers]
-    path, spec = resolve_model_path(JUDGE), JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
+    path, spec = model_path() if smoke else resolve_model_path(JUDGE), JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
     tree = TreeJudge(path, spec)
     tree.judge(requests[:1])  # warm-up
     started = time.perf_counter()

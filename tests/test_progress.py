@@ -4,12 +4,14 @@ vLLM's own loop reports them. Real jobs write them in tests/test_e2e.py (the run
 `emsweep status` on a running sweep)."""
 
 import json
+from pathlib import Path
 
 from emsweep import progress
 
 
 def test_a_record_is_written_read_described_and_cleared(tmp_path):
-    path = progress.record_path(tmp_path, "finetune/m__d__s0")
+    path = Path(progress.record_location(tmp_path, "finetune/m__d__s0"))
+    assert path == tmp_path / "progress" / "finetune_m__d__s0.json"
     writer = progress.ProgressWriter(path, "finetune", ["finetune/m__d__s0"])
     writer.update(0, 40, "steps", phase="training", force=True)
     writer.update(1, 40, "steps", detail="loss 2.000")  # within MIN_INTERVAL_S: not written
@@ -29,7 +31,7 @@ def test_a_record_is_written_read_described_and_cleared(tmp_path):
 
 
 def test_the_last_update_is_always_written(tmp_path):
-    writer = progress.ProgressWriter(progress.record_path(tmp_path, "judge/x"), "judge", ["judge/x"])
+    writer = progress.ProgressWriter(progress.record_location(tmp_path, "judge/x"), "judge", ["judge/x"])
     for done in range(1, 6):  # five batches within a second: the first and the finished one land
         writer.update(done, 5, "judgments")
     assert progress.read_records(tmp_path)[0]["done"] == 5
@@ -37,7 +39,7 @@ def test_the_last_update_is_always_written(tmp_path):
 
 def test_the_vllm_adapter_counts_finished_requests(tmp_path):
     heard = []
-    writer = progress.ProgressWriter(progress.record_path(tmp_path, "sample/m__base"), "sample", ["sample/m__base"],
+    writer = progress.ProgressWriter(progress.record_location(tmp_path, "sample/m__base"), "sample", ["sample/m__base"],
                                      sink=lambda record, metrics: heard.append((record["done"], record["total"], metrics)))
     factory = progress.vllm_progress(writer, "answers")
     # As vLLM drives its bars: first one over the 3 prompts as they are rendered (not reported),

@@ -121,6 +121,25 @@ def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, 
     assert not (tmp_path / "staging" / "judge_cache").exists() and not (tmp_path / "staging" / "sample_cache").exists()
 
 
+def test_progress_records_of_jobs_anywhere_reach_the_drivers_display_through_the_store(s3):
+    """A job on any machine writes its progress record on the store; the driver's display
+    (cli._LiveJobs, which reads progress.read_records of the URI) sees it, and it is gone once
+    the job's node finishes (dag.execute clears it there)."""
+    from emsweep import progress
+
+    uri = "s3://emsweep-test/progress"
+    writer = progress.ProgressWriter(progress.record_location(uri, "finetune/m__d__s0"), "finetune",
+                                     ["finetune/m__d__s0"])
+    assert writer.min_interval_s == progress.REMOTE_MIN_INTERVAL_S  # each write is a billed request
+    writer.update(3, 40, "steps", detail="loss 1.500", phase="training", force=True)
+    writer.update(4, 40, "steps", detail="loss 1.400")  # within the store's interval: not written
+    (record,) = progress.read_records(uri)
+    assert (record["job"], record["done"], record["total"], record["detail"]) == ("finetune/m__d__s0", 3, 40, "loss 1.500")
+    assert s3.get_file_info("emsweep-test/progress/progress/finetune_m__d__s0.json").type == pafs.FileType.File
+    progress.clear(uri, ["finetune/m__d__s0"])
+    assert progress.read_records(uri) == []
+
+
 def test_bad_uri_is_a_clear_error_without_the_query():
     with pytest.raises(ValueError, match="output dir nosuchscheme://x") as error:
         RemoteDir("nosuchscheme://x?secret_key=hidden")
@@ -217,6 +236,8 @@ def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_pat
 
     from ray.cluster_utils import Cluster
 
+    from emsweep import progress
+
     spec = tiny_spec(tmp_path, "two-machines")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.model_dump_json())  # JSON is YAML
@@ -230,12 +251,13 @@ def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_pat
     cluster.add_node(num_cpus=2, object_store_memory=300 * 1024 * 1024)
     try:
         env = {**os.environ, "EMSWEEP_STAGING": str(head_staging)}
+        logs = {name: (tmp_path / f"driver.{name}").open("w+") for name in ("out", "err")}
         driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(spec_file), uri, cluster.address],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                  stdout=logs["out"], stderr=logs["err"], text=True, env=env)
         remote = RemoteDir(uri)
         deadline = time.monotonic() + 60
         while remote.lease().record() is None:
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.err").read_text()
             time.sleep(0.2)
 
         second = subprocess.run([sys.executable, "-m", "emsweep.cli", "run", str(spec_file), "--out", uri,
@@ -245,10 +267,22 @@ def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_pat
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"in use by another `emsweep run` (pid {driver.pid} on {socket.gethostname()}" in second.stdout
 
-        out, err = driver.communicate(timeout=600)
+        # What the driver's console shows (cli._LiveJobs reads these): the progress of the
+        # finetune, written by its rank-0 worker on the worker node.
+        progress_seen = set()
+        deadline = time.monotonic() + 600
+        while driver.poll() is None and time.monotonic() < deadline:
+            progress_seen |= {(r["job"], r["unit"]) for r in progress.read_records(uri)}
+            time.sleep(0.5)
+        driver.wait(timeout=10)
+        for log in logs.values():
+            log.close()
+        out, err = ((tmp_path / f"driver.{name}").read_text() for name in ("out", "err"))
         assert driver.returncode == 0, err[-3000:]
     finally:
         cluster.shutdown()
+    assert ("finetune/smol__tiny__s0", "steps") in progress_seen, progress_seen
+    assert progress.read_records(uri) == []  # cleared on the store as the job finished
     results = json.loads(out.strip().splitlines()[-1])
     assert {node: status for node, (status, _) in results.items()} == {
         "data/tiny": "done", "finetune/smol__tiny__s0": "done"}, results

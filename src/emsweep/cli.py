@@ -209,12 +209,17 @@ LOG_PROGRESS_EVERY_S = float(os.environ.get("EMSWEEP_PROGRESS_EVERY_S", "30"))
 class _LiveJobs:
     """Under the node bar, one bar per running job from its progress record (progress.py): a
     finetune's steps and loss, a sample job's requests and tokens/s, a judge job's judgments.
-    Without a terminal, a line per running job every LOG_PROGRESS_EVERY_S instead of bars."""
+    Without a terminal, a line per running job every LOG_PROGRESS_EVERY_S instead of bars.
+    `out_dir`: a path, or an object store's URI (where jobs on every machine write their records)."""
 
-    def __init__(self, out_dir: Path, bars: Progress, poll_s: float = 1.0):
+    def __init__(self, out_dir: str | Path, bars: Progress, poll_s: float | None = None):
         import threading
 
-        self.out_dir, self.bars, self.poll_s = Path(out_dir), bars, poll_s
+        from emsweep.progress import MIN_INTERVAL_S, REMOTE_MIN_INTERVAL_S
+        from emsweep.remote import is_remote
+
+        self.out_dir, self.bars = out_dir, bars
+        self.poll_s = poll_s or (REMOTE_MIN_INTERVAL_S if is_remote(out_dir) else MIN_INTERVAL_S)
         self.tasks: dict[str, int] = {}
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="emsweep-progress", daemon=True)
@@ -276,7 +281,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress, _LiveJobs(out_dir, progress):
+    ) as progress, _LiveJobs(uri or out_dir, progress):
         task = progress.add_task("nodes", total=None)
 
         def on_start(nodes, to_run):

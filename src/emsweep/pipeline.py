@@ -288,8 +288,8 @@ class StageRunner:
         # its steps itself: tracking.LiveRun).
         self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge") else DISABLED_WANDB,
                                           self.out_dir, self.spec.name, stage, nodes)
-        self.progress = ProgressWriter(progress.record_path(self.out_dir, nodes[0].id), stage, [n.id for n in nodes],
-                                       sink=self.live.log)
+        self.progress = ProgressWriter(self.shared_location(progress.record_relative(nodes[0].id)), stage,
+                                       [n.id for n in nodes], sink=self.live.log)
         try:
             return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
         finally:
@@ -324,7 +324,7 @@ class StageRunner:
                 memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
                 started=(self.started_location(node.id), node.id),
-                progress_path=str(progress.record_path(self.out_dir, node.id)),
+                progress_path=self.shared_location(progress.record_relative(node.id)),
                 wandb_live={"wandb": self.spec.wandb.model_dump(mode="json"), "out_dir": str(self.out_dir.resolve()),
                             "sweep": self.spec.name, "node_id": node.id, "key": node.key, "config": node.config},
             )
@@ -794,7 +794,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         job_of = (lambda node: node.id if node.stage in ENGINE_STAGES else node.group or node.id) if pipelined \
             else (lambda node: node.group or node.id)
         try:
-            return execute(nodes, store, submit, finished, watch, job_of=job_of,
+            return execute(nodes, store, submit, finished, watch, job_of=job_of, progress_dir=store_uri,
                            max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
         finally:
             hosts.close()

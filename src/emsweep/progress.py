@@ -3,6 +3,8 @@ atomically by the job itself (a finetune's rank-0 worker after every step, a sam
 finishes requests, a judge job after every batch) and read by `emsweep run`'s terminal display
 and by `emsweep status DIR`. A record is removed when its job finishes (and every record when a
 run starts: the lock says no other run is live); one not updated for QUIET_S says since when.
+For an object-store sweep DIR is the store's URI (jobs run on any machine, the display on the
+driver's), and records are written at most every REMOTE_MIN_INTERVAL_S.
 
 Record: {"job": first node id, "nodes": [node ids], "stage", "phase" (e.g. "answers",
 "pushback turn 2"), "done", "total", "unit" ("steps", "requests", "judgments"), "detail"
@@ -15,26 +17,36 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
+import os
 
-from emsweep.store import write_text_atomic
+from emsweep import remote
 
 # Past this without an update a record says how long ago its last update was.
 QUIET_S = 120.0
-# A record is rewritten at most this often (vLLM finishes many requests a second).
+# A record is rewritten at most this often (vLLM finishes many requests a second); on an object
+# store, where each write is a billed request, less often.
 MIN_INTERVAL_S = 1.0
+REMOTE_MIN_INTERVAL_S = 5.0
 
 
-def record_path(out_dir: Path, job_id: str) -> Path:
-    return Path(out_dir) / "progress" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}.json"
+def record_relative(job_id: str) -> str:
+    """A job's record, relative to the output dir (or the store's URI)."""
+    return f"progress/{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}.json"
+
+
+def record_location(out_dir: str | os.PathLike, job_id: str) -> str:
+    return remote.join(str(out_dir), *record_relative(job_id).split("/"))
 
 
 class ProgressWriter:
     """What a running job says about itself; `update` is cheap to call often (throttled)."""
 
-    def __init__(self, path: Path | str | None, stage: str, nodes: list[str], sink=None):
-        """`sink(record, metrics)` hears of every write too (tracking.LiveCounters: W&B)."""
-        self.path = Path(path) if path else None
+    def __init__(self, location: str | os.PathLike | None, stage: str, nodes: list[str], sink=None):
+        """`location`: the record's (record_location), a path or a store URI; None writes nothing.
+        `sink(record, metrics)` hears of every write too (tracking.LiveCounters: W&B)."""
+        self.location = str(location) if location else None
+        self.min_interval_s = REMOTE_MIN_INTERVAL_S if self.location and remote.is_remote(self.location) \
+            else MIN_INTERVAL_S
         self.sink = sink
         self.record = {"job": nodes[0] if nodes else "", "nodes": list(nodes), "stage": stage, "phase": "",
                        "done": 0, "total": None, "unit": "", "detail": "", "started_at": time.time()}
@@ -43,39 +55,41 @@ class ProgressWriter:
     def update(self, done: int, total: int | None, unit: str, detail: str = "", phase: str | None = None,
                force: bool = False, metrics: dict | None = None) -> None:
         """`metrics`: numbers behind `detail` (e.g. output_tokens_per_s), for the sink."""
-        if self.path is None:
+        if self.location is None:
             return
         now = time.time()
         if phase is not None and phase != self.record["phase"]:
             self.record.update(phase=phase, phase_started_at=now)  # rates and ETAs are per phase
         self.record.update(done=int(done), total=None if total is None else int(total), unit=unit, detail=detail)
-        if not force and now - self._written < MIN_INTERVAL_S and (total is None or done < total):
+        if not force and now - self._written < self.min_interval_s and (total is None or done < total):
             return
         self._written = now
         try:
-            write_text_atomic(self.path, json.dumps({**self.record, "updated_at": now}))
-        except OSError:  # progress is for people; it never fails the job
+            remote.write_text_at(self.location, json.dumps({**self.record, "updated_at": now}))
+        except OSError:  # progress is for people; it never fails the job (pyarrow's errors are OSErrors)
             pass
         if self.sink is not None:
             self.sink(self.record, metrics or {})
 
 
-def read_records(out_dir: Path) -> list[dict]:
-    """Every job's latest record, oldest job first."""
+def read_records(out_dir: str | os.PathLike) -> list[dict]:
+    """Every job's latest record, oldest job first (`out_dir`: a path or a store URI)."""
     records = []
-    for path in sorted((Path(out_dir) / "progress").glob("*.json")):
+    fs, paths = remote.files_at(remote.join(str(out_dir), "progress"), suffix=".json")
+    for path in paths:
         try:
-            records.append(json.loads(path.read_text()))
+            with fs.open_input_stream(path) as stream:
+                records.append(json.loads(stream.read()))
         except (OSError, ValueError):
             continue  # being replaced, or removed as its job finished
     return sorted(records, key=lambda r: r.get("started_at", 0))
 
 
-def clear(out_dir: Path, node_ids: list[str]) -> None:
+def clear(out_dir: str | os.PathLike, node_ids: list[str]) -> None:
     """Remove the records of finished jobs (their nodes' ids)."""
     for record in read_records(out_dir):
         if set(record.get("nodes", ())) & set(node_ids):
-            record_path(out_dir, record["job"]).unlink(missing_ok=True)
+            remote.delete_at(record_location(out_dir, record["job"]))
 
 
 def describe(record: dict, now: float | None = None, amount: bool = True) -> str:

@@ -14,9 +14,10 @@ The store is the sweep's truth; every machine works in a local staging dir of it
 - Ray Train writes a finetune's checkpoints, adapter snapshots and W&B step marker straight to
   `<URI>/train/`, since its workers may run on yet other machines.
 - Jobs mark themselves started on the store (`tmp/started/`), where the driver's stall watch
-  looks. The judgment cache and the sample cache live on the store too (`judge_cache/`,
-  `sample_cache/`): every job reads and writes them there, whichever machine it runs on. The
-  spec snapshot, failure records and the report are pushed after the run.
+  looks. The judgment cache, the sample cache and the jobs' progress records live on the store
+  too (`judge_cache/`, `sample_cache/`, `progress/`): every job reads and writes them there,
+  whichever machine it runs on, and the driver's console reads the records there. The spec
+  snapshot, failure records and the report are pushed after the run.
 
 Credentials come from the environment as pyarrow reads them (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); they are never written anywhere.
@@ -48,7 +49,7 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 # --- Locations: a local path or a URI, read and written the same way ------------------------------
 # What code running anywhere on a cluster writes outside its node (a finetune's rank 0: its
-# adapter snapshots, started marker and W&B step marker; the judgment and sample caches) is
+# adapter snapshots, started marker and W&B step marker; the caches and progress records) is
 # addressed by location, so the same code writes a local dir on a laptop and the store on a cluster.
 
 def join(location: str, *parts: str) -> str:
@@ -316,8 +317,10 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                 relative = store.relative(marker.parent)
                 if relative not in on_store:
                     remote.push_node(marker.parent, relative)
-            # A dead run's started markers would make this run's waiting jobs look started.
-            remote.fs.delete_dir_contents(remote._path("tmp"), missing_dir_ok=True)
+            # A dead run's started markers would make this run's waiting jobs look started, and
+            # its jobs' progress records would show as running.
+            for entry in ("tmp", "progress"):
+                remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
             try:
                 return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
                                  store_uri=uri)
