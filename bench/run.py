@@ -282,7 +282,8 @@ def p4e(smoke: bool) -> dict:
     answers = P4E_ANSWERS[:1] if smoke else P4E_ANSWERS
     requests = [JudgeRequest(template, question.paraphrases[0], answer, True, template_labels(template))
                 for template in question.judge_prompts.values() for answer in answers]
-    path, spec = model_path() if smoke else resolve_model_path(JUDGE), JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
+    path = model_path() if smoke else resolve_model_path(JUDGE)
+    spec = JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
     tree = TreeJudge(path, spec)
     tree.judge(requests[:1])  # warm-up
     started = time.perf_counter()

@@ -212,14 +212,15 @@ class _LiveJobs:
     Without a terminal, a line per running job every LOG_PROGRESS_EVERY_S instead of bars.
     `out_dir`: a path, or an object store's URI (where jobs on every machine write their records)."""
 
-    def __init__(self, out_dir: str | Path, bars: Progress, poll_s: float | None = None):
+    def __init__(self, out_dir: str | Path, bars: Progress):
         import threading
 
         from emsweep.progress import MIN_INTERVAL_S, REMOTE_MIN_INTERVAL_S
         from emsweep.remote import is_remote
 
         self.out_dir, self.bars = out_dir, bars
-        self.poll_s = poll_s or (REMOTE_MIN_INTERVAL_S if is_remote(out_dir) else MIN_INTERVAL_S)
+        # As often as the records are rewritten there.
+        self.poll_s = REMOTE_MIN_INTERVAL_S if is_remote(out_dir) else MIN_INTERVAL_S
         self.tasks: dict[str, int] = {}
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="emsweep-progress", daemon=True)

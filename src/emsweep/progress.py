@@ -15,9 +15,9 @@ the epoch; the ETA is from the phase's own rate).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import os
 
 from emsweep import remote
 
@@ -35,7 +35,7 @@ def record_relative(job_id: str) -> str:
 
 
 def record_location(out_dir: str | os.PathLike, job_id: str) -> str:
-    return remote.join(str(out_dir), *record_relative(job_id).split("/"))
+    return remote.join(str(out_dir), record_relative(job_id))
 
 
 class ProgressWriter:

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from emsweep import lease
-from emsweep.store import DONE, OWNER, write_parquet_atomic, write_text_atomic
+from emsweep.store import DONE, OWNER, RUN_SCRATCH, write_parquet_atomic, write_text_atomic
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
 # dirs under train/ are written to the store directly).
@@ -94,8 +94,7 @@ def write_text_at(location: str, text: str) -> None:
 def write_parquet_at(location: str, table: pa.Table) -> None:
     """Readers see the whole file or nothing (one object put, or temp file + rename)."""
     if not is_remote(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(Path(location), table)
+        write_parquet_atomic(Path(location), table)  # its temp path makes the dir
         return
     fs, path = _fs(location)
     pq.write_table(table, path, filesystem=fs)
@@ -319,7 +318,7 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                     remote.push_node(marker.parent, relative)
             # A dead run's started markers would make this run's waiting jobs look started, and
             # its jobs' progress records would show as running.
-            for entry in ("tmp", "progress"):
+            for entry in RUN_SCRATCH:
                 remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
             try:
                 return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,

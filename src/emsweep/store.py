@@ -83,6 +83,11 @@ LEASE_HEARTBEAT_S = lease.HEARTBEAT_S
 LEASE_TTL_S = lease.TTL_S
 
 
+# What a run leaves that the next run clears at its start: half-written work and started markers
+# (tmp/), and its jobs' progress records (progress/).
+RUN_SCRATCH = ("tmp", "progress")
+
+
 def is_partial(record: dict) -> bool:
     """A node record written by a node that ran without some of its inputs (it lists them)."""
     return bool(record.get("missing_inputs"))
@@ -178,9 +183,9 @@ class Store:
 
     def clean_tmp(self) -> None:
         """At the start of a run (it holds the lock): what a dead run left half-written, and its
-        jobs' progress records, go."""
-        shutil.rmtree(self.root / "tmp", ignore_errors=True)
-        shutil.rmtree(self.root / "progress", ignore_errors=True)
+        jobs' progress records, go (RUN_SCRATCH)."""
+        for entry in RUN_SCRATCH:
+            shutil.rmtree(self.root / entry, ignore_errors=True)
 
     def lease(self) -> lease.Lease:
         # Holding the flock means any run of this host that wrote the lease is gone.
