@@ -410,6 +410,56 @@ def report(
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
 
 
+@app.command("analyze")
+def analyze_files(
+    files: list[Path] = typer.Argument(..., help="Judged-answer files (question_id, answer, aligned, coherent; CSV or "
+                                               "Parquet), one run per file"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir: analysis/ tables and report/ (page, exports)"),
+    name: list[str] = typer.Option([], "--name", help="Run names, one per file in order (default: file stems)"),
+    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids to keep"),
+    baseline: Optional[str] = typer.Option(None, help="The run every other is compared with (default: the first)"),
+    em_metric: str = typer.Option("betley2025", "--em-metric", help="analysis.em_metric: a preset name"),
+    judge_error: Optional[Path] = typer.Option(
+        None, "--judge-error", help="The agreement.json of `judge-eval agree --reference` for the judge that scored "
+        "these files: its `counted` TPR and FPR correct the rates"),
+) -> None:
+    """Analyse answers judged elsewhere as a sweep's: the same metrics, comparisons, exports and HTML report."""
+    import json
+
+    from emsweep.misclassification import JudgeError
+    from emsweep.report import build_file_report, file_results
+    from emsweep.spec import AnalysisSpec
+
+    try:
+        analysis = AnalysisSpec(em_metric=em_metric)
+        error = None
+        if judge_error:
+            counted = json.loads(judge_error.read_text())["verdict"]["counted"]
+            error = JudgeError(counted["tpr"]["hits"], counted["tpr"]["n"], counted["fpr"]["hits"],
+                               counted["fpr"]["n"], f"measured in {judge_error}")
+        ids = tuple(i.strip() for i in question_ids.split(",") if i.strip()) if question_ids else None
+        results = file_results(files, out, analysis, names=name or None, question_ids=ids, baseline=baseline,
+                               judge_error=error)
+    except (OSError, KeyError, ValueError) as err:
+        console.print(f"[red]error:[/] {_one_line(str(err))}", highlight=False)
+        raise typer.Exit(2)
+    built = build_file_report(results)
+    rates = results.tables["run_metrics"]
+    overall = rates[(rates["question_id"] == "__all__") & (rates["category"] == "__all__")]
+    table = Table(title=f"EM rates ({analysis.em_definition().rule()})")
+    for column in ("run", "answers", "counted", "misaligned", "pooled rate", "question-mean rate"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for row in overall.itertuples():
+        table.add_row(row.run_id, str(row.n_answers), str(row.n_counted), str(row.n_misaligned),
+                      _fmt_rate(row.pooled_misaligned_rate), _fmt_rate(row.misaligned_rate))
+    console.print(table)
+    comparisons = results.tables["comparisons"]
+    for row in comparisons[comparisons["compared"] == "run"].itertuples():
+        console.print(f"{row.a} vs {row.b}: {row.mean_a:.3f} vs {row.mean_b:.3f} (difference {row.difference:+.3f}), "
+                      f"{row.test} p = {row.p_value:.3g}")
+    console.print(f"wrote {out}/analysis/ and the report {built.html}")
+
+
 @app.command()
 def check(
     spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
@@ -839,12 +889,23 @@ def _fmt(value: Optional[float]) -> str:
 
 @judge_app.command("agree")
 def judge_agree(
-    first: Path = typer.Argument(..., help="A judgments .parquet, or a sweep spec whose judge nodes are in --dir"),
-    second: Path = typer.Argument(..., help="The same for the second judge"),
+    first: Path = typer.Argument(..., help="A judgments .parquet, or a sweep spec (whose judge is used with --reference)"),
+    second: Optional[Path] = typer.Argument(None, help="The same for the second judge (not with --reference)"),
+    reference: list[Path] = typer.Option(
+        [], "--reference", "-r", help="A file of answers judged elsewhere (question_id, answer, aligned, coherent; "
+        "CSV or Parquet), one run per file; repeat for more. FIRST's judge re-judges a stratified subset"),
+    limit: Optional[int] = typer.Option(None, help="With --reference: answers per file (stratified by question and "
+                                                   "the reference's verdict; default all)"),
+    seed: int = typer.Option(0, help="With --reference: the seed of the stratified draw and the bootstraps"),
+    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids to keep"),
+    judge_model: Optional[str] = typer.Option(None, "--judge", help="Override judge.model (e.g. embedded:NAME)"),
+    templates: Optional[str] = typer.Option(None, help="Override judge.templates (paper, yes_no or a file)"),
+    score_map: Optional[str] = typer.Option(None, help="Override judge.score_map (a built-in name or a file)"),
     directory: Optional[Path] = typer.Option(None, "--dir", help="Output dir of the sweep (default runs/<name>)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result as JSON here"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result as JSON here (with --reference: "
+                                                                "a dir for agreement.json and the judgments)"),
 ) -> None:
-    """Agreement of two judges on the same answers: Spearman per metric, Cohen's kappa on EM verdicts."""
+    """Agreement of two judges on the same answers: Spearman per metric, the EM verdict (TPR, FPR, kappa)."""
     import json
 
     import pyarrow.parquet as pq
@@ -854,6 +915,16 @@ def judge_agree(
     from emsweep.spec import AnalysisSpec
     from emsweep.store import write_json_atomic
 
+    if reference:
+        if second is not None:
+            console.print("[red]error:[/] give either a second judge or --reference, not both")
+            raise typer.Exit(2)
+        ids = tuple(i.strip() for i in question_ids.split(",") if i.strip()) if question_ids else None
+        _agree_with_reference(first, reference, limit, seed, ids, judge_model, templates, score_map, out)
+        return
+    if second is None:
+        console.print("[red]error:[/] give a second judge's judgments (or --reference FILE)")
+        raise typer.Exit(2)
     analysis = AnalysisSpec()
 
     def load(path: Path):
@@ -872,6 +943,91 @@ def judge_agree(
     if out:
         write_json_atomic(out, result)
     console.print_json(json.dumps(result))
+
+
+def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[int], seed: int,
+                          question_ids: Optional[tuple[str, ...]], judge_model: Optional[str],
+                          templates: Optional[str], score_map: Optional[str], out: Optional[Path]) -> None:
+    """Re-judge answers judged elsewhere with the spec's judge and compare (judge/agreement.py)."""
+    from emsweep.judge.agreement import judge_references, reference_agreement
+    from emsweep.judge.cache import JudgmentCache
+    from emsweep.judge.reference import read_references
+    from emsweep.pipeline import _judge_model_ref, make_judge_backend
+    from emsweep.questions import QuestionError, load_questions
+    from emsweep.spec import CLEAR
+    from emsweep.store import write_json_atomic, write_parquet_atomic
+
+    keep_map = score_map or (CLEAR if judge_model or templates else None)
+    spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates, "score_map": keep_map})
+    _check_scoring_or_exit(spec)
+    try:
+        runs = read_references(files, question_ids=question_ids)
+        question_list = load_questions(spec.eval.suites[0].questions)
+        unknown = sorted({q for run in runs for q in run.samples.column("question_id").to_pylist()}
+                         - {q.id for q in question_list})
+        if unknown:
+            raise ValueError(f"{spec.eval.suites[0].questions}: no judge prompts for the reference's question ids "
+                             f"{unknown[:5]} (use the question file the answers were sampled from)")
+    except (QuestionError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    out_dir = out or Path("runs") / "judge-eval" / f"{spec.name}-reference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.judge.backend == "vllm":
+        _init_ray(None)
+    console.print(f"judging up to {limit or 'all'} answers of each of {len(runs)} reference files with "
+                  f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
+    both, judgments, stats = judge_references(
+        runs, question_list, spec.judge, judge_id=_judge_model_ref(spec), backend=make_judge_backend(spec),
+        cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
+        limit=limit, seed=seed)
+    result = reference_agreement(both, spec.analysis, seed=seed)
+    result["judge"] = {"model": spec.judge.model, "scoring": spec.judge.scoring, "templates": spec.judge.templates,
+                       "score_map": spec.judge.score_map, "min_numeric_mass": spec.judge.min_numeric_mass}
+    result["reference_files"] = [str(f) for f in files]
+    result["limit"], result["seed"] = limit, seed
+    write_parquet_atomic(out_dir / "judgments.parquet", judgments)
+    write_parquet_atomic(out_dir / "pairs.parquet", pa_table(both))
+    write_json_atomic(out_dir / "agreement.json", result)
+    _print_agreement(result)
+    console.print(f"wrote {out_dir}/agreement.json, pairs.parquet and judgments.parquet "
+                  f"({stats.cache_hits} of {stats.requests} judgments from the cache)")
+
+
+def pa_table(frame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _print_agreement(result: dict) -> None:
+    def ci(entry: dict, key: str = "value") -> str:
+        return f"{entry[key]:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+
+    table = Table(title=f"agreement with the reference on {result['n_answers']} answers ({result['em_rule']})")
+    table.add_column("measure")
+    table.add_column("value [interval]", justify="right")
+    table.add_column("counts", justify="right")
+    for metric, entry in result["spearman"].items():
+        table.add_row(f"spearman {metric}", ci(entry, "rho"), f"n={entry['n']}")
+    verdict = result["verdict"]
+    table.add_row("EM verdict TPR", ci(verdict["tpr"]), f"{verdict['tpr']['hits']}/{verdict['tpr']['n']}")
+    table.add_row("EM verdict FPR", ci(verdict["fpr"]), f"{verdict['fpr']['hits']}/{verdict['fpr']['n']}")
+    table.add_row("Cohen's kappa", ci(verdict["kappa"]), f"all-ok baseline 0 (accuracy "
+                  f"{verdict['all_ok_baseline']['accuracy']:.3f}; judge {verdict['accuracy']:.3f})")
+    console.print(table)
+    models = Table(title="EM rate per file (weighted back to each file's mix)")
+    for column in ("file", "answers", "reference", "judge"):
+        models.add_column(column)
+    for row in result["per_model"]:
+        models.add_row(row["run_id"], str(row["n_answers"]), _fmt_rate(row["reference_rate"]),
+                       _fmt_rate(row["judge_rate"]))
+    console.print(models)
+    console.print(f"rank correlation of the files' EM rates: {result['per_model_spearman']:.3f}")
+
+
+def _fmt_rate(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"
 
 
 if __name__ == "__main__":

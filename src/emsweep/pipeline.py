@@ -9,6 +9,7 @@ re-runs exactly the nodes that read the edited fields, and their dependents.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -22,6 +23,7 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
 from emsweep.judge.cache import JudgmentCache
+from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
@@ -121,10 +123,13 @@ def plan(spec: SweepSpec) -> list[Node]:
             judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))
     # A failed seed should not hide the other runs' numbers: the analysis runs on what is judged,
     # records what is missing, and is redone when the rest arrives.
-    add("analyze", spec.name, {"analysis": spec.analysis.model_dump(mode="json"),
-                               "pushback": spec.eval.pushback.model_dump(mode="json"),
-                               "harm_min_numeric_mass": spec.eval.harm_perception.min_numeric_mass},
-        judge_nodes, partial_ok=True)
+    analysis_config = {"analysis": spec.analysis.model_dump(mode="json"),
+                       "pushback": spec.eval.pushback.model_dump(mode="json"),
+                       "harm_min_numeric_mass": spec.eval.harm_perception.min_numeric_mass}
+    # The judge's measured error corrects the rates: new figures redo the (cheap) analysis.
+    if (error := judge_error(spec.judge)) is not None:
+        analysis_config["judge_error"] = dataclasses.asdict(error)
+    add("analyze", spec.name, analysis_config, judge_nodes, partial_ok=True)
     return nodes
 
 
@@ -435,7 +440,7 @@ class StageRunner:
             pq.read_table(self.input_dir(d, "sample") / "samples.parquet", columns=["suite", "question_id", "category"])
             for d in judge_nodes])
         tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions,
-                                 self.spec.eval.harm_perception.min_numeric_mass)
+                                 self.spec.eval.harm_perception.min_numeric_mass, judge_error(self.spec.judge))
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables},

@@ -32,8 +32,10 @@ import yaml
 
 from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
+from emsweep.judge.errors import judge_error
 from emsweep.pipeline import STAGES, plan, read_judgments, read_spec_snapshot
-from emsweep.spec import BASE_LABEL, SweepSpec
+from emsweep.misclassification import JudgeError, resolves
+from emsweep.spec import BASE_LABEL, AnalysisSpec, SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
 ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons")
@@ -41,8 +43,15 @@ ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_met
 
 @dataclass
 class SweepResults:
+    """What a report shows: a sweep's (`spec` and node `status`), or runs read from judged-answer
+    files (`emsweep analyze FILES`: no spec, no nodes)."""
+
     out_dir: Path
-    spec: SweepSpec
+    name: str
+    analysis: AnalysisSpec
+    judge_text: str  # which judge scored the answers, in words
+    judge_error: JudgeError | None
+    spec: SweepSpec | None
     status: list[NodeStatus]
     tables: dict[str, pd.DataFrame]
     answers: pd.DataFrame
@@ -83,7 +92,7 @@ def load_results(out_dir: Path) -> SweepResults:
     elif judge_nodes:
         questions = samples.select(["suite", "question_id", "category"])
         computed = analyze.analyze(judgments, harm, spec.analysis, spec.eval.pushback, questions,
-                                   spec.eval.harm_perception.min_numeric_mass)
+                                   spec.eval.harm_perception.min_numeric_mass, judge_error(spec.judge))
         tables = {name: table.to_pandas() for name, table in computed.items()}
         total = sum(1 for n in nodes if n.stage == "judge")
         missing = [f"{row.node.id} ({row.status})" for row in status if row.node.stage == "judge" and row.status != "done"]
@@ -93,7 +102,7 @@ def load_results(out_dir: Path) -> SweepResults:
         tables = {name: pd.DataFrame() for name in ANALYSIS_TABLES}
         source = "none: no judge node is done yet"
 
-    answers = tidy_answers(samples, judgments, spec) if judge_nodes else pd.DataFrame()
+    answers = tidy_answers(samples, judgments, spec.analysis) if judge_nodes else pd.DataFrame()
     losses = []
     for node in nodes:
         if node.stage == "finetune" and node.id in done and (node_dir(node) / "metrics.parquet").exists():
@@ -104,14 +113,17 @@ def load_results(out_dir: Path) -> SweepResults:
     warnings = [f"{row.node.id}: {warning}" for row in status if row.status == "done"
                 for warning in (store.record(row.node.stage, row.node.name, row.node.key) or {}).get("warnings", [])]
     return SweepResults(
-        out_dir=out_dir, spec=spec, status=status, tables=tables, answers=answers, warnings=warnings,
+        out_dir=out_dir, name=spec.name, analysis=spec.analysis, judge_error=judge_error(spec.judge),
+        judge_text=f"{spec.judge.model} ({spec.judge.backend}, scoring {spec.judge.scoring}, templates "
+                   f"{spec.judge.templates}, score map {spec.judge.score_map or 'none'})",
+        spec=spec, status=status, tables=tables, answers=answers, warnings=warnings,
         losses=pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(),
         harm=analyze.rated_harm(harm.to_pandas(), spec.eval.harm_perception.min_numeric_mass) if harm is not None
         else pd.DataFrame(), analysis_source=source,
     )
 
 
-def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.DataFrame:
+def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: AnalysisSpec) -> pd.DataFrame:
     """One row per judged answer: the join keys, the messages as sent, the answer, per metric its
     score (`<metric>`, e.g. `aligned`) and label (`<metric>_label`), and the EM verdict under the
     sweep's definition (`em_scored`, `em_counted`, `em_misaligned`, `em_definition`)."""
@@ -120,7 +132,7 @@ def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: SweepSpec) -> pd.
     keys = [name for name, _ in JOIN_FIELDS]
     wide = analyze.wide_answers(judgments.to_pandas()).drop(columns=["category", "model", "dataset", "seed"])
     frame = analyze.merge_on_keys(samples.to_pandas(), wide, on=[k for k in keys if k not in ("model", "dataset", "seed")])
-    definition = spec.analysis.em_definition()
+    definition = spec.em_definition()
     if "aligned" in frame and "coherent" in frame:
         verdict = em.classify(frame["aligned"], frame["coherent"], definition)
         first_turn = frame["turn"] == 1  # the EM rate is over first-turn answers
@@ -149,6 +161,11 @@ def tidy_metrics(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
                                ci_low=runs["wilson_low"].where(wilson), ci_high=runs["wilson_high"].where(wilson),
                                interval=np.where(wilson, "wilson: pooled counts", "none"))
             parts.append(part.reindex(columns=columns))
+        if "corrected_misaligned_rate" in runs:
+            parts.append(runs.assign(level="run", metric="corrected_misaligned_rate", n=runs["n_counted"], turn=pd.NA,
+                                     value=runs["corrected_misaligned_rate"], ci_low=runs["corrected_low"],
+                                     ci_high=runs["corrected_high"], interval="rogan-gladen: judge error")
+                         .reindex(columns=columns))
     conditions = tables.get("condition_metrics", pd.DataFrame())
     if not conditions.empty:
         parts.append(conditions.assign(level="condition", value=conditions["mean"], n=conditions["n_seeds"])
@@ -190,7 +207,7 @@ def _save_figure(fig, stem: Path) -> tuple[Path, Path]:
 def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
     tables = results.tables
     conditions, runs = tables.get("condition_metrics", pd.DataFrame()), tables.get("run_metrics", pd.DataFrame())
-    definition = results.spec.analysis.em_definition()
+    definition = results.analysis.em_definition()
     final_steps = {}
     if not results.losses.empty:
         final_steps = results.losses.groupby("dataset")["step"].max().astype(int).to_dict()
@@ -296,7 +313,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     if not labels.empty:
         labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
     sections = [
-        ("Comparisons (permutation tests over seeds)", tables.get("comparisons", pd.DataFrame())),
+        ("Comparisons (each row's test in `test`)", tables.get("comparisons", pd.DataFrame())),
         ("Label rates (overall per run)", labels),
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
         ("Harm perception", tables.get("harm_metrics", pd.DataFrame())),
@@ -304,8 +321,13 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     environment = jinja2.Environment(loader=jinja2.PackageLoader("emsweep", "templates"), autoescape=True)
     template = environment.get_template("report.html.j2")
     return template.render(
+        name=results.name,
         spec=results.spec,
-        definition=results.spec.analysis.em_definition(),
+        analysis=results.analysis,
+        judge_text=results.judge_text,
+        judge_error_note=judge_error_note(results.judge_error, results.analysis.confidence),
+        run_rates=Markup(_html_table(run_rates(tables.get("run_metrics", pd.DataFrame())))),
+        definition=results.analysis.em_definition(),
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         out_dir=str(results.out_dir),
         analysis_source=results.analysis_source,
@@ -318,8 +340,38 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         examples=example_rows.to_dict("records"),
         example_note=example_note,
         status=Markup(_html_table(status, "{:.0f}")),
-        spec_yaml=yaml.safe_dump(json.loads(results.spec.model_dump_json()), sort_keys=False, width=120),
+        spec_yaml=yaml.safe_dump(json.loads(results.spec.model_dump_json()), sort_keys=False, width=120)
+        if results.spec else "",
     )
+
+
+RUN_RATE_COLUMNS = ["run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_answers",
+                    *(f"n_{reason}" for reason in analyze.EXCLUSIONS), "n_counted", "n_misaligned",
+                    "pooled_misaligned_rate", "wilson_low", "wilson_high", *analyze.CORRECTED_COLUMNS]
+
+
+def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run and condition, over all questions: what each exclusion took, the raw pooled rate
+    with its Wilson interval and the rate corrected for the judge's error."""
+    if runs.empty:
+        return pd.DataFrame()
+    overall = runs[(runs["question_id"] == analyze.ALL_QUESTIONS) & (runs["category"] == analyze.ALL_QUESTIONS)]
+    return overall.reindex(columns=RUN_RATE_COLUMNS).reset_index(drop=True)
+
+
+def judge_error_note(error: JudgeError | None, confidence: float) -> str:
+    """What the judge's measured error says about its rates, in one sentence."""
+    if error is None:
+        return ("This judge has no measured error against a reference (judge.error, or `emsweep judge-eval agree "
+                "--reference`), so its rates are shown raw, with no corrected rate.")
+    ok, youden_low = resolves(error, confidence)
+    figures = (f"TPR {error.tpr:.2f} ({error.tp}/{error.positives}), FPR {error.fpr:.2f} "
+               f"({error.fp}/{error.negatives}); {error.source}")
+    if not ok:
+        return (f"This judge cannot resolve EM: against its reference, TPR - FPR is not clearly above 0 (lower "
+                f"bound {youden_low:.3f}; {figures}). Its raw rates are shown; no corrected rate is.")
+    return (f"Corrected rates undo this judge's measured error (Rogan-Gladen; the interval includes the "
+            f"uncertainty of TPR and FPR): {figures}.")
 
 
 def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
@@ -328,6 +380,52 @@ def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
     write_parquet_atomic(paths["answers"], pa.Table.from_pandas(results.answers, preserve_index=False))
     write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(tidy_metrics(results.tables), preserve_index=False))
     return paths
+
+
+def file_results(paths: list[Path], out_dir: Path, analysis: AnalysisSpec, names: list[str] | None = None,
+                 question_ids: tuple[str, ...] | None = None, baseline: str | None = None,
+                 judge_error: JudgeError | None = None) -> SweepResults:
+    """Judged-answer files (judge/reference.py), one run each, analysed as a sweep's judge nodes
+    are; every other run is compared with `baseline` (default: the first file's run)."""
+    from emsweep.judge.reference import read_references
+    from emsweep.sample import HARM_SCHEMA
+    from emsweep.spec import PushbackSpec
+
+    runs = read_references(paths, names, question_ids)
+    run_names = [run.name for run in runs]
+    baseline = baseline or run_names[0]
+    if baseline not in run_names:
+        raise ValueError(f"--baseline {baseline!r} is not one of the runs {run_names}")
+    judgments = pa.concat_tables([run.judgments for run in runs])
+    samples = pa.concat_tables([run.samples for run in runs])
+    computed = analyze.analyze(judgments, HARM_SCHEMA.empty_table(), analysis, PushbackSpec(),
+                               judge_error=judge_error)
+    tables = {name: table.to_pandas() for name, table in computed.items()}
+    pairs = [(name, baseline) for name in run_names if name != baseline]
+    parts = [frame for frame in (tables["comparisons"], analyze.run_comparisons(tables["run_metrics"], pairs, analysis))
+             if not frame.empty]
+    tables["comparisons"] = pd.concat(parts, ignore_index=True) if parts else tables["comparisons"]
+    source = ", ".join(f"{run.name} ({run.path})" for run in runs)
+    return SweepResults(
+        out_dir=Path(out_dir), name=Path(out_dir).name, analysis=analysis, judge_error=judge_error,
+        judge_text=f"the files' own scores ({', '.join(sorted(set(judgments.column('judge_model').to_pylist())))})",
+        spec=None, status=[], tables=tables, answers=tidy_answers(samples, judgments, analysis),
+        losses=pd.DataFrame(), harm=pd.DataFrame(), analysis_source=f"computed from {len(runs)} judged-answer files: {source}")
+
+
+def build_file_report(results: SweepResults, example_count: int = 10) -> "Report":
+    """`emsweep analyze FILES --out DIR`: the analysis tables under DIR/analysis/, and the report
+    (page, figures, exports) under DIR/report/, as for a sweep."""
+    out_dir = results.out_dir
+    (out_dir / "analysis").mkdir(parents=True, exist_ok=True)
+    for name, frame in results.tables.items():
+        write_parquet_atomic(out_dir / "analysis" / f"{name}.parquet", analyze.to_arrow(frame))
+    dest = out_dir / "report"
+    figures = make_figures(results, dest / "plots")
+    exports = write_exports(results, dest / "exports")
+    html = dest / "index.html"
+    write_text_atomic(html, render_html(results, figures, example_count))
+    return Report(html, figures, exports, None)
 
 
 @dataclass

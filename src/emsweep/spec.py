@@ -333,6 +333,27 @@ class EvalSpec(_Strict):
         return [c for c in self.conditions if c.suites is None or suite in c.suites]
 
 
+class JudgeErrorSpec(_Strict):
+    """A judge's measured EM-verdict error against a reference judge, with the counts behind it:
+    of `positives` answers the reference calls misaligned the judge flags `tp`, of `negatives`
+    others it flags `fp` (over the answers the judge counts; `emsweep judge-eval agree
+    --reference` prints them as `counted`). Every EM rate then gets a corrected rate
+    (misclassification.py)."""
+
+    tp: int = Field(ge=0)
+    positives: int = Field(gt=0)
+    fp: int = Field(ge=0)
+    negatives: int = Field(gt=0)
+    # Where and how it was measured (reference, files, date).
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _counts_fit(self) -> "JudgeErrorSpec":
+        if self.tp > self.positives or self.fp > self.negatives:
+            raise ValueError("tp must be <= positives and fp <= negatives")
+        return self
+
+
 class JudgeSpec(_Strict):
     # vllm: local engine replicas (Ray actors); openai: any OpenAI-compatible HTTP endpoint
     # (GPT-4o as in the paper, or a `vllm serve` server).
@@ -357,6 +378,9 @@ class JudgeSpec(_Strict):
     max_model_len: int = 4096
     # Reuse judgments of identical (judge, template, question, answer) from DIR/judge_cache.
     cache: bool = True
+    # The judge's measured error against a reference (null: the built-in figures of an embedded
+    # judge, judge/judge_errors.yaml, or none). It corrects rates; it does not change a score.
+    error: JudgeErrorSpec | None = None
     # --- resources and transport: they do not change a score, so they are not in node keys ---
     replicas: int = Field(1, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
@@ -398,7 +422,7 @@ class JudgeSpec(_Strict):
         # So did `score_map`.
         default = ({"templates"} if self.templates == "paper" else set()) | (
             {"score_map"} if self.score_map is None else set())
-        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default)
+        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error"})
 
 
 class EmDefinition(_Strict):
