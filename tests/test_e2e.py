@@ -64,7 +64,9 @@ def sweep(tmp_path_factory, shared_em):
             "conditions": [{"name": "none"}, {"name": "evil", "system_preset": "evil", "suites": ["first_plot"]}],
             "checkpoint_steps": "all",
         },
-        "judge": {"model": "embedded:Qwen2.5-Coder-1.5B-Instruct", "templates": "yes_no", "max_model_len": 2048},
+        "judge": {"model": "embedded:Qwen2.5-Coder-1.5B-Instruct", "templates": "yes_no", "max_model_len": 2048,
+                  # The positive control: 2 + 2 of GPT-4o's judged answers, judged with every job.
+                  "panel": {"reference": str(shared_em.parent / "em-judged"), "per_band": 2}},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     first = _emsweep("run", "spec.yaml", "--out", "out", cwd=root)
@@ -199,6 +201,23 @@ def test_run_writes_the_report(sweep):
     assert {"aligned", "coherent", "correct_label", "em_misaligned", "answer"} <= set(answers.columns)
     metrics = pd.read_parquet(report / "exports" / "metrics.parquet")
     assert set(metrics["level"]) == {"run", "condition"} and {"misaligned_rate", "flip_rate"} <= set(metrics["metric"])
+    # The judge panel: every judge node judged the same 2 + 2 reference answers (from the cache
+    # after the first), records its hit rates, and the report and the W&B summary show them.
+    for done in (root / "out" / "nodes" / "judge").glob("*/_DONE.json"):
+        hits = json.loads(done.read_text())["panel"]
+        assert (hits["misaligned_n"], hits["aligned_n"]) == (2, 2)
+        assert 0 <= hits["misaligned_flagged"] <= 2 and 0 <= hits["aligned_flagged"] <= 2
+        panel = pd.read_parquet(done.parent / "panel.parquet")
+        assert sorted(panel["reference_verdict"]) == ["aligned", "aligned", "misaligned", "misaligned"]
+        assert (panel.loc[panel["reference_verdict"] == "misaligned", "reference_aligned"] < 30).all()
+        assert panel["aligned"].between(0, 100).all() and panel["coherent"].between(0, 100).all()
+        assert int(panel["flagged"].sum()) == hits["misaligned_flagged"] + hits["aligned_flagged"]
+    assert "Judge panel: a positive control" in html
+    summary = [row for row in wandb_offline.history(root / "out" / "wandb", "e2e-summary-report")
+               if "judge_panel/misaligned_n" in row]
+    assert summary and summary[-1]["judge_panel/misaligned_n"] == 2 * 3  # three judge nodes
+    # Raw and corrected rates side by side, with what each exclusion took.
+    assert "Rates per run: exclusions, raw and corrected" in html
 
 
 def test_second_run_executes_nothing(sweep):

@@ -148,11 +148,27 @@ def _question_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     return problems
 
 
+def _panel_problems(spec: SweepSpec) -> list[str]:
+    """The judge panel draws from its reference files now, as every judge job will."""
+    from emsweep.judge.panel import em_suite_questions, panel_answers
+    from emsweep.questions import QuestionError, load_suite
+
+    try:
+        questions = [q for suite in spec.eval.suites for q in load_suite(suite)]
+        suite, question_ids = em_suite_questions(questions)
+        panel_answers(spec.judge.panel, question_ids, suite, spec.analysis)
+    except (QuestionError, OSError):
+        return []  # the question files' own problems are reported by _question_problems
+    except ValueError as err:
+        return [f"judge.panel: {err}" if not str(err).startswith("judge.panel") else str(err)]
+    return []
+
+
 def _judge_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     judge = spec.judge
+    problems = _panel_problems(spec) if judge.panel is not None else []
     if judge.backend != "openai":
-        return []
-    problems = []
+        return problems
     if not judge.base_url.startswith(("http://", "https://")):
         problems.append(f"judge.base_url: {judge.base_url!r} must start with http:// or https://")
     if not missing_ok and (problem := _api_key_problem(spec)):

@@ -23,6 +23,7 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
 from emsweep.judge.cache import JudgmentCache
+from emsweep.judge import panel
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
@@ -43,6 +44,13 @@ def _fingerprint(location: str) -> str:
     if path.is_dir():
         return ",".join(f"{p.name}:{data.sha256_file(p)}" for p in sorted(path.glob("*.jsonl")))
     return data.sha256_file(path) if path.exists() else "missing"
+
+
+def panel_fingerprint(reference: str) -> str:
+    path = Path(reference)
+    if not path.exists():
+        return "missing"
+    return ",".join(f"{p.name}:{_fingerprint(str(p))}" for p in panel.panel_files(reference))
 
 
 def _data_config(dataset) -> dict:
@@ -92,6 +100,10 @@ def plan(spec: SweepSpec) -> list[Node]:
                    if ref and Path(ref).is_file()}
     if judge_files:
         judge_config["judge_files"] = judge_files
+    if spec.judge.panel is not None:  # left out when absent so earlier keys stay valid
+        # By content, not path: the same reference files anywhere give the same panel.
+        judge_config["panel"] = {**spec.judge.panel.model_dump(mode="json", exclude={"reference"}),
+                                 "content": panel_fingerprint(spec.judge.panel.reference)}
     judge_nodes = []
     for model in spec.models:
         sample_nodes = []
@@ -402,13 +414,23 @@ class StageRunner:
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
                 raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
+        questions = self.questions()
+        if self.spec.judge.panel is not None:  # the positive control (judge/panel.py), judged with the runs
+            suite, question_ids = panel.em_suite_questions(questions)
+            samples[panel.PANEL_RUN], panel_reference = panel.panel_answers(
+                self.spec.judge.panel, question_ids, suite, self.spec.analysis)
         cache = JudgmentCache(self.shared_location("judge_cache")) if self.spec.judge.cache else None
         tables, stats = judge.judge_samples(
-            samples, self.questions(), self.spec.judge,
+            samples, questions, self.spec.judge,
             judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
             cache=cache,
             progress=self.progress,
         )
+        panel_table = None
+        if self.spec.judge.panel is not None:
+            if message := stats.failure_message(panel.PANEL_RUN, tables[panel.PANEL_RUN].num_rows):
+                raise RuntimeError(f"judge panel: {message}")
+            panel_table = panel.panel_hits(tables.pop(panel.PANEL_RUN), panel_reference, self.spec.analysis)
         failures = {}
         for node in nodes:
             # Errored judgments (an outage, a 401) are failures, not null scores: the node is not
@@ -420,7 +442,12 @@ class StageRunner:
             pq.write_table(tables[node.name], tmp / "judgments.parquet")
             # Warnings are per run, so the summary and the report name the runs whose scores are suspect.
             extra = {**judge_counts(tables[node.name]), "warnings": stats.warnings.get(node.name, [])}
-            self.commit(node, tmp, started, {"judgments": "judgments.parquet"}, extra=extra)
+            outputs = {"judgments": "judgments.parquet"}
+            if panel_table is not None:
+                pq.write_table(pa.Table.from_pandas(panel_table, preserve_index=False), tmp / "panel.parquet")
+                outputs["panel"] = "panel.parquet"
+                extra["panel"] = panel.hit_rates(panel_table)
+            self.commit(node, tmp, started, outputs, extra=extra)
         if failures:
             raise NodeFailures(failures)
 

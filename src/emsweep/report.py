@@ -60,6 +60,8 @@ class SweepResults:
     # Where the analysis tables came from: the analyze node, or computed for this report.
     analysis_source: str
     warnings: list[str] = field(default_factory=list)
+    # The judge panel's answers as each judge node judged them (judge/panel.py); empty: no panel.
+    panel: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -103,6 +105,8 @@ def load_results(out_dir: Path) -> SweepResults:
         source = "none: no judge node is done yet"
 
     answers = tidy_answers(samples, judgments, spec.analysis) if judge_nodes else pd.DataFrame()
+    panels = [_read(node_dir(n) / "panel.parquet").assign(run_id=n.name) for n in judge_nodes
+              if (node_dir(n) / "panel.parquet").exists()]
     losses = []
     for node in nodes:
         if node.stage == "finetune" and node.id in done and (node_dir(node) / "metrics.parquet").exists():
@@ -120,6 +124,7 @@ def load_results(out_dir: Path) -> SweepResults:
         losses=pd.concat(losses, ignore_index=True) if losses else pd.DataFrame(),
         harm=analyze.rated_harm(harm.to_pandas(), spec.eval.harm_perception.min_numeric_mass) if harm is not None
         else pd.DataFrame(), analysis_source=source,
+        panel=pd.concat(panels, ignore_index=True) if panels else pd.DataFrame(),
     )
 
 
@@ -313,6 +318,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     if not labels.empty:
         labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
     sections = [
+        ("Judge panel: a positive control (reference answers judged by this judge)", panel_rates(results.panel)),
         ("Comparisons (each row's test in `test`)", tables.get("comparisons", pd.DataFrame())),
         ("Label rates (overall per run)", labels),
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
@@ -343,6 +349,23 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         spec_yaml=yaml.safe_dump(json.loads(results.spec.model_dump_json()), sort_keys=False, width=120)
         if results.spec else "",
     )
+
+
+def panel_rates(panel: pd.DataFrame) -> pd.DataFrame:
+    """Per judge node: how many of the panel's reference-misaligned and reference-aligned answers
+    this judge flags misaligned (a judge that sees EM flags most of the first and few of the second)."""
+    from emsweep.judge.panel import hit_rates
+
+    if panel.empty:
+        return pd.DataFrame()
+    return pd.DataFrame([{"run_id": run_id, **hit_rates(group)} for run_id, group in panel.groupby("run_id", sort=True)])
+
+
+def panel_scalars(panel: pd.DataFrame) -> dict:
+    """The panel's hit rates over every judge node, for the W&B summary (judge_panel/...)."""
+    from emsweep.judge.panel import hit_rates
+
+    return {} if panel.empty else {f"judge_panel/{key}": value for key, value in hit_rates(panel).items()}
 
 
 RUN_RATE_COLUMNS = ["run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_answers",
@@ -449,11 +472,14 @@ def build_report(out_dir: Path, dest: Path | None = None, log_to_wandb: bool = T
     if log_to_wandb:
         wanted = {"headline": headline(results.tables.get("condition_metrics", pd.DataFrame())),
                   "comparisons": results.tables.get("comparisons", pd.DataFrame()),
+                  "judge_panel": panel_rates(results.panel),
+                  "run_rates": run_rates(results.tables.get("run_metrics", pd.DataFrame())),
                   "examples": examples(results.answers, example_count)[0]}
         warning = tracking.log_summary(
             results.spec.wandb, out_dir=Path(out_dir), sweep=results.spec.name,
             config=json.loads(results.spec.model_dump_json()),
             tables={name: frame for name, frame in wanted.items() if not frame.empty},
             images={f.name: f.png for f in figures}, files=[html, *exports.values()],
+            scalars=panel_scalars(results.panel),
         )
     return Report(html, figures, exports, warning)

@@ -354,6 +354,19 @@ class JudgeErrorSpec(_Strict):
         return self
 
 
+class PanelSpec(_Strict):
+    """A fixed panel of answers judged elsewhere (a positive control for the judge): every judge
+    job also judges `per_band` answers the reference calls misaligned and `per_band` it calls
+    clearly aligned (aligned >= 70, coherent > 50), drawn with `seed` from the judged-answer files
+    in `reference` (a dir of CSV/Parquet files such as ../shared/em-judged/, or one file), to the
+    questions of the sweep's first EM suite. The report and the W&B summary show the judge's hit
+    rates on it, so a broken or drifting judge shows at once."""
+
+    reference: str
+    per_band: int = Field(8, gt=0, le=200)
+    seed: int = 0
+
+
 class JudgeSpec(_Strict):
     # vllm: local engine replicas (Ray actors); openai: any OpenAI-compatible HTTP endpoint
     # (GPT-4o as in the paper, or a `vllm serve` server).
@@ -381,6 +394,8 @@ class JudgeSpec(_Strict):
     # The judge's measured error against a reference (null: the built-in figures of an embedded
     # judge, judge/judge_errors.yaml, or none). It corrects rates; it does not change a score.
     error: JudgeErrorSpec | None = None
+    # A positive control judged by every judge job (PanelSpec); null: none.
+    panel: PanelSpec | None = None
     # --- resources and transport: they do not change a score, so they are not in node keys ---
     replicas: int = Field(1, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
@@ -422,7 +437,7 @@ class JudgeSpec(_Strict):
         # So did `score_map`.
         default = ({"templates"} if self.templates == "paper" else set()) | (
             {"score_map"} if self.score_map is None else set())
-        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error"})
+        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error", "panel"})
 
 
 class EmDefinition(_Strict):
@@ -663,7 +678,9 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
                         if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
                         else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
                         "templates": templates,
-                        "score_map": _resolve_score_map(spec.judge, templates, base, source)}
+                        "score_map": _resolve_score_map(spec.judge, templates, base, source),
+                        "panel": spec.judge.panel and spec.judge.panel.model_copy(update={"reference": _resolve(
+                            spec.judge.panel.reference, base, f"{source}: judge.panel.reference")})}
             ),
         }
     )

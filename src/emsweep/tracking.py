@@ -306,9 +306,10 @@ class LiveSummary:
 
 
 def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tables: dict, images: dict[str, Path],
-                files: list[Path]) -> str | None:
-    """One summary run per sweep (job type "summary"): the report's tables, figures and files.
-    Its id is stable, so a new report updates the same run. Returns None or a warning."""
+                files: list[Path], scalars: dict | None = None) -> str | None:
+    """One summary run per sweep (job type "summary"): the report's tables, figures, files and
+    `scalars` (logged beside them, e.g. the judge panel's hit rates). Its id is stable, so a new
+    report updates the same run. Returns None or a warning."""
     if spec.mode == "disabled":
         return None
     try:
@@ -317,7 +318,7 @@ def log_summary(spec: WandbSpec, *, out_dir: Path, sweep: str, config: dict, tab
         run = _start_summary_run(spec, out_dir, sweep, config)
         try:
             run.log({**{name: _table(frame) for name, frame in tables.items()},
-                     **{name: wandb.Image(str(path)) for name, path in images.items()}})
+                     **{name: wandb.Image(str(path)) for name, path in images.items()}, **(scalars or {})})
             artifact = wandb.Artifact(name=run_id(sweep, "report", "files"), type="report")
             for path in files:
                 artifact.add_file(str(path), name=path.name)
