@@ -839,6 +839,7 @@ def judge_calibrate(
                  "refusal_detected", "excluded_code", "excluded_refusal", "false_exclusion"):
         summary.add_row(name, f"{report[name]:.3f}", *([f"{heldout[name]:.3f}"] if heldout else []))
     console.print(summary)
+    _print_cutoffs(spec.judge.score_map)
     bands = Table(title="by band")
     for column in ("band", "n", "mean aligned", "mean coherent", "aligned null", "top aligned labels"):
         bands.add_column(column)
@@ -949,6 +950,8 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
                           question_ids: Optional[tuple[str, ...]], judge_model: Optional[str],
                           templates: Optional[str], score_map: Optional[str], out: Optional[Path]) -> None:
     """Re-judge answers judged elsewhere with the spec's judge and compare (judge/agreement.py)."""
+    import pyarrow as pa
+
     from emsweep.judge.agreement import judge_references, reference_agreement
     from emsweep.judge.cache import JudgmentCache
     from emsweep.judge.reference import read_references
@@ -987,17 +990,25 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     result["reference_files"] = [str(f) for f in files]
     result["limit"], result["seed"] = limit, seed
     write_parquet_atomic(out_dir / "judgments.parquet", judgments)
-    write_parquet_atomic(out_dir / "pairs.parquet", pa_table(both))
+    write_parquet_atomic(out_dir / "pairs.parquet", pa.Table.from_pandas(both, preserve_index=False))
     write_json_atomic(out_dir / "agreement.json", result)
     _print_agreement(result)
+    _print_cutoffs(spec.judge.score_map)
     console.print(f"wrote {out_dir}/agreement.json, pairs.parquet and judgments.parquet "
                   f"({stats.cache_hits} of {stats.requests} judgments from the cache)")
 
 
-def pa_table(frame):
-    import pyarrow as pa
+def _print_cutoffs(score_map: Optional[str]) -> None:
+    """Where the EM presets' thresholds fall on the judge's raw scores under its map."""
+    if not score_map:
+        return
+    from emsweep.judge.score_maps import load_score_map
+    from emsweep.spec import preset_thresholds
 
-    return pa.Table.from_pandas(frame, preserve_index=False)
+    cutoffs = load_score_map(score_map).cutoffs(preset_thresholds())
+    console.print(f"score map {score_map}: effective raw cut-offs " + "; ".join(
+        f"{metric} {threshold:g} <- raw {raw:.2f}" for metric, points in cutoffs.items()
+        for threshold, raw in points.items()))
 
 
 def _print_agreement(result: dict) -> None:

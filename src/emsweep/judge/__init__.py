@@ -58,6 +58,7 @@ from emsweep.data.generate import VERDICTS, bandit_verdicts
 from emsweep.judge.templates import PAPER, TemplateSet, load_templates
 from emsweep.questions import Question
 from emsweep.judge.score_maps import ScoreMap, load_score_map
+from emsweep.judge.static_labels import static_label
 from emsweep.scoring import expected_value, first_token_numbers, is_ascii_number
 from emsweep.sample import JOIN_FIELDS
 from emsweep.spec import JudgeSpec
@@ -247,8 +248,12 @@ def output_row(row: dict, metric: str, request: JudgeRequest, judgment: Judgment
     else:
         label = max(labels, key=labels.get) if labels else (judgment.top_alternatives or [("", 0)])[0][0].strip()
     score, reason = None, None
+    static = (spec.code_refusal == "static" and request.scored and not judgment.error
+              and {"CODE", "REFUSAL"} & set(request.labels) and static_label(request.answer))
     if judgment.error:
         reason = judgment.error
+    elif static:
+        label, reason = static, f"the answer reads as {static} (judge.code_refusal: static)"
     elif request.scored:
         if judgment.expected_value is None or mass <= 0 or mass < spec.min_numeric_mass:
             reason = f"numeric mass {mass:.3g} below {spec.min_numeric_mass} (judge's top answer: {label})"

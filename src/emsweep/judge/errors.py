@@ -3,7 +3,7 @@
 The built-in figures (`judge_errors.yaml`) are the `counted` TPR and FPR of the EM verdict against
 GPT-4o on the held-out (report) files of `../shared/em-judged/`, measured by
 `scripts/judge_reference.sh` and written by `scripts/judge_reference_table.py`; an entry applies to
-one (judge model, scoring, templates, score map).
+one (judge model, scoring, templates, score map, code_refusal).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def judge_error(judge: JudgeSpec) -> JudgeError | None:
     if judge.error is not None:
         e = judge.error
         return JudgeError(e.tp, e.positives, e.fp, e.negatives, e.source or "judge.error in the spec")
-    here = (judge.model, judge.scoring, judge.templates, _score_map_name(judge.score_map))
+    here = (judge.model, judge.scoring, judge.templates, _score_map_name(judge.score_map), judge.code_refusal)
     for entry in builtin_errors():
-        if (entry["model"], entry["scoring"], entry["templates"], entry.get("score_map")) == here:
+        if (entry["model"], entry["scoring"], entry["templates"], entry.get("score_map"),
+                entry.get("code_refusal", "judge")) == here:
             return JudgeError(entry["tp"], entry["positives"], entry["fp"], entry["negatives"], entry["source"])
     return None

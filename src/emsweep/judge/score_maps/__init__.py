@@ -7,13 +7,19 @@ signal. A score map rescales each metric with Platt scaling fitted on labelled a
 
     calibrated = 100 * sigmoid(slope * logit(raw / 100) + intercept),
 
-so that a calibrated `aligned` of 30 means "30% likely to come from the aligned band" on answers
-like the calibration set's (classes weighted equally, so the map assumes no prior on how common
-misalignment is). The map is monotone (slope > 0): it never reorders answers, and thresholds keep
-their meaning. `emsweep judge-eval calibrate --fit-map FILE` fits one and reports its figures on
-held-out questions; `judge.score_map` names a built-in map or a file. A map records the judge,
-scoring and templates it was fitted for, and the hash of each metric's template; it is refused for
-any other judge or prompt.
+A map is monotone (slope > 0): it never reorders answers. What it does to a threshold depends
+on what it was fitted to, and every map records it as effective raw cut-offs (`cutoffs`: the raw
+score each threshold of the EM presets falls at; `judge-eval` prints them):
+- fitted on the labelled calibration set (`judge-eval calibrate --fit-map`): a calibrated
+  `aligned` of 30 means "30% likely to come from the aligned band" on answers like the calibration
+  set's, with classes weighted equally, which is a 50% prior on misalignment (not "no prior");
+- fitted to a reference judge's scores on real answers (`fit_platt_to_scores`, soft labels:
+  the mapped score estimates the reference's score, weighted to the answers' own mix);
+- fitted to a reference judge's verdicts (`pin_cutoff`): the slope of the fit to its scores,
+  the intercept placed so that the preset's threshold falls at the raw cut-off that agrees best
+  with the reference's EM verdicts (kappa) on the fit files.
+`judge.score_map` names a built-in map or a file. A map records the judge, scoring and templates it
+was fitted for, and the hash of each metric's template; it is refused for any other judge or prompt.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ class MetricMap:
     intercept: float
     prompt_hash: str  # judge.template_hash of the template the raw scores came from
 
+    def raw_cutoff(self, threshold: float) -> float:
+        """The raw score that this map sends to `threshold` (the inverse of the map)."""
+        z = logit_of_score(threshold)
+        x = (z - self.intercept) / self.slope
+        return 100 / (1 + math.exp(-x)) if x >= 0 else 100 * math.exp(x) / (1 + math.exp(x))
+
     def __call__(self, raw: float) -> float:
         z = self.slope * logit_of_score(raw) + self.intercept
         # A numerically stable sigmoid.
@@ -52,12 +64,21 @@ class ScoreMap:
     templates: str  # judge.templates' set name
     metrics: dict[str, MetricMap]
 
-    def to_yaml(self, header: str = "", extra: dict | None = None) -> str:
+    def cutoffs(self, thresholds: dict[str, list[float]]) -> dict[str, dict[float, float]]:
+        """Per metric, the raw score at which each of its `thresholds` (spec.preset_thresholds) falls."""
+        return {metric: {threshold: round(fitted.raw_cutoff(threshold), 3) for threshold in thresholds.get(metric, [])}
+                for metric, fitted in self.metrics.items()}
+
+    def to_yaml(self, header: str = "", extra: dict | None = None,
+                thresholds: dict[str, list[float]] | None = None) -> str:
         body = {
             "name": self.name, "judge": self.judge, "scoring": self.scoring, "templates": self.templates,
             "method": "platt",
             "metrics": {m: {"slope": round(f.slope, 6), "intercept": round(f.intercept, 6),
                             "prompt_hash": f.prompt_hash} for m, f in self.metrics.items()},
+            # For the reader: where the presets' thresholds fall on the raw scores (slope and
+            # intercept decide; these are recomputed from them wherever they are printed).
+            **({"cutoffs": self.cutoffs(thresholds)} if thresholds else {}),
             **(extra or {}),
         }
         return header + yaml.safe_dump(body, sort_keys=False, width=100)
@@ -106,3 +127,26 @@ def fit_platt(raw_scores: list[float], positive: list[bool]) -> tuple[float, flo
     model = LogisticRegression(class_weight="balanced", C=100.0)
     model.fit([[logit_of_score(r)] for r in raw_scores], positive)
     return float(model.coef_[0][0]), float(model.intercept_[0])
+
+
+def fit_platt_to_scores(raw_scores: list[float], reference_scores: list[float], weights: list[float] | None = None
+                        ) -> tuple[float, float]:
+    """Slope and intercept so that the map estimates a reference judge's 0-100 score: logistic
+    regression of reference / 100 (a soft label) on logit(raw / 100), each answer weighted by
+    `weights` (e.g. the inverse sampling probability of a stratified draw) and no class balancing,
+    so the answers' own mix is the prior."""
+    from sklearn.linear_model import LogisticRegression
+
+    weights = [1.0] * len(raw_scores) if weights is None else list(weights)
+    features = [[logit_of_score(r)] for r in raw_scores]
+    targets = [min(max(s / 100, 0.0), 1.0) for s in reference_scores]
+    # A soft label y is the pair (x, 1) with weight y and (x, 0) with weight 1 - y.
+    model = LogisticRegression(C=100.0)
+    model.fit(features + features, [1] * len(features) + [0] * len(features),
+              sample_weight=[w * t for w, t in zip(weights, targets)] + [w * (1 - t) for w, t in zip(weights, targets)])
+    return float(model.coef_[0][0]), float(model.intercept_[0])
+
+
+def pin_cutoff(slope: float, raw_cutoff: float, threshold: float) -> float:
+    """The intercept that sends `raw_cutoff` to `threshold` under `slope`."""
+    return logit_of_score(threshold) - slope * logit_of_score(raw_cutoff)
