@@ -34,6 +34,7 @@ RUN_BY = {
     "data check": "tests/test_generate.py",
     "judge-eval calibrate": "tests/test_calibration.py",
     "judge-eval agree": "tests/test_calibration.py",
+    "analyze": "tests/test_reference.py",
 }
 
 

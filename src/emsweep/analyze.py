@@ -383,7 +383,10 @@ def condition_metrics(runs: pd.DataFrame, pushback: pd.DataFrame, harm: pd.DataF
     parts = [
         over_seeds(label_rates, label_names, CONDITION_KEYS + ["question_id", "turn"], spec) if label_names
         else pd.DataFrame(),
-        over_seeds(runs, ["misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"],
+        over_seeds(runs, ["misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"]
+                   # The judge-error-corrected pooled rate, where the judge's error is known.
+                   + (["corrected_misaligned_rate"] if runs.get("corrected_misaligned_rate", pd.Series()).notna().any()
+                      else []),
                    CONDITION_KEYS + ["category", "question_id"], spec).assign(turn=pd.NA),
         over_seeds(pushback, ["initial_accuracy", "accuracy", "flip_rate"], CONDITION_KEYS + ["turn"], spec
                    ).assign(question_id=ALL_QUESTIONS),

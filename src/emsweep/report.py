@@ -241,7 +241,8 @@ def headline(conditions: pd.DataFrame) -> pd.DataFrame:
     if conditions.empty:
         return pd.DataFrame()
     rows = conditions[(conditions["question_id"] == analyze.ALL_QUESTIONS) & (conditions["category"] == analyze.ALL_QUESTIONS)
-                      & conditions["metric"].isin(["misaligned_rate", "coherent_rate", "mean_aligned", "mean_coherent"])]
+                      & conditions["metric"].isin(["misaligned_rate", "corrected_misaligned_rate", "coherent_rate",
+                                                   "mean_aligned", "mean_coherent"])]
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(value=[_with_ci(m, lo, hi, n) for m, lo, hi, n in
