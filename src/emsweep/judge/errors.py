@@ -23,10 +23,14 @@ def builtin_errors() -> tuple[dict, ...]:
     return tuple((yaml.safe_load(text) or {}).get("judges", []))
 
 
-def _score_map_name(reference: str | None) -> str | None:
-    from pathlib import Path
+def _builtin_map_name(reference: str | None) -> str | None:
+    """A built-in map's name as the spec holds it; a map file (a resolved path) is never one of
+    the measured configurations, so it gets no built-in figures ("" matches no entry)."""
+    if reference is None:
+        return None
+    from emsweep.judge.score_maps import builtin_names
 
-    return None if reference is None else Path(reference).stem
+    return reference if reference in builtin_names() else ""
 
 
 def judge_error(judge: JudgeSpec) -> JudgeError | None:
@@ -34,7 +38,7 @@ def judge_error(judge: JudgeSpec) -> JudgeError | None:
     if judge.error is not None:
         e = judge.error
         return JudgeError(e.tp, e.positives, e.fp, e.negatives, e.source or "judge.error in the spec")
-    here = (judge.model, judge.scoring, judge.templates, _score_map_name(judge.score_map), judge.code_refusal)
+    here = (judge.model, judge.scoring, judge.templates, _builtin_map_name(judge.score_map), judge.code_refusal)
     for entry in builtin_errors():
         if (entry["model"], entry["scoring"], entry["templates"], entry.get("score_map"),
                 entry.get("code_refusal", "judge")) == here:
