@@ -128,7 +128,9 @@ def evaluate(config_dir: Path) -> dict:
                 figures[split] = reference_agreement(mapped, spec, resamples=1000)
             variants[name if code_refusal == "judge" else f"{name}+static"] = {
                 "figures": figures, "map_kind": name, "code_refusal": code_refusal,
-                "builtin_map": builtin if name == "calibration-set" else None,
+                # The built-in map this variant is (null: raw scores).
+                "score_map": builtin if name == "calibration-set" else None if name == "raw"
+                else _map_name(*config_dir.name.rsplit("-", 1), name if code_refusal == "judge" else f"{name}+static"),
                 "map": {m: {"slope": f.slope, "intercept": f.intercept, "prompt_hash": f.prompt_hash}
                         for m, f in metric_maps.items()},
                 "cutoffs": {m: {t: f.raw_cutoff(t) for t in ts} for m, f in metric_maps.items()
@@ -228,7 +230,7 @@ def _write_maps_and_errors(results: dict, ranking: list) -> None:
         for name, variant in r["variants"].items():
             if variant["map_kind"] in ("raw", "calibration-set"):
                 continue
-            map_name = _map_name(model, templates, name)
+            map_name = variant["score_map"]
             score_map = ScoreMap(map_name, f"embedded:{model}", "exact", templates,
                                  {m: MetricMap(**f) for m, f in variant["map"].items()})
             fit = variant["figures"]["fit"]["verdict"]
@@ -243,8 +245,7 @@ def _write_maps_and_errors(results: dict, ranking: list) -> None:
             counted = variant["figures"]["report"]["verdict"]["counted"]
             errors.append({"model": f"embedded:{model}", "scoring": "exact", "templates": templates,
                            "code_refusal": variant["code_refusal"],
-                           "score_map": None if variant["map_kind"] == "raw" else variant["builtin_map"]
-                           or _map_name(model, templates, name),
+                           "score_map": variant["score_map"],
                            "tp": counted["tpr"]["hits"], "positives": counted["tpr"]["n"],
                            "fp": counted["fpr"]["hits"], "negatives": counted["fpr"]["n"],
                            "source": f"GPT-4o on the report files of ../shared/em-judged/ "

@@ -145,3 +145,26 @@ def test_every_repository_path_the_docs_name_exists():
             if not name.startswith("bench/results/") and not (REPO / name).exists():
                 missing.append(f"{path.relative_to(REPO)}: {name}")
     assert not missing, missing
+
+
+def test_the_judge_reference_table_and_builtin_errors_are_the_committed_measurement():
+    """docs/judging.md's table against GPT-4o is rendered from docs/measurements/judge_reference.json
+    (scripts/judge_reference_table.py --check-docs), and every built-in judge error is that file's
+    report-file `counted` TPR and FPR for its configuration: no figure is typed by hand."""
+    import json
+
+    import yaml
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "judge_reference_table.py"), "--check-docs"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    measured = json.loads((REPO / "docs" / "measurements" / "judge_reference.json").read_text())["results"]
+    errors = yaml.safe_load((REPO / "src" / "emsweep" / "judge" / "judge_errors.yaml").read_text())["judges"]
+    assert len(errors) == sum(len(r["variants"]) for r in measured.values())
+    for entry in errors:
+        config = f"{entry['model'].removeprefix('embedded:')}-{entry['templates']}"
+        (variant,) = [v for v in measured[config]["variants"].values()
+                      if (v["code_refusal"], v["score_map"]) == (entry["code_refusal"], entry["score_map"])]
+        counted = variant["figures"]["report"]["verdict"]["counted"]
+        assert (entry["tp"], entry["positives"], entry["fp"], entry["negatives"]) == (
+            counted["tpr"]["hits"], counted["tpr"]["n"], counted["fpr"]["hits"], counted["fpr"]["n"])

@@ -3,6 +3,7 @@ the analysis reproduces its rates by hand, the agreement figures equal scipy/sci
 judge that answers at random cannot resolve EM, and the CLI refuses bad files in one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -73,12 +74,12 @@ def test_analyze_reproduces_the_references_rates_and_tests_bad_medical_advice(re
     assert "no corrected rate" in page  # GPT-4o's own scores carry no measured error
 
 
-def test_a_bad_file_is_refused_in_one_line_naming_the_file_and_line(tmp_path):
+def test_a_bad_file_is_refused_in_one_line_naming_the_file_and_row(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("question_id,answer,aligned,coherent\nq1,hello,80,90\nq1,bye,lots,90\n")
     result = CliRunner().invoke(app, ["analyze", str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert f"{bad}: line 3: aligned 'lots' is not a score in 0-100" in " ".join(result.output.split())
+    assert f"{bad}: row 2: aligned 'lots' is not a score in 0-100" in " ".join(result.output.split())
     missing = tmp_path / "missing.csv"
     missing.write_text("question_id,answer,aligned\nq1,hello,80\n")
     result = CliRunner().invoke(app, ["analyze", str(missing), "--out", str(tmp_path / "o")])
@@ -185,3 +186,21 @@ def test_agree_with_reference_judges_a_stratified_subset_with_a_real_engine(refe
     assert result["judge"]["model"] == "embedded:SmolLM2-135M-Instruct"
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "24 of 24 judgments from the cache" in " ".join(again.output.split())
+
+
+def test_every_workflow_judges_with_a_judge_measured_against_gpt4o():
+    """A workflow's rates mean something only if its judge can flag misalignment: every local
+    judge of workflows/ has built-in figures against GPT-4o (judge_errors.yaml) with TPR - FPR
+    clearly above 0; the others judge with GPT-4o itself, the reference."""
+    from emsweep.judge.errors import judge_error
+    from emsweep.misclassification import resolves
+    from emsweep.spec import load_spec
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.yaml")):
+        spec = load_spec(path)
+        if spec.judge.backend == "openai":
+            assert spec.judge.model.startswith("gpt-4o"), path
+            continue
+        error = judge_error(spec.judge)
+        assert error is not None, f"{path.name}: judge {spec.judge.model} has no measured error"
+        assert resolves(error)[0], f"{path.name}: judge cannot resolve EM ({error})"

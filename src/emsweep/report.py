@@ -319,7 +319,6 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     if not labels.empty:
         labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
     sections = [
-        ("Judge panel: a positive control (reference answers judged by this judge)", panel_rates(results.panel)),
         ("Comparisons (each row's test in `test`)", tables.get("comparisons", pd.DataFrame())),
         ("Label rates (overall per run)", labels),
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
@@ -334,6 +333,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         judge_text=results.judge_text,
         judge_error_note=judge_error_note(results.judge_error, results.analysis.confidence),
         run_rates=Markup(_html_table(run_rates(tables.get("run_metrics", pd.DataFrame())))),
+        panel=Markup(_html_table(panel_rates(results.panel))) if not results.panel.empty else None,
         definition=results.analysis.em_definition(),
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         out_dir=str(results.out_dir),
@@ -369,18 +369,26 @@ def panel_scalars(panel: pd.DataFrame) -> dict:
     return {} if panel.empty else {f"judge_panel/{key}": value for key, value in hit_rates(panel).items()}
 
 
-RUN_RATE_COLUMNS = ["run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_answers",
-                    *(f"n_{reason}" for reason in analyze.EXCLUSIONS), "n_counted", "n_misaligned",
-                    "pooled_misaligned_rate", "wilson_low", "wilson_high", *analyze.CORRECTED_COLUMNS]
-
-
 def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run and condition, over all questions: what each exclusion took, the raw pooled rate
-    with its Wilson interval and the rate corrected for the judge's error."""
+    with its Wilson interval and the rate corrected for the judge's error (numbers in the exports)."""
     if runs.empty:
         return pd.DataFrame()
     overall = runs[(runs["question_id"] == analyze.ALL_QUESTIONS) & (runs["category"] == analyze.ALL_QUESTIONS)]
-    return overall.reindex(columns=RUN_RATE_COLUMNS).reset_index(drop=True)
+
+    def interval(value, low, high) -> str:
+        return "-" if pd.isna(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    return pd.DataFrame({
+        "run": overall["run_id"], "condition": overall["condition"], "answers": overall["n_answers"],
+        "code / refusal / null / incoherent": [" / ".join(str(int(row[f"n_{reason}"])) for reason in analyze.EXCLUSIONS)
+                                               for _, row in overall.iterrows()],
+        "counted": overall["n_counted"], "misaligned": overall["n_misaligned"],
+        "pooled rate [Wilson]": [interval(*v) for v in zip(overall["pooled_misaligned_rate"], overall["wilson_low"],
+                                                           overall["wilson_high"])],
+        "corrected rate [interval]": [interval(*v) for v in zip(overall["corrected_misaligned_rate"],
+                                                                overall["corrected_low"], overall["corrected_high"])],
+    }).reset_index(drop=True)
 
 
 def judge_error_note(error: JudgeError | None, confidence: float) -> str:

@@ -70,9 +70,8 @@ def _scores(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     bad = (values.isna() & frame[column].notna()) | (values < 0) | (values > 100)
     if bad.any():
         row = int(bad.to_numpy().nonzero()[0][0])
-        # Line numbers of a CSV count the header as line 1.
-        where = f"line {row + 2}" if path.suffix != ".parquet" else f"row {row}"
-        raise ValueError(f"{path}: {where}: {column} {frame[column].iloc[row]!r} is not a score in 0-100 or empty")
+        # Rows, not lines: a CSV answer may span several lines.
+        raise ValueError(f"{path}: row {row + 1}: {column} {frame[column].iloc[row]!r} is not a score in 0-100 or empty")
     return values.astype("float64")
 
 
@@ -87,7 +86,7 @@ def read_reference(path: str | Path, name: str | None = None, question_ids: tupl
         empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
             row = int(empty.to_numpy().nonzero()[0][0])
-            raise ValueError(f"{path}: line {row + 2}: empty {column}")
+            raise ValueError(f"{path}: row {row + 1}: empty {column}")
     scores = {metric: _scores(frame, metric, path) for metric in METRICS}
     if question_ids is not None:
         keep = frame["question_id"].isin(question_ids).to_numpy()
