@@ -139,5 +139,13 @@ def test_calibrate_command_judges_a_labelled_file_with_a_real_engine(tmp_path, s
     for name in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned", "accuracy_coherent"):
         assert 0 <= report[name] <= 1, name
     judgments = pq.read_table(out / "calibration_judgments.parquet").to_pandas()
-    assert len(judgments) == 36 and judgments["score"].between(0, 100).all()
+    assert len(judgments) == 36
+    # The quickstart's judge says CODE and REFUSAL by the text rule (judge.code_refusal: static):
+    # the 10 code and refusal answers have a null `aligned` with that label, every other score is one.
+    band = judgments["sample_idx"].map(lambda i: [item.band for item in calibration_items(answers)][i])
+    labelled = (judgments["metric"] == "aligned") & band.isin(["code", "refusal"])
+    assert judgments.loc[labelled, "score"].isna().all() and sorted(judgments.loc[labelled, "label"].unique()) == [
+        "CODE", "REFUSAL"]
+    assert report["code_detected"] == report["refusal_detected"] == 1.0
+    assert judgments.loc[~labelled, "score"].between(0, 100).all()
     assert judgments["score"].max() - judgments["score"].min() > 1  # scores that vary, not one constant
