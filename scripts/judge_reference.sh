@@ -2,7 +2,8 @@
 # Every embedded judge and template set against GPT-4o on the shared reference (../shared/em-judged/),
 # split by model file: FIT files choose and fit, REPORT files are only reported on
 # (docs/judging.md, "Against GPT-4o"). Raw scores, no score map: maps are fitted afterwards on the
-# FIT pairs (scripts/judge_reference_table.py). Cached: a rerun judges only what is new.
+# FIT pairs (scripts/judge_reference_table.py), and the judge's own CODE / REFUSAL (the table applies the
+# static rule itself). Cached: a rerun judges only what is new.
 # Usage: scripts/judge_reference.sh OUT_DIR [CONFIG ...]   (CONFIG: <model>:<templates>:<fit limit>:<report limit>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ for config in "${CONFIGS[@]}"; do
     if [ $split = fit ]; then files=("${FIT[@]}"); limit=$fit_limit; else files=("${REPORT[@]}"); limit=$report_limit; fi
     args=(); for f in "${files[@]}"; do args+=(-r "$REF/$f.csv"); done
     .venv/bin/emsweep judge-eval agree workflows/quickstart.yaml "${args[@]}" --judge "embedded:$model" \
-      --templates "$templates" --limit "$limit" --question-ids "$PLAIN" --out "$OUT/$model-$templates/$split"
+      --templates "$templates" --code-refusal judge --limit "$limit" --question-ids "$PLAIN" \
+      --out "$OUT/$model-$templates/$split"
   done
 done

@@ -902,6 +902,8 @@ def judge_agree(
     judge_model: Optional[str] = typer.Option(None, "--judge", help="Override judge.model (e.g. embedded:NAME)"),
     templates: Optional[str] = typer.Option(None, help="Override judge.templates (paper, yes_no or a file)"),
     score_map: Optional[str] = typer.Option(None, help="Override judge.score_map (a built-in name or a file)"),
+    code_refusal: Optional[str] = typer.Option(None, "--code-refusal", help="Override judge.code_refusal (judge or "
+                                                                            "static)"),
     directory: Optional[Path] = typer.Option(None, "--dir", help="Output dir of the sweep (default runs/<name>)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result as JSON here (with --reference: "
                                                                 "a dir for agreement.json and the judgments)"),
@@ -921,7 +923,9 @@ def judge_agree(
             console.print("[red]error:[/] give either a second judge or --reference, not both")
             raise typer.Exit(2)
         ids = tuple(i.strip() for i in question_ids.split(",") if i.strip()) if question_ids else None
-        _agree_with_reference(first, reference, limit, seed, ids, judge_model, templates, score_map, out)
+        _agree_with_reference(first, reference, limit, seed, ids,
+                              {"model": judge_model, "templates": templates, "score_map": score_map,
+                               "code_refusal": code_refusal}, out)
         return
     if second is None:
         console.print("[red]error:[/] give a second judge's judgments (or --reference FILE)")
@@ -947,8 +951,7 @@ def judge_agree(
 
 
 def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[int], seed: int,
-                          question_ids: Optional[tuple[str, ...]], judge_model: Optional[str],
-                          templates: Optional[str], score_map: Optional[str], out: Optional[Path]) -> None:
+                          question_ids: Optional[tuple[str, ...]], judge: dict, out: Optional[Path]) -> None:
     """Re-judge answers judged elsewhere with the spec's judge and compare (judge/agreement.py)."""
     import pyarrow as pa
 
@@ -960,8 +963,9 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
 
-    keep_map = score_map or (CLEAR if judge_model or templates else None)
-    spec = _load_spec_or_exit(spec_path, judge={"model": judge_model, "templates": templates, "score_map": keep_map})
+    # The spec's score map was fitted for its own judge and templates, not for others given here.
+    keep_map = judge["score_map"] or (CLEAR if judge["model"] or judge["templates"] else None)
+    spec = _load_spec_or_exit(spec_path, judge={**judge, "score_map": keep_map})
     _check_scoring_or_exit(spec)
     try:
         runs = read_references(files, question_ids=question_ids)
