@@ -318,6 +318,7 @@ def p5(smoke: bool) -> dict:
         raw = yaml.safe_load((REPO / "workflows/quickstart.yaml").read_text())
         raw.update(name="p5", datasets=datasets, seeds=list(range(seeds)))
         raw["eval"]["questions"] = str(SHARED / "em/evaluation/first_plot_questions.yaml")
+        raw["judge"]["panel"]["reference"] = str(SHARED / "em-judged")  # the spec moves to a temp dir
         spec_path = tmp / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(raw))
         spec = load_spec(spec_path)
