@@ -3,6 +3,9 @@ the analysis reproduces its rates by hand, the agreement figures equal scipy/sci
 judge that answers at random cannot resolve EM, and the CLI refuses bad files in one line."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,8 +176,14 @@ def test_agree_with_reference_judges_a_stratified_subset_with_a_real_engine(refe
     args = ["judge-eval", "agree", str(spec), "--reference", str(reference_dir / "qwen-coder-32b_insecure_betley.csv"),
             "--reference", str(reference_dir / "qwen-32b_base.csv"), "--limit", "6", "--question-ids", ",".join(PLAIN),
             "--out", str(tmp_path / "agree")]
-    first = CliRunner().invoke(app, args)
-    assert first.exit_code == 0, first.output
+
+    def agree() -> subprocess.CompletedProcess:
+        # A process of its own: the command starts Ray, which must not stay up in the test process.
+        return subprocess.run([sys.executable, "-m", "emsweep.cli", *args], capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "COLUMNS": "200"})
+
+    first = agree()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((tmp_path / "agree" / "agreement.json").read_text())
     pairs = pd.read_parquet(tmp_path / "agree" / "pairs.parquet")
     assert result["n_answers"] == len(pairs) == 12 and set(pairs["run_id"]) == {"qwen-coder-32b_insecure_betley",
@@ -184,8 +193,8 @@ def test_agree_with_reference_judges_a_stratified_subset_with_a_real_engine(refe
     assert result["verdict"]["tpr"]["n"] == int(ref.sum()) >= 1  # the stratified draw keeps a misaligned answer
     assert result["verdict"]["fpr"]["n"] == int((~ref).sum())
     assert result["judge"]["model"] == "embedded:SmolLM2-135M-Instruct"
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and "24 of 24 judgments from the cache" in " ".join(again.output.split())
+    again = agree()
+    assert again.returncode == 0 and "24 of 24 judgments from the cache" in " ".join(again.stdout.split())
 
 
 def test_every_workflow_judges_with_a_judge_measured_against_gpt4o():
