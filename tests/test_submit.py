@@ -141,6 +141,7 @@ def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     # HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM are variables emsweep sets for its workers too:
     # the job's driver must leave them to the job (Ray refuses to merge a repeated key).
     env = ["--env", f"EMSWEEP_DATA={shared_em / 'data'}", "--env", f"EMSWEEP_EVAL={shared_em / 'evaluation'}",
+           "--env", f"EMSWEEP_REFERENCE={shared_em.parent / 'em-judged'}",
            "--env", "WANDB_MODE=offline", "--env", "HF_HUB_OFFLINE=1", "--env", "TOKENIZERS_PARALLELISM=false"]
     base = base_submission_id(spec, "quickstart")
 
