@@ -139,6 +139,11 @@ def _rates(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
 CORRECTED_COLUMNS = ["corrected_misaligned_rate", "corrected_low", "corrected_high", "judge_resolves_em"]
 
 
+def overall_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """A run table's rows over all questions and categories (question_id and category "__all__")."""
+    return runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)]
+
+
 def corrected_rates(table: pd.DataFrame, judge_error: JudgeError | None, confidence: float) -> pd.DataFrame:
     if judge_error is None:
         return table.assign(**{column: np.nan for column in CORRECTED_COLUMNS[:3]}, judge_resolves_em=pd.NA)
@@ -439,7 +444,7 @@ def fisher_answers(a: pd.Series, b: pd.Series) -> float:
 
 def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligned_rate") -> pd.DataFrame:
     """Permutation tests of overall `metric` between datasets and between conditions (see module doc)."""
-    overall = runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)]
+    overall = overall_rows(runs)
     rows = []
     scope = ["model", "checkpoint_step", "suite"]
     for compared, within in (("dataset", "condition"), ("condition", "dataset")):
@@ -470,7 +475,7 @@ def run_comparisons(runs: pd.DataFrame, pairs: list[tuple[str, str]], spec: Anal
     """Two runs (e.g. two models' judged-answer files) compared on their answers: the pooled rate
     n_misaligned / n_counted over all questions of each, and Fisher's exact test of those counts
     (`test` "fisher_answers"; n_a, n_b: counted answers, the unit of this test)."""
-    overall = runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)]
+    overall = overall_rows(runs)
     rows = []
     for (suite, condition), group in overall.groupby(["suite", "condition"], sort=True):
         by_run = group.set_index("run_id")

@@ -444,8 +444,9 @@ def analyze_files(
         console.print(f"[red]error:[/] {_one_line(str(err))}", highlight=False)
         raise typer.Exit(2)
     built = build_file_report(results)
-    rates = results.tables["run_metrics"]
-    overall = rates[(rates["question_id"] == "__all__") & (rates["category"] == "__all__")]
+    from emsweep.analyze import overall_rows
+
+    overall = overall_rows(results.tables["run_metrics"])
     table = Table(title=f"EM rates ({analysis.em_definition().rule()})")
     for column in ("run", "answers", "counted", "misaligned", "pooled rate", "question-mean rate"):
         table.add_column(column, justify="right" if column != "run" else "left")

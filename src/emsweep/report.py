@@ -374,7 +374,7 @@ def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
     with its Wilson interval and the rate corrected for the judge's error (numbers in the exports)."""
     if runs.empty:
         return pd.DataFrame()
-    overall = runs[(runs["question_id"] == analyze.ALL_QUESTIONS) & (runs["category"] == analyze.ALL_QUESTIONS)]
+    overall = analyze.overall_rows(runs)
 
     def interval(value, low, high) -> str:
         return "-" if pd.isna(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
@@ -452,12 +452,16 @@ def build_file_report(results: SweepResults, example_count: int = 10) -> "Report
     (out_dir / "analysis").mkdir(parents=True, exist_ok=True)
     for name, frame in results.tables.items():
         write_parquet_atomic(out_dir / "analysis" / f"{name}.parquet", analyze.to_arrow(frame))
-    dest = out_dir / "report"
+    return Report(*write_pages(results, out_dir / "report", example_count), None)
+
+
+def write_pages(results: SweepResults, dest: Path, example_count: int) -> tuple[Path, list[Figure], dict[str, Path]]:
+    """The report under `dest`: figures, exports and the page (index.html)."""
     figures = make_figures(results, dest / "plots")
     exports = write_exports(results, dest / "exports")
     html = dest / "index.html"
     write_text_atomic(html, render_html(results, figures, example_count))
-    return Report(html, figures, exports, None)
+    return html, figures, exports
 
 
 @dataclass
@@ -472,11 +476,7 @@ def build_report(out_dir: Path, dest: Path | None = None, log_to_wandb: bool = T
     from emsweep import tracking
 
     results = load_results(out_dir)
-    dest = Path(dest) if dest else Path(out_dir) / "report"
-    figures = make_figures(results, dest / "plots")
-    exports = write_exports(results, dest / "exports")
-    html = dest / "index.html"
-    write_text_atomic(html, render_html(results, figures, example_count))
+    html, figures, exports = write_pages(results, Path(dest) if dest else Path(out_dir) / "report", example_count)
     warning = None
     if log_to_wandb:
         wanted = {"headline": headline(results.tables.get("condition_metrics", pd.DataFrame())),

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from emsweep import em
-from emsweep.analyze import wilson_interval
+from emsweep.analyze import wide_answers, wilson_interval
 from emsweep.spec import AnalysisSpec
 
 
@@ -154,11 +154,12 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
         samples[run.name] = run.samples.take(pa.array(picked, pa.int64()))
     tables, stats = judge_samples(samples, question_list, judge_spec, judge_id=judge_id, backend=backend, cache=cache)
     judgments = pa.concat_tables(tables.values())
-    scores = judgments.select(["run_id", "question_id", "sample_idx", "metric", "score"]).to_pandas()
-    scores = scores.pivot_table(index=["run_id", "question_id", "sample_idx"], columns="metric", values="score",
-                                aggfunc="first", dropna=False).add_suffix("_judge").reset_index()
+    keys = ["run_id", "question_id", "sample_idx"]
+    scores = wide_answers(judgments.to_pandas())
+    scores = scores[keys + [m for m in ("aligned", "coherent") if m in scores]].rename(
+        columns={"aligned": "aligned_judge", "coherent": "coherent_judge"})
     chosen = pd.concat(frames, ignore_index=True).rename(columns={"aligned": "aligned_ref", "coherent": "coherent_ref"})
-    both = chosen.merge(scores.rename_axis(columns=None), on=["run_id", "question_id", "sample_idx"], how="left")
+    both = chosen.merge(scores, on=keys, how="left")
     for column in ("aligned_judge", "coherent_judge"):
         if column not in both:
             both[column] = np.nan
