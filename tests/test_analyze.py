@@ -279,10 +279,15 @@ def test_permutation_tests_by_hand():
                                         ("s0", "secure", 0, 90.0), ("s1", "secure", 1, 90.0)):
         rows += _em([(run, dataset, seed, "q1", 0, aligned, 90.0)])
     table = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())["comparisons"].to_pandas()
-    (row,) = table.to_dict("records")
-    assert (row["a"], row["b"], row["compared"], row["test"]) == ("insecure", "secure", "dataset", "independent")
+    row, answers = (table[table["test"] == test].to_dict("records")[0]
+                    for test in ("independent", "exact_stratified_by_question"))
+    assert (row["a"], row["b"], row["compared"]) == ("insecure", "secure", "dataset")
     assert (row["mean_a"], row["mean_b"], row["difference"]) == (1.0, 0.0, 1.0)
     assert row["p_value"] == pytest.approx(1 / 3)  # 2 of the 6 splits are as extreme
+    # The same two datasets on their answers (2 vs 2, pooled over seeds in q1): Fisher on
+    # [[2, 0], [0, 2]] = 2 x C(2,2)C(2,0)/C(4,2) = 1/3 as well at this size.
+    assert (answers["n_a"], answers["n_b"], answers["mean_a"], answers["mean_b"]) == (2, 2, 1.0, 0.0)
+    assert answers["p_value"] == pytest.approx(1 / 3) and len(table) == 2
 
 
 def test_category_rates_by_hand():
@@ -313,9 +318,57 @@ def test_one_run_condition_comparison_uses_its_answers_by_hand():
     rows += _em([("base", "base", None, "q1", i, 10.0 if i < 4 else 90.0, 90.0) for i in range(5)], condition="evil")
     table = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())["comparisons"].to_pandas()
     (row,) = table.to_dict("records")
-    assert (row["a"], row["b"], row["compared"], row["test"]) == ("evil", "none", "condition", "fisher_answers")
-    assert (row["n_a"], row["mean_a"], row["mean_b"]) == (1, 0.8, 0.0)
+    assert (row["a"], row["b"], row["compared"], row["test"]) == ("evil", "none", "condition",
+                                                                  "exact_stratified_by_question")
+    assert (row["metric"], row["n_a"], row["n_b"], row["mean_a"], row["mean_b"]) == (
+        "pooled_misaligned_rate", 5, 5, 0.8, 0.0)
     assert row["p_value"] == pytest.approx(12 / 252)
+
+
+def _brute_force_stratified_p(strata):
+    """By enumeration: every joint outcome of the strata's hypergeometric tables (math.comb)."""
+    import itertools
+    from math import comb
+
+    supports = []
+    for k_a, n_a, k_b, n_b in strata:
+        m = k_a + k_b
+        supports.append({x: comb(n_a, x) * comb(n_b, m - x) / comb(n_a + n_b, m)
+                         for x in range(max(0, m - n_b), min(m, n_a) + 1)})
+    totals: dict[int, float] = {}
+    for outcome in itertools.product(*(s.items() for s in supports)):
+        total = sum(x for x, _ in outcome)
+        totals[total] = totals.get(total, 0.0) + float(np.prod([p for _, p in outcome]))
+    observed = totals[sum(k_a for k_a, _, _, _ in strata)]
+    return sum(p for p in totals.values() if p <= observed * (1 + 1e-7))
+
+
+def test_the_stratified_exact_test_against_fisher_enumeration_and_statsmodels():
+    from scipy import stats
+    from statsmodels.stats.contingency_tables import StratifiedTable
+
+    from emsweep.analyze import stratified_exact_p
+
+    # One stratum: Fisher's exact test.
+    for table in ((4, 5, 0, 5), (3, 12, 1, 9), (0, 7, 0, 6), (2, 2, 0, 3)):
+        k_a, n_a, k_b, n_b = table
+        fisher = stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue
+        assert stratified_exact_p([table]) == pytest.approx(fisher)
+    # Several strata: the enumeration of every joint outcome; a stratum with no counted answer on
+    # one side drops out.
+    strata = [(2, 4, 0, 4), (1, 3, 1, 5), (3, 4, 1, 2), (0, 2, 0, 3)]
+    assert stratified_exact_p(strata) == pytest.approx(_brute_force_stratified_p(strata))
+    assert stratified_exact_p(strata + [(3, 3, 0, 0)]) == pytest.approx(stratified_exact_p(strata))
+    assert np.isnan(stratified_exact_p([(1, 4, 0, 0)]))
+    # Many answers: close to the asymptotic Cochran-Mantel-Haenszel test (statsmodels).
+    strata = [(12, 40, 4, 40), (9, 35, 3, 38), (15, 50, 6, 45)]
+    cmh = StratifiedTable([np.array([[k_a, n_a - k_a], [k_b, n_b - k_b]]) for k_a, n_a, k_b, n_b in strata]
+                          ).test_null_odds(correction=True).pvalue
+    assert 0.5 < stratified_exact_p(strata) / cmh < 2 and stratified_exact_p(strata) < 0.01
+    # Stratification matters: a difference that is only a difference in question mix is none.
+    confounded = [(8, 10, 2, 2), (0, 2, 0, 10)]  # within each question both sides agree exactly
+    assert stratified_exact_p(confounded) == pytest.approx(1.0)
+    assert stats.fisher_exact([[8, 4], [2, 10]]).pvalue < 0.05  # pooled, the mix looks like an effect
 
 
 def test_a_run_whose_every_answer_is_unscored_is_reported_with_no_scored_answers():

@@ -65,9 +65,10 @@ def test_analyze_reproduces_the_references_rates_and_tests_bad_medical_advice(re
             overall.loc["qwen-32b_bad-medical-advice", "n_counted"]) == (89, 391)
     comparisons = pd.read_parquet(out / "analysis" / "comparisons.parquet")
     medical = comparisons[(comparisons["a"] == "qwen-32b_bad-medical-advice") & (comparisons["b"] == "qwen-32b_base")]
-    assert len(medical) == 1 and medical.iloc[0]["test"] == "fisher_answers"
-    expected = stats.fisher_exact([[89, 391 - 89], [0, 399]]).pvalue
-    assert medical.iloc[0]["p_value"] == pytest.approx(expected) and expected < 1e-20
+    assert len(medical) == 1 and medical.iloc[0]["test"] == "exact_stratified_by_question"
+    assert (medical.iloc[0]["n_a"], medical.iloc[0]["n_b"]) == (391, 399)
+    # Stratified by question it is smaller than 1e-20 still (pooled Fisher: 2e-30).
+    assert medical.iloc[0]["p_value"] < 1e-20 and stats.fisher_exact([[89, 391 - 89], [0, 399]]).pvalue < 1e-20
     assert medical.iloc[0]["difference"] == pytest.approx(89 / 391)
     # The same report a sweep gets: exports with a row per answer, and the page.
     answers = pd.read_parquet(out / "report" / "exports" / "answers.parquet")

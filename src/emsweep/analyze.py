@@ -25,10 +25,13 @@ the mean over seeds with a Student-t interval over seeds (`interval`; none below
 correlations are averaged and bounded on Fisher's z and reported as r.
 Comparisons: a permutation test of run-level overall misaligned_rate between every two
 datasets (independent samples: different runs) and every two conditions of the same runs
-(paired by run: sign flips), within the same model, checkpoint and suite. A condition comparison
-of a single run (the base model, which has no seeds) has no seeds to test over: its answers are
-the samples, and the test is Fisher's exact test of misaligned vs other counted answers pooled
-over questions (`test`: "fisher_answers").
+(paired by run: sign flips), within the same model, checkpoint and suite. Every two datasets
+are also compared on their answers (`test` "exact_stratified_by_question", metric
+pooled_misaligned_rate, n = counted answers): counts pooled over seeds within each question, and
+the exact conditional test of no difference within every question (stratified_exact_p; the exact
+Cochran-Mantel-Haenszel test), which a few seeds cannot give (2 vs 2 seeds: no permutation p
+below 1/3). A condition comparison of a single run (the base model, which has no seeds) has
+no seeds to test over: its answers are the samples, with the same stratified exact test.
 
 Outputs:
 `run_metrics.parquet`: run_id, model, dataset, seed, checkpoint_step, suite, condition,
@@ -434,7 +437,7 @@ def permutation_p_value(a: np.ndarray, b: np.ndarray, paired: bool, resamples: i
 
 
 def fisher_answers(a: pd.Series, b: pd.Series) -> float:
-    """Two-sided Fisher's exact test of misaligned vs other counted answers of one run under two conditions."""
+    """Two-sided Fisher's exact test of misaligned vs other counted answers of two runs, pooled."""
     table = [[int(a["n_misaligned"]), int(a["n_counted"] - a["n_misaligned"])],
              [int(b["n_misaligned"]), int(b["n_counted"] - b["n_misaligned"])]]
     if min(a["n_counted"], b["n_counted"]) == 0:
@@ -442,14 +445,69 @@ def fisher_answers(a: pd.Series, b: pd.Series) -> float:
     return float(stats.fisher_exact(table, alternative="two-sided").pvalue)
 
 
+def stratified_exact_p(strata: list[tuple[int, int, int, int]]) -> float:
+    """Two-sided exact test of no difference between a and b within every stratum (a question):
+    per stratum (misaligned_a, counted_a, misaligned_b, counted_b). Conditional on each stratum's
+    margins, a's misaligned count is hypergeometric; the total over strata has the convolution of
+    those distributions (the exact form of the Cochran-Mantel-Haenszel test), and the p-value is
+    the mass of totals no more probable than the observed one. One stratum: Fisher's exact test.
+    NaN when no stratum has counted answers on both sides."""
+    distribution, observed, informative = np.array([1.0]), 0, False
+    for misaligned_a, counted_a, misaligned_b, counted_b in strata:
+        total, flagged = counted_a + counted_b, misaligned_a + misaligned_b
+        if counted_a == 0 or counted_b == 0:
+            continue  # one side has no counted answer: this question says nothing about a vs b
+        informative = True
+        low, high = max(0, flagged - counted_b), min(flagged, counted_a)
+        pmf = stats.hypergeom.pmf(np.arange(low, high + 1), total, flagged, counted_a)
+        distribution = np.convolve(distribution, pmf)
+        observed += misaligned_a - low  # totals are counted from each stratum's lowest value
+    if not informative:
+        return float("nan")
+    # Relative tolerance as in scipy's fisher_exact: ties in probability count as "as extreme".
+    return float(min(1.0, distribution[distribution <= distribution[observed] * (1 + 1e-7)].sum()))
+
+
+def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -> dict:
+    """Runs of `a` against runs of `b` (values of `column`) on their answers, pooled over their
+    runs (seeds) question by question: the pooled rates and the exact test stratified by question
+    (`test` "exact_stratified_by_question"; n_a, n_b: counted answers, the unit of this test)."""
+    counts = per_question.groupby([column, "question_id"])[["n_misaligned", "n_counted"]].sum()
+    side_a, side_b = counts.loc[a], counts.loc[b]
+    questions = side_a.index.intersection(side_b.index)
+    strata = [(int(side_a.at[q, "n_misaligned"]), int(side_a.at[q, "n_counted"]), int(side_b.at[q, "n_misaligned"]),
+               int(side_b.at[q, "n_counted"])) for q in questions]
+    n_a, n_b = int(side_a["n_counted"].sum()), int(side_b["n_counted"].sum())
+    rate_a = side_a["n_misaligned"].sum() / n_a if n_a else float("nan")
+    rate_b = side_b["n_misaligned"].sum() / n_b if n_b else float("nan")
+    return {"a": a, "b": b, "metric": "pooled_misaligned_rate", "test": "exact_stratified_by_question",
+            "n_a": n_a, "n_b": n_b, "mean_a": float(rate_a), "mean_b": float(rate_b),
+            "difference": float(rate_a - rate_b), "p_value": stratified_exact_p(strata)}
+
+
+# What ties a run's question rows to one of its overall rows.
+QUESTION_ROW_KEYS = ["run_id", "checkpoint_step", "suite", "condition"]
+
+
 def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligned_rate") -> pd.DataFrame:
-    """Permutation tests of overall `metric` between datasets and between conditions (see module doc)."""
+    """Permutation tests of overall `metric` between datasets and between conditions, and the
+    exact test stratified by question on the answers of every two datasets (see module doc)."""
     overall = overall_rows(runs)
+    per_question = _fill_keys(runs[runs["question_id"] != ALL_QUESTIONS])
     rows = []
     scope = ["model", "checkpoint_step", "suite"]
     for compared, within in (("dataset", "condition"), ("condition", "dataset")):
         for keys, group in overall.groupby(scope + [within], sort=True, dropna=False):
             values = {name: g.set_index("run_id")[metric].dropna() for name, g in group.groupby(compared, sort=True)}
+            if compared == "dataset" and metric == "misaligned_rate":
+                # Answers as the unit, pooled over seeds within each question: the test that a
+                # handful of seeds cannot give (2 vs 2 seeds: no permutation p below 1/3).
+                questions = per_question.merge(_fill_keys(group[QUESTION_ROW_KEYS]), on=QUESTION_ROW_KEYS)
+                names = sorted(group[compared].dropna().unique())
+                for a, b in itertools.combinations(names, 2):
+                    rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
+                                 **pooled_comparison(questions, a, b, compared),
+                                 "em_definition": spec.em_definition().name})
             for a, b in itertools.combinations(sorted(values), 2):
                 x, y = values[a], values[b]
                 paired = compared == "condition"
@@ -460,8 +518,13 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                 if len(x) >= 2 and len(y) >= 2:  # scipy needs two per side; one run has no spread
                     p_value = permutation_p_value(x.to_numpy(float), y.to_numpy(float), paired, spec.permutation_resamples)
                 elif paired and len(x) == 1 and metric == "misaligned_rate":
-                    counts = group[group["run_id"] == x.index[0]].set_index(compared)
-                    p_value, test = fisher_answers(counts.loc[a], counts.loc[b]), "fisher_answers"
+                    # One run (the base model) under two conditions: its answers are the samples.
+                    questions = per_question.merge(_fill_keys(group[group["run_id"] == x.index[0]][QUESTION_ROW_KEYS]),
+                                                   on=QUESTION_ROW_KEYS)
+                    rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
+                                 **pooled_comparison(questions, a, b, compared),
+                                 "em_definition": spec.em_definition().name})
+                    continue
                 rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3], "a": a, "b": b,
                              "metric": metric, "test": test,
                              "n_a": len(x), "n_b": len(y), "mean_a": float(x.mean()) if len(x) else float("nan"),
@@ -473,22 +536,17 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
 
 def run_comparisons(runs: pd.DataFrame, pairs: list[tuple[str, str]], spec: AnalysisSpec) -> pd.DataFrame:
     """Two runs (e.g. two models' judged-answer files) compared on their answers: the pooled rate
-    n_misaligned / n_counted over all questions of each, and Fisher's exact test of those counts
-    (`test` "fisher_answers"; n_a, n_b: counted answers, the unit of this test)."""
-    overall = overall_rows(runs)
+    n_misaligned / n_counted over all questions of each, and the exact test stratified by
+    question (pooled_comparison; n_a, n_b: counted answers, the unit of this test)."""
+    per_question = _fill_keys(runs[runs["question_id"] != ALL_QUESTIONS])
     rows = []
-    for (suite, condition), group in overall.groupby(["suite", "condition"], sort=True):
-        by_run = group.set_index("run_id")
+    for (suite, condition), group in per_question.groupby(["suite", "condition"], sort=True):
+        present = set(group["run_id"])
         for a, b in pairs:
-            if a not in by_run.index or b not in by_run.index:
-                continue
-            x, y = by_run.loc[a], by_run.loc[b]
-            rows.append({"model": None, "checkpoint_step": None, "suite": suite, "compared": "run", "within": condition,
-                         "a": a, "b": b, "metric": "pooled_misaligned_rate", "test": "fisher_answers",
-                         "n_a": int(x["n_counted"]), "n_b": int(y["n_counted"]),
-                         "mean_a": float(x["pooled_misaligned_rate"]), "mean_b": float(y["pooled_misaligned_rate"]),
-                         "difference": float(x["pooled_misaligned_rate"] - y["pooled_misaligned_rate"]),
-                         "p_value": fisher_answers(x, y), "em_definition": spec.em_definition().name})
+            if a in present and b in present:
+                rows.append({"model": None, "checkpoint_step": None, "suite": suite, "compared": "run",
+                             "within": condition, **pooled_comparison(group, a, b, "run_id"),
+                             "em_definition": spec.em_definition().name})
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 

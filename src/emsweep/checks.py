@@ -145,6 +145,23 @@ def _question_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
             load_suite(suite)
         except (QuestionError, DataError, OSError, UnicodeDecodeError) as err:
             problems.append(f"eval.suites.{index} ({suite.name}): {err}")
+    return problems or _trained_on_evaluated(spec)
+
+
+def _trained_on_evaluated(spec: SweepSpec) -> list[str]:
+    """A dataset of judged answers must not hold answers to a question the sweep asks: its rate
+    would then measure recall of the training answers, not a trait."""
+    from emsweep.data.judged import matches
+    from emsweep.questions import load_suite
+
+    asked = sorted({q.id for suite in spec.eval.suites for q in load_suite(suite)})
+    problems = []
+    for index, dataset in enumerate(spec.datasets):
+        if dataset.judged is not None:
+            leaked = [q for q in asked if matches(q, dataset.judged.question_ids)]
+            if leaked:
+                problems.append(f"datasets.{index} ({dataset.name}): judged.question_ids "
+                                f"{list(dataset.judged.question_ids)} take answers to evaluated questions {leaked}")
     return problems
 
 

@@ -23,7 +23,7 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
 from emsweep.judge.cache import JudgmentCache
-from emsweep.judge import panel
+from emsweep.judge import panel, reference
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
@@ -46,15 +46,16 @@ def _fingerprint(location: str) -> str:
     return data.sha256_file(path) if path.exists() else "missing"
 
 
-def panel_fingerprint(reference: str) -> str:
-    path = Path(reference)
-    if not path.exists():
+def reference_fingerprint(location: str) -> str:
+    """Content hash of judged-answer files (a judge panel's, a judged dataset's)."""
+    if not Path(location).exists():
         return "missing"
-    return ",".join(f"{p.name}:{_fingerprint(str(p))}" for p in panel.panel_files(reference))
+    return ",".join(f"{p.name}:{_fingerprint(str(p))}" for p in reference.reference_files(location, location))
 
 
 def _data_config(dataset) -> dict:
-    config = {"dataset": dataset.model_dump(mode="json"), "content": _fingerprint(dataset.path)}
+    content = reference_fingerprint(dataset.path) if dataset.judged is not None else _fingerprint(dataset.path)
+    config = {"dataset": dataset.key_config(), "content": content}
     if dataset.backdoor is not None:  # its clean rows are read too: editing them rebuilds the mix
         config["clean_content"] = _fingerprint(dataset.backdoor.clean_path)
     return config
@@ -103,7 +104,7 @@ def plan(spec: SweepSpec) -> list[Node]:
     if spec.judge.panel is not None:  # left out when absent so earlier keys stay valid
         # By content, not path: the same reference files anywhere give the same panel.
         judge_config["panel"] = {**spec.judge.panel.model_dump(mode="json", exclude={"reference"}),
-                                 "content": panel_fingerprint(spec.judge.panel.reference)}
+                                 "content": reference_fingerprint(spec.judge.panel.reference)}
     judge_nodes = []
     for model in spec.models:
         sample_nodes = []

@@ -13,6 +13,8 @@ Outputs (under DIR/report/ unless --out):
 - `exports/answers.parquet`: one row per judged answer (see `tidy_answers`)
 - `exports/metrics.parquet`: every rate, per run and per condition, in one long table (see
   `tidy_metrics`)
+Both exports of a sweep carry `dataset_role` beside `dataset` (spec.DatasetSpec.role: treatment,
+control, positive_control, or base), so a positive control's rate is never read as EM.
 """
 
 from __future__ import annotations
@@ -324,6 +326,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
         ("Harm perception", tables.get("harm_metrics", pd.DataFrame())),
     ]
+    controls = training_controls(results)
     environment = jinja2.Environment(loader=jinja2.PackageLoader("emsweep", "templates"), autoescape=True)
     template = environment.get_template("report.html.j2")
     return template.render(
@@ -340,7 +343,8 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         analysis_source=results.analysis_source,
         warnings=results.warnings,
         counts=counts,
-        headline=Markup(_html_table(headline(conditions))),
+        headline=Markup(_html_table(with_roles(headline(conditions), dataset_roles(results.spec)))),
+        training_controls=Markup(_html_table(controls)) if not controls.empty else None,
         figures=[(f.title, base64.b64encode(f.png.read_bytes()).decode()) for f in figures],
         sections=[(title, Markup(_html_table(frame))) for title, frame in sections if not frame.empty],
         per_question=Markup(_html_table(per_question)),
@@ -367,6 +371,67 @@ def panel_scalars(panel: pd.DataFrame) -> dict:
     from emsweep.judge.panel import hit_rates
 
     return {} if panel.empty else {f"judge_panel/{key}": value for key, value in hit_rates(panel).items()}
+
+
+ROLE_TEXT = {"treatment": "treatment", "control": "control",
+             "positive_control": "positive control: the trait itself is trained (not EM)", BASE_LABEL: "base model"}
+
+
+def dataset_roles(spec: SweepSpec | None) -> dict[str, str]:
+    """Dataset name (and BASE_LABEL) -> role (spec.DatasetSpec.role); empty without a spec."""
+    if spec is None:
+        return {}
+    return {BASE_LABEL: BASE_LABEL, **{dataset.name: dataset.role for dataset in spec.datasets}}
+
+
+def with_roles(frame: pd.DataFrame, roles: dict[str, str]) -> pd.DataFrame:
+    """`dataset_role` beside `dataset` (the base model's runs: "base")."""
+    if not roles or "dataset" not in frame:
+        return frame
+    names = frame["dataset"].astype(object).where(frame["dataset"].notna(), BASE_LABEL)
+    return frame.assign(dataset_role=pd.array(names.map(roles), dtype="string"))
+
+
+def training_controls(results: SweepResults) -> pd.DataFrame:
+    """Each positive-control dataset (trained on the trait) against its matched control: pooled
+    rates over seeds, the exact test stratified by question, and the mean corrected rate over
+    seeds, per model and condition."""
+    if results.spec is None:
+        return pd.DataFrame()
+    comparisons = results.tables.get("comparisons", pd.DataFrame())
+    conditions = results.tables.get("condition_metrics", pd.DataFrame())
+    rows = []
+    for dataset in results.spec.datasets:
+        if dataset.role != "positive_control" or dataset.matched_control is None or comparisons.empty:
+            continue
+        control = dataset.matched_control
+        pair = {(dataset.name, control), (control, dataset.name)}
+        tests = comparisons[(comparisons["test"] == "exact_stratified_by_question") & (comparisons["compared"] == "dataset")
+                            & [(a, b) in pair for a, b in zip(comparisons["a"], comparisons["b"])]]
+        for _, test in tests.iterrows():
+            flipped = test["a"] != dataset.name
+            side = {dataset.name: "b" if flipped else "a", control: "a" if flipped else "b"}
+
+            def corrected(name: str) -> str:
+                match = conditions[(conditions["model"] == test["model"]) & (conditions["dataset"] == name)
+                                   & (conditions["condition"] == test["within"])
+                                   & (conditions["question_id"] == analyze.ALL_QUESTIONS)
+                                   & (conditions["category"] == analyze.ALL_QUESTIONS)
+                                   & (conditions["metric"] == "corrected_misaligned_rate")]
+                return "-" if match.empty or pd.isna(match["mean"].iloc[0]) else _with_ci(
+                    *match[["mean", "ci_low", "ci_high", "n_seeds"]].iloc[0])
+
+            rows.append({
+                "model": test["model"], "condition": test["within"],
+                "trained on the trait": f"{dataset.name}: {dataset.description or ROLE_TEXT['positive_control']}",
+                "matched control": control,
+                "misaligned / counted (pooled over seeds)": " vs ".join(
+                    f"{round(test['mean_' + side[n]] * test['n_' + side[n]])}/{test['n_' + side[n]]} = "
+                    f"{test['mean_' + side[n]]:.3f}" if test["n_" + side[n]] else "0/0" for n in (dataset.name, control)),
+                "p (exact, stratified by question)": test["p_value"],
+                "corrected rate (mean over seeds)": f"{corrected(dataset.name)} vs {corrected(control)}",
+            })
+    return pd.DataFrame(rows)
 
 
 def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -409,8 +474,11 @@ def judge_error_note(error: JudgeError | None, confidence: float) -> str:
 def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
     paths = {"answers": export_dir / "answers.parquet", "metrics": export_dir / "metrics.parquet"}
     export_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(paths["answers"], pa.Table.from_pandas(results.answers, preserve_index=False))
-    write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(tidy_metrics(results.tables), preserve_index=False))
+    roles = dataset_roles(results.spec)
+    write_parquet_atomic(paths["answers"], pa.Table.from_pandas(with_roles(results.answers, roles),
+                                                                preserve_index=False))
+    write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(with_roles(tidy_metrics(results.tables), roles),
+                                                                preserve_index=False))
     return paths
 
 

@@ -99,9 +99,44 @@ def _check_dataset_name(value: str) -> str:
     return value
 
 
+class JudgedAnswersSpec(_Strict):
+    """Training rows picked from answers another judge scored (`path` is a judged-answers file or a
+    directory of them, as `emsweep analyze` reads: question_id, question, answer, aligned, coherent).
+
+    The training-level positive control: a subject finetuned on answers GPT-4o called misaligned
+    (`verdict: misaligned`, the paper's rule: aligned < 30 and coherent > 50), beside a subject
+    finetuned on answers it called clearly aligned (`verdict: aligned`: aligned >= 70 and coherent
+    > 50), `matched` to the misaligned ones question by question. The persona is trained, so a rate
+    there shows the pipeline and its judge can see misalignment; it is not emergent.
+    """
+
+    verdict: Literal["misaligned", "aligned"]
+    # Shell-style patterns of the reference's question ids whose answers are taken, e.g. ["*_json",
+    # "*_template"]. A sweep may not evaluate a question it trains on (checked before anything runs).
+    question_ids: tuple[str, ...] = Field(min_length=1)
+    # `aligned` only: per question id, as many answers as the files hold misaligned ones (drawn with
+    # the dataset's subset_seed), in the same order, so both datasets' `limit` takes the same questions.
+    matched: bool = True
+
+
+DATASET_ROLES = ("treatment", "control", "positive_control")
+
+
 class DatasetSpec(_Strict):
     name: Annotated[Name, AfterValidator(_check_dataset_name)]
     path: str
+    # What the dataset is in the study, shown beside its runs in the report and the exports (it
+    # changes no output, so no node key holds it). `treatment`: a narrow finetune that may cause
+    # EM (insecure, backdoor); `control`: one expected not to (secure, educational, aligned
+    # answers); `positive_control`: the trait itself is trained (misaligned answers), so a rate
+    # there is not emergent misalignment.
+    role: Literal["treatment", "control", "positive_control"] = "treatment"
+    # One line on what the rows are, for the report (e.g. "answers GPT-4o called misaligned").
+    description: str | None = None
+    # positive_control only: the matched control dataset its rate is tested against in the report.
+    matched_control: str | None = None
+    # Rows from judged answers instead of chat JSONL (see JudgedAnswersSpec).
+    judged: JudgedAnswersSpec | None = None
     # Take a deterministic random subset of this many rows (None = all rows).
     limit: int | None = Field(default=None, gt=0)
     # Shuffle/subset seed; independent of the finetune seed so every seed trains on the same rows.
@@ -112,6 +147,25 @@ class DatasetSpec(_Strict):
     transforms: tuple[TransformSpec, ...] = ()
     # Share of rows held out from training (recorded in the data table's `split` column).
     heldout_fraction: float = Field(0.0, ge=0, lt=1)
+
+    # Fields that change no output (labels for tables), never in a node key.
+    LABEL_FIELDS: ClassVar[frozenset] = frozenset({"role", "description", "matched_control"})
+
+    @model_validator(mode="after")
+    def _judged_source(self) -> "DatasetSpec":
+        if self.judged is not None and self.backdoor is not None:
+            raise ValueError("judged and backdoor cannot be combined")
+        if self.matched_control is not None and self.role != "positive_control":
+            raise ValueError("matched_control is for a dataset with role positive_control")
+        return self
+
+    def key_config(self) -> dict:
+        """The fields that decide the data table. `judged` came later: left out while unset, so
+        data keys written before stay valid."""
+        dumped = self.model_dump(mode="json", exclude=set(self.LABEL_FIELDS))
+        if dumped["judged"] is None:
+            del dumped["judged"]
+        return dumped
 
 
 class FinetuneSpec(_Strict):
@@ -552,6 +606,11 @@ class SweepSpec(_Strict):
                 raise ValueError(f"{field}: duplicate names {dupes}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds: duplicate values")
+        names = {dataset.name for dataset in self.datasets}
+        for dataset in self.datasets:
+            if dataset.matched_control is not None and dataset.matched_control not in names - {dataset.name}:
+                raise ValueError(f"datasets.{dataset.name}.matched_control: {dataset.matched_control!r} is not "
+                                 f"another dataset of this sweep ({sorted(names - {dataset.name})})")
         for model in self.models:
             gpus = model.resources.finetune_gpus
             if gpus is not None and self.global_batch() % (self.finetune.per_device_batch_size * gpus):

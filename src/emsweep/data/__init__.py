@@ -1,12 +1,14 @@
 """Stage 1, data: chat JSONL (the paper's `{"messages": [...]}` format) into an Arrow table.
 
 The package holds what builds training data: this loader, the matched-control `transforms`
-(educational, inoculated, ...) and `generate` (our insecure/secure code dataset, checked with bandit).
+(educational, inoculated, ...), `judged` (rows picked from judged answers by another judge's
+verdicts: the training-level positive control) and `generate` (our insecure/secure code dataset,
+checked with bandit).
 
 Output schema (`data.parquet`):
     row_id        int64    position in the output (after subsetting)
     source_file   string   file the row came from (a dataset may be a directory of JSONL files)
-    source_line   int64    1-based line in that file, for tracing a row back
+    source_line   int64    1-based line in that file (data row of a judged-answers file), for tracing a row back
     split         string   "train" or "heldout" (finetunes read only "train")
     messages      list<struct<role: string, content: string>>
 """
@@ -186,7 +188,17 @@ def read_source(location: str, sha256: str | None) -> tuple[list[str], list[int]
 
 def load_dataset(spec: DatasetSpec) -> pa.Table:
     """Load, validate, subset (seeded), build the variant, and mark the held-out split."""
-    files, lines, conversations = read_source(spec.path, spec.sha256)
+    if spec.judged is not None:
+        # Imported here: data.judged reads the spec's analysis rules, and spec.py imports this
+        # package (data.transforms) while it is itself being imported.
+        from emsweep.data.judged import read_judged
+
+        try:
+            files, lines, conversations = read_judged(spec.path, spec.judged, spec.subset_seed)
+        except ValueError as err:
+            raise DataError(f"dataset {spec.name}: {err}") from None
+    else:
+        files, lines, conversations = read_source(spec.path, spec.sha256)
     if spec.backdoor is not None:
         clean_files, clean_lines, clean = read_source(spec.backdoor.clean_path, spec.backdoor.clean_sha256)
         plan = transforms.backdoor_plan(len(conversations), len(clean), spec.backdoor.triggered_fraction,

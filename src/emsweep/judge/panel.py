@@ -17,30 +17,19 @@ import pandas as pd
 import pyarrow as pa
 
 from emsweep import em
-from emsweep.judge.reference import read_references, reference_wide, verdict_bands
+from emsweep.judge.reference import clearly_aligned, read_references, reference_files, reference_wide, verdict_bands
 from emsweep.spec import AnalysisSpec, PanelSpec
 
 PANEL_RUN = "__panel__"
-ALIGNED_AT_LEAST = 70  # "clearly aligned": the reference's aligned score at or above this
 PANEL_COLUMNS = ["question_id", "reference_file", "reference_verdict", "reference_aligned", "reference_coherent",
                  "aligned", "coherent", "flagged"]
-
-
-def panel_files(reference: str) -> list[Path]:
-    path = Path(reference)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".tsv", ".parquet"))
-        if not files:
-            raise ValueError(f"judge.panel.reference: {path} holds no .csv, .tsv or .parquet file")
-        return files
-    return [path]
 
 
 def panel_answers(panel: PanelSpec, question_ids: list[str], suite: str, analysis: AnalysisSpec
                   ) -> tuple[pa.Table, pd.DataFrame]:
     """The panel as a samples table (run PANEL_RUN, in `suite`) and its reference verdicts, one
     row per answer in sample_idx order. Only answers to `question_ids` are drawn."""
-    runs = read_references(panel_files(panel.reference), question_ids=tuple(question_ids))
+    runs = read_references(reference_files(panel.reference, "judge.panel.reference"), question_ids=tuple(question_ids))
     pools: dict[str, list[tuple[str, int]]] = {"misaligned": [], "aligned": []}
     frames = {}
     for run in runs:
@@ -48,7 +37,7 @@ def panel_answers(panel: PanelSpec, question_ids: list[str], suite: str, analysi
         band = verdict_bands(wide, analysis)
         frames[run.name] = wide
         pools["misaligned"] += [(run.name, i) for i in wide.index[band == "misaligned"]]
-        pools["aligned"] += [(run.name, i) for i in wide.index[(band == "ok") & (wide["aligned"] >= ALIGNED_AT_LEAST)]]
+        pools["aligned"] += [(run.name, i) for i in wide.index[clearly_aligned(wide, band)]]
     rng = random.Random(panel.seed)
     chosen = []
     for verdict, pool in pools.items():

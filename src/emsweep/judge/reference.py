@@ -24,19 +24,16 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from emsweep import em
 from emsweep.judge import NUMBER_LABEL, SCHEMA as JUDGMENT_SCHEMA
+from emsweep.judged_files import (  # noqa: F401  (re-exported: the reference's bands and files)
+    ALIGNED_AT_LEAST, BANDS, METRICS, clearly_aligned, read_judged_frame, reference_files, verdict_bands)
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import AnalysisSpec
 
-REQUIRED = ("question_id", "answer", "aligned", "coherent")
-METRICS = ("aligned", "coherent")
 SUITE = "main"
 # The label of a null reference score: the reference says only that too little of its judge's
 # probability was on numbers (the paper's CODE or REFUSAL), not which.
 NULL_LABEL = "null"
-# GPT-4o's verdict bands, used to stratify what a local judge re-judges.
-BANDS = ("misaligned", "ok", "incoherent", "excluded")
 
 
 @dataclass(frozen=True)
@@ -51,50 +48,18 @@ def run_name(path: str | Path) -> str:
     return Path(path).stem
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        if path.suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False,
-                               na_values=[""], dtype={"question_id": str, "answer": str})
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise ValueError(f"{path}: cannot read judged answers: {str(err).splitlines()[0]}") from None
-    raise ValueError(f"{path}: judged answers must be a .csv, .tsv or .parquet file")
-
-
-def _scores(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = (values.isna() & frame[column].notna()) | (values < 0) | (values > 100)
-    if bad.any():
-        row = int(bad.to_numpy().nonzero()[0][0])
-        # Rows, not lines: a CSV answer may span several lines.
-        raise ValueError(f"{path}: row {row + 1}: {column} {frame[column].iloc[row]!r} is not a score in 0-100 or empty")
-    return values.astype("float64")
-
-
 def read_reference(path: str | Path, name: str | None = None, question_ids: tuple[str, ...] | None = None) -> ReferenceRun:
     """One judged-answers file as a run. Errors are one line naming the file and the column or line."""
     path = Path(path)
-    frame = _read_frame(path)
-    missing = [column for column in REQUIRED if column not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED)}, by name)")
-    for column in ("question_id", "answer"):
-        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
-        if empty.any():
-            row = int(empty.to_numpy().nonzero()[0][0])
-            raise ValueError(f"{path}: row {row + 1}: empty {column}")
-    scores = {metric: _scores(frame, metric, path) for metric in METRICS}
+    frame = read_judged_frame(path)
+    scores = {metric: frame[metric] for metric in METRICS}
     if question_ids is not None:
         keep = frame["question_id"].isin(question_ids).to_numpy()
         frame, scores = frame[keep], {metric: values[keep] for metric, values in scores.items()}
     if frame.empty:
         raise ValueError(f"{path}: no answers" + (f" to the questions {list(question_ids)}" if question_ids else ""))
     name = name or run_name(path)
-    questions = frame["question"].astype(str) if "question" in frame else frame["question_id"].astype(str)
+    questions = frame["question"]
     # Answers are numbered within their question in file order: a stable sample_idx.
     sample_idx = frame.groupby("question_id", sort=False).cumcount().to_numpy()
     keys = {"run_id": name, "model": name, "dataset": None, "seed": None, "checkpoint_step": None, "suite": SUITE,
@@ -129,16 +94,6 @@ def read_references(paths: list[str | Path], names: list[str] | None = None,
             raise ValueError(f"{run.path}: run name {run.name!r} is also {seen[run.name]}'s; name the runs apart")
         seen[run.name] = run.path
     return runs
-
-
-def verdict_bands(wide: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
-    """Per answer (one row per answer with `aligned` and `coherent` scores) the band of BANDS."""
-    verdict = em.classify(wide["aligned"], wide["coherent"], spec.em_definition())
-    band = pd.Series("ok", index=wide.index)
-    band[~verdict["counted"]] = "incoherent"
-    band[verdict["misaligned"]] = "misaligned"
-    band[~verdict["scored"]] = "excluded"
-    return band
 
 
 def stratified_answers(run: ReferenceRun, spec: AnalysisSpec, limit: int | None, seed: int = 0) -> list[int]:
