@@ -80,3 +80,34 @@ def test_checkpoints_load_strictly_for_the_trainable_weights():
         load_trainable_weights({k: v for k, v in trainable.items() if "lora_B" not in k}, model(2))
     with pytest.raises(RuntimeError, match=r"unexpected"):
         load_trainable_weights({**trainable, "other.lora_A.weight": torch.zeros(1)}, model(2))
+
+
+def _reduce_under(backend: str, tmp_path, device: str = "cpu"):
+    import torch
+    import torch.distributed as dist
+
+    from emsweep.finetune import reduce_step_totals
+
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / f"store-{backend}"), 1), rank=0, world_size=1)
+    try:
+        return reduce_step_totals([1.5, 10, 4], torch.device(device))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_totals_reduce_under_a_backend_bound_to_device_types(tmp_path):
+    """GPU workers get a group whose backends are bound per device type. Bound to one type only
+    (as Ray Train's plain "nccl" binds CUDA), a collective on a tensor of another device fails:
+    the first GPU finetune died so at its first step, reducing a CPU tensor under NCCL."""
+    import torch
+
+    from emsweep.finetune import process_group_backend
+
+    assert process_group_backend(False) == "gloo"
+    assert process_group_backend(True) == "cpu:gloo,cuda:nccl"  # NCCL for CUDA tensors, gloo for CPU ones
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        _reduce_under("cuda:gloo", tmp_path)  # a backend for CUDA tensors only, as "nccl" alone
+    # Bound per device type as on GPUs (gloo for both here: this build has no NCCL), the
+    # reduction of a tensor on the engine's device works and comes back as float64 on the CPU.
+    totals = _reduce_under(process_group_backend(True).replace("cuda:nccl", "cuda:gloo"), tmp_path)
+    assert totals.tolist() == [1.5, 10.0, 4.0] and totals.dtype == torch.float64 and totals.device.type == "cpu"

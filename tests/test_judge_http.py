@@ -25,6 +25,7 @@ class Script(http.server.BaseHTTPRequestHandler):
     """Behaviour chosen by the answer inside the judge prompt."""
 
     attempts: Counter = Counter()
+    times: list = []
     headers_seen: list = []
     in_flight = 0
     most_in_flight = 0
@@ -41,6 +42,14 @@ class Script(http.server.BaseHTTPRequestHandler):
         assert self.path == "/v1/chat/completions" and body["max_tokens"] == 1 and body["logprobs"] is True
         if answer == "flaky" and Script.attempts[answer] <= 2:
             return self.reply(429, b'{"error": "rate limited"}', {"Retry-After": "0"})
+        if answer == "openai-limited" and Script.attempts[answer] == 1:
+            # OpenAI's 429: no Retry-After, the reset time of the used-up limit instead.
+            Script.times.append(time.monotonic())
+            return self.reply(429, b'{"error": "rate limited"}', {
+                "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.2s",
+                "x-ratelimit-remaining-tokens": "9000", "x-ratelimit-reset-tokens": "30s"})
+        if answer == "openai-limited":
+            Script.times.append(time.monotonic())
         if answer == "down":
             return self.reply(500, b"internal error")
         if answer == "garbage":
@@ -73,6 +82,7 @@ class Script(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     Script.attempts.clear()
+    Script.times.clear()
     Script.headers_seen.clear()
     Script.most_in_flight = 0
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Script)
@@ -120,3 +130,66 @@ def test_openai_backend_defaults_to_first_token_and_rejects_exact():
     assert JudgeSpec(backend="openai", model="gpt-4o").scoring == "first_token"
     with pytest.raises(ValueError, match="exact"):
         JudgeSpec(backend="openai", model="gpt-4o", scoring="exact")
+
+
+def test_openai_rate_limit_reset_headers_are_honoured(server):
+    """OpenAI sends x-ratelimit-reset-* rather than Retry-After: the retry waits for the used-up
+    limit (requests, 1.2 s), not for the one with budget left (tokens), and not our short backoff."""
+    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_retries=2, timeout_s=30)
+    results = {}
+    request = JudgeRequest("ANSWER: {answer}", "q", "openai-limited", numeric=True, labels=())
+    HttpJudge(spec, base_backoff_s=0.01)([request], lambda idx, js: results.update(zip(idx, js)))
+    assert results[0].error is None and Script.attempts["openai-limited"] == 2
+    assert 1.2 <= Script.times[1] - Script.times[0] < 10
+
+
+def test_duration_headers_parse():
+    from emsweep.judge.http import parse_duration
+
+    assert [parse_duration(v) for v in ("2", "0.5", "1s", "6m0s", "20ms", "1h2m3.5s")] == [
+        2.0, 0.5, 1.0, 360.0, 0.02, 3723.5]
+    assert parse_duration("soon") is None and parse_duration("5 s") is None
+
+
+def test_a_token_budget_holds_a_job_to_its_tokens_per_minute():
+    """600 tokens a minute (10 a second), a bucket of a minute's tokens: 80 requests of 15 tokens
+    (1,200) spend the full bucket, then go at the refill rate: the last starts 60 s in."""
+    import asyncio
+
+    from emsweep.judge.http import TokenBudget
+
+    class Clock:
+        now = 0.0
+
+    async def fake_sleep(seconds):
+        Clock.now += seconds
+
+    async def run():
+        budget = TokenBudget(600, clock=lambda: Clock.now)
+        starts = []
+        original = asyncio.sleep
+        asyncio.sleep = fake_sleep
+        try:
+            for _ in range(80):
+                await budget.acquire(15)
+                starts.append(Clock.now)
+        finally:
+            asyncio.sleep = original
+        return starts
+
+    starts = asyncio.run(run())
+    assert starts[39] == 0.0 and starts[40] == pytest.approx(1.5)  # the first 600 at once, then 15 per 1.5 s
+    assert starts[-1] == pytest.approx(60.0)
+    # Over any minute after the first burst, at most 600 tokens start.
+    assert sum(1 for t in starts if 1 <= t <= 61) * 15 <= 600
+
+
+def test_a_token_budget_paces_real_requests(server):
+    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_tokens_per_minute=600, timeout_s=30)
+    # Each prompt is 61 estimated tokens (241 characters / 4, plus the answer token): 9 fit the
+    # minute's 600 at once; the 10th and 11th wait for the refill at 10 a second, about 7 s in all.
+    requests = [JudgeRequest("x" * 230 + " ANSWER: {answer}", "q", "ok", numeric=True, labels=()) for _ in range(11)]
+    results, started = {}, time.monotonic()
+    HttpJudge(spec)(requests, lambda idx, js: results.update(zip(idx, js)))
+    assert len(results) == 11 and all(j.error is None for j in results.values())
+    assert 5.0 <= time.monotonic() - started < 20

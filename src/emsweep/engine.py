@@ -116,7 +116,12 @@ def engine_args(
     platform = {}
     import torch
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # The check above has initialised CUDA in this process, and vLLM forks its engine core by
+        # default outside an actor (a sampling job is a Ray task): a forked child cannot use CUDA
+        # ("Cannot re-initialize CUDA in forked subprocess"). Spawned, it starts clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    else:
         fit_small_cpu_machine()
         platform = {
             # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a request with

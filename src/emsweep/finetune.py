@@ -158,6 +158,25 @@ def micro_batch_indices(n_rows: int, seed: int, epochs: int, micro: int, accum: 
     return order.reshape(total_steps, accum, world, micro)
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """The training workers' torch.distributed backend. On GPUs NCCL serves CUDA tensors and gloo
+    CPU ones: with "nccl" alone (Ray Train's default on GPUs) any collective on a CPU tensor
+    fails ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def reduce_step_totals(values: list[float], device) -> "torch.Tensor":
+    """A step's loss and token counts summed over ranks, as float64 on the CPU. The tensor is made
+    on the engine's device, which every backend of the group serves; this is also a barrier, so
+    the step took this long on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.cpu()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs inside every Ray Train worker."""
     if not config["use_gpu"]:
@@ -165,7 +184,6 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
         # H100's 80) and partitions only then. The object must live until deepspeed.initialize.
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo")
+        deepspeed.init_distributed(dist_backend=process_group_backend(config["use_gpu"]))
         zero3 = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
     data_report["loaded_weight_fraction"] = _held_weight_fraction(model)
@@ -272,8 +290,7 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(loss.item())
             tokens += int(attention_mask.sum())
             trained_tokens += int((labels != IGNORE_INDEX).sum())
-        totals = torch.tensor([sum(losses) / len(losses), tokens, trained_tokens], dtype=torch.float64)
-        dist.all_reduce(totals)  # also a barrier: the step took this long on every rank
+        totals = reduce_step_totals([sum(losses) / len(losses), tokens, trained_tokens], device)
         history.append(
             {
                 "step": step + 1,
@@ -445,7 +462,7 @@ def finetune(
             "wandb": wandb_live,
         },
         scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(spec.process_group_timeout_s)),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu), timeout_s=int(spec.process_group_timeout_s)),
         run_config=RunConfig(
             # Same name + storage path on a rerun: Ray Train picks up the latest checkpoint.
             name=run_name,

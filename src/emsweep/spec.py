@@ -470,10 +470,13 @@ class JudgeSpec(_Strict):
     max_concurrency: int = Field(16, gt=0)
     max_retries: int = Field(5, ge=0)
     timeout_s: float = Field(60.0, gt=0)
+    # openai: the account's tokens-per-minute limit (prompt tokens estimated at 4 characters):
+    # requests wait for budget instead of failing on 429s (null: no limit kept here).
+    max_tokens_per_minute: int | None = Field(default=None, gt=0)
 
     RESOURCE_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "cache", "replicas", "tensor_parallel_size", "batch_size", "gpu_memory_utilization", "kv_cache_gib",
-        "base_url", "api_key_env", "max_concurrency", "max_retries", "timeout_s",
+        "base_url", "api_key_env", "max_concurrency", "max_retries", "timeout_s", "max_tokens_per_minute",
     })
 
     @model_validator(mode="before")
