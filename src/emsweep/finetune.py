@@ -165,6 +165,15 @@ def process_group_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing on a base model about to get LoRA adapters. Non-reentrant: the
+    reentrant form drops gradients when no input of a checkpointed block requires grad, as with a
+    frozen base; the input embeddings are made to require grad for the same reason."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False  # a KV cache is pointless in training and conflicts with recomputation
+
+
 def reduce_step_totals(values: list[float], device) -> "torch.Tensor":
     """A step's loss and token counts summed over ranks, as float64 on the CPU. The tensor is made
     on the engine's device, which every backend of the group serves; this is also a barrier, so
@@ -236,6 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
         zero3 = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
     data_report["loaded_weight_fraction"] = _held_weight_fraction(model)
+    if spec.checkpoints_activations():
+        enable_gradient_checkpointing(model)
     model = get_peft_model(
         model,
         LoraConfig(
