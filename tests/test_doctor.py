@@ -71,3 +71,19 @@ def test_doctor_runs_a_real_smoke_sweep_on_cpu(tmp_path):
     assert 0 < seconds < 600
     assert re.search(r"doctor: (\d+) of \1 checks passed", output), output
     print(f"\ndoctor smoke on CPU: {seconds} s")
+
+
+def test_the_cluster_smoke_runs_where_every_pod_can_read_with_a_model_in_the_image(tmp_path):
+    """The RayJob runs doctor before its sweep: the smoke's model must be in the image (no hub on
+    the pods), and its files on the shared output volume, not in the head pod's /tmp."""
+    from emsweep.models import EMBEDDED
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = doctor.smoke_spec(tmp_path, use_gpu=True)
+    named = {m["path"].removeprefix("embedded:") for m in spec["models"] if m["path"].startswith("embedded:")}
+    dockerfile = (repo / "cluster" / "Dockerfile").read_text()
+    assert named and all(f"emsweep fetch-model {name}" in dockerfile for name in named) and named <= set(EMBEDDED)
+    assert doctor.smoke_parent(tmp_path / "runs", on_cluster=True) == tmp_path / "runs" / ".doctor-smoke"
+    assert doctor.smoke_parent(tmp_path / "runs", on_cluster=False) is None
+    entrypoint = (repo / "manifests" / "rayjob-betley2025.yaml").read_text()
+    assert "doctor --gpu --address auto --out /mnt/shared/" in entrypoint

@@ -479,7 +479,8 @@ def check(
 
 @app.command()
 def doctor(
-    out: Path = typer.Option(Path("runs"), "--out", "-o", help="The output dir a sweep will use (checked, never written)"),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="The output dir a sweep will use (checked; with --address the "
+                             "smoke runs in OUT/.doctor-smoke, which every node must read, and removes it)"),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Check the GPU stack and smoke on GPU (default: if torch sees one)"),
     smoke: bool = typer.Option(True, "--smoke/--no-smoke", help="Run the few-minute real smoke sweep"),
     address: Optional[str] = typer.Option(None, help="Ray address for the smoke (default: start Ray here)"),
@@ -503,7 +504,7 @@ def doctor(
     _print_checks(found)
     if smoke and not any(c.status == "fail" for c in found):
         console.print(f"smoke: a real sweep of the embedded SmolLM2 on {'GPU' if gpu else 'CPU'} (about a minute here)")
-        smoked = checks.smoke(gpu, connect=lambda: _init_ray(address))
+        smoked = checks.smoke(gpu, connect=lambda: _init_ray(address), parent=checks.smoke_parent(out, address is not None))
         _print_checks(smoked)
         found += smoked
     elif smoke:

@@ -238,13 +238,28 @@ def smoke_spec(work: Path, use_gpu: bool) -> dict:
     }
 
 
-def smoke(use_gpu: bool, connect=None) -> list[Check]:
-    """Run the smoke sweep in a temp dir on the Ray this process is (or `connect()` gets)
-    connected to; one check per stage with its seconds."""
+SMOKE_DIR = ".doctor-smoke"
+
+
+def smoke_parent(out: Path, on_cluster: bool) -> Path | None:
+    """Where the smoke sweep writes: on a cluster under the sweep's output dir (shared storage
+    every node reads: a finetune on a GPU pod reads the data node the head wrote, and the head
+    reads the adapter back), so the smoke checks that storage too; here, a temp dir (None)."""
+    if not on_cluster or "://" in str(out):  # an object store is no directory to run a sweep in
+        return None
+    return Path(out) / SMOKE_DIR
+
+
+def smoke(use_gpu: bool, connect=None, parent: Path | None = None) -> list[Check]:
+    """Run the smoke sweep in a fresh dir under `parent` (a temp dir when None) on the Ray this
+    process is (or `connect()` gets) connected to; one check per stage with its seconds. The dir
+    is removed afterwards."""
     from emsweep.pipeline import STAGES, run_sweep
     from emsweep.spec import SweepSpec
 
-    with tempfile.TemporaryDirectory(prefix="emsweep-doctor-") as work:
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="emsweep-doctor-", dir=parent) as work:
         spec = SweepSpec.model_validate(smoke_spec(Path(work), use_gpu))
         started = time.time()
         try:
