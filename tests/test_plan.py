@@ -279,6 +279,16 @@ def test_cluster_launcher_configs_are_valid():
         assert any("-ge 580" in command for command in config["setup_commands"])
         assert "latest_dlami" not in str(config) and "cu124" not in str(config)  # Ubuntu 18.04 / CUDA 12.4 era
         assert ".venv" in config["rsync_exclude"] and config["rsync_filter"] == [".gitignore"]
+        setup = config["setup_commands"]
+        mount = next(i for i, c in enumerate(setup) if "mount -t nfs" in c or "mount " in c and "/mnt/shared" in c)
+        doctor = next(i for i, c in enumerate(setup) if "emsweep doctor" in c)
+        assert any("nfs-common" in c and "python3-venv" in c for c in setup[:mount])
+        if name == "aws-gpu.yaml":
+            # The mount belongs to the user that runs Ray before doctor probes a write there, and
+            # the GPU workers (not only the head) get an IAM profile for an s3:// output.
+            user = config["auth"]["ssh_user"]
+            assert any(f"chown {user}:{user} /mnt/shared" in c for c in setup[mount:doctor])
+            assert "IamInstanceProfile" in workers["node_config"]
         # The API key reaches every Ray process from the shared secrets file, exported before `ray start`.
         for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
             (start,) = [c for c in commands if "ray start" in c]
