@@ -96,6 +96,11 @@ class Watch:
     on_poll: Callable[[list[list[Node]]], None] = lambda running: None
     report_s: float = 60.0
     timeout_s: float = 600.0
+    # Whether the cluster's autoscaler is bringing nodes up: while it is, waiting jobs are not
+    # stalled (a GPU node's boot and setup can take longer than timeout_s), for at most
+    # scale_up_timeout_s in a row, so a launch that never succeeds still fails the jobs in the end.
+    scaling_up: Callable[[], bool] = lambda: False
+    scale_up_timeout_s: float = 3600.0
 
 
 def execute(
@@ -167,6 +172,7 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
     import ray
 
     last_activity, reported = time.time(), False
+    scaling_since = None  # when the autoscaler began the scale-up the sweep has been waiting on
     while jobs or running:
         progressed = True
         while progressed:  # skipping a job resolves its nodes, which may unblock jobs seen earlier
@@ -203,7 +209,10 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
             now = time.time()
             watch.on_poll([job for job, _ in running.values()])
             if any(watch.started(job) for job, _ in running.values()):
-                last_activity, reported = now, False
+                last_activity, reported, scaling_since = now, False, None
+            elif now - last_activity > watch.report_s and watch.scaling_up() and (
+                    now - (scaling_since := scaling_since or now) < watch.scale_up_timeout_s):
+                last_activity = now  # nodes are coming up for the waiting jobs: not a stall
             elif now - last_activity > watch.report_s:
                 waiting = [job for job, _ in running.values()]
                 message = (f"no job of this sweep has started for {now - last_activity:.0f} s; "

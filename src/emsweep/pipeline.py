@@ -712,6 +712,19 @@ def _bundle(resources: dict) -> str:
                      for name, value in sorted(resources.items()))
 
 
+def autoscaler_scaling_up() -> bool:
+    """Whether the connected cluster's autoscaler has launches or nodes pending (Ray's autoscaler
+    state API); False where there is no autoscaler (a laptop, a fixed cluster) or no answer."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    except Exception:  # no autoscaler state: nothing is coming up
+        return False
+    return bool(status.pending_launches or status.pending_nodes)
+
+
 def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int) -> str:
     """What waiting jobs ask for and what holds the cluster: for a stall message."""
     import ray
@@ -807,6 +820,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             on_stall=on_stall or (lambda message: print(f"warning: {message}", flush=True)),
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
+            scaling_up=autoscaler_scaling_up, scale_up_timeout_s=spec.executor.scale_up_timeout_s,
             on_poll=lambda running: hosts.release_idle(running, started),
         )
         summary = LiveRates(spec, store, nodes)

@@ -587,6 +587,9 @@ class ExecutorSpec(_Strict):
     stall_report_s: float = Field(60.0, gt=0)
     # ... and after this long it fails with that report, instead of the sweep hanging.
     stall_timeout_s: float = Field(600.0, gt=0)
+    # While the autoscaler has nodes pending (launching, booting, running setup), waiting is not
+    # a stall, for up to this long in a row (a cold GPU node takes minutes; a quota never met, forever).
+    scale_up_timeout_s: float = Field(3600.0, gt=0)
     # barrier: a model's sampling starts once all its finetunes are done (one engine job per
     # model and replica), judging once all sampling is. pipelined: each run is sampled as soon as
     # its finetune is done and judged as soon as its samples are in, on long-lived engines that

@@ -287,3 +287,31 @@ def test_a_real_finetune_whose_workers_cannot_be_placed_is_reported_then_failed(
     assert "Free: CPU 1/2" in stalls[0] and "PENDING: 2x{CPU 1, memory " in stalls[0], stalls[0]
     assert 20 <= elapsed < 60
     assert live == []
+
+
+def test_waiting_while_the_autoscaler_brings_nodes_up_is_no_stall(tmp_path, local_ray):
+    """A cold cluster: a GPU node boots for longer than timeout_s. While the autoscaler has nodes
+    pending the wait is not a stall; once it has none (or after scale_up_timeout_s of it) the
+    usual report and timeout apply, so the sweep still never hangs."""
+    from ray.util.placement_group import placement_group
+
+    from emsweep.pipeline import autoscaler_scaling_up
+
+    assert autoscaler_scaling_up() is False  # a local Ray: no autoscaler, nothing pending
+    holder = placement_group([{"CPU": 2}])
+    ray.get(holder.ready())
+    try:
+        # Lower bounds less one poll (the last pending answer may come a poll before the end).
+        for scaling_for, scale_up_timeout_s, at_least in ((8.0, 3600.0, 8 + 4 - 2), (float("inf"), 5.0, 5 + 4 - 1)):
+            store = Store(tmp_path / str(scale_up_timeout_s))
+            waiting = Node("sample", "m__base", "k", config={"model": {"name": "m"}})
+            stalls, started = [], time.time()
+            watch = _watch(store, stalls, report_s=1, timeout_s=4, scale_up_timeout_s=scale_up_timeout_s,
+                           scaling_up=lambda: time.time() - started < scaling_for)
+            (result,) = execute([waiting], store, lambda stage, job: _needs_both_cpus.remote(str(tmp_path), job),
+                                watch=watch)
+            elapsed = time.time() - started
+            assert result.status == "failed" and result.error.startswith("stalled: ")
+            assert at_least <= elapsed < at_least + 15, (scaling_for, elapsed)
+    finally:
+        ray.util.remove_placement_group(holder)
