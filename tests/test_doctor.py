@@ -87,3 +87,23 @@ def test_the_cluster_smoke_runs_where_every_pod_can_read_with_a_model_in_the_ima
     assert doctor.smoke_parent(tmp_path / "runs", on_cluster=False) is None
     entrypoint = (repo / "manifests" / "rayjob-betley2025.yaml").read_text()
     assert "doctor --gpu --address auto --out /mnt/shared/" in entrypoint
+
+
+def test_the_gpu_check_script_builds_valid_gpu_specs_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh is what a session runs when a GPU is lent: here (GPU_CHECK_CPU_ONLY=1)
+    it writes its sweeps and plans them (every dataset and question file read), runs nothing on
+    a GPU, and says so."""
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPU_CHECK_CPU_ONLY": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU_CHECK plan.zero2.ok True" in proc.stdout and "GPU_CHECK plan.zero3.ok True" in proc.stdout
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert figures["gpu_steps"].startswith("skipped")
+    for zero in (2, 3):
+        spec = json.loads((tmp_path / f"zero{zero}.yaml").read_text())
+        assert spec["use_gpu"] and spec["finetune"]["zero_stage"] == zero and spec["finetune"]["num_workers"] == 1
+        assert len(spec["datasets"]) == 2  # two adapters sampled in one engine
