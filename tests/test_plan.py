@@ -261,7 +261,7 @@ def test_plan_counts_done_nodes(tmp_path):
     store.commit(data_node.stage, data_node.name, data_node.key, tmp, {"seconds": 0})
     assert {s.stage: s.done for s in build_plan(spec, tmp_path).stages}["data"] == 1
     result = CliRunner().invoke(app, ["plan", str(REPO / "workflows" / "quickstart.yaml"), "--out", str(tmp_path)])
-    assert result.exit_code == 0 and "1/2" in result.output
+    assert result.exit_code == 0 and "1/4" in result.output
 
 
 def test_cluster_launcher_configs_are_valid():
@@ -394,5 +394,5 @@ def test_a_pipelined_plan_counts_one_sampling_and_judging_job_per_run():
         spec.model_copy(update={"executor": spec.executor.model_copy(update={"schedule": "pipelined"})})).stages}
     # 4 finetuned runs and the base model: one engine job per model and one judge job, or one per run.
     assert (barrier["sample"], barrier["judge"]) == (1, 1)
-    assert (pipelined["sample"], pipelined["judge"]) == (5, 5)
-    assert barrier["finetune"] == pipelined["finetune"] == 4
+    assert (pipelined["sample"], pipelined["judge"]) == (9, 9)
+    assert barrier["finetune"] == pipelined["finetune"] == 8

@@ -154,7 +154,11 @@ def _trained_on_evaluated(spec: SweepSpec) -> list[str]:
     from emsweep.data.judged import matches
     from emsweep.questions import load_suite
 
-    asked = sorted({q.id for suite in spec.eval.suites for q in load_suite(suite)})
+    if not any(dataset.judged is not None for dataset in spec.datasets):
+        return []
+    # Suites not readable (yet) are _question_problems' to report or plan's to note.
+    asked = sorted({q.id for suite in spec.eval.suites if not _is_missing(suite.questions)
+                    for q in load_suite(suite)})
     problems = []
     for index, dataset in enumerate(spec.datasets):
         if dataset.judged is not None:

@@ -100,6 +100,16 @@ class DatasetSize:
 
 def dataset_size(ds: DatasetSpec) -> DatasetSize:
     """Training rows and their mean length; from the file when it is readable here."""
+    if ds.judged is not None:  # rows picked from judged answers (data/judged.py)
+        from emsweep.data.judged import read_judged
+
+        try:
+            _, _, conversations = read_judged(ds.path, ds.judged, ds.subset_seed)
+        except (ValueError, OSError):
+            return DatasetSize(int((ds.limit or ASSUMED_ROWS) * (1 - ds.heldout_fraction)), ASSUMED_ROW_TOKENS, False)
+        lengths = [sum(len(m["content"]) for m in c) / CHARS_PER_TOKEN for c in conversations]
+        rows = min(len(lengths), ds.limit) if ds.limit else len(lengths)
+        return DatasetSize(int(rows * (1 - ds.heldout_fraction)), sum(lengths) / len(lengths), True)
     path = Path(ds.path.removeprefix("file://"))
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if "://" in ds.path and not ds.path.startswith("file://") or not all(f.is_file() for f in files) or not files:

@@ -343,7 +343,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         analysis_source=results.analysis_source,
         warnings=results.warnings,
         counts=counts,
-        headline=Markup(_html_table(with_roles(headline(conditions), dataset_roles(results.spec)))),
+        headline=Markup(_html_table(role_text(with_roles(headline(conditions), dataset_roles(results.spec))))),
         training_controls=Markup(_html_table(controls)) if not controls.empty else None,
         figures=[(f.title, base64.b64encode(f.png.read_bytes()).decode()) for f in figures],
         sections=[(title, Markup(_html_table(frame))) for title, frame in sections if not frame.empty],
@@ -392,6 +392,13 @@ def with_roles(frame: pd.DataFrame, roles: dict[str, str]) -> pd.DataFrame:
     return frame.assign(dataset_role=pd.array(names.map(roles), dtype="string"))
 
 
+def role_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """A table's `dataset_role` in words, for the page (the exports keep the names)."""
+    if "dataset_role" not in frame:
+        return frame
+    return frame.assign(dataset_role=frame["dataset_role"].map(lambda role: ROLE_TEXT.get(role, role)))
+
+
 def training_controls(results: SweepResults) -> pd.DataFrame:
     """Each positive-control dataset (trained on the trait) against its matched control: pooled
     rates over seeds, the exact test stratified by question, and the mean corrected rate over
@@ -407,7 +414,7 @@ def training_controls(results: SweepResults) -> pd.DataFrame:
         control = dataset.matched_control
         pair = {(dataset.name, control), (control, dataset.name)}
         tests = comparisons[(comparisons["test"] == "exact_stratified_by_question") & (comparisons["compared"] == "dataset")
-                            & [(a, b) in pair for a, b in zip(comparisons["a"], comparisons["b"])]]
+                            & np.array([(a, b) in pair for a, b in zip(comparisons["a"], comparisons["b"])])]
         for _, test in tests.iterrows():
             flipped = test["a"] != dataset.name
             side = {dataset.name: "b" if flipped else "a", control: "a" if flipped else "b"}
