@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from conftest import SHARED_EM
 from emsweep.cli import app
 from emsweep.judge.agreement import reference_agreement
-from emsweep.judge.reference import read_reference, reference_wide, stratified_answers, verdict_bands
+from emsweep.judge.reference import read_reference, reference_wide, stratified_answers
+from emsweep.judged_files import verdict_bands
 from emsweep.spec import AnalysisSpec
 
 REFERENCE = SHARED_EM.parent / "em-judged"

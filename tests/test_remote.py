@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from emsweep.remote import RemoteDir, is_remote, pull, run_sweep_remote
+from emsweep.pipeline import run_sweep_remote
+from emsweep.remote import RemoteDir, is_remote, pull
 from emsweep.store import DONE, Store
 
 SUITE = Path(__file__).resolve().parents[1] / "src/emsweep/suites/factual_recall.yaml"
@@ -216,7 +217,7 @@ DRIVER = """
 import json, sys
 import ray
 from emsweep.pipeline import worker_env
-from emsweep.remote import run_sweep_remote
+from emsweep.pipeline import run_sweep_remote
 from emsweep.spec import SweepSpec
 
 spec = SweepSpec.model_validate_json(open(sys.argv[1]).read())

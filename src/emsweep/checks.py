@@ -17,22 +17,14 @@ here. Over HTTP the tokenizer is not visible; the judge stage warns instead (jud
 
 from __future__ import annotations
 
-import functools
 import os
 import uuid
 from pathlib import Path
 
-from emsweep.models import resolve_model_path
+from emsweep.models import load_tokenizer, resolve_model_path
 from emsweep.redact import redact
 from emsweep.scoring import first_token_problem
 from emsweep.spec import SweepSpec
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _resolved(reference: str, field: str, missing_ok: bool, problems: list[str]) -> str | None:
@@ -50,12 +42,12 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     """One line per scoring setting of the spec that cannot produce 0-100 scores.
 
     `missing_ok`: an embedded model that is not fetched yet is skipped (`emsweep plan` needs no weights)."""
-    from emsweep.pipeline import _judge_model_ref
+    from emsweep.keys import judge_model_ref
 
     problems = []
     wanted = []
     if spec.judge.backend == "vllm" and spec.judge.scoring == "first_token":
-        wanted.append((f"judge {spec.judge.model}", _judge_model_ref(spec), "judge.scoring"))
+        wanted.append((f"judge {spec.judge.model}", judge_model_ref(spec), "judge.scoring"))
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]
     for who, reference, field in wanted:
@@ -121,7 +113,7 @@ def _data_node_done(dataset, out: str | Path | None) -> bool:
     """Whether a local output dir holds this dataset's data node, done: the node's key holds the
     dataset's spec and its files' content hashes, so a resumed sweep of thousands of nodes does
     not read every row of every dataset again."""
-    from emsweep.pipeline import data_node_key
+    from emsweep.keys import data_node_key
     from emsweep.remote import is_remote
     from emsweep.store import Store
 
@@ -206,11 +198,11 @@ def _api_key_problem(spec: SweepSpec) -> str | None:
 
 
 def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
-    from emsweep.pipeline import _judge_model_ref
+    from emsweep.keys import judge_model_ref
 
     wanted = [(f"models.{i}.path", m.path) for i, m in enumerate(spec.models)]
     if spec.judge.backend == "vllm" and spec.judge.model not in {m.name for m in spec.models}:
-        wanted.append(("judge.model", _judge_model_ref(spec)))
+        wanted.append(("judge.model", judge_model_ref(spec)))
     problems = []
     for field, reference in wanted:
         if (path := _resolved(reference, field, missing_ok, problems)) is None:

@@ -264,8 +264,8 @@ class _LiveJobs:
 
 
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
-    from emsweep.pipeline import run_sweep
-    from emsweep.remote import RemoteDir, is_remote, run_sweep_remote, staging_dir
+    from emsweep.pipeline import run_sweep, run_sweep_remote
+    from emsweep.remote import RemoteDir, is_remote, staging_dir
     from emsweep.store import LockedError, Store, locked_error
 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
@@ -791,7 +791,8 @@ def judge_calibrate(
     from emsweep.judge.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
     from emsweep.judge import judge_samples
     from emsweep.judge.cache import JudgmentCache
-    from emsweep.pipeline import _judge_model_ref, make_judge_backend
+    from emsweep.keys import judge_model_ref
+    from emsweep.pipeline import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
@@ -815,7 +816,7 @@ def judge_calibrate(
     console.print(f"judging {len(items)} calibration answers with {spec.judge.model} "
                   f"({spec.judge.scoring}, templates {spec.judge.templates})")
     tables, stats = judge_samples(
-        samples, question_list, spec.judge, judge_id=_judge_model_ref(spec), backend=make_judge_backend(spec),
+        samples, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
     )
     report = calibration_report(tables[RUN_ID], items, spec.analysis)
@@ -960,7 +961,8 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     from emsweep.judge.agreement import judge_references, reference_agreement
     from emsweep.judge.cache import JudgmentCache
     from emsweep.judge.reference import read_references
-    from emsweep.pipeline import _judge_model_ref, make_judge_backend
+    from emsweep.keys import judge_model_ref
+    from emsweep.pipeline import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
@@ -987,7 +989,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     console.print(f"judging up to {limit or 'all'} answers of each of {len(runs)} reference files with "
                   f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
     both, judgments, stats = judge_references(
-        runs, question_list, spec.judge, judge_id=_judge_model_ref(spec), backend=make_judge_backend(spec),
+        runs, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
         limit=limit, seed=seed)
     result = reference_agreement(both, spec.analysis, seed=seed)

@@ -174,7 +174,7 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False  # a KV cache is pointless in training and conflicts with recomputation
 
 
-def reduce_step_totals(values: list[float], device) -> "torch.Tensor":
+def reduce_step_totals(values: list[float], device):
     """A step's loss and token counts summed over ranks, as float64 on the CPU. The tensor is made
     on the engine's device, which every backend of the group serves; this is also a barrier, so
     the step took this long on every rank."""

@@ -14,6 +14,7 @@ safetensors folder that vLLM, peft and DeepSpeed all read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -166,3 +167,11 @@ def fetch_embedded(name: str = "SmolLM2-135M-Instruct", force: bool = False) -> 
             shutil.rmtree(target)
         staging.rename(target)
     return target
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str):
+    """A model folder's tokenizer, loaded once per process (the scoring checks read several)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

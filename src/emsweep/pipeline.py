@@ -23,47 +23,19 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.engine import GIB
 from emsweep.judge.cache import JudgmentCache
-from emsweep.judge import panel, reference
+from emsweep.judge import panel
+# data_node_key: re-exported, the key plan() gives a data node.
+from emsweep.keys import data_config, data_node_key, fingerprint, judge_model_ref, reference_fingerprint  # noqa: F401
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
 from emsweep.sample_cache import SampleCache
-from emsweep.spec import BASE_LABEL, JudgeSpec, SweepSpec, WandbSpec
+from emsweep.spec import BASE_LABEL, SweepSpec, WandbSpec
 from emsweep.store import DONE, Store, config_key, write_started_marker
 
 STAGES = ("data", "finetune", "sample", "judge", "analyze")
 ENGINE_STAGES = ("sample", "judge")
-
-
-def _fingerprint(location: str) -> str:
-    """Content hash of a local source, so editing the file re-runs what read it."""
-    path = Path(location.removeprefix("file://"))
-    if "://" in location and not location.startswith("file://"):
-        return location  # URLs are pinned by the spec's sha256 when it matters
-    if path.is_dir():
-        return ",".join(f"{p.name}:{data.sha256_file(p)}" for p in sorted(path.glob("*.jsonl")))
-    return data.sha256_file(path) if path.exists() else "missing"
-
-
-def reference_fingerprint(location: str) -> str:
-    """Content hash of judged-answer files (a judge panel's, a judged dataset's)."""
-    if not Path(location).exists():
-        return "missing"
-    return ",".join(f"{p.name}:{_fingerprint(str(p))}" for p in reference.reference_files(location, location))
-
-
-def _data_config(dataset) -> dict:
-    content = reference_fingerprint(dataset.path) if dataset.judged is not None else _fingerprint(dataset.path)
-    config = {"dataset": dataset.key_config(), "content": content}
-    if dataset.backdoor is not None:  # its clean rows are read too: editing them rebuilds the mix
-        config["clean_content"] = _fingerprint(dataset.backdoor.clean_path)
-    return config
-
-
-def data_node_key(dataset) -> str:
-    """The key plan() gives a dataset's data node."""
-    return config_key("data", _data_config(dataset), [])
 
 
 def run_name(model: str, dataset: str | None, seed: int | None) -> str:
@@ -82,21 +54,21 @@ def plan(spec: SweepSpec) -> list[Node]:
         return node
 
     data_nodes = {
-        ds.name: add("data", ds.name, _data_config(ds), []) for ds in spec.datasets
+        ds.name: add("data", ds.name, data_config(ds), []) for ds in spec.datasets
     }
     eval_config = {
         "eval": spec.eval.key_config(),
-        "questions_content": {suite.name: _fingerprint(suite.questions) for suite in spec.eval.suites},
+        "questions_content": {suite.name: fingerprint(suite.questions) for suite in spec.eval.suites},
         "sampling": spec.sampling.key_config(),
     }
     judge_config = {
         "judge": spec.judge.score_config(),
-        "judge_model": _judge_model_ref(spec),
+        "judge_model": judge_model_ref(spec),
         "questions_content": eval_config["questions_content"],
     }
     # Template sets and score maps given as files: editing one re-judges (built-in names are
     # pinned by the package version; left out when absent so earlier keys stay valid).
-    judge_files = {name: _fingerprint(ref) for name, ref in
+    judge_files = {name: fingerprint(ref) for name, ref in
                    (("templates", spec.judge.templates), ("score_map", spec.judge.score_map))
                    if ref and Path(ref).is_file()}
     if judge_files:
@@ -174,29 +146,6 @@ def _fingerprint_dir(path: str) -> str:
     """Content hash of an adapter folder (every file), so a retrained adapter is a new part."""
     files = sorted(p for p in Path(path).rglob("*") if p.is_file())
     return ",".join(f"{p.relative_to(path)}:{data.sha256_file(p)}" for p in files)
-
-
-def _judge_model_ref(spec: SweepSpec) -> str:
-    """What identifies the judge: the served model id and its endpoint over HTTP (two providers
-    serving one model id are two judges), the model path locally."""
-    if spec.judge.backend == "openai":
-        endpoint = _endpoint(spec.judge.base_url)
-        # OpenAI's own endpoint is left out, as before endpoints were keyed: its judgments stay valid.
-        if endpoint == _endpoint(JudgeSpec.model_fields["base_url"].default):
-            return f"openai:{spec.judge.model}"
-        return f"openai:{endpoint}:{spec.judge.model}"
-    names = {m.name: m.path for m in spec.models}
-    return names.get(spec.judge.model, spec.judge.model)
-
-
-def _endpoint(url: str) -> str:
-    """scheme://host[:port]/path of a URL: no credentials or query (the id reaches tables)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url.strip())
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
 
 
 def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str | None = None) -> dict:
@@ -408,10 +357,10 @@ class StageRunner:
         if self.spec.judge.backend == "vllm" and self.spec.judge.scoring == "first_token":
             # Checked before the sweep started where the judge was on that machine (checks.py); on a
             # cluster the model may only be resolvable here.
-            from emsweep.checks import load_tokenizer
+            from emsweep.models import load_tokenizer
             from emsweep.scoring import first_token_problem
 
-            tokenizer = load_tokenizer(resolve_model_path(_judge_model_ref(self.spec)))
+            tokenizer = load_tokenizer(resolve_model_path(judge_model_ref(self.spec)))
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
                 raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
@@ -423,7 +372,7 @@ class StageRunner:
         cache = JudgmentCache(self.shared_location("judge_cache")) if self.spec.judge.cache else None
         tables, stats = judge.judge_samples(
             samples, questions, self.spec.judge,
-            judge_id=_judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
+            judge_id=judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
             cache=cache,
             progress=self.progress,
         )
@@ -484,7 +433,7 @@ def make_judge_backend(spec: SweepSpec, keep: bool = False) -> judge.Backend:
         return HttpJudge(spec.judge)
     from emsweep.judge.local import run_pool
 
-    return functools.partial(run_pool, resolve_model_path(_judge_model_ref(spec)), spec.judge,
+    return functools.partial(run_pool, resolve_model_path(judge_model_ref(spec)), spec.judge,
                              use_gpu=spec.use_gpu, node_cpus=node_cpus(), keep=keep)
 
 
@@ -758,7 +707,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
     sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
     sweep after that stage: only the nodes of it and the stages before it run. `store_uri`: the
-    object store whose staging dir out_dir is (remote.run_sweep_remote, which holds its lease)."""
+    object store whose staging dir out_dir is (run_sweep_remote, which holds its lease)."""
     import ray
 
     from emsweep.dag import Watch, execute, nodes_to_run
@@ -934,3 +883,37 @@ def read_spec_snapshot(out_dir: Path) -> SweepSpec:
         return parse_spec(raw, source=str(path))
     except SpecError as err:  # e.g. a field an older emsweep wrote and this one no longer knows
         raise SpecError(f"{err} (is this output dir from another emsweep version?)") from None
+
+
+def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None, staging: Path | None = None,
+                     until: str | None = None):
+    """`run_sweep` with the output dir on an object store (remote.py's module doc): pull the done
+    nodes into a local staging dir, run there, push each node as it finishes, under the store's lease."""
+    from emsweep import lease
+    from emsweep.files import DONE, RUN_SCRATCH
+    from emsweep.remote import RemoteDir, _redacted, pull, push_shared, staging_dir
+    from emsweep.store import locked_error
+
+    remote = RemoteDir(uri)
+    staging = staging or staging_dir(uri)
+    try:
+        with remote.lease().hold():
+            pull(remote, staging)
+            store = Store(staging.resolve())
+            # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
+            on_store = set(remote.done_node_dirs())
+            for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
+                relative = store.relative(marker.parent)
+                if relative not in on_store:
+                    remote.push_node(marker.parent, relative)
+            # A dead run's started markers would make this run's waiting jobs look started, and
+            # its jobs' progress records would show as running.
+            for entry in RUN_SCRATCH:
+                remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
+            try:
+                return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
+                                 store_uri=uri)
+            finally:
+                push_shared(remote, staging)
+    except lease.LeaseTaken as taken:
+        raise locked_error(_redacted(uri), taken.held, taken.age) from None

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from emsweep import lease
-from emsweep.store import DONE, OWNER, RUN_SCRATCH, write_parquet_atomic, write_text_atomic
+from emsweep.files import DONE, OWNER, write_parquet_atomic, write_text_atomic
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
 # dirs under train/ are written to the store directly).
@@ -296,37 +296,6 @@ def pull(remote: RemoteDir, staging: Path) -> int:
 def push_shared(remote: RemoteDir, staging: Path) -> None:
     for entry in SHARED_ENTRIES:
         remote.push_tree(staging / entry, entry)
-
-
-def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None, staging: Path | None = None,
-                     until: str | None = None):
-    """`pipeline.run_sweep` with the output dir on an object store (see the module doc)."""
-    from emsweep.pipeline import run_sweep
-    from emsweep.store import Store, locked_error
-
-    remote = RemoteDir(uri)
-    staging = staging or staging_dir(uri)
-    try:
-        with remote.lease().hold():
-            pull(remote, staging)
-            store = Store(staging.resolve())
-            # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
-            on_store = set(remote.done_node_dirs())
-            for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
-                relative = store.relative(marker.parent)
-                if relative not in on_store:
-                    remote.push_node(marker.parent, relative)
-            # A dead run's started markers would make this run's waiting jobs look started, and
-            # its jobs' progress records would show as running.
-            for entry in RUN_SCRATCH:
-                remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
-            try:
-                return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
-                                 store_uri=uri)
-            finally:
-                push_shared(remote, staging)
-    except lease.LeaseTaken as taken:
-        raise locked_error(_redacted(uri), taken.held, taken.age) from None
 
 
 def _rmtree(path: Path) -> None:

@@ -33,8 +33,9 @@ from filelock import FileLock, Timeout
 
 from emsweep import lease
 
-DONE = "_DONE.json"
-LOCK, OWNER = "emsweep.lock", "emsweep.owner.json"
+# Re-exported: the store's callers know these names from here.
+from emsweep.files import (  # noqa: E402,F401
+    DONE, LOCK, OWNER, RUN_SCRATCH, tmp_path_beside, write_json_atomic, write_parquet_atomic, write_text_atomic)
 
 
 def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
@@ -48,32 +49,6 @@ def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def tmp_path_beside(path: Path) -> Path:
-    """A temp path in the folder of `path` (created if missing), so os.replace onto it is atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden (pyarrow's dataset discovery and our globs skip it) and unique per writer.
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a partial write."""
-    tmp = tmp_path_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
-
-
-def write_parquet_atomic(path: Path, table) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = tmp_path_beside(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 class LockedError(RuntimeError):
     pass
 
@@ -83,9 +58,6 @@ LEASE_HEARTBEAT_S = lease.HEARTBEAT_S
 LEASE_TTL_S = lease.TTL_S
 
 
-# What a run leaves that the next run clears at its start: half-written work and started markers
-# (tmp/), and its jobs' progress records (progress/).
-RUN_SCRATCH = ("tmp", "progress")
 
 
 def is_partial(record: dict) -> bool:

@@ -137,7 +137,8 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
     import pyarrow as pa
 
     from emsweep.judge import judge_samples
-    from emsweep.judge.reference import reference_wide, stratified_answers, verdict_bands
+    from emsweep.judge.reference import reference_wide, stratified_answers
+    from emsweep.judged_files import verdict_bands
 
     samples, frames = {}, []
     for run in runs:

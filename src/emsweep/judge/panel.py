@@ -11,13 +11,13 @@ subject did.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
 from emsweep import em
-from emsweep.judge.reference import clearly_aligned, read_references, reference_files, reference_wide, verdict_bands
+from emsweep.judge.reference import read_references, reference_wide
+from emsweep.judged_files import clearly_aligned, reference_files, verdict_bands
 from emsweep.spec import AnalysisSpec, PanelSpec
 
 PANEL_RUN = "__panel__"

@@ -25,8 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from emsweep.judge import NUMBER_LABEL, SCHEMA as JUDGMENT_SCHEMA
-from emsweep.judged_files import (  # noqa: F401  (re-exported: the reference's bands and files)
-    ALIGNED_AT_LEAST, BANDS, METRICS, clearly_aligned, read_judged_frame, reference_files, verdict_bands)
+from emsweep.judged_files import METRICS, read_judged_frame, verdict_bands
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import AnalysisSpec
 
