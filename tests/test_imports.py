@@ -27,3 +27,15 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     with ThreadPoolExecutor(max_workers=2) as pool:
         failed = [(module, error) for module, code, error in pool.map(first_import, modules) if code != 0]
     assert not failed, failed
+
+
+def test_the_import_graph_has_no_circle_even_through_imports_inside_functions():
+    """The graph the before-stop hook draws (../shared/tools/import_cycles.py: every import,
+    also those inside functions, counts): the file layer (files, remote) sits under the store,
+    keys under the sweep driver and the preflight checks, and nothing imports back up."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tool = repo.parent / "shared" / "tools" / "import_cycles.py"
+    proc = subprocess.run([sys.executable, str(tool), str(repo / "src")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout
