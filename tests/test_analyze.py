@@ -288,6 +288,25 @@ def test_permutation_tests_by_hand():
     # [[2, 0], [0, 2]] = 2 x C(2,2)C(2,0)/C(4,2) = 1/3 as well at this size.
     assert (answers["n_a"], answers["n_b"], answers["mean_a"], answers["mean_b"]) == (2, 2, 1.0, 0.0)
     assert answers["p_value"] == pytest.approx(1 / 3) and len(table) == 2
+    # Neither test can go below 1/3 at this size (2 vs 2 seeds; 2 vs 2 answers in one question,
+    # whose totals 0, 1, 2 have probabilities 1/6, 4/6, 1/6), so neither can reach alpha 0.05.
+    assert row["min_p"] == pytest.approx(1 / 3) and answers["min_p"] == pytest.approx(1 / 3)
+    assert not row["reaches_alpha"] and not answers["reaches_alpha"]
+    # One family of two p-values of 1/3: Holm doubles the smaller and keeps order; BH keeps both.
+    assert table["p_holm"].tolist() == pytest.approx([2 / 3, 2 / 3]) and table["p_bh"].tolist() == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_minimum_attainable_p_values_by_hand():
+    from math import comb
+
+    from emsweep.analyze import min_permutation_p
+
+    # Independent: 2 of the C(n, k) splits are as extreme as all-a-above-all-b (the mirror one).
+    for n_a, n_b in ((2, 2), (3, 3), (5, 5)):
+        assert min_permutation_p(n_a, n_b, False, 100000) == pytest.approx(2 / comb(n_a + n_b, n_a))
+    # Paired sign flips: all plus or all minus of 2^n.
+    for n in (2, 3, 4, 6):
+        assert min_permutation_p(n, n, True, 100000) == pytest.approx(2 / 2 ** n)
 
 
 def test_category_rates_by_hand():

@@ -150,3 +150,16 @@ def test_a_partial_sweep_reports_what_is_done_and_names_what_is_missing(tmp_path
         shutil.rmtree(judged)
     empty = build_report(out, log_to_wandb=False)
     assert "none: no judge node is done yet" in empty.html.read_text()
+
+
+def test_a_comparison_that_cannot_reach_alpha_says_so():
+    import pandas as pd
+
+    from emsweep.report import comparison_notes
+    from emsweep.spec import AnalysisSpec
+
+    table = pd.DataFrame({"a": ["x", "y", "z"], "p_value": [0.333, 0.004, float("nan")],
+                          "min_p": [1 / 3, 1e-6, float("nan")]})
+    notes = comparison_notes(table, AnalysisSpec())["note"].tolist()
+    assert notes == ["cannot reach p < 0.05 at this n (smallest p 0.333)", "", ""]
+    assert comparison_notes(table, AnalysisSpec(confidence=0.5))["note"].tolist() == ["", "", ""]

@@ -48,7 +48,9 @@ Outputs:
     questions_dropped, em_definition, em_rule
 `comparisons.parquet`: model, checkpoint_step, suite, compared ("dataset" or "condition"),
     within (the fixed condition or dataset), a, b, metric, test, n_a, n_b, mean_a, mean_b,
-    difference (a - b), p_value (two-sided), em_definition
+    difference (a - b), p_value (two-sided), min_p (the smallest p this test can give at these
+    n), reaches_alpha (min_p <= 1 - confidence), p_holm and p_bh (adjusted over every row of
+    the table as one family), em_definition
 """
 
 from __future__ import annotations
@@ -420,7 +422,7 @@ def condition_metrics(runs: pd.DataFrame, pushback: pd.DataFrame, harm: pd.DataF
 
 
 COMPARISON_COLUMNS = ["model", "checkpoint_step", "suite", "compared", "within", "a", "b", "metric", "test", "n_a", "n_b",
-                      "mean_a", "mean_b", "difference", "p_value", "em_definition"]
+                      "mean_a", "mean_b", "difference", "p_value", "min_p", "em_definition"]
 
 
 def permutation_p_value(a: np.ndarray, b: np.ndarray, paired: bool, resamples: int) -> float:
@@ -446,12 +448,17 @@ def fisher_answers(a: pd.Series, b: pd.Series) -> float:
 
 
 def stratified_exact_p(strata: list[tuple[int, int, int, int]]) -> float:
+    return stratified_exact_test(strata)[0]
+
+
+def stratified_exact_test(strata: list[tuple[int, int, int, int]]) -> tuple[float, float]:
     """Two-sided exact test of no difference between a and b within every stratum (a question):
     per stratum (misaligned_a, counted_a, misaligned_b, counted_b). Conditional on each stratum's
     margins, a's misaligned count is hypergeometric; the total over strata has the convolution of
     those distributions (the exact form of the Cochran-Mantel-Haenszel test), and the p-value is
     the mass of totals no more probable than the observed one. One stratum: Fisher's exact test.
-    NaN when no stratum has counted answers on both sides."""
+    NaN when no stratum has counted answers on both sides. Returns (p, the smallest p these
+    margins allow: the mass of the least probable totals)."""
     distribution, observed, informative = np.array([1.0]), 0, False
     for misaligned_a, counted_a, misaligned_b, counted_b in strata:
         total, flagged = counted_a + counted_b, misaligned_a + misaligned_b
@@ -463,9 +470,13 @@ def stratified_exact_p(strata: list[tuple[int, int, int, int]]) -> float:
         distribution = np.convolve(distribution, pmf)
         observed += misaligned_a - low  # totals are counted from each stratum's lowest value
     if not informative:
-        return float("nan")
-    # Relative tolerance as in scipy's fisher_exact: ties in probability count as "as extreme".
-    return float(min(1.0, distribution[distribution <= distribution[observed] * (1 + 1e-7)].sum()))
+        return float("nan"), float("nan")
+
+    def p_of(probability: float) -> float:
+        # Relative tolerance as in scipy's fisher_exact: ties in probability count as "as extreme".
+        return float(min(1.0, distribution[distribution <= probability * (1 + 1e-7)].sum()))
+
+    return p_of(distribution[observed]), p_of(distribution[distribution > 0].min())
 
 
 def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -> dict:
@@ -477,12 +488,13 @@ def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -
     questions = side_a.index.intersection(side_b.index)
     strata = [(int(side_a.at[q, "n_misaligned"]), int(side_a.at[q, "n_counted"]), int(side_b.at[q, "n_misaligned"]),
                int(side_b.at[q, "n_counted"])) for q in questions]
+    p_value, min_p = stratified_exact_test(strata)
     n_a, n_b = int(side_a["n_counted"].sum()), int(side_b["n_counted"].sum())
     rate_a = side_a["n_misaligned"].sum() / n_a if n_a else float("nan")
     rate_b = side_b["n_misaligned"].sum() / n_b if n_b else float("nan")
     return {"a": a, "b": b, "metric": "pooled_misaligned_rate", "test": "exact_stratified_by_question",
             "n_a": n_a, "n_b": n_b, "mean_a": float(rate_a), "mean_b": float(rate_b),
-            "difference": float(rate_a - rate_b), "p_value": stratified_exact_p(strata)}
+            "difference": float(rate_a - rate_b), "p_value": p_value, "min_p": min_p}
 
 
 # What ties a run's question rows to one of its overall rows.
@@ -514,9 +526,10 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                 if paired:  # the same runs answered both conditions
                     common = x.index.intersection(y.index)
                     x, y = x[common], y[common]
-                p_value, test = float("nan"), "paired" if paired else "independent"
+                p_value, min_p, test = float("nan"), float("nan"), "paired" if paired else "independent"
                 if len(x) >= 2 and len(y) >= 2:  # scipy needs two per side; one run has no spread
                     p_value = permutation_p_value(x.to_numpy(float), y.to_numpy(float), paired, spec.permutation_resamples)
+                    min_p = min_permutation_p(len(x), len(y), paired, spec.permutation_resamples)
                 elif paired and len(x) == 1 and metric == "misaligned_rate":
                     # One run (the base model) under two conditions: its answers are the samples.
                     questions = per_question.merge(_fill_keys(group[group["run_id"] == x.index[0]][QUESTION_ROW_KEYS]),
@@ -530,8 +543,31 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                              "n_a": len(x), "n_b": len(y), "mean_a": float(x.mean()) if len(x) else float("nan"),
                              "mean_b": float(y.mean()) if len(y) else float("nan"),
                              "difference": float(x.mean() - y.mean()) if len(x) and len(y) else float("nan"),
-                             "p_value": p_value, "em_definition": spec.em_definition().name})
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+                             "p_value": p_value, "min_p": min_p, "em_definition": spec.em_definition().name})
+    return adjusted(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), spec)
+
+
+def min_permutation_p(n_a: int, n_b: int, paired: bool, resamples: int) -> float:
+    """The smallest p the permutation test can give with these many runs per side: its p on the
+    most extreme data there is (every run of a above every run of b, all by the same amount)."""
+    return permutation_p_value(np.ones(n_a), np.zeros(n_b), paired, resamples)
+
+
+def adjusted(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
+    """Beside each raw p-value: whether the test could reach the spec's alpha (1 - confidence) at
+    all (`reaches_alpha`: min_p <= alpha), and the p-values adjusted over every test of the table
+    as one family: Holm (family-wise error) and Benjamini-Hochberg (false discovery rate)."""
+    from statsmodels.stats.multitest import multipletests
+
+    alpha = 1 - spec.confidence
+    table = table.assign(reaches_alpha=pd.array([None if pd.isna(m) else bool(m <= alpha) for m in table["min_p"]],
+                                                dtype="boolean"), p_holm=np.nan, p_bh=np.nan)
+    tested = table["p_value"].notna()
+    if tested.any():
+        p_values = table.loc[tested, "p_value"].to_numpy(float)
+        table.loc[tested, "p_holm"] = multipletests(p_values, method="holm")[1]
+        table.loc[tested, "p_bh"] = multipletests(p_values, method="fdr_bh")[1]
+    return table
 
 
 def run_comparisons(runs: pd.DataFrame, pairs: list[tuple[str, str]], spec: AnalysisSpec) -> pd.DataFrame:
@@ -547,7 +583,7 @@ def run_comparisons(runs: pd.DataFrame, pairs: list[tuple[str, str]], spec: Anal
                 rows.append({"model": None, "checkpoint_step": None, "suite": suite, "compared": "run",
                              "within": condition, **pooled_comparison(group, a, b, "run_id"),
                              "em_definition": spec.em_definition().name})
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    return adjusted(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), spec)
 
 
 def to_arrow(frame: pd.DataFrame) -> pa.Table:

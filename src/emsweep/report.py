@@ -321,7 +321,8 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     if not labels.empty:
         labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
     sections = [
-        ("Comparisons (each row's test in `test`)", tables.get("comparisons", pd.DataFrame())),
+        ("Comparisons (each row's test in `test`; p_holm and p_bh adjust over all rows)",
+         comparison_notes(tables.get("comparisons", pd.DataFrame()), results.analysis)),
         ("Label rates (overall per run)", labels),
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
         ("Harm perception", tables.get("harm_metrics", pd.DataFrame())),
@@ -392,6 +393,17 @@ def with_roles(frame: pd.DataFrame, roles: dict[str, str]) -> pd.DataFrame:
     return frame.assign(dataset_role=pd.array(names.map(roles), dtype="string"))
 
 
+def comparison_notes(comparisons: pd.DataFrame, analysis: AnalysisSpec) -> pd.DataFrame:
+    """The comparisons with a note in words where a test cannot reach the spec's alpha at its n
+    (a p-value that could never be small says nothing by being large)."""
+    if comparisons.empty or "min_p" not in comparisons:
+        return comparisons
+    alpha = 1 - analysis.confidence
+    notes = ["" if pd.isna(m) or m <= alpha else f"cannot reach p < {alpha:g} at this n (smallest p {m:.3g})"
+             for m in comparisons["min_p"]]
+    return comparisons.assign(note=notes)
+
+
 def role_text(frame: pd.DataFrame) -> pd.DataFrame:
     """A table's `dataset_role` in words, for the page (the exports keep the names)."""
     if "dataset_role" not in frame:
@@ -436,6 +448,7 @@ def training_controls(results: SweepResults) -> pd.DataFrame:
                     f"{round(test['mean_' + side[n]] * test['n_' + side[n]])}/{test['n_' + side[n]]} = "
                     f"{test['mean_' + side[n]]:.3f}" if test["n_" + side[n]] else "0/0" for n in (dataset.name, control)),
                 "p (exact, stratified by question)": test["p_value"],
+                "smallest p possible": test.get("min_p", float("nan")),
                 "corrected rate (mean over seeds)": f"{corrected(dataset.name)} vs {corrected(control)}",
             })
     return pd.DataFrame(rows)
