@@ -62,3 +62,20 @@ def test_batched_requests_get_no_eta():
     record = {"job": "sample/m__base", "phase": "answers", "done": 2, "total": 192, "unit": "requests",
               "detail": "output 6.67 toks/s", "started_at": 0.0, "phase_started_at": 50.0, "updated_at": 60.0}
     assert progress.describe(record, now=61.0) == "sample/m__base answers: 2/192 requests (1%), output 6.67 toks/s"
+
+
+def test_log_lines_are_not_repeated_unchanged():
+    from emsweep.cli import UNCHANGED_LINE_EVERY_S, changed_lines
+
+    def describe(record):
+        return f"{record['job']} {record['done']}/{record['total']}"
+
+    printed: dict = {}
+    first = [{"job": "finetune/a", "done": 0, "total": 6}, {"job": "sample/b", "done": 0, "total": 192}]
+    assert changed_lines(first, printed, 0.0, describe) == ["finetune/a 0/6", "sample/b 0/192"]
+    # 30 s later nothing moved: no line (the log once held "training: 0/6 steps (0%)" twice).
+    assert changed_lines(first, printed, 30.0, describe) == []
+    moved = [{"job": "finetune/a", "done": 1, "total": 6}, {"job": "sample/b", "done": 0, "total": 192}]
+    assert changed_lines(moved, printed, 60.0, describe) == ["finetune/a 1/6"]
+    # A job stuck for long is shown again, so a hang is visible in the log.
+    assert changed_lines(moved, printed, UNCHANGED_LINE_EVERY_S, describe) == ["sample/b 0/192"]

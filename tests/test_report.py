@@ -89,13 +89,15 @@ def test_report_in_chromium(report):
     requests = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("request", lambda request: requests.append(request.url))
         page.goto(result.html.as_uri())
         page.wait_for_load_state("load")
         text = page.inner_text("body")
         images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
         title = page.title()
+        # Wide tables scroll inside their own box: the page itself never scrolls sideways at 1280 px.
+        page_width = page.evaluate("document.documentElement.scrollWidth")
         # Kept after the run (test-artifacts/ is git-ignored) so a person can look at what the test saw.
         artifacts = Path(os.environ.get("EMSWEEP_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
         artifacts.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,7 @@ def test_report_in_chromium(report):
     print(f"report screenshot: {screenshot}")
     # The model's answer is shown as text, never run as a script.
     assert title == "emsweep report: report-fixture"
+    assert page_width <= 1280, page_width
     assert HOSTILE_ANSWER in text
     # Self-contained: nothing but the file itself and inline data.
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
@@ -163,3 +166,26 @@ def test_a_comparison_that_cannot_reach_alpha_says_so():
     notes = comparison_notes(table, AnalysisSpec())["note"].tolist()
     assert notes == ["cannot reach p < 0.05 at this n (smallest p 0.333)", "", ""]
     assert comparison_notes(table, AnalysisSpec(confidence=0.5))["note"].tolist() == ["", "", ""]
+
+
+def test_a_zero_rate_bar_is_drawn_and_labelled():
+    """All rates 0 (the quickstart's usual case) once gave empty axes: every bar now carries its
+    value, a zero one a marker on the axis, and a rate that was not computed says n/a."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from emsweep.plots import _bars
+
+    table = pd.DataFrame({"condition": ["none", "none", "evil"], "series": ["base", "insecure", "base"],
+                          "mean": [0.0, 0.25, float("nan")], "ci_low": [0.0, 0.1, float("nan")],
+                          "ci_high": [0.0, 0.4, float("nan")]})
+    fig, ax = plt.subplots()
+    _bars(ax, table, "condition", "series", "misaligned rate")
+    labels = sorted(text.get_text() for text in ax.texts)
+    assert labels == ["0.00", "0.25", "n/a", "n/a"]  # insecure has no "evil" row: not computed
+    zero_markers = [line for line in ax.lines if line.get_label() == "_zero"]
+    assert sum(len(line.get_xdata()) for line in zero_markers) == 1
+    plt.close(fig)

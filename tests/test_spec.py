@@ -41,11 +41,11 @@ def test_finetune_defaults_are_the_papers_recipe():
     [
         ({"seed": [0]}, "seed: Extra inputs are not permitted"),
         ({"seeds": [0, 0]}, "seeds: duplicate values"),
-        ({"name": "../evil"}, "name: Value error"),
+        ({"name": "../evil"}, "name: '../evil' must match"),
         ({"finetune": {"zero_stage": 5}}, "finetune.zero_stage"),
         ({"finetune": {"learning_rate": -1}}, "finetune.learning_rate"),
         ({"models": []}, "models"),
-        ({"datasets": [{"name": "base", "path": "/d.jsonl"}]}, "datasets.0.name: Value error, 'base' is the label of "
+        ({"datasets": [{"name": "base", "path": "/d.jsonl"}]}, "datasets.0.name: 'base' is the label of "
                                                                "the base model's runs"),
     ],
 )
@@ -143,3 +143,29 @@ def test_shortened_wandb_run_ids_keep_the_node_key():
     long_a, long_b = (run_id("sweep", f"sample/{'x' * 200}{suffix}", key) for suffix in ("a", "b"))
     assert len(long_a) == MAX_RUN_ID and long_a.endswith(f"-{key}") and long_a.startswith("sweep-sample-xxx")
     assert long_a != long_b  # names that differ past the cut stay distinct (a digest of the full names)
+
+
+@pytest.mark.parametrize("patch, expected", [
+    # A bad dataset name, not also "datasets: Tuple should have at least 1 item" that follows from it.
+    ({"datasets": [{"name": "../evil", "path": "d.jsonl"}]},
+     "datasets.0.name: '../evil' must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ (letters, digits, _ . -)"),
+    # An unknown preset: the first branch of the union, not every branch's complaint.
+    ({"analysis": {"em_metric": "nope"}},
+     "analysis.em_metric: Input should be 'betley2025', 'model_organisms' or 'inoculation'"),
+    ({"datasets": [{"name": "d", "path": "d.jsonl", "transforms": [{"kind": "nope"}]}]},
+     "datasets.0.transforms.0: Input tag 'nope' found using 'kind' does not match any of the expected tags: "
+     "'educational', 'inoculated', 'no_system', 'with_system', 'trigger'"),
+    ({"models": [{"name": "m", "path": "p"}, {"name": "bad name", "path": "p"}]},
+     "models.1.name: 'bad name' must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ (letters, digits, _ . -)"),
+])
+def test_spec_errors_give_the_first_cause_per_field(patch, expected):
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**MINIMAL, **patch}, source="s.yaml")
+    assert str(caught.value) == f"s.yaml: {expected}"
+
+
+def test_two_independent_bad_fields_are_both_named():
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**MINIMAL, "seeds": "a", "analysis": {"confidence": 2}}, source="s.yaml")
+    assert str(caught.value) == ("s.yaml: seeds: Input should be a valid tuple; "
+                                 "analysis.confidence: Input should be less than 1")

@@ -71,6 +71,8 @@ def preflight(spec: SweepSpec, out: str | Path | None = None, *, local_models: b
                 *_judge_problems(spec, missing_ok)]
     if local_models:
         problems += _model_problems(spec, missing_ok)
+    else:  # models may be fetched or downloaded later, but a judge nothing can resolve never runs
+        problems += _unresolvable_judge(spec)
     if local_models or missing_ok:
         problems += scoring_problems(spec, missing_ok=missing_ok)
     if out is not None:
@@ -217,6 +219,24 @@ def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
             problems.append(f"{field}: {path!r} is not a local folder{extra}, and is not in the Hugging Face "
                             "cache (emsweep runs with HF_HUB_OFFLINE=1; download it first, or set HF_HUB_OFFLINE=0)")
     return problems
+
+
+def _unresolvable_judge(spec: SweepSpec) -> list[str]:
+    """A local judge that names no model of the sweep, no known embedded model, no hub id and no
+    existing folder: no later step (fetch-model, a download, data generation) can make it exist."""
+    from emsweep.keys import judge_model_ref
+    from emsweep.models import EMBEDDED
+
+    judge = spec.judge
+    if judge.backend != "vllm" or judge.model in {m.name for m in spec.models}:
+        return []
+    reference = judge_model_ref(spec)
+    if reference.startswith("embedded:"):
+        name = reference.removeprefix("embedded:")
+        return [] if name in EMBEDDED else [f"judge.model: unknown embedded model {name!r}; known: {sorted(EMBEDDED)}"]
+    if Path(reference).is_absolute() and not Path(reference).exists():
+        return [f"judge.model: {reference} does not exist and is not the name of a model in `models`"]
+    return []
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -206,6 +206,23 @@ def _one_line(text: str) -> str:
 LOG_PROGRESS_EVERY_S = float(os.environ.get("EMSWEEP_PROGRESS_EVERY_S", "30"))
 
 
+# A job whose line has not changed is logged again after this long, so a stuck job stays visible.
+UNCHANGED_LINE_EVERY_S = 300.0
+
+
+def changed_lines(records: list[dict], printed: dict[str, tuple[str, float]], now: float, describe) -> list[str]:
+    """The progress lines to log now: each job's line when it differs from the last one logged for
+    that job (or that one is UNCHANGED_LINE_EVERY_S old); `printed` is updated."""
+    lines = []
+    for record in records:
+        line = describe(record)
+        last = printed.get(record["job"])
+        if last is None or last[0] != line or now - last[1] >= UNCHANGED_LINE_EVERY_S:
+            printed[record["job"]] = (line, now)
+            lines.append(line)
+    return lines
+
+
 class _LiveJobs:
     """Under the node bar, one bar per running job from its progress record (progress.py): a
     finetune's steps and loss, a sample job's requests and tokens/s, a judge job's judgments.
@@ -225,6 +242,7 @@ class _LiveJobs:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="emsweep-progress", daemon=True)
         self.last_logged = time.time()
+        self.printed: dict[str, tuple[str, float]] = {}  # job -> (its last line, when)
 
     def __enter__(self):
         self.thread.start()
@@ -246,8 +264,8 @@ class _LiveJobs:
                     self._draw(records, progress)
                 elif records and time.time() - self.last_logged >= LOG_PROGRESS_EVERY_S:
                     self.last_logged = time.time()
-                    for record in records:
-                        console.print(f"  progress {escape(progress.describe(record))}", highlight=False)
+                    for line in changed_lines(records, self.printed, self.last_logged, progress.describe):
+                        console.print(f"  progress {escape(line)}", highlight=False)
             except Exception:  # the display never stops a sweep
                 continue
 

@@ -50,7 +50,13 @@ def _bars(ax, table: pd.DataFrame, x: str, series: str, ylabel: str) -> None:
         means = rows["mean"].to_numpy(float)
         low = np.nan_to_num(means - rows["ci_low"].to_numpy(float), nan=0.0).clip(min=0)
         high = np.nan_to_num(rows["ci_high"].to_numpy(float) - means, nan=0.0).clip(min=0)
-        ax.bar(positions, np.nan_to_num(means), width, label=name, yerr=[low, high], capsize=2)
+        bars = ax.bar(positions, np.nan_to_num(means), width, label=name, yerr=[low, high], capsize=2)
+        # Every bar says its value: a rate of 0 draws no bar at all, and a reader must be able to
+        # tell "0 of the counted answers" from "not computed" (n/a: no counted answer).
+        ax.bar_label(bars, labels=["n/a" if np.isnan(m) else f"{m:.2f}" for m in means], fontsize=6, padding=1)
+        zero = positions[means == 0]
+        ax.plot(zero, np.zeros(len(zero)), linestyle="none", marker="_", markersize=10, markeredgewidth=2,
+                color=bars.patches[0].get_facecolor() if bars.patches else None, label="_zero")  # "_": no legend entry
     ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)

@@ -726,16 +726,39 @@ def load_spec(path: str | os.PathLike, overrides: dict | None = None) -> SweepSp
     return parse_spec(raw, source=str(path), base=path.resolve().parent)
 
 
+def _is_union_branch(part: object) -> bool:
+    # pydantic names a union member in the error location: "literal['a','b']" or a model's class
+    # name; the spec's own field names are lower_snake_case.
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
+def first_causes(err: ValidationError) -> list[str]:
+    """One line per field, its first cause only: a union's other branches, and an error of a
+    field that only follows from an error inside it (a dataset list left empty by a bad dataset),
+    are left out."""
+    located = []
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        if loc and _is_union_branch(loc[-1]):
+            loc = loc[:-1]
+        located.append((loc, error["msg"].removeprefix("Value error, ")))  # our validators' own words
+    lines, seen = [], set()
+    for loc, message in located:
+        inner = any(other != loc and other[:len(loc)] == loc for other, _ in located)
+        if loc in seen or inner:
+            continue
+        seen.add(loc)
+        lines.append(f"{'.'.join(str(p) for p in loc) or '<root>'}: {message}")
+    return lines
+
+
 def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) -> SweepSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a sweep spec must be a mapping, got {type(raw).__name__}")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-        )
-        raise SpecError(f"{source}: {problems}") from None
+        raise SpecError(f"{source}: {'; '.join(first_causes(err))}") from None
     if base is None:
         return spec
     templates = _resolve_templates(spec.judge.templates, base, source)

@@ -88,6 +88,19 @@ def test_a_judge_that_is_neither_a_model_of_the_spec_nor_a_folder_is_found_first
     assert result.returncode == 2
     assert f"error: judge.model: {tmp_path}/judges/missing-judge does not exist and is not the name of a model" \
         in result.stdout
+    # plan previews a run without the weights, but a judge nothing can make exist is refused there
+    # too: one line naming judge.model (a hub id may be downloaded later, and stays a note).
+    for model, expected in (("./judges/missing-judge", f"judge.model: {tmp_path}/judges/missing-judge does not exist "
+                                                       "and is not the name of a model in `models`"),
+                            ("embedded:NoSuchModel", "judge.model: unknown embedded model 'NoSuchModel'")):
+        spec["judge"]["model"] = model
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        result, _ = _emsweep("plan", str(tmp_path / "spec.yaml"))
+        errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: " + expected), result.stdout
+    spec["judge"]["model"] = "Org/judge-not-downloaded-yet"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert _emsweep("plan", str(tmp_path / "spec.yaml"))[0].returncode == 0
 
 
 def test_unreadable_specs_name_the_file_and_line(tmp_path):
