@@ -185,7 +185,7 @@ def test_a_zero_rate_bar_is_drawn_and_labelled():
     fig, ax = plt.subplots()
     _bars(ax, table, "condition", "series", "misaligned rate")
     labels = sorted(text.get_text() for text in ax.texts)
-    assert labels == ["0.00", "0.25", "n/a", "n/a"]  # insecure has no "evil" row: not computed
+    assert labels == ["0.000", "0.250", "n/a", "n/a"]  # insecure has no "evil" row: not computed
     zero_markers = [line for line in ax.lines if line.get_label() == "_zero"]
     assert sum(len(line.get_xdata()) for line in zero_markers) == 1
     plt.close(fig)

@@ -52,8 +52,13 @@ def _bars(ax, table: pd.DataFrame, x: str, series: str, ylabel: str) -> None:
         high = np.nan_to_num(rows["ci_high"].to_numpy(float) - means, nan=0.0).clip(min=0)
         bars = ax.bar(positions, np.nan_to_num(means), width, label=name, yerr=[low, high], capsize=2)
         # Every bar says its value: a rate of 0 draws no bar at all, and a reader must be able to
-        # tell "0 of the counted answers" from "not computed" (n/a: no counted answer).
-        ax.bar_label(bars, labels=["n/a" if np.isnan(m) else f"{m:.2f}" for m in means], fontsize=6, padding=1)
+        # tell "0 of the counted answers" from "not computed" (n/a: no counted answer). Where the
+        # table has them, the answers behind the bar: counted / scored / all (summed over seeds).
+        counts = ([""] * len(groups) if "n_counted" not in rows else
+                  ["" if pd.isna(c) else f"\n{int(c)}/{int(sc)}/{int(a)}"
+                   for c, sc, a in zip(rows["n_counted"], rows["n_scored"], rows["n_answers"])])
+        ax.bar_label(bars, labels=[("n/a" if np.isnan(m) else f"{m:.3f}") + n for m, n in zip(means, counts)],
+                     fontsize=6, padding=1)
         zero = positions[means == 0]
         ax.plot(zero, np.zeros(len(zero)), linestyle="none", marker="_", markersize=10, markeredgewidth=2,
                 color=bars.patches[0].get_facecolor() if bars.patches else None, label="_zero")  # "_": no legend entry
@@ -93,8 +98,9 @@ def per_question(conditions: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
-def condition_comparison(conditions: pd.DataFrame) -> plt.Figure | None:
-    """Overall rates by condition (nudges, triggers, pushback), one panel per metric and suite."""
+def condition_comparison(conditions: pd.DataFrame, runs: pd.DataFrame | None = None) -> plt.Figure | None:
+    """Overall rates by condition (nudges, triggers, pushback), one panel per metric and suite;
+    with `runs` (run_metrics), each misaligned_rate bar also shows its counted / scored / all answers."""
     overall = _final(conditions[(conditions["question_id"] == ALL_QUESTIONS)])
     overall = overall[(overall["category"] == ALL_QUESTIONS) | overall["category"].isna()]
     wanted = overall["metric"].isin(["misaligned_rate", "flip_rate"]) | overall["metric"].str.contains("=")
@@ -111,14 +117,27 @@ def condition_comparison(conditions: pd.DataFrame) -> plt.Figure | None:
     fig, axes = plt.subplots(rows_count, columns, figsize=(4.5 * columns, 3.6 * rows_count), squeeze=False)
     for ax, (suite, metric) in zip(axes.flat, panels):
         table = overall[(overall["suite"] == suite) & (overall["metric"] == metric)].copy()
+        if metric == "misaligned_rate" and runs is not None and not runs.empty:
+            table = table.merge(answer_counts(runs), on=COUNT_KEYS, how="left")
         table["series"] = _series_label(table, 1)
         _bars(ax, table, "condition", "series", metric)
-        ax.set_title(f"{suite}: {metric}", fontsize=10)
+        ax.set_title(f"{suite}: {metric}" + (" (answers counted/scored/all)" if "n_counted" in table else ""),
+                     fontsize=10)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+COUNT_KEYS = ["model", "dataset", "suite", "condition"]
+
+
+def answer_counts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Counted, scored and all first-turn answers of each final condition, summed over seeds."""
+    overall = _final(runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)])
+    return overall.assign(dataset=overall["dataset"].astype(object)).groupby(
+        COUNT_KEYS, dropna=False)[["n_counted", "n_scored", "n_answers"]].sum().reset_index()
 
 
 def harm_scatter(runs: pd.DataFrame, harm: pd.DataFrame) -> plt.Figure | None:

@@ -220,7 +220,7 @@ def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
         final_steps = results.losses.groupby("dataset")["step"].max().astype(int).to_dict()
     candidates = [
         ("per_question", "Misaligned rate per question", lambda: plots.per_question(conditions)),
-        ("conditions", "Rates by condition", lambda: plots.condition_comparison(conditions)),
+        ("conditions", "Rates by condition", lambda: plots.condition_comparison(conditions, runs)),
         ("scores", "Judge score distributions", lambda: plots.score_distributions(
             results.answers, definition.aligned_below, definition.coherent_above)),
         ("harm_vs_misaligned", "Perceived harm vs misaligned rate", lambda: plots.harm_scatter(runs, results.harm)),
