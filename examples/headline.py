@@ -85,7 +85,11 @@ def draw(conditions: pd.DataFrame, seeds: pd.DataFrame, out: Path) -> None:
     for i, condition in enumerate(names):
         positions = np.arange(len(datasets)) + (i - (len(names) - 1) / 2) * width
         rows = conditions[conditions["condition"] == condition].set_index("dataset").reindex(datasets)
-        ax.bar(positions, rows["misaligned_rate"].fillna(0), width, label=condition)
+        rates = rows["misaligned_rate"].to_numpy(float)
+        ax.bar(positions, np.nan_to_num(rates), width, label=condition)
+        for position, rate in zip(positions, rates):  # a rate not computed is no bar of height 0
+            if np.isnan(rate):
+                ax.annotate("n/a", (position, 0), ha="center", va="bottom", fontsize=7)
         for position, dataset in zip(positions, datasets):
             rates = seeds[(seeds["dataset"] == dataset) & (seeds["condition"] == condition)]["misaligned_rate"]
             ax.scatter([position] * len(rates), rates, color="black", s=10, zorder=3)
