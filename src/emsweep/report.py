@@ -260,8 +260,8 @@ def _with_ci(mean: float, low: float, high: float, n: int) -> str:
     if pd.isna(mean):
         return "n/a"
     if pd.isna(low):
-        return f"{mean:.3f} (n={n}, no interval)"
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}] (n={n})"
+        return f"{mean:.3f} (n={int(n)}, no interval)"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}] (n={int(n)})"
 
 
 def examples(answers: pd.DataFrame, count: int) -> tuple[pd.DataFrame, str]:
