@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from emsweep import progress
+from emsweep.lease import LeaseLost
 from emsweep.redact import redact
 from emsweep.store import Store, is_partial
 
@@ -101,6 +102,9 @@ class Watch:
     # scale_up_timeout_s in a row, so a launch that never succeeds still fails the jobs in the end.
     scaling_up: Callable[[], bool] = lambda: False
     scale_up_timeout_s: float = 3600.0
+    # Who took the output dir's lease over (lease._Renewer.lost), or None: once it says, the
+    # executor cancels every job, fails their nodes and raises lease.LeaseLost.
+    lease_lost: Callable[[], str | None] = lambda: None
 
 
 def execute(
@@ -205,6 +209,10 @@ def _run_jobs(jobs, running, results, submit, finish, resolved, watch: Watch, ma
         # A short timeout keeps the main thread in Python, where Ctrl-C (KeyboardInterrupt) lands;
         # a blocking ray.wait can sit in C++ and leave SIGINT undelivered.
         ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_POLL_S)
+        if (lost := watch.lease_lost()) is not None:
+            # Another run owns the output dir now: nothing more of ours may be written there, not
+            # even failure records. execute() cancels the running jobs on the way out.
+            raise LeaseLost(f"{lost}; this run stopped and cancelled its jobs")
         if not ready:
             now = time.time()
             watch.on_poll([job for job, _ in running.values()])

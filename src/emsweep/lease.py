@@ -35,6 +35,10 @@ MISSED_BEATS = 3
 SETTLE_S = 1.0
 
 
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over while it ran (another run judged it dead): it must stop."""
+
+
 class LeaseTaken(RuntimeError):
     """The lease is held by a live run: `held` is its record, `age` seconds since its renewal."""
 
@@ -108,7 +112,7 @@ class Lease:
             raise LeaseTaken(held, 0.0)  # another driver claimed it in the same moment, and won
         renewer = _Renewer(self, mine)
         try:
-            yield
+            yield renewer
         finally:
             renewer.stop()
             if (self.record() or {}).get("token") == mine["token"]:
@@ -120,10 +124,12 @@ class Lease:
 
 class _Renewer:
     """Renews `mine` every beat until stopped, and stops for good if another run took it over
-    (it judged this one dead: this process stalled past the TTL)."""
+    (it judged this one dead: this process stalled past the TTL); `lost()` then says who has it,
+    and the driver stops (dag.execute) rather than write into an output dir another run owns."""
 
     def __init__(self, lease: Lease, mine: dict):
         self.lease, self.mine, self.stopped = lease, mine, threading.Event()
+        self.taken_by: dict | None = None
         self.thread = threading.Thread(target=self._run, name="emsweep-lease", daemon=True)
         self.thread.start()
 
@@ -132,12 +138,17 @@ class _Renewer:
             try:
                 held = self.lease.record()
                 if held is not None and held.get("token") != self.mine["token"]:
+                    self.taken_by = held
                     print(f"warning: the output dir's lease was taken over by {describe(held)}; "
-                          "this run no longer owns it", flush=True)
+                          "this run no longer owns it and stops", flush=True)
                     return
                 self.lease._write(self.mine)
             except OSError:  # a storage hiccup: the next beat tries again
                 pass
+
+    def lost(self) -> str | None:
+        """Who took the lease over, in words; None while this run holds it."""
+        return None if self.taken_by is None else f"the output dir's lease was taken over by {describe(self.taken_by)}"
 
     def stop(self) -> None:
         self.stopped.set()

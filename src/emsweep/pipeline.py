@@ -701,13 +701,14 @@ def describe_cluster_wait(spec: SweepSpec, waiting: list[list[Node]], cpus: int)
 
 
 def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
-              until: str | None = None, on_stall=None, store_uri: str | None = None) -> list:
+              until: str | None = None, on_stall=None, store_uri: str | None = None, remote_lease=None) -> list:
     """Execute a sweep on the Ray cluster this process is connected to.
 
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
     sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
     sweep after that stage: only the nodes of it and the stages before it run. `store_uri`: the
-    object store whose staging dir out_dir is (run_sweep_remote, which holds its lease)."""
+    object store whose staging dir out_dir is (run_sweep_remote, which holds its lease, `remote_lease`).
+    A run whose lease is taken over stops: lease.LeaseLost, its jobs cancelled."""
     import ray
 
     from emsweep.dag import Watch, execute, nodes_to_run
@@ -725,7 +726,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     # and the next engine (the judge after the sampler) needs it.
     remote_engine = ray.remote(max_retries=0, max_calls=1)(_run_job)
     pipelined = spec.executor.schedule == "pipelined"
-    with store.lock():
+    with store.lock() as held:
         store.clean_tmp()
         write_spec_snapshot(spec, out_dir)
         pending = nodes_to_run(nodes, store)
@@ -770,6 +771,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
             scaling_up=autoscaler_scaling_up, scale_up_timeout_s=spec.executor.scale_up_timeout_s,
+            lease_lost=lambda: held.lost() or (remote_lease.lost() if remote_lease is not None else None),
             on_poll=lambda running: hosts.release_idle(running, started),
         )
         summary = LiveRates(spec, store, nodes)
@@ -897,7 +899,7 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
     remote = RemoteDir(uri)
     staging = staging or staging_dir(uri)
     try:
-        with remote.lease().hold():
+        with remote.lease().hold() as held:
             pull(remote, staging)
             store = Store(staging.resolve())
             # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
@@ -912,8 +914,9 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                 remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
             try:
                 return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
-                                 store_uri=uri)
+                                 store_uri=uri, remote_lease=held)
             finally:
-                push_shared(remote, staging)
+                if held.lost() is None:  # a run whose lease was taken writes nothing more there
+                    push_shared(remote, staging)
     except lease.LeaseTaken as taken:
         raise locked_error(_redacted(uri), taken.held, taken.age) from None

@@ -183,7 +183,7 @@ class Store:
             probe.release()
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator["lease._Renewer"]:
         """One `emsweep run` per output dir, on one host or many sharing it.
 
         On one host: an flock (the `filelock` package) on emsweep.lock; the kernel drops it when
@@ -199,8 +199,8 @@ class Store:
         except Timeout:
             raise locked_error(self.root, self.lease().record()) from None
         try:
-            with self.lease().hold():
-                yield
+            with self.lease().hold() as held:
+                yield held
         except lease.LeaseTaken as taken:
             raise locked_error(self.root, taken.held, taken.age) from None
         finally:

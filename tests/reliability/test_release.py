@@ -315,3 +315,43 @@ def test_waiting_while_the_autoscaler_brings_nodes_up_is_no_stall(tmp_path, loca
             assert at_least <= elapsed < at_least + 15, (scaling_for, elapsed)
     finally:
         ray.util.remove_placement_group(holder)
+
+
+@ray.remote(num_cpus=1)
+def _slow_commit(root, job, seconds):
+    Store(root).mark_started(job[0].id)
+    time.sleep(seconds)
+    store = Store(root)
+    for node in job:
+        store.commit(node.stage, node.name, node.key, store.new_tmp_dir(), {})
+    return {node.id: None for node in job}
+
+
+def test_a_driver_whose_lease_is_taken_over_stops_and_commits_nothing_more(tmp_path, local_ray):
+    """Another run judged this one dead (it stalled past the TTL) and took the output dir's lease:
+    this driver cancels its jobs, writes nothing more there and raises LeaseLost naming the owner."""
+    import json
+    import threading
+
+    from emsweep.lease import LeaseLost
+
+    store = Store(tmp_path, heartbeat_s=0.3)
+    node = Node("finetune", "m__d__s0", "k")
+    owner = tmp_path / "emsweep.owner.json"
+    started = time.time()
+    with pytest.raises(LeaseLost, match=r"taken over by pid 4242 on other-head"):
+        with store.lock() as held:
+            def take_over():  # as a new driver on another host would, after the TTL
+                time.sleep(2.0)
+                record = json.loads(owner.read_text())
+                owner.write_text(json.dumps({**record, "pid": 4242, "host": "other-head", "token": "theirs",
+                                             "heartbeat": time.time()}))
+            threading.Thread(target=take_over, daemon=True).start()
+            execute([node], store, lambda stage, job: _slow_commit.remote(str(tmp_path), job, 12.0),
+                    watch=Watch(started=lambda job: True, lease_lost=held.lost))
+    stopped_after = time.time() - started
+    assert 2.0 <= stopped_after < 8, stopped_after
+    time.sleep(12.0 - stopped_after + 2.0)  # past the moment the job would have committed
+    assert not store.is_done(node.stage, node.name, node.key)
+    assert not (tmp_path / "failures").exists()  # not even a failure record of ours
+    assert json.loads(owner.read_text())["token"] == "theirs"  # the new owner's lease is left alone
