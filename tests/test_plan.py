@@ -396,3 +396,40 @@ def test_a_pipelined_plan_counts_one_sampling_and_judging_job_per_run():
     assert (barrier["sample"], barrier["judge"]) == (1, 1)
     assert (pipelined["sample"], pipelined["judge"]) == (9, 9)
     assert barrier["finetune"] == pipelined["finetune"] == 8
+
+
+def test_a_local_judges_weights_dtype_and_engine_key_its_judgments_and_nothing_else(tmp_path, monkeypatch):
+    """Replacing the weights at the judge's path, or judging in another dtype or engine, re-judges
+    (judge nodes and the judgment cache); the data, finetunes and samples keep their keys."""
+    from emsweep.judge import JudgeRequest
+    from emsweep.keys import judge_build
+
+    judge_dir = tmp_path / "judge"
+    judge_dir.mkdir()
+    (judge_dir / "config.json").write_text("{}")
+    (judge_dir / "model.safetensors").write_bytes(b"weights v1")
+    raw = {**RAW, "judge": {"model": str(judge_dir)}}
+    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "bfloat16")
+    before = keys(raw)
+
+    def changed(after):
+        return {node for node in before if before[node] != after[node]}
+
+    judged = {node for node in before if node.startswith(("judge/", "analyze/"))}
+    assert keys(raw) == before  # nothing moves by itself
+    (judge_dir / "model.safetensors").write_bytes(b"weights v2")
+    assert changed(keys(raw)) == judged
+    after_weights = keys(raw)
+    monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")
+    assert {n for n in after_weights if after_weights[n] != keys(raw)[n]} == judged
+    # The engine is recorded too (the tree judge on CPUs for exact scores, vLLM otherwise).
+    assert json.loads(judge_build(parse_spec(raw)))["engine"] == "TreeJudge"
+    assert json.loads(judge_build(parse_spec({**raw, "use_gpu": True})))["engine"] == "LocalJudge"
+    # The cache key follows; an API judge (no build) keeps the key it always had.
+    request = JudgeRequest("Q: {question} A: {answer}", "q", "a", numeric=True, labels=())
+    spec = parse_spec(raw)
+    assert request.cache_key("j", spec.judge, judge_build(spec)) != request.cache_key("j", spec.judge, None)
+    api = parse_spec({**RAW, "judge": {"backend": "openai", "model": "gpt-4o"}})
+    assert judge_build(api) is None
+    # A judge that is a hub id (resolved on the cluster) has no local weights: keys as before.
+    assert keys(RAW) == KEYS_BEFORE_RESOURCES

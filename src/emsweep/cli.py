@@ -809,7 +809,7 @@ def judge_calibrate(
     from emsweep.judge.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
     from emsweep.judge import judge_samples
     from emsweep.judge.cache import JudgmentCache
-    from emsweep.keys import judge_model_ref
+    from emsweep.keys import judge_build, judge_model_ref
     from emsweep.pipeline import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
@@ -835,6 +835,7 @@ def judge_calibrate(
                   f"({spec.judge.scoring}, templates {spec.judge.templates})")
     tables, stats = judge_samples(
         samples, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
+        judge_build=judge_build(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
     )
     report = calibration_report(tables[RUN_ID], items, spec.analysis)
@@ -979,7 +980,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     from emsweep.judge.agreement import judge_references, reference_agreement
     from emsweep.judge.cache import JudgmentCache
     from emsweep.judge.reference import read_references
-    from emsweep.keys import judge_model_ref
+    from emsweep.keys import judge_build, judge_model_ref
     from emsweep.pipeline import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
@@ -1008,6 +1009,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
                   f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
     both, judgments, stats = judge_references(
         runs, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
+        judge_build=judge_build(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
         limit=limit, seed=seed)
     result = reference_agreement(both, spec.analysis, seed=seed)

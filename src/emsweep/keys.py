@@ -6,6 +6,7 @@ recomputes a data node's key to skip re-validating a dataset already built from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from emsweep.data import sha256_file
@@ -65,3 +66,37 @@ def _endpoint(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
+
+
+def model_fingerprint(reference: str) -> str | None:
+    """Content hash of a local model folder (every file: weights, config, tokenizer), each file
+    hashed once per version (its size and mtime, as datasets are); None for a hub id, or an
+    embedded model not fetched yet (nothing local to hash)."""
+    from emsweep.models import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(reference))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return ",".join(f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files)
+
+
+def judge_build(spec: SweepSpec) -> str | None:
+    """What a local judge is made of besides its name: its weights' content, the dtype and the
+    engine that computes its scores (the judging page measures that dtype changes scores). None
+    for an API judge, whose model id and endpoint are all there is to know. Keys both the judge
+    nodes and the judgment cache: replacing the weights at a path, or another dtype, re-judges."""
+    if spec.judge.backend != "vllm":
+        return None
+    from emsweep.engine import cpu_dtype
+    from emsweep.judge.local import judge_class
+
+    reference = judge_model_ref(spec)
+    engine = judge_class(spec.judge, spec.use_gpu).__name__
+    # On GPUs the engines load the checkpoint's own dtype; on CPUs, cpu_dtype() (EMSWEEP_CPU_DTYPE).
+    dtype = "checkpoint" if spec.use_gpu else cpu_dtype()
+    return json.dumps({"weights": model_fingerprint(reference), "engine": engine, "dtype": dtype}, sort_keys=True)
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from emsweep.engine import GIB
 from emsweep.judge.cache import JudgmentCache
 from emsweep.judge import panel
 # data_node_key: re-exported, the key plan() gives a data node.
-from emsweep.keys import data_config, data_node_key, fingerprint, judge_model_ref, reference_fingerprint  # noqa: F401
+from emsweep.keys import (  # noqa: F401
+    data_config, data_node_key, fingerprint, judge_build, judge_model_ref, reference_fingerprint)
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
@@ -73,6 +75,10 @@ def plan(spec: SweepSpec) -> list[Node]:
                    if ref and Path(ref).is_file()}
     if judge_files:
         judge_config["judge_files"] = judge_files
+    if (build := judge_build(spec)) is not None and json.loads(build)["weights"] is not None:
+        # A local judge's weights, dtype and engine: left out where no local weights can be
+        # hashed (a hub id, resolved on the cluster), so those keys stay as they were.
+        judge_config["judge_build"] = build
     if spec.judge.panel is not None:  # left out when absent so earlier keys stay valid
         # By content, not path: the same reference files anywhere give the same panel.
         judge_config["panel"] = {**spec.judge.panel.model_dump(mode="json", exclude={"reference"}),
@@ -373,6 +379,7 @@ class StageRunner:
         tables, stats = judge.judge_samples(
             samples, questions, self.spec.judge,
             judge_id=judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
+            judge_build=judge_build(self.spec),
             cache=cache,
             progress=self.progress,
         )

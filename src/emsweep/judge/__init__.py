@@ -129,9 +129,12 @@ class JudgeRequest:
     def prompt(self) -> str:
         return fill_template(self.template, self.question, self.answer, self.reference)
 
-    def cache_key(self, judge_id: str, spec: JudgeSpec) -> str:
-        # Thresholds are applied after the cache, so they are not part of the key.
-        judge = ["bandit"] if self.static else [judge_id, spec.backend, spec.scoring, spec.top_logprobs]
+    def cache_key(self, judge_id: str, spec: JudgeSpec, judge_build: str | None = None) -> str:
+        # Thresholds are applied after the cache, so they are not part of the key. `judge_build`
+        # (keys.judge_build: a local judge's weights, dtype and engine) is left out when None,
+        # so an API judge's keys stay as they were.
+        judge = ["bandit"] if self.static else [judge_id, spec.backend, spec.scoring, spec.top_logprobs,
+                                                 *([judge_build] if judge_build else [])]
         parts = [*judge, template_hash(self.template), self.question, self.answer, self.numeric, self.labels]
         if self.reference is not None:
             parts.append(self.reference)
@@ -310,14 +313,16 @@ def judge_samples(
     backend: Backend,
     cache=None,
     progress=None,
+    judge_build: str | None = None,
 ) -> tuple[dict[str, pa.Table], JudgeStats]:
     """Judge the samples of many runs; returns a judgments table per run and counts.
-    `progress` (a progress.ProgressWriter) hears of every finished batch."""
+    `progress` (a progress.ProgressWriter) hears of every finished batch; `judge_build` (keys.judge_build)
+    keys the cache by what the judge is made of, not only its name."""
     items = list(requests_for(samples, questions, load_templates(spec.templates)))
     score_map = load_score_map(spec.score_map) if spec.score_map else None
     if score_map is not None:
         check_score_map(score_map, {(metric, request.template) for _, _, metric, request in items if request.scored})
-    keys = [request.cache_key(judge_id, spec) for _, _, _, request in items]
+    keys = [request.cache_key(judge_id, spec, judge_build) for _, _, _, request in items]
     known: dict[str, Judgment] = cache.get(set(keys)) if cache is not None else {}
     cached_keys = set(known)
     # Identical requests (same answer to the same question) are judged once.

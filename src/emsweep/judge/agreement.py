@@ -130,7 +130,7 @@ def reference_agreement(both: pd.DataFrame, spec: AnalysisSpec, resamples: int =
 
 
 def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend, cache, spec: AnalysisSpec,
-                     limit: int | None, seed: int = 0):
+                     limit: int | None, seed: int = 0, judge_build: str | None = None):
     """Judge a stratified subset of every reference run (`limit` answers per file, seeded) with
     the given judge; returns (`both`: one row per answer, as `reference_agreement` takes it, and
     the judge's judgments table with raw scores, for fitting a map later)."""
@@ -153,7 +153,8 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
         chosen["run_id"] = run.name
         frames.append(chosen)
         samples[run.name] = run.samples.take(pa.array(picked, pa.int64()))
-    tables, stats = judge_samples(samples, question_list, judge_spec, judge_id=judge_id, backend=backend, cache=cache)
+    tables, stats = judge_samples(samples, question_list, judge_spec, judge_id=judge_id, backend=backend, cache=cache,
+                                  judge_build=judge_build)
     judgments = pa.concat_tables(tables.values())
     keys = ["run_id", "question_id", "sample_idx"]
     scores = wide_answers(judgments.to_pandas())
