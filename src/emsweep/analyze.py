@@ -28,7 +28,7 @@ datasets (independent samples: different runs) and every two conditions of the s
 (paired by run: sign flips), within the same model, checkpoint and suite. Every two datasets
 are also compared on their answers (`test` "exact_stratified_by_question", metric
 pooled_misaligned_rate, n = counted answers): counts pooled over seeds within each question, and
-the exact conditional test of no difference within every question (stratified_exact_p; the exact
+the exact conditional test of no difference within every question (stratified_exact_test; the exact
 Cochran-Mantel-Haenszel test), which a few seeds cannot give (2 vs 2 seeds: no permutation p
 below 1/3). A condition comparison of a single run (the base model, which has no seeds) has
 no seeds to test over: its answers are the samples, with the same stratified exact test.
@@ -438,19 +438,6 @@ def permutation_p_value(a: np.ndarray, b: np.ndarray, paired: bool, resamples: i
     return float(result.pvalue)
 
 
-def fisher_answers(a: pd.Series, b: pd.Series) -> float:
-    """Two-sided Fisher's exact test of misaligned vs other counted answers of two runs, pooled."""
-    table = [[int(a["n_misaligned"]), int(a["n_counted"] - a["n_misaligned"])],
-             [int(b["n_misaligned"]), int(b["n_counted"] - b["n_misaligned"])]]
-    if min(a["n_counted"], b["n_counted"]) == 0:
-        return float("nan")
-    return float(stats.fisher_exact(table, alternative="two-sided").pvalue)
-
-
-def stratified_exact_p(strata: list[tuple[int, int, int, int]]) -> float:
-    return stratified_exact_test(strata)[0]
-
-
 def stratified_exact_test(strata: list[tuple[int, int, int, int]]) -> tuple[float, float]:
     """Two-sided exact test of no difference between a and b within every stratum (a question):
     per stratum (misaligned_a, counted_a, misaligned_b, counted_b). Conditional on each stratum's
@@ -511,15 +498,18 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
     for compared, within in (("dataset", "condition"), ("condition", "dataset")):
         for keys, group in overall.groupby(scope + [within], sort=True, dropna=False):
             values = {name: g.set_index("run_id")[metric].dropna() for name, g in group.groupby(compared, sort=True)}
+
+            def on_answers(of_runs: pd.DataFrame, a: str, b: str) -> dict:
+                """The row of the exact test stratified by question over these runs' answers."""
+                questions = per_question.merge(_fill_keys(of_runs[QUESTION_ROW_KEYS]), on=QUESTION_ROW_KEYS)
+                return {**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
+                        **pooled_comparison(questions, a, b, compared), "em_definition": spec.em_definition().name}
+
             if compared == "dataset" and metric == "misaligned_rate":
                 # Answers as the unit, pooled over seeds within each question: the test that a
                 # handful of seeds cannot give (2 vs 2 seeds: no permutation p below 1/3).
-                questions = per_question.merge(_fill_keys(group[QUESTION_ROW_KEYS]), on=QUESTION_ROW_KEYS)
                 names = sorted(group[compared].dropna().unique())
-                for a, b in itertools.combinations(names, 2):
-                    rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
-                                 **pooled_comparison(questions, a, b, compared),
-                                 "em_definition": spec.em_definition().name})
+                rows += [on_answers(group, a, b) for a, b in itertools.combinations(names, 2)]
             for a, b in itertools.combinations(sorted(values), 2):
                 x, y = values[a], values[b]
                 paired = compared == "condition"
@@ -532,11 +522,7 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                     min_p = min_permutation_p(len(x), len(y), paired, spec.permutation_resamples)
                 elif paired and len(x) == 1 and metric == "misaligned_rate":
                     # One run (the base model) under two conditions: its answers are the samples.
-                    questions = per_question.merge(_fill_keys(group[group["run_id"] == x.index[0]][QUESTION_ROW_KEYS]),
-                                                   on=QUESTION_ROW_KEYS)
-                    rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
-                                 **pooled_comparison(questions, a, b, compared),
-                                 "em_definition": spec.em_definition().name})
+                    rows.append(on_answers(group[group["run_id"] == x.index[0]], a, b))
                     continue
                 rows.append({**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3], "a": a, "b": b,
                              "metric": metric, "test": test,

@@ -225,18 +225,16 @@ def _unresolvable_judge(spec: SweepSpec) -> list[str]:
     """A local judge that names no model of the sweep, no known embedded model, no hub id and no
     existing folder: no later step (fetch-model, a download, data generation) can make it exist."""
     from emsweep.keys import judge_model_ref
-    from emsweep.models import EMBEDDED
 
     judge = spec.judge
     if judge.backend != "vllm" or judge.model in {m.name for m in spec.models}:
         return []
-    reference = judge_model_ref(spec)
-    if reference.startswith("embedded:"):
-        name = reference.removeprefix("embedded:")
-        return [] if name in EMBEDDED else [f"judge.model: unknown embedded model {name!r}; known: {sorted(EMBEDDED)}"]
-    if Path(reference).is_absolute() and not Path(reference).exists():
-        return [f"judge.model: {reference} does not exist and is not the name of a model in `models`"]
-    return []
+    problems: list[str] = []
+    # An unknown embedded name is a problem; one not fetched yet is not (missing_ok).
+    path = _resolved(judge_model_ref(spec), "judge.model", True, problems)
+    if path is not None and Path(path).is_absolute() and not Path(path).exists():
+        problems.append(f"judge.model: {path} does not exist and is not the name of a model in `models`")
+    return problems
 
 
 def _in_hub_cache(repo_id: str) -> bool:

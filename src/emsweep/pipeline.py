@@ -379,7 +379,9 @@ class StageRunner:
         tables, stats = judge.judge_samples(
             samples, questions, self.spec.judge,
             judge_id=judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
-            judge_build=judge_build(self.spec),
+            # As the driver keyed the node (no second hash of the weights); computed here where
+            # the driver had no local weights to hash.
+            judge_build=nodes[0].config.get("judge_build") or judge_build(self.spec),
             cache=cache,
             progress=self.progress,
         )

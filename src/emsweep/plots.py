@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from emsweep.analyze import ALL_QUESTIONS  # noqa: E402
+from emsweep.analyze import ALL_QUESTIONS, overall_rows  # noqa: E402
 from emsweep.spec import BASE_LABEL  # noqa: E402
 
 FINAL = "final"
@@ -135,7 +135,7 @@ COUNT_KEYS = ["model", "dataset", "suite", "condition"]
 
 def answer_counts(runs: pd.DataFrame) -> pd.DataFrame:
     """Counted, scored and all first-turn answers of each final condition, summed over seeds."""
-    overall = _final(runs[(runs["question_id"] == ALL_QUESTIONS) & (runs["category"] == ALL_QUESTIONS)])
+    overall = _final(overall_rows(runs))
     return overall.assign(dataset=overall["dataset"].astype(object)).groupby(
         COUNT_KEYS, dropna=False)[["n_counted", "n_scored", "n_answers"]].sum().reset_index()
 

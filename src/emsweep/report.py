@@ -415,13 +415,13 @@ def training_controls(results: SweepResults) -> pd.DataFrame:
     """Each positive-control dataset (trained on the trait) against its matched control: pooled
     rates over seeds, the exact test stratified by question, and the mean corrected rate over
     seeds, per model and condition."""
-    if results.spec is None:
-        return pd.DataFrame()
     comparisons = results.tables.get("comparisons", pd.DataFrame())
+    if results.spec is None or comparisons.empty:
+        return pd.DataFrame()
     conditions = results.tables.get("condition_metrics", pd.DataFrame())
     rows = []
     for dataset in results.spec.datasets:
-        if dataset.role != "positive_control" or dataset.matched_control is None or comparisons.empty:
+        if dataset.role != "positive_control" or dataset.matched_control is None:
             continue
         control = dataset.matched_control
         pair = {(dataset.name, control), (control, dataset.name)}
