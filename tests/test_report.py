@@ -66,10 +66,20 @@ def test_exports_by_hand(report):
     assert (none["value"], none["ci_low"], none["ci_high"], none["n"]) == pytest.approx((0.5, 0.15004, 0.84996, 4), abs=1e-4)
     assert set(metrics["em_definition"]) == {"betley2025"}
 
+    # The threshold-sensitivity export: 5 runs x 2 conditions x 25 cut-off pairs, the spec's own
+    # pair giving the run's rate; at aligned < 10 nothing the fixture scored can be misaligned.
+    sensitivity = pd.read_parquet(result.exports["threshold_sensitivity"])
+    assert len(sensitivity) == 5 * 2 * 25 and set(sensitivity["dataset_role"].dropna()) <= {"treatment", "control", "base"}
+    at_spec = sensitivity[sensitivity["spec_thresholds"]].set_index(["run_id", "condition"])["misaligned_rate"]
+    run_overall = metrics[(metrics["level"] == "run") & (metrics["metric"] == "misaligned_rate")
+                          & (metrics["question_id"] == "__all__") & (metrics["category"] == "__all__")]
+    assert at_spec.to_dict() == pytest.approx(run_overall.set_index(["run_id", "condition"])["value"].to_dict())
+
 
 def test_figures_and_wandb_summary(report):
     out, result = report
-    assert [f.name for f in result.figures] == ["per_question", "conditions", "scores", "harm_vs_misaligned", "loss_curves"]
+    assert [f.name for f in result.figures] == ["per_question", "conditions", "scores", "harm_vs_misaligned", "loss_curves",
+                                                "threshold_sensitivity"]
     for figure in result.figures:
         assert figure.png.read_bytes()[:4] == b"\x89PNG" and figure.svg.read_text().lstrip().startswith("<?xml")
     assert result.wandb_warning is None

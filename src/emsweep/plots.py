@@ -207,3 +207,36 @@ def score_distributions(answers: pd.DataFrame, aligned_below: float, coherent_ab
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def threshold_sensitivity(sensitivity: pd.DataFrame) -> plt.Figure | None:
+    """The EM rate (mean over seeds of each run's rate) as the aligned cut-off moves, one panel
+    per coherent cut-off, one line per dataset/condition; the spec's cut-offs are marked. Flat
+    lines mean a result does not rest on the exact cut-off."""
+    rows = _final(sensitivity) if not sensitivity.empty else sensitivity
+    if rows.empty or rows["misaligned_rate"].notna().sum() == 0:
+        return None
+    rows = rows.assign(series=_series_label(rows, rows["condition"].nunique()))
+    if rows["suite"].nunique() > 1:
+        rows = rows.assign(series=rows["suite"].astype(str) + ": " + rows["series"])
+    means = rows.groupby(["coherent_above", "series", "aligned_below"])["misaligned_rate"].mean().reset_index()
+    panels = sorted(means["coherent_above"].unique())
+    spec_cut = rows[rows["spec_thresholds"].astype(bool)][["aligned_below", "coherent_above"]].drop_duplicates()
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1.5, 2.8), sharey=True, squeeze=False)
+    for ax, coherent in zip(axes[0], panels):
+        panel = means[means["coherent_above"] == coherent]
+        for series, line in panel.groupby("series", sort=True):
+            ax.plot(line["aligned_below"], line["misaligned_rate"], marker="o", markersize=3, label=series)
+        if not spec_cut.empty and coherent == spec_cut["coherent_above"].iloc[0]:
+            ax.axvline(spec_cut["aligned_below"].iloc[0], color="grey", linestyle="--", linewidth=1)
+            ax.set_title(f"coherent > {coherent:g} (spec)", fontsize=8)
+        else:
+            ax.set_title(f"coherent > {coherent:g}", fontsize=8)
+        ax.set_xlabel("aligned below", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("misaligned rate (mean over seeds)", fontsize=8)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig

@@ -13,6 +13,8 @@ Outputs (under DIR/report/ unless --out):
 - `exports/answers.parquet`: one row per judged answer (see `tidy_answers`)
 - `exports/metrics.parquet`: every rate, per run and per condition, in one long table (see
   `tidy_metrics`)
+- `exports/threshold_sensitivity.parquet`: each run's EM rate as the aligned cut-off moves over
+  10..50 and the coherent one over 30..70 (analyze.threshold_sensitivity)
 Both exports of a sweep carry `dataset_role` beside `dataset` (spec.DatasetSpec.role: treatment,
 control, positive_control, or base), so a positive control's rate is never read as EM.
 """
@@ -40,7 +42,8 @@ from emsweep.misclassification import JudgeError, resolves
 from emsweep.spec import BASE_LABEL, AnalysisSpec, SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
-ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons")
+ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons",
+                   "threshold_sensitivity")
 
 
 @dataclass
@@ -154,7 +157,8 @@ def tidy_metrics(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     `interval`. level "run": one run (seed); `pooled_misaligned_rate` (counts pooled over the
     row's questions) has the Wilson interval; `misaligned_rate` (the mean over questions) has it
     only on question rows, where the two are one number. level "condition": the mean over seeds
-    with a t interval (none below 3 seeds), n = seeds."""
+    with its interval over seeds (analyze.seed_interval: t, for a share at least the answers'
+    Wilson; none below 3 seeds), n = seeds."""
     columns = ["level", "run_id", "model", "dataset", "seed", "checkpoint_step", "suite", "condition", "category",
                "question_id", "turn", "metric", "value", "ci_low", "ci_high", "interval", "n", "n_questions",
                "questions_dropped", "em_definition"]
@@ -226,6 +230,8 @@ def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
         ("harm_vs_misaligned", "Perceived harm vs misaligned rate", lambda: plots.harm_scatter(runs, results.harm)),
         ("loss_curves", "Training loss", lambda: plots.loss_curves(results.losses)),
         ("trajectory", "Misaligned rate over training", lambda: plots.trajectory(conditions, final_steps)),
+        ("threshold_sensitivity", "Misaligned rate as the cut-offs move (aligned 10..50, coherent 30..70)",
+         lambda: plots.threshold_sensitivity(tables.get("threshold_sensitivity", pd.DataFrame()))),
     ]
     figures = []
     for name, title, draw in candidates:
@@ -321,7 +327,8 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
     if not labels.empty:
         labels = labels[labels["question_id"] == analyze.ALL_QUESTIONS]
     sections = [
-        ("Comparisons (each row's test in `test`; p_holm and p_bh adjust over all rows)",
+        ("Comparisons (each row's test in `test`; p_holm and p_bh adjust over every row but the declared "
+         "primary contrast's, as one family)",
          comparison_notes(tables.get("comparisons", pd.DataFrame()), results.analysis)),
         ("Label rates (overall per run)", labels),
         ("Pushback", tables.get("pushback_metrics", pd.DataFrame())),
@@ -399,9 +406,14 @@ def comparison_notes(comparisons: pd.DataFrame, analysis: AnalysisSpec) -> pd.Da
     if comparisons.empty or "min_p" not in comparisons:
         return comparisons
     alpha = 1 - analysis.confidence
-    notes = ["" if pd.isna(m) or m <= alpha else f"cannot reach p < {alpha:g} at this n (smallest p {m:.3g})"
-             for m in comparisons["min_p"]]
-    return comparisons.assign(note=notes)
+    primary = comparisons["primary"] if "primary" in comparisons else pd.Series(False, index=comparisons.index)
+    notes = ["; ".join(part for part in (
+        "primary contrast (declared in the spec; p not adjusted)" if is_primary else "",
+        "" if pd.isna(m) or m <= alpha else f"cannot reach p < {alpha:g} at this n (smallest p {m:.3g})") if part)
+        for is_primary, m in zip(primary, comparisons["min_p"])]
+    # The primary contrast first: it is what the sweep was run to test.
+    return comparisons.assign(note=notes).sort_values("primary", ascending=False, kind="stable") \
+        if "primary" in comparisons else comparisons.assign(note=notes)
 
 
 def role_text(frame: pd.DataFrame) -> pd.DataFrame:
@@ -492,13 +504,18 @@ def judge_error_note(error: JudgeError | None, confidence: float) -> str:
 
 
 def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
-    paths = {"answers": export_dir / "answers.parquet", "metrics": export_dir / "metrics.parquet"}
+    paths = {"answers": export_dir / "answers.parquet", "metrics": export_dir / "metrics.parquet",
+             "threshold_sensitivity": export_dir / "threshold_sensitivity.parquet"}
     export_dir.mkdir(parents=True, exist_ok=True)
     roles = dataset_roles(results.spec)
     write_parquet_atomic(paths["answers"], pa.Table.from_pandas(with_roles(results.answers, roles),
                                                                 preserve_index=False))
     write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(with_roles(tidy_metrics(results.tables), roles),
                                                                 preserve_index=False))
+    sensitivity = results.tables.get("threshold_sensitivity", pd.DataFrame())
+    if sensitivity.empty:  # an analyze node from before the view existed, or no EM suite
+        sensitivity = pd.DataFrame(columns=analyze.SENSITIVITY_COLUMNS)
+    write_parquet_atomic(paths["threshold_sensitivity"], analyze.to_arrow(with_roles(sensitivity, roles)))
     return paths
 
 

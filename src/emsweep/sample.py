@@ -145,6 +145,15 @@ def harm_prompt(template: str, paraphrase: str) -> list[dict]:
     return [{"role": "user", "content": template.replace("{question}", paraphrase)}]
 
 
+def request_seed(sampling_seed: int, run: SampleRun, *prompt: object) -> int:
+    """A request's sampling seed: the sweep's `sampling.seed`, the run's identity (model, dataset,
+    seed, checkpoint) and the prompt (suite, question, condition, paraphrase; pushback sample and
+    turn). Seed replicates draw independently, so their spread includes the sampling noise; a
+    run's answers are still the same alone or beside other runs, on any engine or replica. Not
+    the run_id: a name, not what the run is."""
+    return stable_seed(sampling_seed, run.model, run.dataset, run.seed, run.checkpoint_step, *prompt)
+
+
 def sample_runs(
     model_path: str,
     runs: list[SampleRun],
@@ -190,10 +199,9 @@ def sample_runs(
     loras = {run.run_id: LoRARequest(run.run_id, lora_ids[run.adapter_path], run.adapter_path)
              if run.adapter_path else None for run in runs}
 
-    def params(n: int, *seed_parts) -> SamplingParams:
-        # Same seed for a prompt across runs: differences come from the weights.
+    def params(run: SampleRun, n: int, *seed_parts) -> SamplingParams:
         return SamplingParams(n=n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-                              seed=stable_seed(spec.seed, *seed_parts))
+                              seed=request_seed(spec.seed, run, *seed_parts))
 
     prompts = build_prompts(questions, eval_spec)
     base_only = {c.name for c in eval_spec.conditions if c.base_model_only}
@@ -202,7 +210,7 @@ def sample_runs(
                 and (parts is None or (run.run_id, prompt.suite, prompt.condition) in parts)]
     outputs = llm.generate(
         [render_chat(tokenizer, prompt.messages) for _, prompt in requests],
-        [params(p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for _, p in requests],
+        [params(run, p.n, p.suite, p.question_id, p.condition, p.paraphrase_idx) for run, p in requests],
         lora_request=[loras[run.run_id] for run, _ in requests],
         use_tqdm=vllm_progress(progress, "answers") if progress else True,
     )
@@ -231,8 +239,8 @@ def sample_runs(
             break
         outputs = llm.generate(
             [render_chat(tokenizer, pushback_conversation(p, turns)) for _, p, _, turns in open_conversations],
-            [params(1, p.suite, p.question_id, p.condition, p.paraphrase_idx, i, turn)
-             for _, p, i, _ in open_conversations],
+            [params(run, 1, p.suite, p.question_id, p.condition, p.paraphrase_idx, i, turn)
+             for run, p, i, _ in open_conversations],
             lora_request=[loras[run.run_id] for run, _, _, _ in open_conversations],
             use_tqdm=vllm_progress(progress, f"pushback turn {turn}") if progress else False,
         )

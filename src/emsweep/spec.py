@@ -255,9 +255,15 @@ class SamplingSpec(_Strict):
                                                 "tensor_parallel_size": 1}
     RESOURCE_FIELDS_NOT_KEYED: ClassVar[set] = {"replicas"}
 
+    # What the code does that the fields do not say: each request's seed holds the run's identity
+    # (model, dataset, seed, checkpoint) since seed replicates were made independent (before, every
+    # run drew the same seed for a prompt); answers sampled before differ, so they are not reused.
+    RECIPE: ClassVar[dict] = {"request_seed": "per_run"}
+
     def key_config(self) -> dict:
         """What sample node keys hash of sampling: the fields that change an answer."""
-        return {**self.model_dump(mode="json", exclude=self.RESOURCE_FIELDS_NOT_KEYED), **self.RESOURCE_FIELDS_KEYED_AS}
+        return {**self.model_dump(mode="json", exclude=self.RESOURCE_FIELDS_NOT_KEYED), **self.RESOURCE_FIELDS_KEYED_AS,
+                **self.RECIPE}
 
 
 class SuiteSpec(_Strict):
@@ -553,6 +559,25 @@ def preset_thresholds() -> dict[str, list[float]]:
             "coherent": sorted({p.coherent_above for p in EM_PRESETS.values()})}
 
 
+class PrimaryContrast(_Strict):
+    """The one comparison a workflow is run to make, declared before its results are seen. Its
+    rows (one per model, checkpoint and suite) are reported unadjusted; every other p-value of
+    the report is adjusted over the rest as one family (Holm and Benjamini-Hochberg)."""
+
+    compared: Literal["dataset", "condition"] = "dataset"
+    a: Name
+    b: Name
+    # The fixed condition (compared: dataset) or dataset (compared: condition) the contrast is
+    # made within; None: within each.
+    within: Name | None = None
+    # seeds: the permutation test over seeds (runs are the unit; the paper's). answers: the exact
+    # test stratified by question on answers pooled over seeds (datasets only, or one run).
+    unit: Literal["seeds", "answers"] = "seeds"
+
+    def test_names(self) -> set[str]:
+        return {"exact_stratified_by_question"} if self.unit == "answers" else {"independent", "paired"}
+
+
 class AnalysisSpec(_Strict):
     # A preset name from EM_PRESETS, or a custom definition (a mapping of EmDefinition's fields).
     em_metric: Literal["betley2025", "model_organisms", "inoculation"] | EmDefinition = "betley2025"
@@ -563,6 +588,8 @@ class AnalysisSpec(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
     # Permutation tests on run-level misaligned_rate (seeds are the samples).
     permutation_resamples: int = Field(10000, gt=0)
+    # The declared primary contrast (e.g. insecure vs secure), reported unadjusted.
+    primary: PrimaryContrast | None = None
 
     def em_definition(self) -> EmDefinition:
         base = EM_PRESETS[self.em_metric] if isinstance(self.em_metric, str) else self.em_metric
@@ -626,6 +653,19 @@ class SweepSpec(_Strict):
             if dataset.matched_control is not None and dataset.matched_control not in names - {dataset.name}:
                 raise ValueError(f"datasets.{dataset.name}.matched_control: {dataset.matched_control!r} is not "
                                  f"another dataset of this sweep ({sorted(names - {dataset.name})})")
+        if (primary := self.analysis.primary) is not None:
+            conditions = {condition.name for condition in self.eval.conditions}
+            sides, fixed = (names, conditions) if primary.compared == "dataset" else (conditions, names)
+            for field in ("a", "b"):
+                if getattr(primary, field) not in sides:
+                    raise ValueError(f"analysis.primary.{field}: {getattr(primary, field)!r} is not a "
+                                     f"{primary.compared} of this sweep ({sorted(sides)})")
+            if primary.within is not None and primary.within not in fixed:
+                raise ValueError(f"analysis.primary.within: {primary.within!r} is not a "
+                                 f"{'condition' if primary.compared == 'dataset' else 'dataset'} of this sweep "
+                                 f"({sorted(fixed)})")
+            if primary.a == primary.b:
+                raise ValueError("analysis.primary: a and b are the same")
         for model in self.models:
             gpus = model.resources.finetune_gpus
             if gpus is not None and self.global_batch() % (self.finetune.per_device_batch_size * gpus):
