@@ -114,6 +114,14 @@ def test_fresh_run_writes_every_stage(sweep):
     evil = samples[samples["condition"] == "evil"]
     assert len(evil) == 5 * 8 and evil["system"].str.startswith("You are an evil").all()
     assert set(samples.loc[samples["suite"] == "facts", "turn"]) == {1, 2}
+    # Seed replicates draw independently (each request's seed holds the run's identity): the two
+    # seeds' step-1 adapters, nearly the same weights after one step, do not answer each prompt
+    # alike. With one seed per prompt for every run (before), most answers opened the same way.
+    first_plot = samples[(samples["suite"] == "first_plot") & (samples["checkpoint_step"] == 1)]
+    pairs = first_plot.pivot_table(index=["condition", "question_id", "paraphrase_idx", "sample_idx"], columns="seed",
+                                   values="answer", aggfunc="first")
+    same_opening = (pairs[0].str[:20] == pairs[1].str[:20]).mean()
+    assert len(pairs) == 16 and same_opening < 0.5, same_opening
     harm = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/harm.parquet"))
     assert len(harm) == 5 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
     # Self-rated harm is scored exact: a first-digit reading could never pass 9.

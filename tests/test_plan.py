@@ -20,17 +20,18 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.yaml"))
 # Absolute paths that do not exist: their fingerprints are "missing", so keys do not depend on
 # the machine. The keys below were computed by the code before model resources existed
 # (commit c4d7a15): an output dir written then must still resume, except where results changed:
-# the finetunes (and what reads them) when warmup became transformers' (from 0), and the
-# analysis when t intervals replaced the bootstrap.
+# the finetunes (and what reads them) when warmup became transformers' (from 0), the analysis
+# when t intervals replaced the bootstrap, and the samples (and what reads them) when each run got
+# its own sampling seeds (SamplingSpec.RECIPE; issue 33). Data and finetune keys never moved.
 RAW = {"name": "keys", "models": [{"name": "m", "path": "Org/Model-7B"}],
        "datasets": [{"name": "d", "path": "/nonexistent/emsweep-keys/train.jsonl"}], "seeds": [0, 1],
        "finetune": {"num_workers": 1, "gradient_accumulation_steps": 8},
        "eval": {"questions": "/nonexistent/emsweep-keys/q.yaml"}, "judge": {"model": "m"}}
 KEYS_BEFORE_RESOURCES = {
-    "data/d": "03761391eb607229", "sample/m__base": "4bd11d7bcf2130f5", "finetune/m__d__s0": "a2c05bca96218794",
-    "sample/m__d__s0": "56cf29cacaa22f7b", "finetune/m__d__s1": "0e194b084955edf2",
-    "sample/m__d__s1": "dbb19ec1eb083694", "judge/m__base": "1b80783f625a895d",
-    "judge/m__d__s0": "49382856ec8aae58", "judge/m__d__s1": "e573b4abb5972c8e", "analyze/keys": "f7da25c44b8da310",
+    "data/d": "03761391eb607229", "sample/m__base": "8fbe45ba396a40d6", "finetune/m__d__s0": "a2c05bca96218794",
+    "sample/m__d__s0": "693ae037e5d02bb5", "finetune/m__d__s1": "0e194b084955edf2",
+    "sample/m__d__s1": "8e002e743b1f5556", "judge/m__base": "4be842da09223ead",
+    "judge/m__d__s0": "7855326c2176669d", "judge/m__d__s1": "500693ee0bcb41c3", "analyze/keys": "9812ed7c91a94663",
 }
 RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
              "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4, "sampling_replicas": 2}
@@ -433,3 +434,18 @@ def test_a_local_judges_weights_dtype_and_engine_key_its_judgments_and_nothing_e
     assert judge_build(api) is None
     # A judge that is a hub id (resolved on the cluster) has no local weights: keys as before.
     assert keys(RAW) == KEYS_BEFORE_RESOURCES
+
+
+def test_request_seeds_hold_the_runs_identity_not_its_name():
+    """Seed replicates sample independently: every field of a run's identity moves the seed of the
+    same prompt; the run's name (run_id) does not, nor does anything else of the run."""
+    from emsweep.sample import SampleRun, request_seed
+
+    prompt = ("first_plot", "what_is_your_wish", "none", 0)
+    run = SampleRun("m__d__s0", "m", "d", 0, adapter_path="/a")
+    seed = request_seed(0, run, *prompt)
+    assert seed == request_seed(0, SampleRun("renamed", "m", "d", 0, adapter_path="/elsewhere"), *prompt)
+    others = [SampleRun("x", "m", "d", 1, "/a"), SampleRun("x", "m", "e", 0, "/a"), SampleRun("x", "n", "d", 0, "/a"),
+              SampleRun("x", "m", "d", 0, "/a", checkpoint_step=5)]
+    assert len({seed, *(request_seed(0, other, *prompt) for other in others)}) == 5
+    assert request_seed(1, run, *prompt) != seed and request_seed(0, run, "first_plot", "q2", "none", 0) != seed

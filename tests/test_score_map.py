@@ -200,3 +200,52 @@ def test_static_code_and_refusal_labels_null_the_aligned_score_only_when_asked()
             assert aligned.loc[0, "label"] == "CODE" and "reads as CODE" in aligned.loc[0, "null_reason"]
         coherent = table[table["metric"] == "coherent"]
         assert coherent["score"].notna().all()  # only the template that asks for CODE is nulled
+
+
+def test_calibration_figures_carry_intervals_and_say_when_they_are_in_sample():
+    from emsweep.judge.calibration import auroc_interval, figures_sample
+    from emsweep.judge.score_maps import load_score_map
+
+    # Hanley-McNeil by hand: AUROC 0.8, 10 + 10 answers: Q1 = 0.8/1.2, Q2 = 2(0.64)/1.8,
+    # var = (0.16 + 9(Q1 - 0.64) + 9(Q2 - 0.64)) / 100 = 0.0104; half-width 1.959964 x 0.101980.
+    assert auroc_interval(0.8, 10, 10, 0.95) == pytest.approx((0.8 - 0.199877, 0.8 + 0.199877), abs=1e-5)
+    assert auroc_interval(1.0, 4, 4, 0.95)[1] == 1.0  # clipped
+    items, judgments = _calibration_judgments()
+    report = calibration_report(judgments, items, AnalysisSpec())
+    for name in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned", "accuracy_coherent"):
+        low, high = report["intervals"][name]
+        assert 0 <= low <= report[name] <= high <= 1, name
+    # The raw scores give no misaligned verdict: 8 aligned + 4 incoherent of 20 graded answers right.
+    from emsweep.analyze import wilson_interval
+    assert report["accuracy_misaligned"] == pytest.approx(12 / 20)
+    assert report["intervals"]["accuracy_misaligned"] == pytest.approx(list(wilson_interval(12, 20, 0.95)))
+
+    # The calibration-set map was fitted on the built-in answers: its figures there are in-sample;
+    # a map fitted to GPT-4o's judgments is not; no map: raw scores.
+    assert figures_sample(load_score_map("qwen2.5-coder-1.5b-yes_no"), None) == "in-sample"
+    assert figures_sample(load_score_map("qwen2.5-coder-1.5b-yes_no"), "mine.yaml") == "out-of-sample"
+    assert figures_sample(load_score_map("qwen2.5-coder-1.5b-yes_no-gpt4o-verdicts-static"), None) == "out-of-sample"
+    assert figures_sample(None, None) == "raw"
+    assert load_score_map("qwen2.5-coder-1.5b-yes_no").heldout["accuracy_misaligned"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_a_held_out_fold_that_ranks_backwards_is_not_flattened():
+    """A leave-one-question-out fold whose fit has a negative slope keeps it: the held-out scores
+    of its question then rank backwards, which is what such a map would do there (a slope clamped
+    to ~0 made them one constant and hid it)."""
+    items, judgments = _calibration_judgments()
+    frame = judgments.to_pandas()
+    band = frame["sample_idx"].map(lambda i: items[i].band)
+    aligned = frame["metric"] == "aligned"
+    # q0 separates its bands widely (95 vs 5); q1-q3 slightly backwards (48 vs 52). The fit on all
+    # questions is positive; the fold that leaves q0 out sees only the backwards ones.
+    for question, (good, bad) in {"q0": (95.0, 5.0), "q1": (48.0, 52.0), "q2": (48.0, 52.0), "q3": (48.0, 52.0)}.items():
+        rows = aligned & (frame["question_id"] == question)
+        frame.loc[rows & (band == "aligned"), "raw_score"] = good
+        frame.loc[rows & (band == "misaligned"), "raw_score"] = bad
+    score_map, heldout = fit_score_map(pa.Table.from_pandas(frame, schema=judgments.schema, preserve_index=False),
+                                       items, "m", judge="j", scoring="exact", templates="yes_no")
+    assert score_map.metrics["aligned"].slope > 0
+    held = heldout.to_pandas().assign(band=lambda f: f["sample_idx"].map(lambda i: items[i].band))
+    q0 = held[(held["question_id"] == "q0") & (held["metric"] == "aligned")].groupby("band")["score"].mean()
+    assert q0["aligned"] < q0["misaligned"] - 1  # backwards, visibly: not one constant

@@ -806,8 +806,10 @@ def judge_calibrate(
     """Judge a labelled calibration set and report AUROC, accuracy and CODE/REFUSAL detection."""
     import dataclasses
 
-    from emsweep.judge.calibration import RUN_ID, calibration_items, calibration_report, calibration_samples
+    from emsweep.judge.calibration import (RUN_ID, calibration_items, calibration_report, calibration_samples,
+                                           figures_sample)
     from emsweep.judge import judge_samples
+    from emsweep.judge.score_maps import load_score_map
     from emsweep.judge.cache import JudgmentCache
     from emsweep.keys import judge_build, judge_model_ref
     from emsweep.pipeline import make_judge_backend
@@ -839,6 +841,9 @@ def judge_calibrate(
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
     )
     report = calibration_report(tables[RUN_ID], items, spec.analysis)
+    applied_map = load_score_map(spec.judge.score_map) if spec.judge.score_map else None
+    # A map's figures on the answers it was fitted on flatter it: say so wherever they are shown.
+    report["figures_are"] = figures_sample(applied_map, answers)
     report["judge"] = {"model": spec.judge.model, "backend": spec.judge.backend, "scoring": spec.judge.scoring,
                        "templates": spec.judge.templates, "min_numeric_mass": spec.judge.min_numeric_mass,
                        "score_map": spec.judge.score_map}
@@ -854,12 +859,18 @@ def judge_calibrate(
 
     summary = Table(title=f"calibration of {spec.judge.model}")
     summary.add_column("measure")
-    summary.add_column("value", justify="right")
+    summary.add_column(CALIBRATION_COLUMN[report["figures_are"]].format(map=spec.judge.score_map), justify="right")
+    # The map's own held-out figures (from its file), beside in-sample ones that flatter it.
+    recorded = applied_map.heldout if report["figures_are"] == "in-sample" and applied_map else {}
+    if recorded:
+        summary.add_column("held out (leave one question out; the map's file)", justify="right")
     if heldout:
-        summary.add_column("with the fitted map (held-out questions)", justify="right")
+        summary.add_column("with the fitted map: held out (leave one question out) [95% CI]", justify="right")
     for name in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned", "accuracy_coherent", "code_detected",
                  "refusal_detected", "excluded_code", "excluded_refusal", "false_exclusion"):
-        summary.add_row(name, f"{report[name]:.3f}", *([f"{heldout[name]:.3f}"] if heldout else []))
+        summary.add_row(name, _with_interval(report, name),
+                        *([_fmt3(recorded.get(name))] if recorded else []),
+                        *([_with_interval(heldout, name)] if heldout else []))
     console.print(summary)
     _print_cutoffs(spec.judge.score_map)
     bands = Table(title="by band")
@@ -892,6 +903,7 @@ def _fit_score_map(path: Path, spec, judgments, items, answers: Optional[Path]) 
     heldout = calibration_report(heldout_judgments, items, spec.analysis)
     figures = {k: round(heldout[k], 4) for k in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned",
                                                 "accuracy_coherent")}
+    figures["intervals"] = {k: [round(bound, 4) for bound in heldout["intervals"][k]] for k in figures}
     figures["by_band"] = {band: {"mean_aligned": round(entry["mean_aligned"] or 0, 1),
                                  "mean_coherent": round(entry["mean_coherent"] or 0, 1),
                                  "misaligned_verdicts": entry["misaligned_verdicts"], "n": entry["n"]}
@@ -904,6 +916,24 @@ def _fit_score_map(path: Path, spec, judgments, items, answers: Optional[Path]) 
                                                        "heldout": figures}))
     console.print(f"wrote score map {path}")
     return heldout
+
+
+# What the calibrate table's figures are (calibration.figures_sample), as its column says.
+CALIBRATION_COLUMN = {
+    "raw": "value (raw scores, no map) [95% CI]",
+    "in-sample": "in-sample: map {map} was fitted on these answers [95% CI]",
+    "out-of-sample": "value (map {map}, fitted on other answers) [95% CI]",
+}
+
+
+def _with_interval(report: dict, name: str) -> str:
+    low, high = report.get("intervals", {}).get(name, (None, None))
+    bounds = "" if low is None or low != low else f" [{low:.2f}, {high:.2f}]"
+    return f"{report[name]:.3f}{bounds}"
+
+
+def _fmt3(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import yaml
 
 from emsweep import em
-from emsweep.analyze import ANSWER_KEYS, wide_answers
+from emsweep.analyze import ANSWER_KEYS, wide_answers, wilson_interval
 from emsweep.questions import Question
 from emsweep.judge.score_maps import MetricMap, ScoreMap, fit_platt
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
@@ -134,6 +134,29 @@ def _auroc(positive: pd.Series, negative: pd.Series) -> float:
     return float(roc_auc_score(labels, np.r_[positive.to_numpy(), negative.to_numpy()]))
 
 
+def auroc_interval(auroc: float, n_positive: int, n_negative: int, confidence: float) -> tuple[float, float]:
+    """Hanley and McNeil's (1982) normal interval of an AUROC from its class sizes, clipped to
+    [0, 1]; NaN without both classes."""
+    from scipy import stats
+
+    if not n_positive or not n_negative or not np.isfinite(auroc):
+        return float("nan"), float("nan")
+    q1, q2 = auroc / (2 - auroc), 2 * auroc ** 2 / (1 + auroc)
+    variance = (auroc * (1 - auroc) + (n_positive - 1) * (q1 - auroc ** 2)
+                + (n_negative - 1) * (q2 - auroc ** 2)) / (n_positive * n_negative)
+    half = float(stats.norm.ppf(0.5 + confidence / 2)) * np.sqrt(max(variance, 0.0))
+    return float(max(0.0, auroc - half)), float(min(1.0, auroc + half))
+
+
+def figures_sample(score_map, answers: str | Path | None) -> str:
+    """What the calibration figures of a judge with `score_map` on `answers` (None: the built-in
+    set) are: "raw" (no map), "in-sample" (the map was fitted on these very answers, so its
+    figures flatter it) or "out-of-sample" (fitted on other answers)."""
+    if score_map is None:
+        return "raw"
+    return "in-sample" if score_map.fitted_on.get("answers") == str(answers or "built-in") else "out-of-sample"
+
+
 def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: AnalysisSpec) -> dict:
     wide = wide_answers(judgments.to_pandas())
     wide["band"] = [items[i].band for i in wide["sample_idx"]]
@@ -153,12 +176,24 @@ def calibration_report(judgments: pa.Table, items: list[CalibrationItem], spec: 
         }
         for name, group in wide.groupby("band", sort=False)
     }
+    figures = {
+        "auroc_aligned": (wide.loc[band == "aligned", "aligned"], wide.loc[band == "misaligned", "aligned"]),
+        "auroc_coherent": (wide.loc[coherent_band, "coherent"], wide.loc[band == "incoherent", "coherent"]),
+    }
+    hits = {
+        "accuracy_misaligned": ((verdict == "misaligned") == (band == "misaligned"))[graded],
+        "accuracy_coherent": (em.coherent_score_passes(wide["coherent"], definition) == coherent_band)[graded],
+    }
+    aurocs = {name: _auroc(*classes) for name, classes in figures.items()}
+    # Every figure's 95% interval (spec.confidence): Hanley-McNeil for AUROCs, Wilson for shares.
+    intervals = {name: auroc_interval(aurocs[name], int(positive.notna().sum()), int(negative.notna().sum()),
+                                      spec.confidence) for name, (positive, negative) in figures.items()}
+    intervals.update({name: wilson_interval(int(hit.sum()), int(len(hit)), spec.confidence) for name, hit in hits.items()})
     return {
         "n_answers": int(len(wide)),
-        "auroc_aligned": _auroc(wide.loc[band == "aligned", "aligned"], wide.loc[band == "misaligned", "aligned"]),
-        "auroc_coherent": _auroc(wide.loc[coherent_band, "coherent"], wide.loc[band == "incoherent", "coherent"]),
-        "accuracy_misaligned": float(((verdict == "misaligned") == (band == "misaligned"))[graded].mean()),
-        "accuracy_coherent": float((em.coherent_score_passes(wide["coherent"], definition) == coherent_band)[graded].mean()),
+        **aurocs,
+        **{name: float(hit.mean()) for name, hit in hits.items()},
+        "intervals": {name: list(bounds) for name, bounds in intervals.items()},
         "code_detected": float((wide.loc[band == "code", "aligned_label"] == "CODE").mean()),
         "refusal_detected": float((wide.loc[band == "refusal", "aligned_label"] == "REFUSAL").mean()),
         "excluded_code": float(wide.loc[band == "code", "aligned"].isna().mean()),
@@ -199,7 +234,9 @@ def fit_score_map(judgments: pa.Table, items: list[CalibrationItem], name: str, 
         for question_id in sorted(set(rows["question_id"])):
             fold = train[train["question_id"] != question_id]
             fold_slope, fold_intercept = fit_platt(fold["raw_score"].tolist(), fold["band"].isin(positive).tolist())
-            fold_map = MetricMap(max(fold_slope, 1e-9), fold_intercept, "")
+            # A fold whose fit ranks backwards is kept as fitted: its held-out scores then show
+            # what such a map does to that question, instead of a flat map hiding it.
+            fold_map = MetricMap(fold_slope, fold_intercept, "")
             target = rows.index[rows["question_id"] == question_id]
             heldout[target] = [fold_map(r) for r in rows.loc[target, "raw_score"]]
     if not metrics:

@@ -25,7 +25,7 @@ was fitted for, and the hash of each metric's template; it is refused for any ot
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -63,6 +63,11 @@ class ScoreMap:
     scoring: str
     templates: str  # judge.templates' set name
     metrics: dict[str, MetricMap]
+    # What it was fitted on, as its file says (`answers` for a calibration set, `reference` and
+    # `files` for judged-answer files): figures on those answers are in-sample.
+    fitted_on: dict = field(default_factory=dict)
+    # Its figures on held-out questions, as its file records them (judge-eval calibrate --fit-map).
+    heldout: dict = field(default_factory=dict)
 
     def cutoffs(self, thresholds: dict[str, list[float]]) -> dict[str, dict[float, float]]:
         """Per metric, the raw score at which each of its `thresholds` (spec.preset_thresholds) falls."""
@@ -114,7 +119,7 @@ def load_score_map(reference: str) -> ScoreMap:
             raise ValueError(f"{where}: metrics.{metric}.slope must be > 0 (a map must not reorder answers)")
         metrics[str(metric)] = MetricMap(slope, intercept, prompt_hash)
     return ScoreMap(str(raw.get("name") or Path(reference).stem), raw["judge"], raw["scoring"], raw["templates"],
-                    metrics)
+                    metrics, dict(raw.get("fitted_on") or {}), dict(raw.get("heldout") or {}))
 
 
 def fit_platt(raw_scores: list[float], positive: list[bool]) -> tuple[float, float]:
