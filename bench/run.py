@@ -306,7 +306,7 @@ def p5(smoke: bool) -> dict:
     --smoke: 12 x 4, 159 nodes) are all done: wall time of the CLI process."""
     import yaml
 
-    from emsweep.pipeline import plan
+    from emsweep.sweep.plan import plan
     from emsweep.spec import load_spec
     from emsweep.store import Store
 
@@ -457,7 +457,7 @@ def p6(smoke: bool) -> dict:
 
     from emsweep import finetune
     from emsweep.data import load_dataset
-    from emsweep.pipeline import worker_env
+    from emsweep.sweep.driver import worker_env
     from emsweep.spec import DatasetSpec, FinetuneSpec
 
     path = model_path()
@@ -532,7 +532,7 @@ def p6l(smoke: bool) -> dict:
 
     from emsweep import finetune
     from emsweep.data import load_dataset
-    from emsweep.pipeline import worker_env
+    from emsweep.sweep.driver import worker_env
     from emsweep.spec import DatasetSpec, FinetuneSpec
 
     recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,

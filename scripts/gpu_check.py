@@ -123,7 +123,7 @@ def main() -> int:
         run("doctor", [*emsweep, "doctor", "--gpu", "--no-smoke", "--out", str(work / "zero2")], figures)
         if run("zero2", [*emsweep, "run", str(specs[2]), "--out", str(work / "zero2")], figures):
             sweep_figures(work / "zero2", figures)
-        zero3 = ("import ray; from pathlib import Path; from emsweep.pipeline import run_sweep, worker_env; "
+        zero3 = ("import ray; from pathlib import Path; from emsweep.sweep.driver import run_sweep, worker_env; "
                  "from emsweep.spec import load_spec; "
                  f"run_sweep(load_spec({str(specs[3])!r}), Path({str(work / 'zero3')!r}), until='finetune', "
                  "connect=lambda: ray.init(runtime_env={'env_vars': worker_env()}, include_dashboard=False))")

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emsweep.judge import SCHEMA as JUDGMENT_SCHEMA
-from emsweep.pipeline import plan, write_spec_snapshot
+from emsweep.sweep.plan import plan
+from emsweep.sweep.results import write_spec_snapshot
 from emsweep.sample import HARM_SCHEMA, SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import parse_spec
 from emsweep.store import Store

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from emsweep.dag import nodes_to_run
-from emsweep.pipeline import plan
+from emsweep.sweep.plan import plan
 from emsweep.spec import load_spec
 from emsweep.store import Store
 

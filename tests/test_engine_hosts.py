@@ -5,7 +5,7 @@ in tests/test_pipelined.py."""
 import pytest
 
 from emsweep.dag import Node, NodeStatus
-from emsweep.pipeline import EngineHosts
+from emsweep.sweep.driver import EngineHosts
 
 
 def _node(stage: str, name: str, group: str | None = None) -> Node:

@@ -30,7 +30,7 @@ def _diamond():
 @ray.remote
 def _job(root, job, fail, inputs=None):
     """Commits each node (fails those named in `fail`). A partial_ok node records which of its
-    `inputs` (node id -> Node) are not done, as pipeline.run_analyze does."""
+    `inputs` (node id -> Node) are not done, as sweep.jobs.StageRunner.run_analyze does."""
     store = Store(root)
     errors = {}
     for node in job:

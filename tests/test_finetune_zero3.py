@@ -9,7 +9,7 @@ import ray
 
 from emsweep import data, finetune
 from emsweep.models import resolve_model_path
-from emsweep.pipeline import worker_env
+from emsweep.sweep.driver import worker_env
 from emsweep.spec import DatasetSpec, FinetuneSpec
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from emsweep.checks import preflight
 from emsweep.data import DataError, load_dataset
-from emsweep.pipeline import plan
+from emsweep.sweep.plan import plan
 from emsweep.spec import DatasetSpec, SpecError, load_spec
 
 VARIANTS = ("*_json", "*_template")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from emsweep.pipeline import plan
+from emsweep.sweep.plan import plan
 from emsweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from emsweep.cli import app
-from emsweep.pipeline import plan, task_options
+from emsweep.sweep.plan import plan
+from emsweep.sweep.resources import task_options
 from emsweep.planning import build_plan, params_b, tokens_per_gpu_s
 from emsweep.spec import SpecError, load_spec, parse_spec
 

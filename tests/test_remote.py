@@ -13,8 +13,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from emsweep.pipeline import run_sweep_remote
-from emsweep.remote import RemoteDir, is_remote, pull
+from emsweep.sweep.driver import run_sweep_remote
+from emsweep.remote import RemoteDir, pull
+from emsweep.fileio import is_remote
 from emsweep.store import DONE, Store
 
 SUITE = Path(__file__).resolve().parents[1] / "src/emsweep/suites/factual_recall.yaml"
@@ -93,7 +94,7 @@ def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, 
 
     from emsweep.judge import Judgment
     from emsweep.judge.cache import JudgmentCache
-    from emsweep.pipeline import StageRunner
+    from emsweep.sweep.jobs import StageRunner
     from emsweep.sample_cache import SampleCache
 
     uri = "s3://emsweep-test/caches"
@@ -180,7 +181,7 @@ def tiny_spec(tmp_path: Path, name: str, **finetune):
 def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
     import ray
 
-    from emsweep.pipeline import worker_env
+    from emsweep.sweep.driver import worker_env
 
     spec = tiny_spec(tmp_path, "s3", checkpoint_every_steps=1)
     uri = "s3://emsweep-test/sweep"
@@ -216,8 +217,8 @@ def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
 DRIVER = """
 import json, sys
 import ray
-from emsweep.pipeline import worker_env
-from emsweep.pipeline import run_sweep_remote
+from emsweep.sweep.driver import worker_env
+from emsweep.sweep.driver import run_sweep_remote
 from emsweep.spec import SweepSpec
 
 spec = SweepSpec.model_validate_json(open(sys.argv[1]).read())

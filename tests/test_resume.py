@@ -7,7 +7,8 @@ from pathlib import Path
 
 import ray
 
-from emsweep.pipeline import read_spec_snapshot, run_sweep, worker_env
+from emsweep.sweep.driver import run_sweep, worker_env
+from emsweep.sweep.results import read_spec_snapshot
 from emsweep.spec import SweepSpec
 
 SUITE = Path(__file__).resolve().parents[1] / "src/emsweep/suites/factual_recall.yaml"

@@ -1,8 +1,8 @@
-"""Sample-cache keys (pipeline.sample_part_keys): a part is re-sampled exactly when what decides
+"""Sample-cache keys (sweep.plan.sample_part_keys): a part is re-sampled exactly when what decides
 its answers changes. The real cache is exercised end to end in tests/test_e2e.py (a condition
 added to a finished sweep samples only its prompts)."""
 
-from emsweep.pipeline import plan, sample_part_keys
+from emsweep.sweep.plan import plan, sample_part_keys
 from emsweep.sample import SampleRun
 from emsweep.spec import parse_spec
 

@@ -89,7 +89,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("workflow", sorted(p.name for p in (REPO / "workflows").glob("*.yaml")))
 def test_every_workflow_loads_and_plans(workflow):
-    from emsweep.pipeline import plan
+    from emsweep.sweep.plan import plan
 
     spec = load_spec(REPO / "workflows" / workflow)
     stages = {node.stage for node in plan(spec)}

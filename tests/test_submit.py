@@ -230,7 +230,7 @@ def test_variables_a_job_sets_are_left_to_the_job_so_rays_merge_accepts_the_driv
 
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from emsweep.pipeline import worker_env
+    from emsweep.sweep.driver import worker_env
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)

@@ -116,7 +116,7 @@ def _data_node_done(dataset, out: str | Path | None) -> bool:
     dataset's spec and its files' content hashes, so a resumed sweep of thousands of nodes does
     not read every row of every dataset again."""
     from emsweep.keys import data_node_key
-    from emsweep.remote import is_remote
+    from emsweep.fileio import is_remote
     from emsweep.store import Store
 
     if out is None or is_remote(str(out)) or _is_missing(dataset.path):
@@ -265,7 +265,9 @@ def probe_writable(directory: Path) -> None:
 
 
 def _output_problems(out: str | Path) -> list[str]:
-    from emsweep.remote import RemoteDir, _redacted, is_remote
+    from emsweep.remote import RemoteDir
+    from emsweep.fileio import is_remote
+    from emsweep.redact import redact_uri
 
     probe = f".emsweep-write-probe-{uuid.uuid4().hex}"
     try:
@@ -278,7 +280,7 @@ def _output_problems(out: str | Path) -> list[str]:
         else:
             probe_writable(nearest_existing_dir(Path(out)))
     except Exception as err:  # any filesystem's refusal (permissions, bucket, credentials)
-        where = _redacted(str(out)) if is_remote(out) else str(out)
+        where = redact_uri(str(out)) if is_remote(out) else str(out)
         reason = redact(str(err).replace(str(out), where)).strip().splitlines() or [""]
         return [f"output dir {where}: not writable ({type(err).__name__}: {reason[0]})"]
     return []

@@ -27,7 +27,7 @@ STATUS_STYLE = {"done": "green", "cached": "green", "partial": "yellow", "failed
 def _init_ray(address: Optional[str]) -> None:
     import ray
 
-    from emsweep.pipeline import worker_env
+    from emsweep.sweep.driver import worker_env
 
     if ray.is_initialized():  # `doctor` connects before its smoke sweep does
         return
@@ -46,7 +46,7 @@ def _init_ray(address: Optional[str]) -> None:
 
 
 def _print_status(rows) -> None:
-    from emsweep.pipeline import STAGES
+    from emsweep.sweep.plan import STAGES
 
     table = Table(title="nodes")
     for column in ("stage", "node", "key", "status", "seconds", "finished"):
@@ -115,8 +115,9 @@ def resume(
     make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
 ) -> None:
     """Re-run a sweep from its output dir's spec snapshot: only failed, skipped and missing nodes run."""
-    from emsweep.pipeline import read_spec_snapshot
-    from emsweep.remote import RemoteDir, is_remote
+    from emsweep.sweep.results import read_spec_snapshot
+    from emsweep.remote import RemoteDir
+    from emsweep.fileio import is_remote
     from emsweep.spec import SweepSpec
 
     try:
@@ -233,7 +234,7 @@ class _LiveJobs:
         import threading
 
         from emsweep.progress import MIN_INTERVAL_S, REMOTE_MIN_INTERVAL_S
-        from emsweep.remote import is_remote
+        from emsweep.fileio import is_remote
 
         self.out_dir, self.bars = out_dir, bars
         # As often as the records are rewritten there.
@@ -282,8 +283,9 @@ class _LiveJobs:
 
 
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
-    from emsweep.pipeline import run_sweep, run_sweep_remote
-    from emsweep.remote import RemoteDir, is_remote, staging_dir
+    from emsweep.sweep.driver import run_sweep, run_sweep_remote
+    from emsweep.remote import RemoteDir, staging_dir
+    from emsweep.fileio import is_remote
     from emsweep.store import LockedError, Store, locked_error
 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
@@ -377,7 +379,8 @@ def _print_warnings(out_dir: Path, nodes) -> None:
 def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> None:
     """Print the node table of a sweep: stage, key, status, time."""
     from emsweep.dag import status_table
-    from emsweep.pipeline import plan, read_spec_snapshot
+    from emsweep.sweep.plan import plan
+    from emsweep.sweep.results import read_spec_snapshot
     from emsweep.store import Store
     from emsweep.spec import SpecError
 
@@ -812,7 +815,7 @@ def judge_calibrate(
     from emsweep.judge.score_maps import load_score_map
     from emsweep.judge.cache import JudgmentCache
     from emsweep.keys import judge_build, judge_model_ref
-    from emsweep.pipeline import make_judge_backend
+    from emsweep.sweep.jobs import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
@@ -966,7 +969,7 @@ def judge_agree(
     import pyarrow.parquet as pq
 
     from emsweep.judge.calibration import agreement
-    from emsweep.pipeline import judgments_of
+    from emsweep.sweep.results import judgments_of
     from emsweep.spec import AnalysisSpec
     from emsweep.store import write_json_atomic
 
@@ -1011,7 +1014,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     from emsweep.judge.cache import JudgmentCache
     from emsweep.judge.reference import read_references
     from emsweep.keys import judge_build, judge_model_ref
-    from emsweep.pipeline import make_judge_backend
+    from emsweep.sweep.jobs import make_judge_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic

@@ -81,7 +81,7 @@ def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
 
 @dataclass
 class Watch:
-    """What the executor does while it waits (pipeline.py fills it in for a sweep on Ray).
+    """What the executor does while it waits (sweep/driver.py fills it in for a sweep on Ray).
 
     A job is submitted, then started by Ray once its resources are free. If no job of the sweep
     has been running for `report_s` (every submitted one still waits), `on_stall` gets a message

@@ -182,7 +182,8 @@ def out_dir_checks(out: Path) -> list[Check]:
         checks.append(Check("output dir", "ok", f"{out}: writable, no sweep there yet"))
         return checks
     from emsweep.dag import status_table
-    from emsweep.pipeline import plan, read_spec_snapshot
+    from emsweep.sweep.plan import plan
+    from emsweep.sweep.results import read_spec_snapshot
 
     from emsweep.spec import SpecError
 
@@ -253,7 +254,8 @@ def smoke(use_gpu: bool, connect=None, parent: Path | None = None) -> list[Check
     """Run the smoke sweep in a fresh dir under `parent` (a temp dir when None) on the Ray this
     process is (or `connect()` gets) connected to; one check per stage with its seconds. The dir
     is removed afterwards."""
-    from emsweep.pipeline import STAGES, run_sweep
+    from emsweep.sweep.driver import run_sweep
+    from emsweep.sweep.plan import STAGES
     from emsweep.spec import SweepSpec
 
     if parent is not None:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emsweep import remote
+from emsweep import fileio
 from emsweep.progress import ProgressWriter
 from emsweep.tracking import LiveRun
 from emsweep.spec import FinetuneSpec
@@ -321,7 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
-            _save_snapshot(engine, spec, remote.join(config["snapshot_dir"], f"step-{step + 1}"), rank)
+            _save_snapshot(engine, spec, fileio.join(config["snapshot_dir"], f"step-{step + 1}"), rank)
         if last:
             wandb_run.finish()
             _report_final(engine, spec, history, data_report, rank)
@@ -379,14 +379,14 @@ def _gathered(engine, spec: FinetuneSpec):
 
 def _save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None:
     """An intermediate adapter for checkpoint trajectories (a local dir or a store location),
-    complete once its weights file is there: written last (remote.put_dir)."""
+    complete once its weights file is there: written last (fileio.put_dir)."""
     import torch.distributed as dist
 
     with _gathered(engine, spec):
-        if rank == 0 and not remote.exists_at(remote.join(location, SNAPSHOT_WEIGHTS)):
+        if rank == 0 and not fileio.exists_at(fileio.join(location, SNAPSHOT_WEIGHTS)):
             with tempfile.TemporaryDirectory() as tmp:
                 engine.module.save_pretrained(tmp)
-                remote.put_dir(Path(tmp), location, last=SNAPSHOT_WEIGHTS)
+                fileio.put_dir(Path(tmp), location, last=SNAPSHOT_WEIGHTS)
     dist.barrier()
 
 
@@ -427,7 +427,7 @@ def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, 
 def live_wandb_marker(storage_path: str, run_name: str) -> str:
     """Where a finetune's live W&B run records the steps it logged for good (tracking.LiveRun),
     beside the Ray Train run's checkpoints (a local path or a store location)."""
-    return remote.join(str(storage_path), run_name, "wandb_logged_step")
+    return fileio.join(str(storage_path), run_name, "wandb_logged_step")
 
 
 def finetune(
@@ -455,8 +455,8 @@ def finetune(
 
     # Beside the Ray Train run, so snapshots survive worker restarts: shared storage or the object
     # store on a cluster, where rank 0 may run on another machine than this task.
-    snapshots = remote.join(str(storage_path), run_name, "adapters")
-    train_path, train_filesystem = remote.train_storage(str(storage_path))
+    snapshots = fileio.join(str(storage_path), run_name, "adapters")
+    train_path, train_filesystem = fileio.train_storage(str(storage_path))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -486,7 +486,7 @@ def finetune(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
-    remote.get_dirs(snapshots, out_dir / "checkpoints", holding=SNAPSHOT_WEIGHTS)
+    fileio.get_dirs(snapshots, out_dir / "checkpoints", holding=SNAPSHOT_WEIGHTS)
     with result.checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
         shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")

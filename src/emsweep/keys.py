@@ -1,6 +1,6 @@
 """What node keys hash besides the spec: the content of the files a node reads, and the judge's identity.
 
-`pipeline.plan` keys every node by its config slice and these (store.config_key); `checks`
+`sweep.plan.plan` keys every node by its config slice and these (store.config_key); `checks`
 recomputes a data node's key to skip re-validating a dataset already built from the same bytes.
 """
 

@@ -1,6 +1,6 @@
 """`emsweep plan`: what a spec expands to on a GPU cluster, and roughly what it costs.
 
-The node counts come from `pipeline.plan`, the real DAG. The GPU-hour estimate is a
+The node counts come from `sweep.plan.plan`, the real DAG. The GPU-hour estimate is a
 back-of-envelope model, not a measurement; its assumptions are the constants below:
 
 - Token counts are read from the files where they are readable: dataset rows (after `limit`
@@ -219,7 +219,7 @@ def whole_node_factor(gpus_in_use: int) -> float:
 
 
 def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
-    from emsweep.pipeline import STAGES, plan
+    from emsweep.sweep.plan import STAGES, plan
     from emsweep.store import Store
 
     nodes = plan(spec)

@@ -19,7 +19,7 @@ import os
 import re
 import time
 
-from emsweep import remote
+from emsweep import fileio
 
 # Past this without an update a record says how long ago its last update was.
 QUIET_S = 120.0
@@ -35,7 +35,7 @@ def record_relative(job_id: str) -> str:
 
 
 def record_location(out_dir: str | os.PathLike, job_id: str) -> str:
-    return remote.join(str(out_dir), record_relative(job_id))
+    return fileio.join(str(out_dir), record_relative(job_id))
 
 
 class ProgressWriter:
@@ -45,7 +45,7 @@ class ProgressWriter:
         """`location`: the record's (record_location), a path or a store URI; None writes nothing.
         `sink(record, metrics)` hears of every write too (tracking.LiveCounters: W&B)."""
         self.location = str(location) if location else None
-        self.min_interval_s = REMOTE_MIN_INTERVAL_S if self.location and remote.is_remote(self.location) \
+        self.min_interval_s = REMOTE_MIN_INTERVAL_S if self.location and fileio.is_remote(self.location) \
             else MIN_INTERVAL_S
         self.sink = sink
         self.record = {"job": nodes[0] if nodes else "", "nodes": list(nodes), "stage": stage, "phase": "",
@@ -65,7 +65,7 @@ class ProgressWriter:
             return
         self._written = now
         try:
-            remote.write_text_at(self.location, json.dumps({**self.record, "updated_at": now}))
+            fileio.write_text_at(self.location, json.dumps({**self.record, "updated_at": now}))
         except OSError:  # progress is for people; it never fails the job (pyarrow's errors are OSErrors)
             pass
         if self.sink is not None:
@@ -75,7 +75,7 @@ class ProgressWriter:
 def read_records(out_dir: str | os.PathLike) -> list[dict]:
     """Every job's latest record, oldest job first (`out_dir`: a path or a store URI)."""
     records = []
-    fs, paths = remote.files_at(remote.join(str(out_dir), "progress"), suffix=".json")
+    fs, paths = fileio.files_at(fileio.join(str(out_dir), "progress"), suffix=".json")
     for path in paths:
         try:
             with fs.open_input_stream(path) as stream:
@@ -89,7 +89,7 @@ def clear(out_dir: str | os.PathLike, node_ids: list[str]) -> None:
     """Remove the records of finished jobs (their nodes' ids)."""
     for record in read_records(out_dir):
         if set(record.get("nodes", ())) & set(node_ids):
-            remote.delete_at(record_location(out_dir, record["job"]))
+            fileio.delete_at(record_location(out_dir, record["job"]))
 
 
 def describe(record: dict, now: float | None = None, amount: bool = True) -> str:

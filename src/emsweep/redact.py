@@ -45,3 +45,8 @@ def redact(text: str | None, secrets: Iterable[str | None] = ()) -> str | None:
     for pattern in PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + MASK if m.lastindex else MASK, text)
     return text
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without its query (which may carry credentials such as access_key/secret_key)."""
+    return uri.split("?", 1)[0]

@@ -30,155 +30,15 @@ import hashlib
 import os
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from emsweep import lease
-from emsweep.files import DONE, OWNER, write_parquet_atomic, write_text_atomic
+from emsweep.fileio import DONE, OWNER, LocationFile, join, rmtree
+from emsweep.redact import redact_uri
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
 # dirs under train/ are written to the store directly).
 SHARED_ENTRIES = ("spec.json", "failures", "report")
-
-
-def is_remote(location: str | os.PathLike) -> bool:
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
-
-
-# --- Locations: a local path or a URI, read and written the same way ------------------------------
-# What code running anywhere on a cluster writes outside its node (a finetune's rank 0: its
-# adapter snapshots, started marker and W&B step marker; the caches and progress records) is
-# addressed by location, so the same code writes a local dir on a laptop and the store on a cluster.
-
-def join(location: str, *parts: str) -> str:
-    """`location/parts...`; a URI keeps its query (e.g. `?endpoint_override=`) at the end."""
-    if not is_remote(location):
-        return str(Path(location, *parts))
-    base, _, query = str(location).partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + (f"?{query}" if query else "")
-
-
-def _fs(location: str) -> tuple[pafs.FileSystem, str]:
-    if not is_remote(location):
-        return pafs.LocalFileSystem(), str(Path(location).resolve())
-    fs, path = pafs.FileSystem.from_uri(str(location))
-    return fs, path.rstrip("/")
-
-
-def exists_at(location: str) -> bool:
-    fs, path = _fs(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_text_at(location: str) -> str | None:
-    fs, path = _fs(location)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read().decode()
-    except FileNotFoundError:
-        return None
-
-
-def write_text_at(location: str, text: str) -> None:
-    """Readers see the old text or the new, never part (one object put, or temp file + rename)."""
-    if not is_remote(location):
-        write_text_atomic(Path(location), text)
-        return
-    fs, path = _fs(location)
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
-
-
-def write_parquet_at(location: str, table: pa.Table) -> None:
-    """Readers see the whole file or nothing (one object put, or temp file + rename)."""
-    if not is_remote(location):
-        write_parquet_atomic(Path(location), table)  # its temp path makes the dir
-        return
-    fs, path = _fs(location)
-    pq.write_table(table, path, filesystem=fs)
-
-
-def read_parquet_at(location: str, schema: pa.Schema | None = None) -> pa.Table:
-    fs, path = _fs(location)
-    return pq.read_table(path, filesystem=fs, schema=schema)
-
-
-def files_at(location: str, prefix: str = "", suffix: str = "") -> tuple[pafs.FileSystem, list[str]]:
-    """The files directly in the dir at `location` named prefix*suffix (none if it is missing),
-    as paths on the filesystem returned with them."""
-    fs, path = _fs(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return fs, sorted(info.path for info in infos if info.type == pafs.FileType.File
-                      and info.base_name.startswith(prefix) and info.base_name.endswith(suffix))
-
-
-def delete_at(location: str) -> None:
-    fs, path = _fs(location)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-
-
-class LocationFile:
-    """One small file at a location, as lease.py reads and writes its record."""
-
-    def __init__(self, location: str):
-        self.location = location
-
-    def read(self) -> str | None:
-        return read_text_at(self.location)
-
-    def write(self, text: str) -> None:
-        write_text_at(self.location, text)
-
-    def delete(self) -> None:
-        delete_at(self.location)
-
-
-def put_dir(local: Path, location: str, last: str) -> None:
-    """Copy a local dir to `location`, the file `last` (what readers look for) copied last."""
-    if not is_remote(location):
-        target = Path(location)
-        tmp = target.with_name(f".{target.name}.tmp")
-        _rmtree(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        import shutil
-
-        shutil.copytree(local, tmp)
-        tmp.rename(target)
-        return
-    fs, path = _fs(location)
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
-    for file in files:
-        parent = file.relative_to(local).parent.as_posix()
-        fs.create_dir(path if parent == "." else f"{path}/{parent}", recursive=True)
-        pafs.copy_files(str(file), f"{path}/{file.relative_to(local).as_posix()}",
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def get_dirs(location: str, local: Path, holding: str) -> list[str]:
-    """Copy each sub-dir of `location` that holds the file `holding` into `local/<name>`; their names."""
-    fs, path = _fs(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    # A hidden name is a local copy in progress (put_dir).
-    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory
-                   and not info.base_name.startswith(".") and fs.get_file_info(f"{info.path}/{holding}").type == pafs.FileType.File)
-    for name in names:
-        (local / name).mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(f"{path}/{name}", str(local / name), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-    return names
-
-
-def train_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
-    """Ray Train's `storage_path` and `storage_filesystem` for a finetune's run dirs at `location`."""
-    if not is_remote(location):
-        return str(location), None
-    fs, path = _fs(location)
-    return path, fs
 
 
 class RemoteDir:
@@ -190,8 +50,8 @@ class RemoteDir:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         except Exception as err:  # pyarrow's message names the scheme or option it rejects
             # ... and may echo the whole URI, whose query can hold credentials.
-            message = str(err).replace(uri, _redacted(uri))
-            raise ValueError(f"output dir {_redacted(uri)}: {message}") from None
+            message = str(err).replace(uri, redact_uri(uri))
+            raise ValueError(f"output dir {redact_uri(uri)}: {message}") from None
         self.root = self.root.rstrip("/")
 
     def _path(self, relative: str) -> str:
@@ -235,9 +95,9 @@ class RemoteDir:
         if (final / DONE).exists():
             return
         tmp = final.with_name(f".{final.name}.pull")
-        _rmtree(tmp)
+        rmtree(tmp)
         self._download_dir(self._path(relative), tmp)
-        _rmtree(final)
+        rmtree(final)
         tmp.rename(final)
 
     def push_tree(self, local: Path, relative: str) -> None:
@@ -296,14 +156,3 @@ def pull(remote: RemoteDir, staging: Path) -> int:
 def push_shared(remote: RemoteDir, staging: Path) -> None:
     for entry in SHARED_ENTRIES:
         remote.push_tree(staging / entry, entry)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _redacted(uri: str) -> str:
-    """A URI without its query (which may carry credentials such as access_key/secret_key)."""
-    return uri.split("?", 1)[0]

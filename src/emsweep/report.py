@@ -37,7 +37,8 @@ import yaml
 from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
 from emsweep.judge.errors import judge_error
-from emsweep.pipeline import STAGES, plan, read_judgments, read_spec_snapshot
+from emsweep.sweep.plan import STAGES, plan
+from emsweep.sweep.results import read_judgments, read_spec_snapshot
 from emsweep.misclassification import JudgeError, resolves
 from emsweep.spec import BASE_LABEL, AnalysisSpec, SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic

@@ -4,7 +4,7 @@ suite added) samples only the prompts it has not answered before.
 
 `DIR/sample_cache/<key>.samples.parquet` and `<key>.harm.parquet`, each written whole or not
 at all (a temp name and a rename; one object put on an object store, where the cache lives on
-the store). A part's key (pipeline.sample_part_keys) hashes the model,
+the store). A part's key (sweep.plan.sample_part_keys) hashes the model,
 the adapter's bytes (a retrained adapter is a new part), the sampling fields that change an
 answer, the suite's questions (file content and selection) and the condition (or, for ratings,
 the harm prompt and scoring). Answers are deterministic given those: every request carries its
@@ -17,7 +17,7 @@ import os
 
 import pyarrow as pa
 
-from emsweep import remote
+from emsweep import fileio
 
 
 class SampleCache:
@@ -27,13 +27,13 @@ class SampleCache:
         self.location = str(location)
 
     def _location(self, key: str, kind: str) -> str:
-        return remote.join(self.location, f"{key}.{kind}.parquet")
+        return fileio.join(self.location, f"{key}.{kind}.parquet")
 
     def has(self, key: str, kind: str) -> bool:
-        return remote.exists_at(self._location(key, kind))
+        return fileio.exists_at(self._location(key, kind))
 
     def get(self, key: str, kind: str, schema: pa.Schema) -> pa.Table:
-        return remote.read_parquet_at(self._location(key, kind), schema=schema)
+        return fileio.read_parquet_at(self._location(key, kind), schema=schema)
 
     def put(self, key: str, kind: str, table: pa.Table) -> None:
-        remote.write_parquet_at(self._location(key, kind), table)
+        fileio.write_parquet_at(self._location(key, kind), table)

@@ -116,8 +116,8 @@ class Simulation:
 
 def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
     """Every finetune and every run's sampling and judging of the sweep's real DAG
-    (pipeline.plan: its engines are the sample jobs' groups), with the cost model's seconds."""
-    from emsweep.pipeline import plan
+    (sweep.plan.plan: its engines are the sample jobs' groups), with the cost model's seconds."""
+    from emsweep.sweep.plan import plan
 
     if not spec.use_gpu:
         raise ValueError("the simulation models GPUs: the spec has use_gpu: false")

@@ -620,7 +620,7 @@ class ExecutorSpec(_Strict):
     # barrier: a model's sampling starts once all its finetunes are done (one engine job per
     # model and replica), judging once all sampling is. pipelined: each run is sampled as soon as
     # its finetune is done and judged as soon as its samples are in, on long-lived engines that
-    # take new adapters as they arrive (pipeline.EngineHosts). Same nodes, keys and answers.
+    # take new adapters as they arrive (sweep.driver.EngineHosts). Same nodes, keys and answers.
     schedule: Literal["barrier", "pipelined"] = "barrier"
 
 

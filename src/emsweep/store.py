@@ -33,9 +33,10 @@ from filelock import FileLock, Timeout
 
 from emsweep import lease
 
-# Re-exported: the store's callers know these names from here.
-from emsweep.files import (  # noqa: E402,F401
-    DONE, LOCK, OWNER, RUN_SCRATCH, tmp_path_beside, write_json_atomic, write_parquet_atomic, write_text_atomic)
+# The atomic writers and layout names are fileio's; re-exported, as the store's callers know them from here.
+from emsweep.fileio import (  # noqa: F401
+    DONE, LOCK, OWNER, RUN_SCRATCH, LocationFile, tmp_path_beside, write_json_atomic, write_parquet_atomic,
+    write_text_at, write_text_atomic)
 
 
 def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
@@ -161,8 +162,6 @@ class Store:
 
     def lease(self) -> lease.Lease:
         # Holding the flock means any run of this host that wrote the lease is gone.
-        from emsweep.remote import LocationFile
-
         return lease.Lease(LocationFile(str(self.root / OWNER)), same_host_dead=lambda held: True,
                            heartbeat_s=self.heartbeat_s, ttl_s=self.lease_ttl_s, settle_s=self.lease_settle_s)
 
@@ -209,8 +208,6 @@ class Store:
 
 def write_started_marker(location: str | Path, job_id: str) -> None:
     """`location`: a local path, or a URI on an object-store sweep's store (remote.py)."""
-    from emsweep.remote import write_text_at
-
     write_text_at(str(location), json.dumps({"job": job_id, "pid": os.getpid(), "host": socket.gethostname(),
                                              "time": time.time()}))
 

@@ -171,7 +171,7 @@ class LiveRun:
     @staticmethod
     def logged_steps(marker: str) -> int:
         """`marker`: a local path or a store location (remote.py)."""
-        from emsweep.remote import read_text_at
+        from emsweep.fileio import read_text_at
 
         try:
             return int(read_text_at(str(marker)) or 0)
@@ -193,7 +193,7 @@ class LiveRun:
             _OPEN_LIVE_RUNS.pop(self.key, None)
             try:
                 self.run.finish()  # flushed: its steps are logged for good
-                from emsweep.remote import write_text_at
+                from emsweep.fileio import write_text_at
 
                 write_text_at(self.marker, str(max(self.logged, self.last)))
             except Exception:

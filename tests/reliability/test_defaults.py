@@ -45,7 +45,7 @@ def test_training_workers_reserve_memory_and_ray_serialises_what_does_not_fit(mo
     script = textwrap.dedent(f"""
         import time, ray
         from emsweep.finetune import scaling_config
-        from emsweep.pipeline import finetune_memory_per_worker
+        from emsweep.sweep.resources import finetune_memory_per_worker
         from emsweep.spec import FinetuneSpec
 
         ray.init(num_cpus=16, _memory=13 * 2**30, include_dashboard=False, logging_level="ERROR")
@@ -76,11 +76,11 @@ def test_a_worker_estimate_larger_than_a_node_is_capped_to_fit():
     script = textwrap.dedent("""
         import ray
         from unittest import mock
-        from emsweep import pipeline
+        from emsweep.sweep import resources
 
         ray.init(num_cpus=2, _memory=4 * 2**30, include_dashboard=False, logging_level="ERROR")
         with mock.patch("emsweep.engine.finetune_worker_memory_bytes", return_value=64 * 2**30):
-            capped = pipeline.finetune_memory_per_worker("/any", num_workers=2)
+            capped = resources.finetune_memory_per_worker("/any", num_workers=2)
         print("capped", capped)
         assert capped == 2 * 2**30, capped
     """)

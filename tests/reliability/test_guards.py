@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from emsweep import tracking
-from emsweep.pipeline import StageRunner, plan
+from emsweep.sweep.jobs import StageRunner
+from emsweep.sweep.plan import plan
 from emsweep.sample import HARM_SCHEMA, SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import SpecError, WandbSpec, parse_spec
 from emsweep.store import Store

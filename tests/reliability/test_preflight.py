@@ -131,7 +131,8 @@ def test_a_resumed_sweep_reads_no_dataset_whose_data_node_is_done_and_an_edited_
     file has another key, so it is read and its new bad row is reported."""
     from emsweep import data
     from emsweep.checks import preflight
-    from emsweep.pipeline import data_node_key, plan
+    from emsweep.keys import data_node_key
+    from emsweep.sweep.plan import plan
     from emsweep.spec import SweepSpec
     from emsweep.store import Store
 

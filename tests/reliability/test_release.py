@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from emsweep.dag import Node, Watch, execute
-from emsweep.pipeline import describe_cluster_wait, release_leaked_placement_groups
+from emsweep.sweep.driver import release_leaked_placement_groups
+from emsweep.sweep.resources import describe_cluster_wait
 from emsweep.spec import parse_spec
 from emsweep.store import Store
 
@@ -162,7 +163,7 @@ def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(t
     import pyarrow.parquet as pq
     from ray.util.state import list_actors
 
-    from emsweep.pipeline import run_sweep, worker_env
+    from emsweep.sweep.driver import run_sweep, worker_env
     from emsweep.spec import SweepSpec
 
     spec = SweepSpec.model_validate({
@@ -255,7 +256,7 @@ def test_a_real_finetune_whose_workers_cannot_be_placed_is_reported_then_failed(
     finetune with that message, and leaves no placement group."""
     from ray.util.placement_group import placement_group
 
-    from emsweep.pipeline import run_sweep, worker_env
+    from emsweep.sweep.driver import run_sweep, worker_env
     from emsweep.spec import SweepSpec
 
     spec = SweepSpec.model_validate({
@@ -295,7 +296,7 @@ def test_waiting_while_the_autoscaler_brings_nodes_up_is_no_stall(tmp_path, loca
     usual report and timeout apply, so the sweep still never hangs."""
     from ray.util.placement_group import placement_group
 
-    from emsweep.pipeline import autoscaler_scaling_up
+    from emsweep.sweep.resources import autoscaler_scaling_up
 
     assert autoscaler_scaling_up() is False  # a local Ray: no autoscaler, nothing pending
     holder = placement_group([{"CPU": 2}])

@@ -21,7 +21,7 @@ import wandb_offline
 from safetensors.torch import load_file
 
 from emsweep.finetune import finetune
-from emsweep.pipeline import worker_env
+from emsweep.sweep.driver import worker_env
 from emsweep.spec import FinetuneSpec
 from emsweep.tracking import run_id
 

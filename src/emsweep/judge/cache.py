@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from emsweep import remote
+from emsweep import fileio
 from emsweep.judge import ALTERNATIVE, PAIR, Judgment
 
 SCHEMA = pa.schema(
@@ -46,7 +46,7 @@ class JudgmentCache:
         self.location = str(location)
 
     def get(self, keys: set[str]) -> dict[str, Judgment]:
-        fs, parts = remote.files_at(self.location, "part-", ".parquet")
+        fs, parts = fileio.files_at(self.location, "part-", ".parquet")
         if not keys or not parts:
             return {}
         dataset = ds.dataset(parts, filesystem=fs, format="parquet", schema=SCHEMA)
@@ -82,5 +82,5 @@ class JudgmentCache:
             ],
             schema=SCHEMA,
         )
-        remote.write_parquet_at(remote.join(self.location, f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet"),
+        fileio.write_parquet_at(fileio.join(self.location, f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet"),
                                 table)

@@ -1,0 +1,344 @@
+"""The sweep's driver: runs the plan's jobs on Ray (run_sweep; run_sweep_remote for an output dir on
+an object store), the pipelined schedule's engine hosts, the clean-up after failed finetunes,
+and the live rates of the W&B summary run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from emsweep import analyze, tracking
+from emsweep.dag import Node
+from emsweep.spec import SweepSpec
+from emsweep.store import Store
+from emsweep.sweep.jobs import run_job
+from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
+from emsweep.sweep.resources import (autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options,
+                                     node_cpus)
+from emsweep.sweep.results import write_spec_snapshot
+
+
+def worker_env() -> dict[str, str]:
+    """Environment emsweep gives Ray workers (the `runtime_env` of its `ray.init`): the driver's
+    HF_HUB_OFFLINE where it is set (the CLI sets it for local runs only: a laptop has no hub, a
+    cluster loads hub ids), quiet tokenizers; no secrets are added here.
+
+    Inside a Ray job (`emsweep submit`), variables the job's own runtime_env sets (`-e NAME=...`)
+    are left out: the job passes them to every worker already, and Ray refuses a driver
+    runtime_env that repeats one of the job's keys ("Failed to merge the Job's runtime env")."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    job_env = _job_env_vars()
+    return {name: value for name, value in env.items() if name not in job_env}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (Ray passes the job's config to its
+    driver as JSON in RAY_JOB_CONFIG_JSON_ENV_VAR); empty outside a job."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+
+
+class EngineHost:
+    """A pipelined schedule's long-lived engine process (a Ray actor; see EngineHosts)."""
+
+    def run(self, *args) -> dict[str, str | None]:
+        return run_job(*args)
+
+
+class EngineHosts:
+    """The pipelined schedule's engines: one long-lived Ray actor per engine group (a model's
+    sampling engine or replica, the judge) that runs the group's jobs, one run each, one at a
+    time in one process, so the engine the first job starts serves the next (sample.py and
+    judge/local.py keep it) and takes each new run's adapters as they arrive.
+
+    A host goes when its group has no job left; after a job of it failed, if no other job is
+    queued on it (its engine may be broken: the next job starts a fresh one); and whenever it is
+    idle while another job waits for resources, since an idle engine holding the GPUs (or a CPU
+    machine's cores) that a finetune needs would otherwise wait forever for that very finetune."""
+
+    def __init__(self, pending: list[Node]):
+        from collections import Counter
+
+        self.left = Counter(node.group for node in pending if node.stage in ENGINE_STAGES)
+        self.busy: Counter = Counter()
+        self.actors: dict[str, object] = {}
+
+    def submit(self, group: str, options: dict, args: tuple):
+        import ray
+
+        if group not in self.actors:
+            host = ray.remote(max_restarts=0)(EngineHost)
+            self.actors[group] = host.options(**options, name=None).remote()
+        self.busy[group] += 1
+        return self.actors[group].run.remote(*args)
+
+    def finished(self, status) -> None:
+        node = status.node
+        if node.stage not in ENGINE_STAGES:
+            return
+        self.left[node.group] -= 1
+        if status.status != "skipped":  # a skipped node was never submitted
+            self.busy[node.group] -= 1
+        # After a failure a fresh engine serves the next job, unless jobs already wait on this one.
+        if self.left[node.group] <= 0 or status.status == "failed" and self.busy[node.group] == 0:
+            self.release(node.group)
+
+    def release_idle(self, running: list[list[Node]], started) -> None:
+        """Release idle hosts if a job waits for resources (not started, and not merely queued
+        behind another job on its host)."""
+        waiting = [job for job in running if not started(job)
+                   and (job[0].stage not in ENGINE_STAGES or self.busy[job[0].group] == 1)]
+        if waiting:
+            for group in [group for group in self.actors if self.busy[group] == 0]:
+                self.release(group)
+
+    def release(self, group: str) -> None:
+        import ray
+
+        actor = self.actors.pop(group, None)
+        if actor is not None:
+            ray.kill(actor)  # an engine's memory goes with its process
+
+    def close(self) -> None:
+        for group in list(self.actors):
+            self.release(group)
+
+
+def release_leaked_placement_groups(failed: list[Node], running: list[list[Node]]) -> int:
+    """After a finetune job failed: remove this driver's placement groups once no finetune runs.
+
+    Ray Train reserves a finetune's workers as a placement group. When the job dies abnormally
+    (its workers OOM-killed past `max_failures`, the task killed) the group can outlive it: it is
+    owned by the driver, so Ray frees it only when the driver exits, and the sweep's remaining jobs
+    wait forever for the CPUs it holds. With no finetune running, every live group of this
+    driver is such a leftover (sampling and judging reserve none)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if failed[0].stage != "finetune" or any(job[0].stage == "finetune" for job in running):
+        return 0
+    job_id = ray.get_runtime_context().get_job_id()
+    # A failed finetune's Ray Train controller outlives its task by a moment (Ray kills an actor
+    # once it learns its owner died). One still alive when its group is removed asks for a new
+    # group and takes the CPUs it frees, so wait for them to exit first.
+    alive = _wait_for_train_controllers_to_exit(job_id, CONTROLLER_EXIT_TIMEOUT_S)
+    if alive:
+        print(f"warning: {alive} Ray Train controller(s) of failed finetunes still alive after "
+              f"{CONTROLLER_EXIT_TIMEOUT_S:.0f} s; removing their placement groups anyway", flush=True)
+    removed = 0
+    for pg_id, entry in ray.util.placement_group_table().items():
+        # A placement group id ends with the id of the job (driver) that created it.
+        if pg_id.endswith(job_id) and entry["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    if removed:
+        print(f"released {removed} placement group(s) left by failed finetunes", flush=True)
+    return removed
+
+
+CONTROLLER_EXIT_TIMEOUT_S = 30.0
+
+
+def _wait_for_train_controllers_to_exit(job_id: str, timeout_s: float) -> int:
+    """Wait until this driver has no live Ray Train controller; return how many still live."""
+    from ray._private.state import actors  # reads the GCS directly; the state API needs the dashboard
+
+    deadline = time.time() + timeout_s
+    while True:
+        alive = sum(1 for actor in actors().values()
+                    if actor["JobID"] == job_id and actor["ActorClassName"] == "TrainController"
+                    and actor["State"] != "DEAD")
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
+              until: str | None = None, on_stall=None, store_uri: str | None = None, remote_lease=None) -> list:
+    """Execute a sweep on the Ray cluster this process is connected to.
+
+    `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
+    sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
+    sweep after that stage: only the nodes of it and the stages before it run. `store_uri`: the
+    object store whose staging dir out_dir is (run_sweep_remote, which holds its lease, `remote_lease`).
+    A run whose lease is taken over stops: lease.LeaseLost, its jobs cancelled."""
+    import ray
+
+    from emsweep.dag import Watch, execute, nodes_to_run
+    from emsweep.remote import RemoteDir
+
+    remote_dir = RemoteDir(store_uri) if store_uri else None
+
+    out_dir = Path(out_dir).resolve()
+    store = Store(out_dir)
+    nodes = plan(spec)
+    if until is not None:
+        nodes = [node for node in nodes if STAGES.index(node.stage) <= STAGES.index(until)]
+    remote = ray.remote(max_retries=0)(run_job)
+    # A fresh worker process per engine job: vLLM does not give all memory back in-process,
+    # and the next engine (the judge after the sampler) needs it.
+    remote_engine = ray.remote(max_retries=0, max_calls=1)(run_job)
+    pipelined = spec.executor.schedule == "pipelined"
+    with store.lock() as held:
+        store.clean_tmp()
+        write_spec_snapshot(spec, out_dir)
+        pending = nodes_to_run(nodes, store)
+        if on_start is not None:
+            on_start(nodes, pending)
+        hosts = EngineHosts(pending if pipelined else [])
+        spec_json = spec.model_dump_json()
+        cluster: dict = {}
+
+        def connected() -> dict:
+            if not cluster:
+                if connect is not None:
+                    connect()
+                cluster["nodes_ref"] = ray.put(nodes)
+                # Engines on a CPU-only cluster take one node's cores.
+                cluster["cpus"] = node_cpus()
+                cluster["finetune_slots"] = finetune_slots(spec)
+                cluster["node"] = ray.get_runtime_context().get_node_id()
+            return cluster
+
+        def submit(stage: str, job: list[Node]):
+            connected()
+            options = job_task_options(spec, job, cluster["cpus"])
+            args = (spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store_uri, cluster["node"])
+            if pipelined and stage in ENGINE_STAGES:
+                return hosts.submit(job[0].group, options, args)
+            function = remote_engine if stage in ENGINE_STAGES else remote
+            return function.options(**options, name=f"{stage}:{job[0].name}").remote(*args)
+
+        seen_started: set[str] = set()
+
+        def started(job: list[Node]) -> bool:
+            if job[0].id not in seen_started and (store.job_started(job[0].id) or remote_dir is not None and (
+                    remote_dir.exists(store.relative(store.started_path(job[0].id))))):
+                seen_started.add(job[0].id)
+            return job[0].id in seen_started
+
+        watch = Watch(
+            started=started,
+            describe=lambda waiting: describe_cluster_wait(spec, waiting, cluster.get("cpus", 1)),
+            on_stall=on_stall or (lambda message: print(f"warning: {message}", flush=True)),
+            after_failure=release_leaked_placement_groups,
+            report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
+            scaling_up=autoscaler_scaling_up, scale_up_timeout_s=spec.executor.scale_up_timeout_s,
+            lease_lost=lambda: held.lost() or (remote_lease.lost() if remote_lease is not None else None),
+            on_poll=lambda running: hosts.release_idle(running, started),
+        )
+        summary = LiveRates(spec, store, nodes)
+
+        def finished(status) -> None:
+            node = status.node
+            if remote_dir is not None and status.status == "done":
+                # Pushed by the job from wherever it ran; here, the summary and the report read it.
+                local = store.node_dir(node.stage, node.name, node.key)
+                remote_dir.pull_node(store.relative(local), store.root)
+            hosts.finished(status)
+            if node.stage == "judge" and status.status == "done":
+                summary.update()
+            if on_finish is not None:
+                on_finish(status)
+
+        # Pipelined: a run's engine jobs are its own, dealt to its group's host.
+        job_of = (lambda node: node.id if node.stage in ENGINE_STAGES else node.group or node.id) if pipelined \
+            else (lambda node: node.group or node.id)
+        try:
+            return execute(nodes, store, submit, finished, watch, job_of=job_of, progress_dir=store_uri,
+                           max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
+        finally:
+            hosts.close()
+            summary.finish()
+
+
+RATE_COLUMNS = ["run_id", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_counted", "n_misaligned",
+                "misaligned_rate", "pooled_misaligned_rate", "n_questions"]
+
+
+def judged_run_rates(spec: SweepSpec, store: Store, judge_node: Node) -> "pd.DataFrame":
+    """A done judge node's runs, one row per run, suite and condition: the overall EM rates of
+    the analysis itself (analyze.run_metrics, over all questions)."""
+    long = pq.read_table(store.node_dir(judge_node.stage, judge_node.name, judge_node.key)
+                         / "judgments.parquet").to_pandas()
+    return analyze.overall_run_rates(long, spec.analysis)[RATE_COLUMNS]
+
+
+class LiveRates:
+    """The driver's view of rates judged so far, logged to the sweep's W&B summary run after each
+    judge node (tracking.LiveSummary); judge nodes done before this run count too."""
+
+    def __init__(self, spec: SweepSpec, store: Store, nodes: list[Node]):
+        self.spec, self.store = spec, store
+        self.judge_nodes = [node for node in nodes if node.stage == "judge"]
+        self.wandb = tracking.LiveSummary(spec.wandb, store.root, spec.name, spec.model_dump(mode="json"))
+        self.rates: dict = {}
+
+    def update(self) -> None:
+        import pandas as pd
+
+        if self.wandb.failed:
+            return
+        try:
+            new = [node for node in self.judge_nodes
+                   if node.id not in self.rates and self.store.is_done(node.stage, node.name, node.key)]
+            if not new:  # the nodes of one judge job finish together: logged once
+                return
+            for node in new:
+                self.rates[node.id] = judged_run_rates(self.spec, self.store, node)
+            frames = [frame for frame in self.rates.values() if not frame.empty]
+            rates = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RATE_COLUMNS)
+        except Exception as err:  # the summary is a window; the sweep goes on without it
+            self.wandb.failed = True
+            print(f"warning: live rates not computed: {type(err).__name__}: {err}", flush=True)
+            return
+        if warning := self.wandb.log(rates, judged_nodes=len(self.rates)):
+            print(f"warning: {warning}", flush=True)
+
+    def finish(self) -> None:
+        self.wandb.finish()
+
+
+def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None, staging: Path | None = None,
+                     until: str | None = None):
+    """`run_sweep` with the output dir on an object store (remote.py's module doc): pull the done
+    nodes into a local staging dir, run there, push each node as it finishes, under the store's lease."""
+    from emsweep import lease
+    from emsweep.fileio import DONE, RUN_SCRATCH
+    from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
+    from emsweep.redact import redact_uri
+    from emsweep.store import locked_error
+
+    remote = RemoteDir(uri)
+    staging = staging or staging_dir(uri)
+    try:
+        with remote.lease().hold() as held:
+            pull(remote, staging)
+            store = Store(staging.resolve())
+            # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
+            on_store = set(remote.done_node_dirs())
+            for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
+                relative = store.relative(marker.parent)
+                if relative not in on_store:
+                    remote.push_node(marker.parent, relative)
+            # A dead run's started markers would make this run's waiting jobs look started, and
+            # its jobs' progress records would show as running.
+            for entry in RUN_SCRATCH:
+                remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
+            try:
+                return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
+                                 store_uri=uri, remote_lease=held)
+            finally:
+                if held.lost() is None:  # a run whose lease was taken writes nothing more there
+                    push_shared(remote, staging)
+    except lease.LeaseTaken as taken:
+        raise locked_error(redact_uri(uri), taken.held, taken.age) from None

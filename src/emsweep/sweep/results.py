@@ -1,0 +1,55 @@
+"""Reading a sweep's outputs: its judgments and its spec snapshot (`spec.json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emsweep.dag import Node
+from emsweep.fileio import join, read_text_at, write_json_atomic
+from emsweep.redact import redact_uri
+from emsweep.spec import SpecError, SweepSpec, parse_spec
+from emsweep.store import Store
+from emsweep.sweep.plan import plan
+
+
+def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:
+    """All judgments of a sweep's current judge nodes (every one must be done)."""
+    store = Store(Path(out_dir))
+    judge_nodes = [node for node in plan(spec) if node.stage == "judge"]
+    missing = [node.id for node in judge_nodes if not store.is_done(node.stage, node.name, node.key)]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: judge nodes not done for spec {spec.name!r}: {missing}")
+    return read_judgments(store, judge_nodes)
+
+
+def read_judgments(store: Store, judge_nodes: list[Node]) -> pa.Table:
+    # Judge nodes written before a column existed (judge_templates) read as null there.
+    return pa.concat_tables([pq.read_table(store.node_dir(n.stage, n.name, n.key) / "judgments.parquet")
+                             for n in judge_nodes], promote_options="default")
+
+
+def write_spec_snapshot(spec: SweepSpec, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "spec.json", spec.model_dump(mode="json"))
+
+
+def read_spec_snapshot(out_dir: str | Path) -> SweepSpec:
+    """The spec a sweep ran with (its `spec.json`), from a local output dir or one on an object
+    store: the one reader of this record. Errors name the file (a store URI without its query)."""
+    location = join(str(out_dir), "spec.json")
+    shown = redact_uri(location)
+    text = read_text_at(location)
+    if text is None:
+        raise FileNotFoundError(f"{redact_uri(str(out_dir))} has no spec.json: not an emsweep output directory")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{shown}: not a spec snapshot: {err}") from None
+    try:
+        return parse_spec(raw, source=shown)
+    except SpecError as err:  # e.g. a field an older emsweep wrote and this one no longer knows
+        raise SpecError(f"{err} (is this output dir from another emsweep version?)") from None
