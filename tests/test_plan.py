@@ -93,18 +93,18 @@ def test_analysis_only_fields_rekey_only_the_analysis():
 
 
 def test_an_http_judge_is_keyed_by_its_endpoint():
-    from emsweep.keys import judge_model_ref
+    from emsweep.judge.identity import judge_id
 
     def judge(**fields):
         return {**RAW, "judge": {"backend": "openai", "model": "gpt-4o", **fields}}
 
     openai = keys(judge())
-    assert judge_model_ref(parse_spec(judge())) == "openai:gpt-4o"  # as before endpoints were keyed
+    assert judge_id(parse_spec(judge())) == "openai:gpt-4o"  # as before endpoints were keyed
     assert keys(judge(base_url="https://api.openai.com/v1/")) == openai
     other = keys(judge(base_url="https://user:secret@llm.example.org:8443/v1?token=abc"))
     assert {i for i in other if other[i] != openai[i]} == {"judge/m__base", "judge/m__d__s0", "judge/m__d__s1",
                                                            "analyze/keys"}
-    ref = judge_model_ref(parse_spec(judge(base_url="https://user:secret@llm.example.org:8443/v1?token=abc")))
+    ref = judge_id(parse_spec(judge(base_url="https://user:secret@llm.example.org:8443/v1?token=abc")))
     assert ref == "openai:https://llm.example.org:8443/v1:gpt-4o"  # no credentials: the id reaches tables
 
 
@@ -404,7 +404,7 @@ def test_a_local_judges_weights_dtype_and_engine_key_its_judgments_and_nothing_e
     """Replacing the weights at the judge's path, or judging in another dtype or engine, re-judges
     (judge nodes and the judgment cache); the data, finetunes and samples keep their keys."""
     from emsweep.judge import JudgeRequest
-    from emsweep.keys import judge_build
+    from emsweep.judge.identity import judge_build
 
     judge_dir = tmp_path / "judge"
     judge_dir.mkdir()

@@ -42,12 +42,12 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     """One line per scoring setting of the spec that cannot produce 0-100 scores.
 
     `missing_ok`: an embedded model that is not fetched yet is skipped (`emsweep plan` needs no weights)."""
-    from emsweep.keys import judge_model_ref
+    from emsweep.judge.identity import judge_id
 
     problems = []
     wanted = []
     if spec.judge.backend == "vllm" and spec.judge.scoring == "first_token":
-        wanted.append((f"judge {spec.judge.model}", judge_model_ref(spec), "judge.scoring"))
+        wanted.append((f"judge {spec.judge.model}", judge_id(spec), "judge.scoring"))
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]
     for who, reference, field in wanted:
@@ -200,11 +200,11 @@ def _api_key_problem(spec: SweepSpec) -> str | None:
 
 
 def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
-    from emsweep.keys import judge_model_ref
+    from emsweep.judge.identity import judge_id
 
     wanted = [(f"models.{i}.path", m.path) for i, m in enumerate(spec.models)]
     if spec.judge.backend == "vllm" and spec.judge.model not in {m.name for m in spec.models}:
-        wanted.append(("judge.model", judge_model_ref(spec)))
+        wanted.append(("judge.model", judge_id(spec)))
     problems = []
     for field, reference in wanted:
         if (path := _resolved(reference, field, missing_ok, problems)) is None:
@@ -224,14 +224,14 @@ def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
 def _unresolvable_judge(spec: SweepSpec) -> list[str]:
     """A local judge that names no model of the sweep, no known embedded model, no hub id and no
     existing folder: no later step (fetch-model, a download, data generation) can make it exist."""
-    from emsweep.keys import judge_model_ref
+    from emsweep.judge.identity import judge_id
 
     judge = spec.judge
     if judge.backend != "vllm" or judge.model in {m.name for m in spec.models}:
         return []
     problems: list[str] = []
     # An unknown embedded name is a problem; one not fetched yet is not (missing_ok).
-    path = _resolved(judge_model_ref(spec), "judge.model", True, problems)
+    path = _resolved(judge_id(spec), "judge.model", True, problems)
     if path is not None and Path(path).is_absolute() and not Path(path).exists():
         problems.append(f"judge.model: {path} does not exist and is not the name of a model in `models`")
     return problems

@@ -814,8 +814,8 @@ def judge_calibrate(
     from emsweep.judge import judge_samples
     from emsweep.judge.score_maps import load_score_map
     from emsweep.judge.cache import JudgmentCache
-    from emsweep.keys import judge_build, judge_model_ref
-    from emsweep.sweep.jobs import make_judge_backend
+    from emsweep.judge.identity import judge_build, judge_id
+    from emsweep.judge.backends import make_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
@@ -839,7 +839,7 @@ def judge_calibrate(
     console.print(f"judging {len(items)} calibration answers with {spec.judge.model} "
                   f"({spec.judge.scoring}, templates {spec.judge.templates})")
     tables, stats = judge_samples(
-        samples, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
+        samples, question_list, spec.judge, judge_id=judge_id(spec), backend=make_backend(spec),
         judge_build=judge_build(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None,
     )
@@ -1013,8 +1013,8 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     from emsweep.judge.agreement import judge_references, reference_agreement
     from emsweep.judge.cache import JudgmentCache
     from emsweep.judge.reference import read_references
-    from emsweep.keys import judge_build, judge_model_ref
-    from emsweep.sweep.jobs import make_judge_backend
+    from emsweep.judge.identity import judge_build, judge_id
+    from emsweep.judge.backends import make_backend
     from emsweep.questions import QuestionError, load_questions
     from emsweep.spec import CLEAR
     from emsweep.store import write_json_atomic, write_parquet_atomic
@@ -1041,7 +1041,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
     console.print(f"judging up to {limit or 'all'} answers of each of {len(runs)} reference files with "
                   f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
     both, judgments, stats = judge_references(
-        runs, question_list, spec.judge, judge_id=judge_model_ref(spec), backend=make_judge_backend(spec),
+        runs, question_list, spec.judge, judge_id=judge_id(spec), backend=make_backend(spec),
         judge_build=judge_build(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
         limit=limit, seed=seed)

@@ -175,3 +175,10 @@ def stable_seed(*parts: object) -> int:
     """A per-request sampling seed that does not depend on batch order or process."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def node_cpus() -> int:
+    """CPUs of one node of the connected Ray cluster, assuming the head node is typical."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))

@@ -1,4 +1,5 @@
-"""What node keys hash besides the spec: the content of the files a node reads, and the judge's identity.
+"""What node keys hash besides the spec: the content of the files a node reads (data, questions,
+model folders). The judge's identity is judge/identity.py's.
 
 `sweep.plan.plan` keys every node by its config slice and these (store.config_key); `checks`
 recomputes a data node's key to skip re-validating a dataset already built from the same bytes.
@@ -6,12 +7,10 @@ recomputes a data node's key to skip re-validating a dataset already built from 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from emsweep.data import sha256_file
 from emsweep.judged_files import reference_files
-from emsweep.spec import JudgeSpec, SweepSpec
 from emsweep.store import config_key
 
 
@@ -45,29 +44,6 @@ def data_node_key(dataset) -> str:
     return config_key("data", data_config(dataset), [])
 
 
-def judge_model_ref(spec: SweepSpec) -> str:
-    """What identifies the judge: the served model id and its endpoint over HTTP (two providers
-    serving one model id are two judges), the model path locally."""
-    if spec.judge.backend == "openai":
-        endpoint = _endpoint(spec.judge.base_url)
-        # OpenAI's own endpoint is left out, as before endpoints were keyed: its judgments stay valid.
-        if endpoint == _endpoint(JudgeSpec.model_fields["base_url"].default):
-            return f"openai:{spec.judge.model}"
-        return f"openai:{endpoint}:{spec.judge.model}"
-    names = {m.name: m.path for m in spec.models}
-    return names.get(spec.judge.model, spec.judge.model)
-
-
-def _endpoint(url: str) -> str:
-    """scheme://host[:port]/path of a URL: no credentials or query (the id reaches tables)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url.strip())
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
-
-
 def model_fingerprint(reference: str) -> str | None:
     """Content hash of a local model folder (every file: weights, config, tokenizer), each file
     hashed once per version (its size and mtime, as datasets are); None for a hub id, or an
@@ -82,21 +58,3 @@ def model_fingerprint(reference: str) -> str | None:
         return None
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return ",".join(f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files)
-
-
-def judge_build(spec: SweepSpec) -> str | None:
-    """What a local judge is made of besides its name: its weights' content, the dtype and the
-    engine that computes its scores (the judging page measures that dtype changes scores). None
-    for an API judge, whose model id and endpoint are all there is to know. Keys both the judge
-    nodes and the judgment cache: replacing the weights at a path, or another dtype, re-judges."""
-    if spec.judge.backend != "vllm":
-        return None
-    from emsweep.engine import cpu_dtype
-    from emsweep.judge.local import judge_class
-
-    reference = judge_model_ref(spec)
-    engine = judge_class(spec.judge, spec.use_gpu).__name__
-    # On GPUs the engines load the checkpoint's own dtype; on CPUs, cpu_dtype() (EMSWEEP_CPU_DTYPE).
-    dtype = "checkpoint" if spec.use_gpu else cpu_dtype()
-    return json.dumps({"weights": model_fingerprint(reference), "engine": engine, "dtype": dtype}, sort_keys=True)
-

@@ -478,7 +478,7 @@ class JudgeSpec(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
     # Not hashed as written: its scheme, host and path are part of the judge's identity (two
-    # providers serving one model id are two judges; keys.judge_model_ref), credentials not.
+    # providers serving one model id are two judges; judge.identity.judge_id), credentials not.
     base_url: str = "https://api.openai.com/v1"
     # The name of the environment variable holding the API key; the key itself never enters a spec.
     api_key_env: str = "OPENAI_API_KEY"

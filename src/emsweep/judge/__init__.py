@@ -131,7 +131,7 @@ class JudgeRequest:
 
     def cache_key(self, judge_id: str, spec: JudgeSpec, judge_build: str | None = None) -> str:
         # Thresholds are applied after the cache, so they are not part of the key. `judge_build`
-        # (keys.judge_build: a local judge's weights, dtype and engine) is left out when None,
+        # (judge.identity.judge_build: a local judge's weights, dtype and engine) is left out when None,
         # so an API judge's keys stay as they were.
         judge = ["bandit"] if self.static else [judge_id, spec.backend, spec.scoring, spec.top_logprobs,
                                                  *([judge_build] if judge_build else [])]
@@ -316,7 +316,7 @@ def judge_samples(
     judge_build: str | None = None,
 ) -> tuple[dict[str, pa.Table], JudgeStats]:
     """Judge the samples of many runs; returns a judgments table per run and counts.
-    `progress` (a progress.ProgressWriter) hears of every finished batch; `judge_build` (keys.judge_build)
+    `progress` (a progress.ProgressWriter) hears of every finished batch; `judge_build` (judge.identity.judge_build)
     keys the cache by what the judge is made of, not only its name."""
     items = list(requests_for(samples, questions, load_templates(spec.templates)))
     score_map = load_score_map(spec.score_map) if spec.score_map else None

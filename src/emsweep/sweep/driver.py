@@ -16,8 +16,8 @@ from emsweep.spec import SweepSpec
 from emsweep.store import Store
 from emsweep.sweep.jobs import run_job
 from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
-from emsweep.sweep.resources import (autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options,
-                                     node_cpus)
+from emsweep.engine import node_cpus
+from emsweep.sweep.resources import autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options
 from emsweep.sweep.results import write_spec_snapshot
 
 

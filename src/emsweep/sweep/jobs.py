@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.judge.cache import JudgmentCache
 from emsweep.judge import panel
-from emsweep.keys import judge_build, judge_model_ref
+from emsweep.judge.identity import judge_build, judge_id
+from emsweep.judge.backends import make_backend
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
@@ -24,7 +24,7 @@ from emsweep.sample_cache import SampleCache
 from emsweep.spec import BASE_LABEL, SweepSpec, WandbSpec
 from emsweep.store import DONE, Store, write_started_marker
 from emsweep.sweep.plan import sample_part_keys
-from emsweep.sweep.resources import finetune_memory_per_worker, node_cpus
+from emsweep.sweep.resources import finetune_memory_per_worker
 from emsweep.sweep.results import read_judgments
 
 
@@ -212,7 +212,7 @@ class StageRunner:
             from emsweep.models import load_tokenizer
             from emsweep.scoring import first_token_problem
 
-            tokenizer = load_tokenizer(resolve_model_path(judge_model_ref(self.spec)))
+            tokenizer = load_tokenizer(resolve_model_path(judge_id(self.spec)))
             if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
                 raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
@@ -224,7 +224,7 @@ class StageRunner:
         cache = JudgmentCache(self.shared_location("judge_cache")) if self.spec.judge.cache else None
         tables, stats = judge.judge_samples(
             samples, questions, self.spec.judge,
-            judge_id=judge_model_ref(self.spec), backend=make_judge_backend(self.spec, keep=self.pipelined),
+            judge_id=judge_id(self.spec), backend=make_backend(self.spec, keep=self.pipelined),
             # As the driver keyed the node (no second hash of the weights); computed here where
             # the driver had no local weights to hash.
             judge_build=nodes[0].config.get("judge_build") or judge_build(self.spec),
@@ -277,19 +277,6 @@ class StageRunner:
             pq.write_table(table, tmp / f"{name}.parquet")
         self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables},
                     extra={"missing_inputs": missing} if missing else None)
-
-
-def make_judge_backend(spec: SweepSpec, keep: bool = False) -> judge.Backend:
-    """`keep`: the caller judges again later in this process (an engine host), so local judge
-    engines stay up between calls."""
-    if spec.judge.backend == "openai":
-        from emsweep.judge.http import HttpJudge
-
-        return HttpJudge(spec.judge)
-    from emsweep.judge.local import run_pool
-
-    return functools.partial(run_pool, resolve_model_path(judge_model_ref(spec)), spec.judge,
-                             use_gpu=spec.use_gpu, node_cpus=node_cpus(), keep=keep)
 
 
 def judge_counts(judgments: pa.Table) -> dict:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from emsweep import data, sample
 from emsweep.dag import Node
-from emsweep.keys import data_config, fingerprint, judge_build, judge_model_ref, reference_fingerprint
+from emsweep.judge.identity import judge_build, judge_id
+from emsweep.keys import data_config, fingerprint, reference_fingerprint
 from emsweep.judge.errors import judge_error
 from emsweep.spec import BASE_LABEL, SweepSpec
 from emsweep.store import config_key
@@ -51,7 +52,7 @@ def plan(spec: SweepSpec) -> list[Node]:
     }
     judge_config = {
         "judge": spec.judge.score_config(),
-        "judge_model": judge_model_ref(spec),
+        "judge_model": judge_id(spec),
         "questions_content": eval_config["questions_content"],
     }
     # Template sets and score maps given as files: editing one re-judges (built-in names are

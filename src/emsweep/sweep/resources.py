@@ -80,13 +80,6 @@ def finetune_slots(spec: SweepSpec) -> int | None:
     return max(1, int(min(fits)))
 
 
-def node_cpus() -> int:
-    """CPUs of one node of the connected Ray cluster, assuming the head node is typical."""
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1) // max(1, len(ray.nodes())))
-
-
 def _bundle(resources: dict) -> str:
     """A placement-group bundle as a person reads it: `CPU 1, memory 4.0 GiB`."""
     return ", ".join(f"{name} {value / GIB:.1f} GiB" if name == "memory" else f"{name} {value:g}"
