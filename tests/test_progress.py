@@ -65,7 +65,7 @@ def test_batched_requests_get_no_eta():
 
 
 def test_log_lines_are_not_repeated_unchanged():
-    from emsweep.cli import UNCHANGED_LINE_EVERY_S, changed_lines
+    from emsweep.cli.live import UNCHANGED_LINE_EVERY_S, changed_lines
 
     def describe(record):
         return f"{record['job']} {record['done']}/{record['total']}"

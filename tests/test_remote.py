@@ -125,7 +125,7 @@ def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, 
 
 def test_progress_records_of_jobs_anywhere_reach_the_drivers_display_through_the_store(s3):
     """A job on any machine writes its progress record on the store; the driver's display
-    (cli._LiveJobs, which reads progress.read_records of the URI) sees it, and it is gone once
+    (cli.live.LiveJobs, which reads progress.read_records of the URI) sees it, and it is gone once
     the job's node finishes (dag.execute clears it there)."""
     from emsweep import progress
 
@@ -269,7 +269,7 @@ def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_pat
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"in use by another `emsweep run` (pid {driver.pid} on {socket.gethostname()}" in second.stdout
 
-        # What the driver's console shows (cli._LiveJobs reads these): the progress of the
+        # What the driver's console shows (cli.live.LiveJobs reads these): the progress of the
         # finetune, written by its rank-0 worker on the worker node.
         progress_seen = set()
         deadline = time.monotonic() + 600

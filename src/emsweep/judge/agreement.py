@@ -18,6 +18,8 @@ correlation of the two judges' rates across files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -166,3 +168,34 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
         if column not in both:
             both[column] = np.nan
     return both, judgments, stats
+
+
+def agree_with_reference(spec, runs, questions, out_dir: Path, limit: int | None, seed: int,
+                         files: list[Path]) -> tuple[dict, object]:
+    """The reference-agreement workflow (`emsweep judge-eval agree SPEC --reference FILE...`):
+    re-judge a stratified draw of each reference run's answers with the spec's judge (through its
+    judgment cache under `out_dir`), compare with the reference's scores (reference_agreement)
+    and write agreement.json, pairs.parquet and judgments.parquet. Returns (result, judge stats).
+    A connected Ray is the caller's (vllm backend)."""
+    import pyarrow as pa
+
+    from emsweep.fileio import write_json_atomic, write_parquet_atomic
+    from emsweep.judge.backends import make_backend
+    from emsweep.judge.cache import JudgmentCache
+    from emsweep.judge.identity import judge_build, judge_id
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    both, judgments, stats = judge_references(
+        runs, questions, spec.judge, judge_id=judge_id(spec), backend=make_backend(spec),
+        judge_build=judge_build(spec),
+        cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
+        limit=limit, seed=seed)
+    result = reference_agreement(both, spec.analysis, seed=seed)
+    result["judge"] = {"model": spec.judge.model, "scoring": spec.judge.scoring, "templates": spec.judge.templates,
+                       "score_map": spec.judge.score_map, "min_numeric_mass": spec.judge.min_numeric_mass}
+    result["reference_files"] = [str(f) for f in files]
+    result["limit"], result["seed"] = limit, seed
+    write_parquet_atomic(out_dir / "judgments.parquet", judgments)
+    write_parquet_atomic(out_dir / "pairs.parquet", pa.Table.from_pandas(both, preserve_index=False))
+    write_json_atomic(out_dir / "agreement.json", result)
+    return result, stats

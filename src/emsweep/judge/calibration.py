@@ -276,3 +276,86 @@ def agreement(judgments_a: pa.Table, judgments_b: pa.Table, spec: AnalysisSpec) 
         result["verdicts_a"] = verdict_a.value_counts().to_dict()
         result["verdicts_b"] = verdict_b.value_counts().to_dict()
     return result
+
+
+# --- The calibration workflow (`emsweep judge-eval calibrate`): judge, report, write ------------------
+
+@dataclass
+class Calibration:
+    """What `calibrate` measured and wrote (`out_dir`: calibration_report.json and
+    calibration_judgments.parquet; `fitted_map`: the new map's file, if one was fitted)."""
+
+    report: dict
+    applied_map: "ScoreMap | None"  # the spec's own score map, if any
+    heldout: dict | None  # the fitted map's figures on held-out questions
+    stats: object  # judge.JudgeStats: requests and cache hits
+    out_dir: Path
+
+
+def calibrate(spec, items: list[CalibrationItem], questions: list[Question], out_dir: Path,
+              answers: Path | None = None, fit_map: Path | None = None) -> Calibration:
+    """Judge the labelled `items` with the spec's judge (through its judgment cache under
+    `out_dir`), report how well its scores separate the bands (calibration_report, labelled
+    in-sample where the spec's map was fitted on these answers) and, with `fit_map`, fit a map
+    on them and write it with its held-out figures. A connected Ray is the caller's (vllm backend)."""
+    import dataclasses
+
+    from emsweep.fileio import write_json_atomic, write_parquet_atomic
+    from emsweep.judge import judge_samples
+    from emsweep.judge.backends import make_backend
+    from emsweep.judge.cache import JudgmentCache
+    from emsweep.judge.identity import judge_build, judge_id
+    from emsweep.judge.score_maps import load_score_map
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = {RUN_ID: calibration_samples(items, questions)}
+    tables, stats = judge_samples(
+        samples, questions, spec.judge, judge_id=judge_id(spec), backend=make_backend(spec),
+        judge_build=judge_build(spec), cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None)
+    judgments = tables[RUN_ID]
+    report = calibration_report(judgments, items, spec.analysis)
+    applied_map = load_score_map(spec.judge.score_map) if spec.judge.score_map else None
+    # A map's figures on the answers it was fitted on flatter it: say so wherever they are shown.
+    report["figures_are"] = figures_sample(applied_map, answers)
+    report["judge"] = {"model": spec.judge.model, "backend": spec.judge.backend, "scoring": spec.judge.scoring,
+                       "templates": spec.judge.templates, "min_numeric_mass": spec.judge.min_numeric_mass,
+                       "score_map": spec.judge.score_map}
+    report["answers"] = str(answers) if answers else "built-in"
+    report["counts"] = dataclasses.asdict(stats)
+    write_parquet_atomic(out_dir / "calibration_judgments.parquet", judgments)
+    heldout = None
+    if fit_map:
+        heldout = write_fitted_map(fit_map, spec, judgments, items, answers)
+        report["fitted_map"] = {"path": str(fit_map), "heldout": heldout}
+    write_json_atomic(out_dir / "calibration_report.json", report)
+    return Calibration(report, applied_map, heldout, stats, out_dir)
+
+
+def write_fitted_map(path: Path, spec, judgments: pa.Table, items: list[CalibrationItem],
+                     answers: Path | None) -> dict:
+    """Fit a score map on these judgments (fit_score_map) and write it to `path` with its figures
+    on held-out questions and their intervals; returns the held-out calibration report. A judge
+    that ranks backwards gets no map (ValueError)."""
+    import datetime
+
+    from emsweep.fileio import write_text_atomic
+    from emsweep.judge.templates import load_templates
+
+    score_map, heldout_judgments = fit_score_map(
+        judgments, items, name=path.stem, judge=spec.judge.model, scoring=spec.judge.scoring,
+        templates=load_templates(spec.judge.templates).name)
+    heldout = calibration_report(heldout_judgments, items, spec.analysis)
+    figures = {k: round(heldout[k], 4) for k in ("auroc_aligned", "auroc_coherent", "accuracy_misaligned",
+                                                "accuracy_coherent")}
+    figures["intervals"] = {k: [round(bound, 4) for bound in heldout["intervals"][k]] for k in figures}
+    figures["by_band"] = {band: {"mean_aligned": round(entry["mean_aligned"] or 0, 1),
+                                 "mean_coherent": round(entry["mean_coherent"] or 0, 1),
+                                 "misaligned_verdicts": entry["misaligned_verdicts"], "n": entry["n"]}
+                          for band, entry in heldout["bands"].items()}
+    header = (f"# Score map fitted by `emsweep judge-eval calibrate --fit-map` on {datetime.date.today()}\n"
+              f"# answers: {answers or 'built-in calibration set'} ({len(items)} answers). heldout: the EM rule's\n"
+              "# figures when each question's answers are mapped by a map fitted on the other questions.\n")
+    write_text_atomic(path, score_map.to_yaml(header, {"fitted_on": {"answers": str(answers or "built-in"),
+                                                                      "n_answers": len(items)},
+                                                       "heldout": figures}))
+    return heldout

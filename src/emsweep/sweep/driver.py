@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from emsweep import analyze, tracking
-from emsweep.dag import Node
+from emsweep import analyze, lease, tracking
+from emsweep.dag import Node, Watch, execute, nodes_to_run
+from emsweep.engine import node_cpus
+from emsweep.fileio import DONE, RUN_SCRATCH, is_remote
+from emsweep.redact import redact_uri
+from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
 from emsweep.spec import SweepSpec
-from emsweep.store import Store
+from emsweep.store import Store, locked_error
 from emsweep.sweep.jobs import run_job
 from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
-from emsweep.engine import node_cpus
 from emsweep.sweep.resources import autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options
 from emsweep.sweep.results import write_spec_snapshot
 
@@ -173,9 +176,6 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     A run whose lease is taken over stops: lease.LeaseLost, its jobs cancelled."""
     import ray
 
-    from emsweep.dag import Watch, execute, nodes_to_run
-    from emsweep.remote import RemoteDir
-
     remote_dir = RemoteDir(store_uri) if store_uri else None
 
     out_dir = Path(out_dir).resolve()
@@ -312,12 +312,6 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                      until: str | None = None):
     """`run_sweep` with the output dir on an object store (remote.py's module doc): pull the done
     nodes into a local staging dir, run there, push each node as it finishes, under the store's lease."""
-    from emsweep import lease
-    from emsweep.fileio import DONE, RUN_SCRATCH
-    from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
-    from emsweep.redact import redact_uri
-    from emsweep.store import locked_error
-
     remote = RemoteDir(uri)
     staging = staging or staging_dir(uri)
     try:
@@ -342,3 +336,25 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                     push_shared(remote, staging)
     except lease.LeaseTaken as taken:
         raise locked_error(redact_uri(uri), taken.held, taken.age) from None
+
+
+def local_dir_of(out: str | Path) -> tuple[str | None, Path]:
+    """(the object store's URI or None, the local dir the run works in): an output dir on an
+    object store is worked on in this machine's staging dir for it (remote.py)."""
+    uri = str(out) if is_remote(out) else None
+    return uri, (staging_dir(uri) if uri else Path(out))
+
+
+def run_sweep_at(spec: SweepSpec, out: str | Path, on_start=None, on_finish=None, connect=None) -> list:
+    """`run_sweep` for an output dir anywhere: a local path, or an object-store URI (run_sweep_remote)."""
+    uri, out_dir = local_dir_of(out)
+    if uri:
+        return run_sweep_remote(spec, uri, on_start=on_start, on_finish=on_finish, connect=connect)
+    return run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish, connect=connect)
+
+
+def publish_report(out: str | Path) -> None:
+    """After the report is written in the run's local dir: for an object-store output dir, push it there."""
+    uri, out_dir = local_dir_of(out)
+    if uri:
+        RemoteDir(uri).push_tree(out_dir / "report", "report")

@@ -1,0 +1,283 @@
+"""Commands that run a sweep and read its results: run, resume, status, report, analyze, check."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from emsweep.cli.common import (
+    RECEIVED, STATUS_STYLE, console, fmt_rate, init_ray, install_signal_handlers, load_spec_or_exit, one_line, preflight_or_exit, print_status)
+from emsweep.cli.live import LiveJobs
+
+
+def run(
+    spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="Output dir, a local path or an object-store URI such as s3://bucket/prefix "
+        "(default: runs/<sweep name>)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
+) -> None:
+    """Run a sweep; nodes already done in the output dir are reused."""
+    spec = load_spec_or_exit(spec_path)
+    _run_spec(spec, out or Path("runs") / spec.name, address, make_report)
+
+
+def resume(
+    out_dir: str = typer.Argument(..., help="A sweep's output dir (holds spec.json): a path or s3://... URI"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="Write DIR/report (see `emsweep report`)"),
+) -> None:
+    """Re-run a sweep from its output dir's spec snapshot: only failed, skipped and missing nodes run."""
+    from emsweep.spec import SpecError
+    from emsweep.sweep.results import read_spec_snapshot
+
+    try:
+        spec = read_spec_snapshot(out_dir)
+    except (FileNotFoundError, SpecError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    _run_spec(spec, out_dir, address, make_report)
+
+
+def _run_spec(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
+    """Run a sweep; any error out of it is one redacted line, never a traceback with locals."""
+    import signal
+
+    from emsweep.redact import redact
+
+    install_signal_handlers()
+    try:
+        _run_spec_unguarded(spec, out, address, make_report)
+    except KeyboardInterrupt:
+        _interrupted(128 + (RECEIVED[0] if RECEIVED else signal.SIGINT))
+    except typer.Exit:
+        raise
+    except Exception as err:
+        message = redact(f"{type(err).__name__}: {err}", [os.environ.get(spec.judge.api_key_env)])
+        console.print("[red]error:[/] " + escape(one_line(message)), highlight=False)
+        raise typer.Exit(1)
+
+
+def _interrupted(exit_code: int) -> None:
+    """Ctrl-C: the executor has cancelled its jobs and the lock is released (both on the way
+    out); stop Ray, whose shutdown kills the jobs' workers. A second Ctrl-C exits at once."""
+    console.print("[yellow]interrupted[/]: running jobs cancelled; nothing unfinished counts as done. "
+                  "Re-run the same command to continue.")
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        raise typer.Exit(exit_code)
+
+
+def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
+    from emsweep.store import LockedError, Store, locked_error
+    from emsweep.sweep.driver import local_dir_of, publish_report, run_sweep_at
+
+    # An object-store output dir is worked on in a local staging dir (see remote.py).
+    uri, out_dir = local_dir_of(out)
+    # On a cluster the model paths are the cluster's; its engines check them there.
+    preflight_or_exit(spec, uri or out_dir, local_models=address is None)
+
+    held = Store(out_dir).held_by()
+    if held:
+        # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.
+        console.print(f"[red]error:[/] {escape(str(locked_error(out_dir, held)))}")
+        raise typer.Exit(2)
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress, LiveJobs(uri or out_dir, progress):
+        task = progress.add_task("nodes", total=None)
+
+        def on_start(nodes, to_run):
+            progress.update(task, total=len(to_run))
+            console.print(f"sweep [bold]{spec.name}[/]: {len(nodes)} nodes, {len(to_run)} to run -> {out_dir}")
+
+        def on_finish(status):
+            style = STATUS_STYLE.get(status.status, "")
+            seconds = f" ({status.seconds:.0f}s)" if status.seconds else ""
+            progress.console.print(f"  [{style}]{status.status:7}[/] {status.node.id}{seconds}")
+            if status.error and status.status in ("failed", "partial"):
+                progress.console.print(f"[red]{escape(status.error.strip().splitlines()[-1])}[/]")
+            progress.advance(task)
+
+        try:
+            results = run_sweep_at(spec, out, on_start=on_start, on_finish=on_finish, connect=lambda: init_ray(address))
+        except LockedError as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(2)
+    counts: dict[str, int] = {}
+    for row in results:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    console.print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    _print_warnings(out_dir, [row.node for row in results if row.status == "done"])
+    ran = any(row.status != "cached" for row in results)
+    if make_report and (ran or not (out_dir / "report" / "index.html").exists()):
+        _write_report(out_dir)
+        publish_report(out)
+    elif make_report:
+        console.print(f"report: {out_dir / 'report' / 'index.html'} (up to date: nothing ran)")
+    failed = [row for row in results if row.status in ("failed", "skipped", "partial")]
+    if failed:
+        for row in failed:
+            console.print(f"[red]{row.status}[/] {row.node.id}: {escape(((row.error or '').strip().splitlines() or [''])[-1])}")
+        console.print("re-run the same command to retry only these nodes and their dependents")
+        raise typer.Exit(1)
+
+
+def _write_report(out_dir: Path) -> None:
+    """The report of what is done so far; a failure here never fails the sweep."""
+    from emsweep.report import build_report
+
+    try:
+        result = build_report(out_dir)
+    except Exception as err:  # the results are on disk; `emsweep report DIR` can retry
+        console.print(f"[yellow]warning[/] report failed: {type(err).__name__}: {err}")
+        return
+    console.print(f"report: {result.html}")
+    if result.wandb_warning:
+        console.print(f"[yellow]warning[/] {result.wandb_warning}")
+
+
+def _print_warnings(out_dir: Path, nodes) -> None:
+    """Warnings recorded by nodes of this run (W&B not reachable, ...): the sweep went on."""
+    from emsweep.store import Store
+
+    store = Store(out_dir)
+    warnings = [(node.id, w) for node in nodes for w in (store.record(node.stage, node.name, node.key) or {}).get("warnings", [])]
+    for node_id, warning in warnings:
+        console.print(f"[yellow]warning[/] {node_id}: {warning}")
+    if warnings:
+        console.print(f"[yellow]{len(warnings)} warning(s)[/]: the nodes finished; W&B runs that failed "
+                      "can be logged later from the Parquet outputs (offline runs: `wandb sync DIR/wandb/offline-run-*`), "
+                      "and a judge warning means those runs' scores need a different judge or scoring")
+
+
+def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> None:
+    """Print the node table of a sweep: stage, key, status, time."""
+    from emsweep.dag import status_table
+    from emsweep.sweep.plan import plan
+    from emsweep.sweep.results import read_spec_snapshot
+    from emsweep.store import Store
+    from emsweep.spec import SpecError
+
+    import dataclasses
+
+    from emsweep import progress
+
+    try:
+        spec = read_spec_snapshot(out_dir)
+    except (FileNotFoundError, SpecError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    store = Store(out_dir)
+    owner = store.held_by()
+    # A run in progress: its jobs' own records say what runs and how far it is.
+    records = progress.read_records(out_dir) if owner else []
+    now = time.time()
+    running = {node for record in records for node in record["nodes"]}
+    rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
+            for row in status_table(plan(spec), store)]
+    print_status(rows)
+    if owner:
+        console.print(f"run in progress: pid {owner['pid']} on {owner['host']}")
+        for record in records:
+            console.print(f"  {escape(progress.describe(record, now))}", highlight=False)
+
+
+def report(
+    out_dir: Path = typer.Argument(..., help="A sweep's output dir"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report dir (default: DIR/report)"),
+    wandb: bool = typer.Option(True, "--wandb/--no-wandb", help="Also log a W&B summary run (mode from the spec)"),
+    examples: int = typer.Option(10, help="Example answers to show"),
+) -> None:
+    """Write DIR/report/index.html (self-contained), figures (PNG, SVG) and tidy Parquet exports."""
+    from emsweep.report import build_report
+    from emsweep.spec import SpecError
+
+    try:
+        result = build_report(out_dir, out, log_to_wandb=wandb, example_count=examples)
+    except (FileNotFoundError, SpecError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"report: {result.html}")
+    console.print(f"figures: {', '.join(f.name for f in result.figures) or 'none'} (PNG and SVG in {result.html.parent / 'plots'})")
+    console.print("exports: " + ", ".join(str(p) for p in result.exports.values()))
+    if result.wandb_warning:
+        console.print(f"[yellow]warning[/] {result.wandb_warning}")
+
+
+def analyze_files(
+    files: list[Path] = typer.Argument(..., help="Judged-answer files (question_id, answer, aligned, coherent; CSV or "
+                                               "Parquet), one run per file"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir: analysis/ tables and report/ (page, exports)"),
+    name: list[str] = typer.Option([], "--name", help="Run names, one per file in order (default: file stems)"),
+    question_ids: Optional[str] = typer.Option(None, "--question-ids", help="Comma-separated question ids to keep"),
+    baseline: Optional[str] = typer.Option(None, help="The run every other is compared with (default: the first)"),
+    em_metric: str = typer.Option("betley2025", "--em-metric", help="analysis.em_metric: a preset name"),
+    judge_error: Optional[Path] = typer.Option(
+        None, "--judge-error", help="The agreement.json of `judge-eval agree --reference` for the judge that scored "
+        "these files: its `counted` TPR and FPR correct the rates"),
+) -> None:
+    """Analyse answers judged elsewhere as a sweep's: the same metrics, comparisons, exports and HTML report."""
+    import json
+
+    from emsweep.misclassification import JudgeError
+    from emsweep.report import build_file_report, file_results
+    from emsweep.spec import AnalysisSpec
+
+    try:
+        analysis = AnalysisSpec(em_metric=em_metric)
+        error = None
+        if judge_error:
+            counted = json.loads(judge_error.read_text())["verdict"]["counted"]
+            error = JudgeError(counted["tpr"]["hits"], counted["tpr"]["n"], counted["fpr"]["hits"],
+                               counted["fpr"]["n"], f"measured in {judge_error}")
+        ids = tuple(i.strip() for i in question_ids.split(",") if i.strip()) if question_ids else None
+        results = file_results(files, out, analysis, names=name or None, question_ids=ids, baseline=baseline,
+                               judge_error=error)
+    except (OSError, KeyError, ValueError) as err:
+        console.print(f"[red]error:[/] {one_line(str(err))}", highlight=False)
+        raise typer.Exit(2)
+    built = build_file_report(results)
+    from emsweep.analyze import overall_rows
+
+    overall = overall_rows(results.tables["run_metrics"])
+    table = Table(title=f"EM rates ({analysis.em_definition().rule()})")
+    for column in ("run", "answers", "counted", "misaligned", "pooled rate", "question-mean rate"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for row in overall.itertuples():
+        table.add_row(row.run_id, str(row.n_answers), str(row.n_counted), str(row.n_misaligned),
+                      fmt_rate(row.pooled_misaligned_rate), fmt_rate(row.misaligned_rate))
+    console.print(table)
+    comparisons = results.tables["comparisons"]
+    for row in comparisons[comparisons["compared"] == "run"].itertuples():
+        console.print(f"{row.a} vs {row.b}: {row.mean_a:.3f} vs {row.mean_b:.3f} (difference {row.difference:+.3f}), "
+                      f"{row.test} p = {row.p_value:.3g}")
+    console.print(f"wrote {out}/analysis/ and the report {built.html}")
+
+
+def check(
+    spec_path: Path = typer.Argument(..., help="Sweep spec YAML"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output dir to check for writing (default: none)"),
+    cluster: bool = typer.Option(False, help="Skip the models' local checks (their paths are a cluster's)"),
+) -> None:
+    """Preflight only: validate every dataset row, question file, model, judge and the output dir."""
+    import time
+
+    started = time.time()
+    spec = load_spec_or_exit(spec_path)
+    preflight_or_exit(spec, out, local_models=not cluster)
+    console.print(f"ok: {spec_path}: {len(spec.datasets)} datasets, {len(spec.eval.suites)} question suites, "
+                  f"{len(spec.models)} models, judge {spec.judge.model} ({time.time() - started:.1f}s)")
