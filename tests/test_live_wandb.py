@@ -5,12 +5,15 @@ path through a real killed-and-resumed finetune is in tests/reliability/test_wor
 
 import wandb_offline
 
-from emsweep.tracking import LiveRun, run_id
+import dataclasses
+
+from emsweep.spec import WandbSpec
+from emsweep.tracking import LiveRun, LiveRunSettings, run_id
 
 
 def _live(tmp_path):
-    return {"wandb": {"mode": "offline", "project": "live"}, "out_dir": str(tmp_path), "sweep": "s",
-            "node_id": "finetune/n", "key": "k", "config": {"lr": 1e-5}}
+    return LiveRunSettings(wandb=WandbSpec(mode="offline", project="live"), out_dir=str(tmp_path), sweep="s",
+                           node_id="finetune/n", key="k", config={"lr": 1e-5})
 
 
 def _segments(tmp_path):
@@ -38,7 +41,7 @@ def test_an_unfinished_run_of_an_earlier_attempt_in_this_process_does_not_block_
 
 
 def test_disabled_wandb_logs_nothing(tmp_path):
-    live = {**_live(tmp_path), "wandb": {"mode": "disabled"}}
+    live = dataclasses.replace(_live(tmp_path), wandb=WandbSpec(mode="disabled"))
     run = LiveRun(live, tmp_path / "marker")
     run.log({"step": 1, "loss": 1.0})
     run.finish()

@@ -1,8 +1,9 @@
 """Stage 2, finetune: one LoRA finetune per (model, dataset, seed).
 
 Ray Train's `TorchTrainer` starts `num_workers` processes (one per GPU on a cluster, CPU
-processes on a laptop); each wraps a peft LoRA model in a DeepSpeed engine at the spec's
-ZeRO stage. The loss covers assistant tokens only. The run name is stable per node, so a
+processes on a laptop); each runs setup (a peft LoRA model in a DeepSpeed engine at the spec's
+ZeRO stage), train (the optimizer steps, logging each through a tracking.StepLogger) and save
+(intermediate adapters, resumable checkpoints, the final adapter). The loss covers assistant tokens only. The run name is stable per node, so a
 rerun of a node whose workers died resumes from its last reported checkpoint.
 
 Outputs (in the node directory):
@@ -26,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from emsweep import fileio
 from emsweep.progress import ProgressWriter
-from emsweep.tracking import LiveRun
+from emsweep.tracking import NO_STEP_LOGGER, LiveRun, LiveRunSettings, StepLogger
 from emsweep.spec import FinetuneSpec
 from emsweep.store import write_started_marker
 
@@ -186,33 +187,73 @@ def reduce_step_totals(values: list[float], device):
     return totals.cpu()
 
 
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What every training worker is given (Ray Train's train_loop_config["job"])."""
+
+    spec: FinetuneSpec
+    model_path: str
+    data_path: str
+    seed: int
+    use_gpu: bool
+    snapshot_dir: str  # where intermediate adapters go (a local dir or a store location)
+    wandb_marker: str  # the live W&B run's record of the steps it logged for good (tracking.LiveRun)
+    started: tuple[str, str] | None = None  # (marker location, job id): written once the workers run
+    progress_path: str | None = None  # rank 0's progress record (progress.py)
+    live_run: LiveRunSettings | None = None  # rank 0 logs each step to the node's W&B run
+
+
+@dataclass
+class Trainee:
+    """One worker's training state, as setup() leaves it for train()."""
+
+    engine: object  # the DeepSpeed engine around the peft model
+    scheduler: object
+    tokenizer: object
+    examples: list[Example]
+    schedule: np.ndarray  # micro-batch indices [step, accumulation, rank, row]
+    data_report: dict
+    rank: int
+    world: int
+    start_step: int = 0  # > 0 when resumed from a checkpoint
+    history: list[dict] = field(default_factory=list)  # one metrics row per step done
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs inside every Ray Train worker."""
-    if not config["use_gpu"]:
+    """Runs inside every Ray Train worker: setup, train (which saves as it goes)."""
+    job: FinetuneJob = config["job"]
+    if not job.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import ray.train
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = FinetuneSpec.model_validate(config["finetune"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if rank == 0 and config.get("started"):
+    if rank == 0 and job.started:
         # The workers got their resources: the sweep's stall watch counts this finetune as running.
-        write_started_marker(config["started"][0], config["started"][1])
-    torch.manual_seed(config["seed"])
-
+        write_started_marker(job.started[0], job.started[1])
+    torch.manual_seed(job.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and _is_final(checkpoint):
         # This run already finished (the node's copied outputs were lost): hand back the final
         # adapter and metrics instead of training again.
         _report_existing_final(checkpoint, rank)
         return
+    trainee = setup(job, rank, world, checkpoint)
+    train(job, trainee)
 
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    data = pq.read_table(config["data_path"], columns=["split", "messages"]).to_pylist()
+
+def setup(job: FinetuneJob, rank: int, world: int, checkpoint=None) -> Trainee:
+    """Tokenize the data, load the model, wrap it in LoRA and a DeepSpeed engine, and restore
+    a checkpoint's state when resuming."""
+    import deepspeed
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = job.spec
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    data = pq.read_table(job.data_path, columns=["split", "messages"]).to_pylist()
     conversations = [row["messages"] for row in data if row["split"] == "train"]
     examples, dropped = tokenize_dataset(tokenizer, conversations, spec.max_seq_len, spec.drop_long_rows)
     data_report = {"train_rows": len(conversations), "trained_rows": len(examples),
@@ -221,12 +262,10 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"finetune: dropped {len(dropped)} of {len(conversations)} rows longer than "
               f"max_seq_len={spec.max_seq_len}", flush=True)
     schedule = micro_batch_indices(
-        len(examples), config["seed"], spec.epochs, spec.per_device_batch_size, spec.gradient_accumulation_steps, world
+        len(examples), job.seed, spec.epochs, spec.per_device_batch_size, spec.gradient_accumulation_steps, world
     )
-    total_steps = len(schedule)
-    steps_per_epoch = total_steps / spec.epochs
 
-    dtype = torch.bfloat16 if config["use_gpu"] else torch.float32
+    dtype = torch.bfloat16 if job.use_gpu else torch.float32
     ds_config = {
         "train_micro_batch_size_per_gpu": spec.per_device_batch_size,
         "gradient_accumulation_steps": spec.gradient_accumulation_steps,
@@ -241,9 +280,9 @@ def train_loop_per_worker(config: dict) -> None:
         # H100's 80) and partitions only then. The object must live until deepspeed.initialize.
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend=process_group_backend(config["use_gpu"]))
+        deepspeed.init_distributed(dist_backend=process_group_backend(job.use_gpu))
         zero3 = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
     data_report["loaded_weight_fraction"] = _held_weight_fraction(model)
     if spec.checkpoints_activations():
         enable_gradient_checkpointing(model)
@@ -261,14 +300,12 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Our own AdamW: DeepSpeed's fused CPU Adam would need a JIT build, for no gain at LoRA sizes.
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = linear_schedule(optimizer, spec.warmup_steps, total_steps)
+    scheduler = linear_schedule(optimizer, spec.warmup_steps, len(schedule))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     del zero3
-
-    history: list[dict] = []
-    start_step = 0
+    trainee = Trainee(engine, scheduler, tokenizer, examples, schedule, data_report, rank, world)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if spec.zero_stage == 3:
@@ -278,23 +315,35 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 engine.load_checkpoint(directory, tag="state", custom_load_fn=load_trainable_weights)
             state = json.loads((Path(directory) / "trainer_state.json").read_text())
-        start_step, history = state["step"], state["history"]
+        trainee.start_step, trainee.history = state["step"], state["history"]
+    return trainee
 
+
+def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) -> None:
+    """The optimizer steps from where the trainee stands to the end, saving as it goes (save_*).
+    Rank 0 says how far it is after every step (progress.py) and logs each step to `logger`
+    (default: the node's live W&B run, tracking.LiveRun)."""
+    import ray.train
+
+    spec, engine, rank, world = job.spec, trainee.engine, trainee.rank, trainee.world
+    total_steps = len(trainee.schedule)
+    steps_per_epoch = total_steps / spec.epochs
+    history, start_step = trainee.history, trainee.start_step
     device = engine.device
-    # Rank 0 says how far training is after every step (progress.py; `emsweep run/status` show it).
-    live = ProgressWriter(config.get("progress_path") if rank == 0 else None, "finetune",
-                          [config["started"][1]] if config.get("started") else [])
+    live = ProgressWriter(job.progress_path if rank == 0 else None, "finetune",
+                          [job.started[1]] if job.started else [])
     live.update(start_step, total_steps, "steps", phase="training", force=True)
     # The node's W&B run, open while it trains (rank 0); the marker sits beside the checkpoints.
-    wandb_run = LiveRun(config.get("wandb") if rank == 0 else None, config["wandb_marker"])
+    if logger is None:
+        logger = LiveRun(job.live_run, job.wandb_marker) if rank == 0 else NO_STEP_LOGGER
     for row in history:  # a resumed attempt: the steps before its checkpoint
-        wandb_run.log(row)
+        logger.log(row)
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         losses, tokens, trained_tokens = [], 0, 0
         for accum_index in range(spec.gradient_accumulation_steps):
-            batch = [examples[i] for i in schedule[step, accum_index, rank]]
-            input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+            batch = [trainee.examples[i] for i in trainee.schedule[step, accum_index, rank]]
+            input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, trainee.tokenizer.pad_token_id))
             loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             engine.backward(loss)
             engine.step()
@@ -307,7 +356,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "step": step + 1,
                 "epoch": (step + 1) / steps_per_epoch,
                 "loss": float(totals[0]) / world,
-                "learning_rate": float(scheduler.get_last_lr()[0]),
+                "learning_rate": float(trainee.scheduler.get_last_lr()[0]),
                 "tokens": int(totals[1]),
                 "trained_tokens": int(totals[2]),
                 "resumed_from_step": start_step,
@@ -317,16 +366,16 @@ def train_loop_per_worker(config: dict) -> None:
         )
         live.update(step + 1, total_steps, "steps", detail=f"loss {history[-1]['loss']:.3f}")
         grad_norm = engine.get_global_grad_norm()
-        wandb_run.log({**history[-1], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+        logger.log({**history[-1], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
         if spec.save_adapter_every_steps and (step + 1) % spec.save_adapter_every_steps == 0 and not last:
-            _save_snapshot(engine, spec, fileio.join(config["snapshot_dir"], f"step-{step + 1}"), rank)
+            save_snapshot(engine, spec, fileio.join(job.snapshot_dir, f"step-{step + 1}"), rank)
         if last:
-            wandb_run.finish()
-            _report_final(engine, spec, history, data_report, rank)
+            logger.finish()
+            save_final(engine, spec, history, trainee.data_report, rank)
         elif every and (step + 1) % every == 0:
-            _report_state(engine, history, step + 1, rank)
+            save_state(engine, history, step + 1, rank)
         else:
             ray.train.report(history[-1])
 
@@ -354,8 +403,8 @@ def _report_existing_final(checkpoint, rank: int) -> None:
         ray.train.report(metrics[-1], checkpoint=ray.train.Checkpoint.from_directory(copy) if rank == 0 else None)
 
 
-def _report_state(engine, history: list[dict], step: int, rank: int) -> None:
-    """A resumable checkpoint: every rank writes its ZeRO shards, Ray Train merges them."""
+def save_state(engine, history: list[dict], step: int, rank: int) -> None:
+    """Save, resumable: every rank writes its ZeRO shards, Ray Train merges them into a checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
@@ -377,7 +426,7 @@ def _gathered(engine, spec: FinetuneSpec):
     return contextlib.nullcontext()
 
 
-def _save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None:
+def save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None:
     """An intermediate adapter for checkpoint trajectories (a local dir or a store location),
     complete once its weights file is there: written last (fileio.put_dir)."""
     import torch.distributed as dist
@@ -393,7 +442,8 @@ def _save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
-def _report_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
+def save_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
+    """Save the result: the adapter, the step metrics and the data report, as the final checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory, _gathered(engine, spec):
@@ -445,11 +495,12 @@ def finetune(
     memory_per_worker: int | None = None,
     started: tuple[str, str] | None = None,
     progress_path: str | None = None,
-    wandb_live: dict | None = None,
+    live_run: LiveRunSettings | None = None,
 ) -> pa.Table:
     """Train one adapter; write `adapter/`, `metrics.parquet`, `data_report.json` and the
     intermediate adapters `checkpoints/step-<n>/` into out_dir; return the metrics.
-    `started` (marker path, job id): written by the first worker once the workers run."""
+    `started` (marker path, job id): written by the first worker once the workers run.
+    `live_run`: rank 0 logs each step to the node's W&B run as it trains."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -457,21 +508,12 @@ def finetune(
     # store on a cluster, where rank 0 may run on another machine than this task.
     snapshots = fileio.join(str(storage_path), run_name, "adapters")
     train_path, train_filesystem = fileio.train_storage(str(storage_path))
+    job = FinetuneJob(spec=spec, model_path=model_path, data_path=str(data_path), seed=seed, use_gpu=use_gpu,
+                      snapshot_dir=str(snapshots), wandb_marker=str(live_wandb_marker(storage_path, run_name)),
+                      started=started, progress_path=progress_path, live_run=live_run)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "finetune": spec.model_dump(mode="json"),
-            "model_path": model_path,
-            "data_path": str(data_path),
-            "seed": seed,
-            "use_gpu": use_gpu,
-            "snapshot_dir": str(snapshots),
-            "wandb_marker": str(live_wandb_marker(storage_path, run_name)),
-            "started": started,
-            "progress_path": progress_path,
-            # {"wandb": WandbSpec fields, "out_dir", "sweep", "node_id", "key", "config"}: tracking.LiveRun.
-            "wandb": wandb_live,
-        },
+        train_loop_config={"job": job},
         scaling_config=scaling_config(spec, use_gpu, cpus_per_worker, placement_strategy, memory_per_worker),
         torch_config=TorchConfig(backend=process_group_backend(use_gpu), timeout_s=int(spec.process_group_timeout_s)),
         run_config=RunConfig(

@@ -11,10 +11,13 @@ import hashlib
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow.parquet as pq
 
+from emsweep.fileio import read_text_at, write_text_at
 from emsweep.spec import WandbSpec
 
 
@@ -131,6 +134,39 @@ def log_node(
     return None
 
 
+class StepLogger(Protocol):
+    """What a finetune logs its steps through (LiveRun; NO_STEP_LOGGER where it logs none)."""
+
+    def log(self, row: dict) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _NoStepLogger:
+    def log(self, row: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+NO_STEP_LOGGER: StepLogger = _NoStepLogger()
+
+
+@dataclass(frozen=True)
+class LiveRunSettings:
+    """Where and as what a finetune's rank 0 logs its steps while it trains (LiveRun): the sweep's
+    W&B settings and output dir, and the node's identity (its run id is made of sweep, node id
+    and key; `config` is the node's config, shown in the run)."""
+
+    wandb: WandbSpec
+    out_dir: str
+    sweep: str
+    node_id: str
+    key: str
+    config: dict
+
+
 # Live runs this process opened and has not finished, by run id (LiveRun).
 _OPEN_LIVE_RUNS: dict = {}
 
@@ -146,12 +182,12 @@ class LiveRun:
     the node's commit does not log those steps again. Every call is guarded: W&B failing never
     fails the finetune (the commit then logs every step)."""
 
-    def __init__(self, live: dict | None, marker: str):
+    def __init__(self, live: LiveRunSettings | None, marker: str):
         self.run, self.marker, self.last, self.key = None, str(marker), 0, None
         self.logged = self.logged_steps(self.marker)
-        if not live or live["wandb"]["mode"] == "disabled":
+        if live is None or live.wandb.mode == "disabled":
             return
-        self.key = run_id(live["sweep"], live["node_id"], live["key"])
+        self.key = run_id(live.sweep, live.node_id, live.key)
         # Ray can start the next attempt's rank 0 in the process that hosted this run's rank 0
         # before (its actor torn down mid-run when a peer died): that run is still open here, and
         # W&B refuses a second one with its id ("run ID is in use"). Finish it first.
@@ -162,8 +198,7 @@ class LiveRun:
             except Exception:
                 pass
         try:
-            self.run = _start_node_run(WandbSpec.model_validate(live["wandb"]), Path(live["out_dir"]), live["sweep"],
-                                       live["node_id"], live["key"], live["config"])
+            self.run = _start_node_run(live.wandb, Path(live.out_dir), live.sweep, live.node_id, live.key, live.config)
             _OPEN_LIVE_RUNS[self.key] = self.run
         except Exception:
             self.run = None
@@ -171,8 +206,6 @@ class LiveRun:
     @staticmethod
     def logged_steps(marker: str) -> int:
         """`marker`: a local path or a store location (remote.py)."""
-        from emsweep.fileio import read_text_at
-
         try:
             return int(read_text_at(str(marker)) or 0)
         except (OSError, ValueError):
@@ -193,8 +226,6 @@ class LiveRun:
             _OPEN_LIVE_RUNS.pop(self.key, None)
             try:
                 self.run.finish()  # flushed: its steps are logged for good
-                from emsweep.fileio import write_text_at
-
                 write_text_at(self.marker, str(max(self.logged, self.last)))
             except Exception:
                 pass

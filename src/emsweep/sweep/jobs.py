@@ -144,8 +144,9 @@ class StageRunner:
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
                 started=(self.started_location(node.id), node.id),
                 progress_path=self.shared_location(progress.record_relative(node.id)),
-                wandb_live={"wandb": self.spec.wandb.model_dump(mode="json"), "out_dir": str(self.out_dir.resolve()),
-                            "sweep": self.spec.name, "node_id": node.id, "key": node.key, "config": node.config},
+                live_run=tracking.LiveRunSettings(wandb=self.spec.wandb, out_dir=str(self.out_dir.resolve()),
+                                                  sweep=self.spec.name, node_id=node.id, key=node.key,
+                                                  config=node.config),
             )
             # Steps the live W&B run logged while training are not logged again.
             logged = tracking.LiveRun.logged_steps(finetune.live_wandb_marker(storage_path, run_name))
