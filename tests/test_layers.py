@@ -32,7 +32,7 @@ LAYERS = {
                "emsweep.judge.http", "emsweep.judge.identity", "emsweep.judge.local", "emsweep.judge.panel",
                "emsweep.judge.reference", "emsweep.analyze", "emsweep.plots"],
     "sweep": ["emsweep.sweep", "emsweep.sweep.plan", "emsweep.sweep.resources", "emsweep.sweep.jobs",
-              "emsweep.sweep.driver", "emsweep.sweep.results", "emsweep.checks", "emsweep.planning",
+              "emsweep.sweep.driver", "emsweep.sweep.results", "emsweep.checks", "emsweep.planning", "emsweep.workspace",
               "emsweep.simulate", "emsweep.report", "emsweep.doctor", "emsweep.submit"],
     "cli": ["emsweep.cli", "emsweep.cli.__main__", "emsweep.cli.common", "emsweep.cli.live", "emsweep.cli.run",
             "emsweep.cli.cluster", "emsweep.cli.data", "emsweep.cli.judge_eval"],

@@ -59,7 +59,9 @@ def nodes_to_run(nodes: list[Node], store: Store) -> list[Node]:
     return [node for node in nodes if node.id in running]
 
 
-def status_table(nodes: list[Node], store: Store) -> list[NodeStatus]:
+def status_table(nodes: list[Node], store) -> list[NodeStatus]:
+    """Each node's status from `store`'s records: a Store, or anything with its `record(stage,
+    name, key)` and `failure(node_id)` (remote.RemoteRecords for an output dir on an object store)."""
     rows = []
     for node in nodes:
         record = store.record(node.stage, node.name, node.key)

@@ -31,6 +31,16 @@ LOCK, OWNER = "emsweep.lock", "emsweep.owner.json"
 RUN_SCRATCH = ("tmp", "progress")
 
 
+def node_relative(stage: str, name: str, key: str) -> str:
+    """A node's dir under an output dir (local or on a store): `nodes/<stage>/<name>-<key>`."""
+    return f"nodes/{stage}/{name}-{key}"
+
+
+def failure_relative(node_id: str) -> str:
+    """A node's last failure record under an output dir: `failures/<stage>__<name>.json`."""
+    return f"failures/{node_id.replace('/', '__')}.json"
+
+
 def tmp_path_beside(path: Path) -> Path:
     """A temp path in the folder of `path` (created if missing), so os.replace onto it is atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)

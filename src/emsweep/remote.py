@@ -27,13 +27,14 @@ An endpoint may also be given in the URI: `s3://bucket/prefix?endpoint_override=
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from emsweep import lease
-from emsweep.fileio import DONE, OWNER, LocationFile, join, rmtree
+from emsweep.fileio import DONE, OWNER, LocationFile, failure_relative, join, node_relative, rmtree
 from emsweep.redact import redact_uri
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
@@ -134,6 +135,29 @@ class RemoteDir:
         self.fs.create_dir(remote_path.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(str(local), remote_path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
+
+
+class RemoteRecords:
+    """The node records of an output dir on a store, read where they are (no pull): what
+    `emsweep status` and the report's node table need, as Store gives them for a local dir. One
+    listing finds the done nodes; a done node's record is one read."""
+
+    def __init__(self, remote: RemoteDir):
+        self.remote = remote
+        self.done = set(remote.done_node_dirs())
+
+    def record(self, stage: str, name: str, key: str) -> dict | None:
+        relative = node_relative(stage, name, key)
+        return json.loads(self.remote.read_text(f"{relative}/{DONE}")) if relative in self.done else None
+
+    def failure(self, node_id: str) -> dict | None:
+        relative = failure_relative(node_id)
+        return json.loads(self.remote.read_text(relative)) if self.remote.exists(relative) else None
+
+    def held_by(self) -> dict | None:
+        """The live owner of the output dir's lease (a running sweep), or None."""
+        state, held, _ = self.remote.lease().state()
+        return held if state == "live" else None
 
 
 def staging_dir(uri: str) -> Path:

@@ -35,8 +35,8 @@ from emsweep import lease
 
 # The atomic writers and layout names are fileio's; re-exported, as the store's callers know them from here.
 from emsweep.fileio import (  # noqa: F401
-    DONE, LOCK, OWNER, RUN_SCRATCH, LocationFile, tmp_path_beside, write_json_atomic, write_parquet_atomic,
-    write_text_at, write_text_atomic)
+    DONE, LOCK, OWNER, RUN_SCRATCH, LocationFile, failure_relative, node_relative, tmp_path_beside, write_json_atomic,
+    write_parquet_atomic, write_text_at, write_text_atomic)
 
 
 def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
@@ -77,7 +77,7 @@ class Store:
         self.root = Path(self.root)
 
     def node_dir(self, stage: str, name: str, key: str) -> Path:
-        return self.root / "nodes" / stage / f"{name}-{key}"
+        return self.root / node_relative(stage, name, key)
 
     def relative(self, path: Path) -> str:
         """A path under the output dir as the same relative key on an object store (remote.py)."""
@@ -126,7 +126,7 @@ class Store:
         return final
 
     def _failure_path(self, node_id: str) -> Path:
-        return self.root / "failures" / (node_id.replace("/", "__") + ".json")
+        return self.root / failure_relative(node_id)
 
     def record_failure(self, node_id: str, error: str, **extra: Any) -> None:
         path = self._failure_path(node_id)

@@ -36,6 +36,29 @@ def run_id(sweep: str, node_id: str, key: str) -> str:
     return f"{names[:max(0, MAX_RUN_ID - len(tail) - len(digest) - 1)]}-{digest}{tail}"[-MAX_RUN_ID:]
 
 
+def run_rate_key(metric: str, suite: str, condition: str) -> str:
+    """A judge node's run logs its run's overall rates under these keys (one run = one seed, so a
+    dashboard grouped by dataset shows the spread over seeds): `misaligned_rate/<suite>/<condition>`."""
+    return f"{metric}/{suite}/{condition}"
+
+
+def summary_rate_key(suite: str, condition: str, dataset: str) -> str:
+    """The summary run's mean over seeds: `misaligned_rate/<suite>/<condition>/<dataset>`."""
+    return f"misaligned_rate/{suite}/{condition}/{dataset}"
+
+
+# A judge node's run logs these of its run's overall rates (run_rate_key).
+RUN_RATE_METRICS = ("misaligned_rate", "coherent_rate")
+
+
+def run_rate_scalars(rates, run_id: str) -> dict:
+    """`rates` (analyze.overall_run_rates of one judge node): the final adapter's (or base model's)
+    overall rates of run `run_id`, per suite and condition, under run_rate_key; NaN rates left out."""
+    rows = rates[(rates["run_id"] == run_id) & rates["checkpoint_step"].isna()]
+    return {run_rate_key(metric, row["suite"], row["condition"]): float(row[metric])
+            for _, row in rows.iterrows() for metric in RUN_RATE_METRICS if row[metric] == row[metric]}
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", text)
 
@@ -104,10 +127,12 @@ def log_node(
     step_metrics: Path | None = None,
     logged_steps: int = 0,
     live=None,
+    scalars: dict | None = None,
 ) -> str | None:
     """Log a finished node; returns None on success or a warning message. `logged_steps`: the
     steps of `step_metrics` its live run already logged (LiveRun), which are not logged again.
-    `live`: the node's run, opened while its job ran (LiveCounters), which the tables go into."""
+    `live`: the node's run, opened while its job ran (LiveCounters), which the tables go into.
+    `scalars`: numbers to log beside the tables (a judge node's run rates, run_rate_scalars)."""
     if spec.mode == "disabled":
         return None
     try:
@@ -121,6 +146,8 @@ def log_node(
                     last_step = int(row["step"])
                     if last_step > logged_steps:
                         run.log({k: v for k, v in row.items() if k != "step"}, step=last_step)
+            if scalars:
+                run.log(scalars, step=last_step)
             artifact = wandb.Artifact(name=run_id(sweep, stage, node_id.split("/", 1)[-1]), type=stage)
             for name, path in tables.items():
                 if spec.table_rows:  # at the last step: W&B steps only go up within a run
@@ -249,9 +276,13 @@ class LiveCounters:
     commit then logs its tables into the same run (`log_node(live=take(node_id))`), which it
     finishes. Every call is guarded: W&B failing never fails the job."""
 
-    def __init__(self, spec: WandbSpec, out_dir: Path, sweep: str, stage: str, nodes: list):
+    def __init__(self, spec: WandbSpec, out_dir: Path, sweep: str, stage: str, nodes: list,
+                 labels: dict[str, dict] | None = None):
+        """`labels`: per node id, config entries its run shows beside the node's config (the
+        run's dataset, seed and model, which a judge node's own config lacks)."""
         self.spec, self.out_dir, self.sweep, self.stage = spec, Path(out_dir), sweep, stage
         self.nodes = {node.id: node for node in nodes} if spec.mode != "disabled" else {}
+        self.labels = labels or {}
         self.runs: dict = {}
         self._logged_at, self._last = 0.0, (None, None)
 
@@ -260,7 +291,7 @@ class LiveCounters:
         for node_id, node in self.nodes.items():
             try:
                 self.runs[node_id] = _start_node_run(self.spec, self.out_dir, self.sweep, node_id, node.key,
-                                                     {"job_nodes": job, **node.config})
+                                                     {"job_nodes": job, **node.config, **self.labels.get(node_id, {})})
             except Exception:
                 break  # W&B unreachable: the other nodes would each wait out the same init timeout
         self.nodes = {}  # opened once, whatever happened
@@ -319,7 +350,7 @@ class LiveSummary:
             final = run_rates[run_rates["checkpoint_step"].isna()]
             means = final.groupby(["suite", "condition", "dataset"])["misaligned_rate"].mean()
             self.run.log({"judged_nodes": judged_nodes, "judged_runs": int(final["run_id"].nunique()),
-                          **{f"misaligned_rate/{suite}/{condition}/{dataset}": float(rate)
+                          **{summary_rate_key(suite, condition, dataset): float(rate)
                              for (suite, condition, dataset), rate in means.dropna().items()},
                           "misaligned_rate_so_far": _table(run_rates.reset_index(drop=True))})
         except Exception as err:  # W&B must never fail a sweep

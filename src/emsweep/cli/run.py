@@ -89,6 +89,8 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
     # On a cluster the model paths are the cluster's; its engines check them there.
     preflight_or_exit(spec, uri or out_dir, local_models=address is None)
 
+    if spec.wandb.mode == "online":  # the sweep's W&B view, saved before its runs start logging
+        _save_online_workspace(spec, out_dir)
     held = Store(out_dir).held_by()
     if held:
         # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.
@@ -136,6 +138,17 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
         raise typer.Exit(1)
 
 
+def _save_online_workspace(spec, out_dir: Path) -> None:
+    """`emsweep wandb-workspace` at the start of an online run (`submit` runs `emsweep run` on the
+    cluster, so it does too); a failure is a warning, never a failed sweep."""
+    from emsweep.workspace import save_workspace
+
+    try:
+        console.print(f"W&B workspace: {save_workspace(spec, out_dir, online=True).where}")
+    except Exception as err:  # W&B is a window on the sweep, never a dependency of it
+        console.print(f"[yellow]warning[/] W&B workspace not saved: {type(err).__name__}: {escape(one_line(str(err)))}")
+
+
 def _write_report(out_dir: Path) -> None:
     """The report of what is done so far; a failure here never fails the sweep."""
     from emsweep.report import build_report
@@ -164,58 +177,84 @@ def _print_warnings(out_dir: Path, nodes) -> None:
                       "and a judge warning means those runs' scores need a different judge or scoring")
 
 
-def status(out_dir: Path = typer.Argument(..., help="A sweep's output dir")) -> None:
-    """Print the node table of a sweep: stage, key, status, time."""
-    from emsweep.dag import status_table
-    from emsweep.sweep.plan import plan
-    from emsweep.sweep.results import read_spec_snapshot
-    from emsweep.store import Store
-    from emsweep.spec import SpecError
-
-    import dataclasses
-
+def status(out_dir: str = typer.Argument(..., help="A sweep's output dir: a path or an s3://... URI")) -> None:
+    """Print the node table of a sweep (stage, key, status, time) and, while it runs, its jobs' progress."""
     from emsweep import progress
+    from emsweep.spec import SpecError
+    from emsweep.sweep.results import sweep_status
 
     try:
-        spec = read_spec_snapshot(out_dir)
-    except (FileNotFoundError, SpecError) as err:
-        console.print(f"[red]error:[/] {err}")
+        found = sweep_status(out_dir)
+    except (FileNotFoundError, SpecError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
         raise typer.Exit(2)
-    store = Store(out_dir)
-    owner = store.held_by()
-    # A run in progress: its jobs' own records say what runs and how far it is.
-    records = progress.read_records(out_dir) if owner else []
-    now = time.time()
-    running = {node for record in records for node in record["nodes"]}
-    rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
-            for row in status_table(plan(spec), store)]
-    print_status(rows)
-    if owner:
-        console.print(f"run in progress: pid {owner['pid']} on {owner['host']}")
-        for record in records:
+    print_status(found.rows)
+    if found.owner:
+        console.print(f"run in progress: pid {found.owner.get('pid')} on {found.owner.get('host')}")
+        now = time.time()
+        for record in found.jobs:
             console.print(f"  {escape(progress.describe(record, now))}", highlight=False)
 
 
 def report(
-    out_dir: Path = typer.Argument(..., help="A sweep's output dir"),
+    out_dir: str = typer.Argument(..., help="A sweep's output dir: a path or an s3://... URI"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report dir (default: DIR/report)"),
     wandb: bool = typer.Option(True, "--wandb/--no-wandb", help="Also log a W&B summary run (mode from the spec)"),
     examples: int = typer.Option(10, help="Example answers to show"),
 ) -> None:
-    """Write DIR/report/index.html (self-contained), figures (PNG, SVG) and tidy Parquet exports."""
+    """Write DIR/report/index.html (self-contained), figures (PNG, SVG) and tidy Parquet exports.
+    For an output dir on an object store the done nodes are pulled into this machine's staging dir
+    first, and the report is pushed to DIR/report there."""
     from emsweep.report import build_report
     from emsweep.spec import SpecError
+    from emsweep.sweep.driver import publish_report
+    from emsweep.sweep.results import local_copy
 
     try:
-        result = build_report(out_dir, out, log_to_wandb=wandb, example_count=examples)
-    except (FileNotFoundError, SpecError) as err:
-        console.print(f"[red]error:[/] {err}")
+        local = local_copy(out_dir)
+        result = build_report(local, out, log_to_wandb=wandb, example_count=examples)
+    except (FileNotFoundError, SpecError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
         raise typer.Exit(2)
+    if out is None:
+        publish_report(out_dir)
     console.print(f"report: {result.html}")
+    if local != Path(out_dir) and out is None:
+        console.print(f"pushed to {out_dir.split('?')[0]}/report", soft_wrap=True)
     console.print(f"figures: {', '.join(f.name for f in result.figures) or 'none'} (PNG and SVG in {result.html.parent / 'plots'})")
     console.print("exports: " + ", ".join(str(p) for p in result.exports.values()))
     if result.wandb_warning:
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
+
+
+def wandb_workspace(
+    out_dir: str = typer.Argument(..., help="A sweep's output dir: a path or an s3://... URI"),
+    entity: Optional[str] = typer.Option(None, help="W&B entity (default: the spec's wandb.entity)"),
+    project: Optional[str] = typer.Option(None, help="W&B project (default: the spec's wandb.project)"),
+    online: Optional[bool] = typer.Option(None, "--online/--offline", help="Save it to W&B, or write its "
+                                          "serialised form to DIR/wandb/workspace.json (default: the spec's wandb.mode)"),
+) -> None:
+    """A saved W&B workspace made for this sweep: its runs only, grouped by dataset; finetune
+    curves, sampling and judging counters, and the EM rates with their spread over seeds."""
+    from emsweep.spec import SpecError
+    from emsweep.sweep.results import read_spec_snapshot
+    from emsweep.sweep.driver import local_dir_of
+    from emsweep.workspace import build_workspace, describe, save_workspace
+
+    try:
+        spec = read_spec_snapshot(out_dir)
+        saved = save_workspace(spec, local_dir_of(out_dir)[1], entity, project, online)
+    except (FileNotFoundError, SpecError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
+        raise typer.Exit(2)
+    for line in describe(build_workspace(spec, entity, project)):
+        console.print(f"  {escape(line)}", highlight=False)
+    if saved.online:
+        console.print(f"workspace saved: {saved.where}")
+    else:
+        console.print(f"workspace written (offline; no W&B server): {saved.where}. Once the runs are synced "
+                      "(`wandb sync DIR/wandb/offline-run-*`), `emsweep wandb-workspace DIR --online --entity E` "
+                      "saves it to the project.")
 
 
 def analyze_files(

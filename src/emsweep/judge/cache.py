@@ -1,10 +1,20 @@
 """The judgment cache: what a judge said about (judge, scoring, template, question, answer).
 
-Part files `DIR/judge_cache/part-*.parquet`, one per finished batch, each written to a
-hidden temp name and renamed (one object put on an object store, where the cache lives on the
-store for every machine), so a crash never leaves a half-written part that readers see. Keys are
-`JudgeRequest.cache_key`; thresholds are applied after the cache, so changing
+Each finished batch is a part file, `DIR/judge_cache/part-*.parquet`, written whole or not at all
+(a hidden temp name and a rename locally; one object put on an object store, where the cache lives
+on the store for every machine), so a crash never leaves a half-written part that readers see.
+Keys are `JudgeRequest.cache_key`; thresholds are applied after the cache, so changing
 `min_numeric_mass` or the analysis re-judges nothing. Failed judgments are never cached.
+
+Compaction keeps a lookup's cost bounded whatever the number of batches ever written: once a
+writer sees more than `compact_after` part files it merges every part and compacted file it
+listed into one `compact-*.parquet` (written whole, as parts are), and only then deletes exactly
+the files it merged. A lookup lists the dir once and reads at most `compact_after` parts plus the
+compacted files (one, or a few while two writers compact at once), not one read per batch ever
+judged. Two jobs writing at once lose nothing: a file is deleted only by a writer whose own
+compacted file, already written, holds its rows; a compaction that finds a file gone (another
+writer merged it first) gives up and deletes nothing; a reader that finds a listed file gone
+lists again. The same key in two files is the same judgment (a duplicate, never a conflict).
 
 Schema: cache_key string, expected_value float64, numeric_mass float64,
     label_probs list<struct<label, prob>>, top_alternatives list<struct<token, prob>>,
@@ -18,6 +28,7 @@ import os
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -39,18 +50,50 @@ SCHEMA = pa.schema(
 )
 
 
+# Part files a writer leaves before it compacts them (and so the most a lookup reads besides the
+# compacted files).
+COMPACT_AFTER = 16
+# A lookup lists again this often when files it listed were merged away meanwhile.
+READ_ATTEMPTS = 5
+
+
 class JudgmentCache:
     """`location`: a local dir, or a dir on the sweep's object store (shared by every machine)."""
 
-    def __init__(self, location: str | os.PathLike):
+    def __init__(self, location: str | os.PathLike, compact_after: int = COMPACT_AFTER):
         self.location = str(location)
+        self.compact_after = compact_after
+
+    def _files(self) -> tuple[object, list[str], list[str]]:
+        """(filesystem, part files, compacted files) in the cache dir: one listing."""
+        fs, files = fileio.files_at(self.location, suffix=".parquet")
+        names = [(path, path.rsplit("/", 1)[-1]) for path in files]
+        return (fs, [path for path, name in names if name.startswith("part-")],
+                [path for path, name in names if name.startswith("compact-")])
+
+    def _read(self, keys: set[str] | None) -> pa.Table | None:
+        """Every cached row (of `keys`, if given), or None if the dir holds nothing yet."""
+        for attempt in range(READ_ATTEMPTS):
+            fs, parts, compacted = self._files()
+            if not parts and not compacted:
+                return None
+            try:
+                dataset = ds.dataset(compacted + parts, filesystem=fs, format="parquet", schema=SCHEMA)
+                if keys is None:
+                    return dataset.to_table()
+                return dataset.to_table(filter=pc.field("cache_key").isin(pa.array(sorted(keys))))
+            except (FileNotFoundError, OSError):
+                # A writer merged listed files away between the listing and the read: list again.
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+        return None
 
     def get(self, keys: set[str]) -> dict[str, Judgment]:
-        fs, parts = fileio.files_at(self.location, "part-", ".parquet")
-        if not keys or not parts:
+        if not keys:
             return {}
-        dataset = ds.dataset(parts, filesystem=fs, format="parquet", schema=SCHEMA)
-        table = dataset.to_table(filter=pc.field("cache_key").isin(pa.array(sorted(keys))))
+        table = self._read(keys)
+        if table is None:
+            return {}
         found = {}
         for row in table.to_pylist():
             found[row["cache_key"]] = Judgment(
@@ -61,6 +104,32 @@ class JudgmentCache:
                 longest_number_token=row["longest_number_token"],
             )
         return found
+
+    def compact(self) -> bool:
+        """Merge every part and compacted file of one listing into one compacted file, then
+        delete those files; False (nothing deleted) if one was gone already (another writer
+        merged it: its compacted file holds the rows)."""
+        fs, parts, compacted = self._files()
+        merged = compacted + parts
+        if len(merged) < 2:
+            return False
+        try:
+            table = ds.dataset(merged, filesystem=fs, format="parquet", schema=SCHEMA).to_table()
+        except (FileNotFoundError, OSError):
+            return False
+        # One row per key (the newest), whatever duplicates concurrent writers left.
+        table = table.sort_by([("created_at", "descending")])
+        _, first = np.unique(np.asarray(table.column("cache_key").to_pylist(), dtype=object), return_index=True)
+        table = table.take(pa.array(np.sort(first)))
+        now = time.time()
+        fileio.write_parquet_at(fileio.join(self.location, f"compact-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet"),
+                                table)
+        for path in merged:  # only now: the new file holds every row of these
+            try:
+                fs.delete_file(path)
+            except FileNotFoundError:
+                pass
+        return True
 
     def put(self, judgments: dict[str, Judgment], judge_model: str) -> None:
         if not judgments:
@@ -84,3 +153,5 @@ class JudgmentCache:
         )
         fileio.write_parquet_at(fileio.join(self.location, f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet"),
                                 table)
+        if len(self._files()[1]) > self.compact_after:
+            self.compact()

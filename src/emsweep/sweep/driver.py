@@ -317,6 +317,9 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
     try:
         with remote.lease().hold() as held:
             pull(remote, staging)
+            # The spec snapshot first: `emsweep status URI` reads it while the sweep runs.
+            write_spec_snapshot(spec, staging)
+            remote.push_tree(staging / "spec.json", "spec.json")
             store = Store(staging.resolve())
             # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
             on_store = set(remote.done_node_dirs())

@@ -76,8 +76,33 @@ class StageRunner:
         """Where a job says it started, for the driver's stall watch."""
         return self.shared_location(self.store.relative(self.store.started_path(job_id)))
 
+    def run_labels(self, node: Node) -> dict:
+        """What a finetune, sample or judge node's W&B run shows of the run it belongs to (config
+        `dataset`, `seed`, `model_name`), so a dashboard groups any stage's runs by dataset; a judge
+        node's own config holds only the judge's settings, so these come from its sample node."""
+        if node.stage == "judge":
+            (node,) = [self.by_id[d] for d in node.deps if d.startswith("sample/")]
+        if node.stage not in ("finetune", "sample"):
+            return {}
+        config = node.config
+        return {"dataset": config.get("dataset") or BASE_LABEL, "seed": config.get("seed"),
+                "model_name": config["model"]["name"]}
+
+    def rate_scalars(self, node: Node, judgments: pa.Table) -> dict | None:
+        """The run's overall rates for its judge node's W&B run (tracking.run_rate_scalars: one run
+        per seed, so a dashboard shows the spread over seeds); None if they cannot be computed,
+        which never fails the node (the analyze node computes them again)."""
+        if self.spec.wandb.mode == "disabled":
+            return None
+        try:
+            return tracking.run_rate_scalars(analyze.overall_run_rates(judgments.to_pandas(), self.spec.analysis),
+                                             node.name)
+        except Exception as err:
+            print(f"warning: {node.id}: rates for W&B not computed: {type(err).__name__}: {err}", flush=True)
+            return None
+
     def commit(self, node: Node, tmp: Path, started: float, tables: dict[str, str], step_metrics: str | None = None,
-               extra: dict | None = None, logged_steps: int = 0):
+               extra: dict | None = None, logged_steps: int = 0, scalars: dict | None = None):
         final = self.store.commit(
             node.stage, node.name, node.key, tmp,
             {"seconds": time.time() - started, "finished_at": time.time(), "config": node.config,
@@ -85,9 +110,9 @@ class StageRunner:
         )
         warning = tracking.log_node(
             self.spec.wandb, out_dir=self.out_dir, sweep=self.spec.name, stage=node.stage, node_id=node.id,
-            key=node.key, config=node.config, tables={k: final / v for k, v in tables.items()},
+            key=node.key, config={**node.config, **self.run_labels(node)}, tables={k: final / v for k, v in tables.items()},
             step_metrics=final / step_metrics if step_metrics else None, logged_steps=logged_steps,
-            live=self.live.take(node.id),
+            live=self.live.take(node.id), scalars=scalars,
         )
         if warning:
             # Recorded with the node so the run's summary can say what was not logged.
@@ -106,7 +131,8 @@ class StageRunner:
         # and logged to its nodes' W&B runs for sample and judge jobs (a finetune's rank 0 logs
         # its steps itself: tracking.LiveRun).
         self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge") else DISABLED_WANDB,
-                                          self.out_dir, self.spec.name, stage, nodes)
+                                          self.out_dir, self.spec.name, stage, nodes,
+                                          {node.id: self.run_labels(node) for node in nodes})
         self.progress = ProgressWriter(self.shared_location(progress.record_relative(nodes[0].id)), stage,
                                        [n.id for n in nodes], sink=self.live.log)
         try:
@@ -253,7 +279,7 @@ class StageRunner:
                 pq.write_table(pa.Table.from_pandas(panel_table, preserve_index=False), tmp / "panel.parquet")
                 outputs["panel"] = "panel.parquet"
                 extra["panel"] = panel.hit_rates(panel_table)
-            self.commit(node, tmp, started, outputs, extra=extra)
+            self.commit(node, tmp, started, outputs, extra=extra, scalars=self.rate_scalars(node, tables[node.name]))
         if failures:
             raise NodeFailures(failures)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emsweep.dag import Node
-from emsweep.fileio import join, read_text_at, write_json_atomic
+from emsweep import progress
+from emsweep.dag import Node, NodeStatus, status_table
+from emsweep.fileio import is_remote, join, read_text_at, write_json_atomic
+from emsweep.remote import RemoteDir, RemoteRecords, pull, staging_dir
 from emsweep.redact import redact_uri
 from emsweep.spec import SpecError, SweepSpec, parse_spec
 from emsweep.store import Store
@@ -53,3 +57,38 @@ def read_spec_snapshot(out_dir: str | Path) -> SweepSpec:
         return parse_spec(raw, source=shown)
     except SpecError as err:  # e.g. a field an older emsweep wrote and this one no longer knows
         raise SpecError(f"{err} (is this output dir from another emsweep version?)") from None
+
+
+@dataclass
+class SweepStatus:
+    """What `emsweep status` shows of an output dir, local or on a store."""
+
+    spec: SweepSpec
+    rows: list[NodeStatus]  # one per node of the plan: done, partial, failed, skipped, running or missing
+    owner: dict | None  # the running sweep's lease record (pid, host), or None when none runs
+    jobs: list[dict]  # its running jobs' progress records (progress.py)
+
+
+def sweep_status(out: str | Path) -> SweepStatus:
+    """The node table of the sweep in `out` (a local dir or an object-store URI), read where it
+    is: node records and the lease from the store itself, not a pulled copy. While a sweep runs,
+    a node its jobs' progress records name is "running"."""
+    spec = read_spec_snapshot(out)
+    records = RemoteRecords(RemoteDir(str(out))) if is_remote(out) else Store(Path(out))
+    owner = records.held_by()
+    jobs = progress.read_records(out) if owner else []
+    running = {node for job in jobs for node in job["nodes"]}
+    rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
+            for row in status_table(plan(spec), records)]
+    return SweepStatus(spec, rows, owner, jobs)
+
+
+def local_copy(out: str | Path) -> Path:
+    """A local dir holding the sweep's outputs: `out` itself, or for an object store this
+    machine's staging dir for it, with every done node and the spec snapshot pulled in (nodes
+    already there are not fetched again)."""
+    if not is_remote(out):
+        return Path(out)
+    staging = staging_dir(str(out))
+    pull(RemoteDir(str(out)), staging)
+    return staging
