@@ -196,6 +196,38 @@ def test_fresh_run_writes_every_stage(sweep):
         assert 0 <= live_summary[0][f"misaligned_rate/first_plot/{condition}/base"] <= 1
 
 
+def test_the_wandb_workspace_names_only_what_the_sweeps_runs_log(sweep, tmp_path):
+    """`emsweep wandb-workspace DIR` (offline: the library's serialised view in DIR/wandb): it reads
+    back through wandb-workspaces' own model; every metric a panel names is one this sweep's runs
+    really logged (read from their offline files: finetune steps, engine counters, the judge
+    nodes' per-seed rates, the summary run's means); its run filter keeps exactly the sweep's runs."""
+    from emsweep.workspace import load_serialised, panel_metrics, run_filter, selects
+
+    root, _ = sweep
+    result = _emsweep("wandb-workspace", "out", cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "workspace written (offline" in result.stdout and "Finetunes:" in result.stdout
+    workspace = load_serialised((root / "out" / "wandb" / "workspace.json").read_text())
+    assert [section.name for section in workspace.sections] == ["Results", "Finetunes", "Sampling and judging"]
+    runs = wandb_offline.runs(root / "out" / "wandb")
+    logged = set().union(*(run["keys"] for run in runs))
+    named = panel_metrics(workspace)
+    assert named - logged == set(), sorted(named - logged)
+    # The panels cover every stage: finetune steps, engines, per-seed and summary rates.
+    assert {"loss", "learning_rate", "tokens_per_s", "answers/requests_done", "judging/judgments_done",
+            "misaligned_rate/first_plot/none", "coherent_rate/first_plot/evil",
+            "misaligned_rate/first_plot/none/insecure"} <= named
+    assert run_filter(workspace) == [("Group", "=", "e2e")]
+    assert runs and all(selects(workspace, run) for run in runs)  # every run of the sweep
+    assert not selects(workspace, {"Group": "another-sweep", "JobType": "finetune"})
+    # A judge node's run carries its run's dataset and seed (grouping) and its rates (bars).
+    judge_keys: dict[str, set] = {}
+    for run in runs:
+        if run["JobType"] == "judge":
+            judge_keys.setdefault(run["ID"], set()).update(run["keys"])
+    assert len(judge_keys) == 3 and all("misaligned_rate/first_plot/none" in keys for keys in judge_keys.values())
+
+
 def test_run_writes_the_report(sweep):
     root, first = sweep
     report = root / "out" / "report"

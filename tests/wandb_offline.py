@@ -80,3 +80,21 @@ def history(wandb_dir: Path, run_id: str, wait_finished_s: float = 0.0) -> list[
             break
         time.sleep(0.2)
     return [row for segment in segments(wandb_dir, run_id) for row in rows(segment / f"run-{run_id}.wandb")]
+
+
+def runs(wandb_dir: Path) -> list[dict]:
+    """Every offline run of `wandb_dir` (one per `.wandb` file): its id, W&B fields as a filter
+    sees them (`Group`, `JobType`) and every key it logged (history rows and summary)."""
+    found = []
+    for path in sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb")):
+        keys, fields = set(), {}
+        for record in records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                fields = {"ID": record.run.run_id, "Group": record.run.run_group, "JobType": record.run.job_type}
+            elif kind == "history":
+                keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+            elif kind == "summary":
+                keys.update(item.key or "/".join(item.nested_key) for item in record.summary.update)
+        found.append({**fields, "keys": keys, "path": path})
+    return found

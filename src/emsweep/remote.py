@@ -17,7 +17,8 @@ The store is the sweep's truth; every machine works in a local staging dir of it
   looks. The judgment cache, the sample cache and the jobs' progress records live on the store
   too (`judge_cache/`, `sample_cache/`, `progress/`): every job reads and writes them there,
   whichever machine it runs on, and the driver's console reads the records there. The spec
-  snapshot, failure records and the report are pushed after the run.
+  snapshot is pushed when the run starts (`emsweep status URI` reads it, and the node records
+  and the lease, on the store itself: RemoteRecords); failure records and the report after it.
 
 Credentials come from the environment as pyarrow reads them (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); they are never written anywhere.
