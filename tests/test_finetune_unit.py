@@ -149,3 +149,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(embedded_
     for name in grads:
         assert float(grads[name].abs().max()) > 0, name  # no LoRA weight is cut off from the loss
         assert np.allclose(grads[name].numpy(), plain[name].numpy(), rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_norm_by_hand():
+    """What a CPU finetune logs as grad_norm, where DeepSpeed computes none (ZeRO 0, fp32): the L2
+    norm over the trainable weights' gradients. Gradients (3, 4) and (12,) -> sqrt(9 + 16 + 144) = 13;
+    a frozen weight's gradient does not count; no gradient at all is None."""
+    import torch
+
+    from emsweep.finetune import gradient_norm
+
+    module = torch.nn.Module()
+    module.a, module.b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    module.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    assert gradient_norm(module) is None
+    module.a.grad, module.b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    module.frozen.grad = torch.tensor([100.0])
+    assert gradient_norm(module) == pytest.approx(13.0)

@@ -346,6 +346,9 @@ def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) 
             input_ids, attention_mask, labels = (t.to(device) for t in collate(batch, trainee.tokenizer.pad_token_id))
             loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             engine.backward(loss)
+            if accum_index == spec.gradient_accumulation_steps - 1:
+                # The boundary's backward has averaged the gradients over the workers; the step zeroes them.
+                own_grad_norm = gradient_norm(engine.module)
             engine.step()
             losses.append(loss.item())
             tokens += int(attention_mask.sum())
@@ -365,7 +368,9 @@ def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) 
             }
         )
         live.update(step + 1, total_steps, "steps", detail=f"loss {history[-1]['loss']:.3f}")
+        # DeepSpeed's ZeRO and bf16 optimizers compute the norm; under ZeRO 0 in fp32 (CPUs) none does.
         grad_norm = engine.get_global_grad_norm()
+        grad_norm = own_grad_norm if grad_norm is None else grad_norm
         logger.log({**history[-1], **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
         last = step + 1 == total_steps
         every = spec.checkpoint_every_steps
@@ -378,6 +383,17 @@ def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) 
             save_state(engine, history, step + 1, rank)
         else:
             ray.train.report(history[-1])
+
+
+def gradient_norm(module) -> float | None:
+    """The L2 norm of the gradients held on the trainable weights (None where none are: ZeRO 1-3
+    keep them in partitioned buffers, and their optimizers report the norm themselves)."""
+    import torch
+
+    grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.sqrt(sum(grad.detach().float().pow(2).sum() for grad in grads)))
 
 
 def _held_weight_fraction(model) -> float:
