@@ -531,6 +531,8 @@ def p6l(smoke: bool) -> dict:
     import ray
 
     from emsweep import finetune
+    from emsweep.spec import WandbSpec
+    from emsweep.tracking import LiveRunSettings
     from emsweep.data import load_dataset
     from emsweep.sweep.driver import worker_env
     from emsweep.spec import DatasetSpec, FinetuneSpec
@@ -552,8 +554,9 @@ def p6l(smoke: bool) -> dict:
                 run_name=side, storage_path=tmp / "train", model_path=model_path(), data_path=tmp / "data.parquet",
                 seed=0, spec=recipe, use_gpu=False, out_dir=(tmp / side),
                 progress_path=str(tmp / "progress.json") if live else None,
-                wandb_live={"wandb": {"mode": "offline", "project": "bench"}, "out_dir": str(tmp), "sweep": "bench",
-                            "node_id": "finetune/bench", "key": "p6l", "config": {}} if live else None,
+                live_run=LiveRunSettings(wandb=WandbSpec(mode="offline", project="bench"), out_dir=str(tmp),
+                                         sweep="bench", node_id="finetune/bench", key="p6l", config={})
+                if live else None,
             ).to_pandas()
             total = time.perf_counter() - started
             span = float(metrics["ended_at"].iloc[-1] - metrics["ended_at"].iloc[0])

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from emsweep.finetune import finetune
 from emsweep.sweep.driver import worker_env
-from emsweep.spec import FinetuneSpec
-from emsweep.tracking import run_id
+from emsweep.spec import FinetuneSpec, WandbSpec
+from emsweep.tracking import LiveRunSettings, run_id
 
 ROWS = 24  # 2 workers x batch 1 -> 12 optimizer steps
 
@@ -81,14 +81,14 @@ def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_m
 
         data = _tiny_data(tmp_path / "data.parquet")
         # The node's W&B run is live while it trains (offline here, in tmp_path/wandb).
-        live = {"wandb": {"mode": "offline", "project": "kill-test"}, "out_dir": str(tmp_path), "sweep": "kill",
-                "node_id": "finetune/kill", "key": "k", "config": {}}
+        live = LiveRunSettings(wandb=WandbSpec(mode="offline", project="kill-test"), out_dir=str(tmp_path),
+                               sweep="kill", node_id="finetune/kill", key="k", config={})
 
         def train():
             try:
                 result["metrics"] = finetune(
                     run_name="kill-test", storage_path=storage, model_path=embedded_model,
-                    data_path=data, seed=0, spec=spec, use_gpu=False, out_dir=out_dir, wandb_live=live,
+                    data_path=data, seed=0, spec=spec, use_gpu=False, out_dir=out_dir, live_run=live,
                 )
             except BaseException as error:  # surfaced by the assertion below
                 result["error"] = error
