@@ -319,6 +319,7 @@ def p5(smoke: bool) -> dict:
         raw.update(name="p5", datasets=datasets, seeds=list(range(seeds)))
         raw["eval"]["questions"] = str(SHARED / "em/evaluation/first_plot_questions.yaml")
         raw["judge"]["panel"]["reference"] = str(SHARED / "em-judged")  # the spec moves to a temp dir
+        raw["analysis"].pop("primary", None)  # it names the quickstart's datasets, replaced here
         spec_path = tmp / "spec.yaml"
         spec_path.write_text(yaml.safe_dump(raw))
         spec = load_spec(spec_path)
