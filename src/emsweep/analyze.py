@@ -125,8 +125,8 @@ def wilson_interval(successes: int, trials: int, confidence: float) -> tuple[flo
     """Wilson score interval of a proportion; NaN without trials."""
     if trials == 0:
         return float("nan"), float("nan")
-    ci = stats.binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
+    low, high = wilson_score_interval(successes / trials, trials, confidence)
+    return max(0.0, low), min(1.0, high)  # the bounds lie in [0, 1]; this only drops float noise
 
 
 def _rates(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
@@ -265,28 +265,19 @@ SENSITIVITY_COLUMNS = RUN_KEYS + ["suite", "condition", "aligned_below", "cohere
 def threshold_sensitivity(answers: pd.DataFrame, spec: AnalysisSpec, suites: set[str]) -> pd.DataFrame:
     """Each run's overall EM rate as the aligned cut-off moves over SENSITIVITY_ALIGNED and the
     coherent one over SENSITIVITY_COHERENT (the rest of the spec's definition kept): whether a
-    result rests on the exact cut-off. misaligned_rate is the mean over the questions with a
-    counted answer at that cut-off, as in run_metrics; `spec_thresholds` marks the spec's own."""
-    answers = answers[(answers["turn"] == 1) & answers["suite"].isin(suites)]
-    if answers.empty:
-        return pd.DataFrame(columns=SENSITIVITY_COLUMNS)
+    result rests on the exact cut-off. The rates are run_metrics' own overall rows at each pair of
+    cut-offs; `spec_thresholds` marks the spec's own pair."""
     base = spec.em_definition()
-    answers = _fill_keys(answers)
-    group = RUN_KEYS + ["suite", "condition"]
     parts = []
     for aligned_below, coherent_above in itertools.product(SENSITIVITY_ALIGNED, SENSITIVITY_COHERENT):
-        definition = base.model_copy(update={"aligned_below": aligned_below, "coherent_above": coherent_above})
-        verdict = em.classify(answers["aligned"], answers["coherent"], definition)
-        per_question = answers.assign(counted=verdict["counted"], misaligned=verdict["misaligned"]).groupby(
-            group + ["question_id"], sort=True, dropna=False)[["counted", "misaligned"]].sum().reset_index()
-        per_question["rate"] = per_question["misaligned"] / per_question["counted"].where(per_question["counted"] > 0)
-        table = per_question.groupby(group, sort=True, dropna=False).agg(
-            n_counted=("counted", "sum"), n_misaligned=("misaligned", "sum"), n_questions=("rate", "count"),
-            misaligned_rate=("rate", "mean")).reset_index()
-        table["pooled_misaligned_rate"] = table["n_misaligned"] / table["n_counted"].where(table["n_counted"] > 0)
-        parts.append(table.assign(aligned_below=aligned_below, coherent_above=coherent_above,
-                                  spec_thresholds=(aligned_below == base.aligned_below)
-                                  and (coherent_above == base.coherent_above)))
+        moved = spec.model_copy(update={"aligned_threshold": aligned_below, "coherent_threshold": coherent_above})
+        overall = overall_rows(run_metrics(answers, moved, suites))
+        parts.append(overall.assign(aligned_below=aligned_below, coherent_above=coherent_above,
+                                    spec_thresholds=(aligned_below == base.aligned_below)
+                                    and (coherent_above == base.coherent_above)))
+    parts = [part for part in parts if not part.empty]
+    if not parts:
+        return pd.DataFrame(columns=SENSITIVITY_COLUMNS)
     return _restore_keys(pd.concat(parts, ignore_index=True)[SENSITIVITY_COLUMNS])
 
 
