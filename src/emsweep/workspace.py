@@ -134,6 +134,7 @@ def load_serialised(text: str):
 class Saved:
     where: str  # the file written (offline) or the workspace's URL (online)
     online: bool
+    workspace: object  # the wandb_workspaces Workspace saved
 
 
 def save_workspace(spec: SweepSpec, local_dir: Path, entity: str | None = None, project: str | None = None,
@@ -145,10 +146,10 @@ def save_workspace(spec: SweepSpec, local_dir: Path, entity: str | None = None, 
         if not workspace.entity:
             raise ValueError("saving a W&B workspace needs an entity: give --entity or set wandb.entity in the spec")
         workspace.save()
-        return Saved(workspace.url, True)
+        return Saved(workspace.url, True, workspace)
     path = Path(local_dir) / "wandb" / WORKSPACE_FILE
     write_text_atomic(path, serialise(workspace))
-    return Saved(str(path), False)
+    return Saved(str(path), False, workspace)
 
 
 def describe(workspace) -> list[str]:

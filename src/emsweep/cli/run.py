@@ -82,7 +82,8 @@ def _interrupted(exit_code: int) -> None:
 
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.store import LockedError, Store, locked_error
-    from emsweep.sweep.driver import local_dir_of, publish_report, run_sweep_at
+    from emsweep.sweep.driver import publish_report, run_sweep_at
+    from emsweep.sweep.results import local_dir_of
 
     # An object-store output dir is worked on in a local staging dir (see remote.py).
     uri, out_dir = local_dir_of(out)
@@ -238,8 +239,8 @@ def wandb_workspace(
     curves, sampling and judging counters, and the EM rates with their spread over seeds."""
     from emsweep.spec import SpecError
     from emsweep.sweep.results import read_spec_snapshot
-    from emsweep.sweep.driver import local_dir_of
-    from emsweep.workspace import build_workspace, describe, save_workspace
+    from emsweep.sweep.results import local_dir_of
+    from emsweep.workspace import describe, save_workspace
 
     try:
         spec = read_spec_snapshot(out_dir)
@@ -247,7 +248,7 @@ def wandb_workspace(
     except (FileNotFoundError, SpecError, ValueError, OSError) as err:
         console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
         raise typer.Exit(2)
-    for line in describe(build_workspace(spec, entity, project)):
+    for line in describe(saved.workspace):
         console.print(f"  {escape(line)}", highlight=False)
     if saved.online:
         console.print(f"workspace saved: {saved.where}")

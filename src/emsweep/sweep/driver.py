@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from emsweep import analyze, lease, tracking
 from emsweep.dag import Node, Watch, execute, nodes_to_run
 from emsweep.engine import node_cpus
-from emsweep.fileio import DONE, RUN_SCRATCH, is_remote
+from emsweep.fileio import DONE, RUN_SCRATCH
 from emsweep.redact import redact_uri
 from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
 from emsweep.spec import SweepSpec
@@ -21,7 +21,7 @@ from emsweep.store import Store, locked_error
 from emsweep.sweep.jobs import run_job
 from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
 from emsweep.sweep.resources import autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options
-from emsweep.sweep.results import write_spec_snapshot
+from emsweep.sweep.results import local_dir_of, write_spec_snapshot
 
 
 def worker_env() -> dict[str, str]:
@@ -339,13 +339,6 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
                     push_shared(remote, staging)
     except lease.LeaseTaken as taken:
         raise locked_error(redact_uri(uri), taken.held, taken.age) from None
-
-
-def local_dir_of(out: str | Path) -> tuple[str | None, Path]:
-    """(the object store's URI or None, the local dir the run works in): an output dir on an
-    object store is worked on in this machine's staging dir for it (remote.py)."""
-    uri = str(out) if is_remote(out) else None
-    return uri, (staging_dir(uri) if uri else Path(out))
 
 
 def run_sweep_at(spec: SweepSpec, out: str | Path, on_start=None, on_finish=None, connect=None) -> list:

@@ -83,12 +83,18 @@ def sweep_status(out: str | Path) -> SweepStatus:
     return SweepStatus(spec, rows, owner, jobs)
 
 
+def local_dir_of(out: str | Path) -> tuple[str | None, Path]:
+    """(the object store's URI or None, the local dir the run works in): an output dir on an
+    object store is worked on in this machine's staging dir for it (remote.py)."""
+    uri = str(out) if is_remote(out) else None
+    return uri, (staging_dir(uri) if uri else Path(out))
+
+
 def local_copy(out: str | Path) -> Path:
     """A local dir holding the sweep's outputs: `out` itself, or for an object store this
     machine's staging dir for it, with every done node and the spec snapshot pulled in (nodes
     already there are not fetched again)."""
-    if not is_remote(out):
-        return Path(out)
-    staging = staging_dir(str(out))
-    pull(RemoteDir(str(out)), staging)
-    return staging
+    uri, local = local_dir_of(out)
+    if uri:
+        pull(RemoteDir(uri), local)
+    return local
