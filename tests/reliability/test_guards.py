@@ -195,3 +195,26 @@ def test_url_sources_are_cached_under_a_hash_never_the_urls_path(tmp_path, monke
         path = data.fetch_source(url)
         assert path.resolve().parent == (tmp_path / "cache" / "sources").resolve()
     assert not (tmp_path / "etc").exists() and len(calls) == 4
+
+
+def test_a_run_without_an_address_starts_its_own_ray_beside_a_dead_recorded_cluster():
+    """Ray's bare ray.init() joins the cluster last recorded in <RAY_TMPDIR>/ray_current_cluster.
+    When that cluster died (a crash, a killed test), it hangs or fails there; a run without
+    --address (and no $RAY_ADDRESS) must start its own. Real Ray, in a process of its own with
+    its own temp dir (short: Ray's socket paths must stay under 108 characters)."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="emsweep-ray-", dir="/tmp")
+    try:
+        Path(ray_tmp, "ray").mkdir()
+        Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+        code = ("from emsweep.cli.common import init_ray; import ray; init_ray(None); "
+                "print('gcs', ray.get_runtime_context().gcs_address); ray.shutdown()")
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        (gcs,) = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("gcs ")]
+        assert gcs != "127.0.0.1:9" and not gcs.endswith(":9")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

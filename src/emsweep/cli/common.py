@@ -31,7 +31,10 @@ def init_ray(address: Optional[str]) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(
-        address=address,
+        # No address: a Ray of our own. A bare ray.init() would join whatever cluster this machine
+        # last recorded in /tmp/ray/ray_current_cluster (a `ray start`, or a dead one that crashed,
+        # where it hangs). $RAY_ADDRESS, as a Ray job's driver has, still chooses the cluster.
+        address=address or os.environ.get("RAY_ADDRESS") or "local",
         runtime_env={"env_vars": worker_env()},
         logging_level="WARNING",
         log_to_driver=os.environ.get("EMSWEEP_WORKER_LOGS", "0") == "1",
