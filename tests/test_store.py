@@ -77,3 +77,36 @@ def test_atomic_writes_create_the_folder_and_leave_no_temp_file(tmp_path):
     write_json_atomic(target, {"misaligned_rate": 0.1})
     assert json.loads(target.read_text()) == {"misaligned_rate": 0.1}
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+
+def test_a_listing_that_races_the_dirs_creation_is_retried(tmp_path, monkeypatch):
+    """Arrow's local listing raises FileNotFoundError ("Cannot list directory") when the dir appears
+    between its opendir and its own existence check, as when a judge job lists the judgment cache
+    while another job writes its first part there (seen once in CI). files_at lists again."""
+    import pyarrow.fs as pafs
+
+    from emsweep import fileio
+
+    (tmp_path / "part-1.parquet").write_bytes(b"x")
+    real_filesystem_at, raised = fileio.filesystem_at, []
+
+    class RacingFileSystem:  # the real local filesystem, whose first listing lost the race
+        def __init__(self, fs):
+            self.fs = fs
+
+        def get_file_info(self, selector):
+            if not raised:
+                raised.append(selector.base_dir)
+                raise FileNotFoundError(f"Cannot list directory '{selector.base_dir}'")
+            return self.fs.get_file_info(selector)
+
+    def racing_filesystem_at(location):
+        fs, path = real_filesystem_at(location)
+        assert isinstance(fs, pafs.LocalFileSystem)
+        return RacingFileSystem(fs), path
+
+    monkeypatch.setattr(fileio, "filesystem_at", racing_filesystem_at)
+    _, files = fileio.files_at(str(tmp_path), suffix=".parquet")
+    assert [os.path.basename(path) for path in files] == ["part-1.parquet"] and len(raised) == 1
+    # A dir that is really missing is an empty listing, as before.
+    assert fileio.files_at(str(tmp_path / "missing"))[1] == []

@@ -123,11 +123,23 @@ def read_parquet_at(location: str, schema: pa.Schema | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, schema=schema)
 
 
+# A listing that raced the dir's creation is tried this often.
+LIST_ATTEMPTS = 3
+
+
 def files_at(location: str, prefix: str = "", suffix: str = "") -> tuple[pafs.FileSystem, list[str]]:
     """The files directly in the dir at `location` named prefix*suffix (none if it is missing),
     as paths on the filesystem returned with them."""
     fs, path = filesystem_at(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for attempt in range(LIST_ATTEMPTS):
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            break
+        except FileNotFoundError:
+            # Arrow's local listing raises, despite allow_not_found, when the dir is created between
+            # its opendir and its existence check (another job making a shared dir): list again.
+            if attempt == LIST_ATTEMPTS - 1:
+                raise
     return fs, sorted(info.path for info in infos if info.type == pafs.FileType.File
                       and info.base_name.startswith(prefix) and info.base_name.endswith(suffix))
 
