@@ -49,7 +49,10 @@ def vllm_server(embedded_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", embedded_model,
                "--served-model-name", "smol", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2**30), "--no-enable-chunked-prefill"]
+               "--max-model-len", "2048", "--kv-cache-memory-bytes", str(2**30), "--no-enable-chunked-prefill",
+               # Eager, as emsweep's own CPU engines run (engine.engine_args): vLLM would otherwise
+               # compile the model with Inductor first, most of this fixture's 71 s start on 2 cores.
+               "--enforce-eager"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     try:
