@@ -82,7 +82,7 @@ def test_atomic_writes_create_the_folder_and_leave_no_temp_file(tmp_path):
 def test_a_listing_that_races_the_dirs_creation_is_retried(tmp_path, monkeypatch):
     """Arrow's local listing raises FileNotFoundError ("Cannot list directory") when the dir appears
     between its opendir and its own existence check, as when a judge job lists the judgment cache
-    while another job writes its first part there (seen once in CI). files_at lists again."""
+    while another job writes its first part there (seen once in a clean-clone rehearsal). files_at lists again."""
     import pyarrow.fs as pafs
 
     from emsweep import fileio
