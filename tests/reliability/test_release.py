@@ -110,6 +110,62 @@ def test_leftover_groups_are_removed_only_once_the_failed_finetunes_controller_e
     assert _live_groups() == []
 
 
+@ray.remote(num_cpus=0)
+def _finetune_task_owning_a_controller():
+    """A finetune task: Ray Train's controller is its actor, and dies with it."""
+    controller = TrainController.options(name="controller").remote()
+    ray.get(controller.__ray_ready__.remote())
+    time.sleep(600)
+
+
+def test_a_controller_marked_dead_counts_as_alive_until_its_process_exited(local_ray):
+    """The GCS marks an actor whose owner died DEAD before its process is gone, and in between the
+    process still runs (seen in CI: a dying controller asked for a new group and took the CPUs).
+    Here the controller's process is stopped, which holds that window open until it is continued."""
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    from ray._private.state import actors
+    from ray.util.placement_group import placement_group
+
+    task = _finetune_task_owning_a_controller.remote()
+    controller = _wait_for_named_actor("controller")
+    pid = ray.get(controller.__ray_call__.remote(lambda self: os.getpid()))
+    leftover = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(leftover.ready())
+    os.kill(pid, signal.SIGSTOP)
+    ray.cancel(task, force=True)  # its owner dies: the controller is marked DEAD, its process runs on
+    while [a["State"] for a in actors().values() if a["ActorClassName"] == "TrainController"] != ["DEAD"]:
+        time.sleep(0.05)
+
+    def resume():
+        with contextlib.suppress(ProcessLookupError):  # gone already
+            os.kill(pid, signal.SIGCONT)
+
+    exits_after_s = 3.0
+    threading.Timer(exits_after_s, resume).start()
+    started = time.time()
+    try:
+        removed = release_leaked_placement_groups([Node("finetune", "m__d__s0", "k")], running=[])
+    finally:
+        resume()
+    assert removed == 1 and time.time() - started >= exits_after_s
+    assert _live_groups() == []
+
+
+def _wait_for_named_actor(name: str, timeout_s: float = 60):
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_a_job_waiting_on_resources_nobody_frees_is_reported_then_failed(tmp_path, local_ray):
     """A placement group this driver holds (not a finetune's leftover: nothing failed) takes both
     CPUs; a job that needs them is reported after `report_s` and failed after `timeout_s`."""

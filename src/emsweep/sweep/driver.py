@@ -152,17 +152,33 @@ CONTROLLER_EXIT_TIMEOUT_S = 30.0
 
 
 def _wait_for_train_controllers_to_exit(job_id: str, timeout_s: float) -> int:
-    """Wait until this driver has no live Ray Train controller; return how many still live."""
-    from ray._private.state import actors  # reads the GCS directly; the state API needs the dashboard
+    """Wait until this driver has no live Ray Train controller; return how many still live.
 
+    A controller counts as live until its worker process has exited, not merely until its actor
+    is marked DEAD: the GCS marks an actor whose owner died DEAD first and kills its process
+    after, and in between the process still runs (seen in CI: it asked for a new group)."""
     deadline = time.time() + timeout_s
     while True:
-        alive = sum(1 for actor in actors().values()
-                    if actor["JobID"] == job_id and actor["ActorClassName"] == "TrainController"
-                    and actor["State"] != "DEAD")
+        alive = _live_train_controllers(job_id)
         if not alive or time.time() >= deadline:
             return alive
         time.sleep(0.5)
+
+
+def _live_train_controllers(job_id: str) -> int:
+    # Read from the GCS directly: the state API needs the dashboard, and ray._private.state.actors()
+    # drops the worker id that links an actor to its process.
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import ActorTableData, WorkerTableData
+
+    tables = state._connect_and_get_accessor()
+    live_workers = {worker.worker_address.worker_id for worker in map(WorkerTableData.FromString,
+                                                                       tables.get_worker_table())
+                    if worker.is_alive}
+    controllers = [actor for actor in map(ActorTableData.FromString, tables.get_actor_table(None, None))
+                   if actor.job_id.hex() == job_id and actor.class_name == "TrainController"]
+    return sum(1 for actor in controllers
+               if actor.state != ActorTableData.DEAD or actor.address.worker_id in live_workers)
 
 
 def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
