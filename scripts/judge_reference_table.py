@@ -200,11 +200,16 @@ def main() -> int:
             print(f"{DOC}: the table differs from {MEASUREMENTS}; rerun with --write")
             return 1
         return 0
-    results = {}
+    measured = {}
     for config_dir in sorted(p for p in args.measure_dir.iterdir() if (p / "report" / "pairs.parquet").exists()):
-        results[config_dir.name] = evaluate(config_dir)
+        measured[config_dir.name] = {**evaluate(config_dir), "date": str(datetime.date.today())}
     # As the committed JSON reads back (numpy scalars as Python numbers).
-    results = json.loads(json.dumps(results, default=lambda o: o.item() if hasattr(o, "item") else float(o)))
+    measured = json.loads(json.dumps(measured, default=lambda o: o.item() if hasattr(o, "item") else float(o)))
+    # Configurations not measured in MEASURE_DIR keep their committed figures, each with its own
+    # date: measuring one judge again need not re-judge every other.
+    results = {**_committed_results(), **measured}
+    print(f"measured now: {', '.join(measured) or 'nothing'}; kept as committed: "
+          f"{', '.join(sorted(set(results) - set(measured))) or 'nothing'}")
     print("chosen on the fit files (kappa, then Spearman aligned):")
     for kappa, rho, config, name in rank(results):
         print(f"  {config:40s} {name:16s} fit kappa {kappa:.3f} fit rho_aligned {rho:.3f}")
@@ -220,7 +225,7 @@ def main() -> int:
         MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
         MEASUREMENTS.write_text(json.dumps({"date": str(datetime.date.today()), "chosen": chosen, "results": results},
                                            indent=1) + "\n")
-        _write_maps_and_errors(results, ranking)
+        _write_maps_and_errors(results, measured)
         text = DOC.read_text()
         if START in text:
             text = text[:text.index(START)] + render_markdown(results) + text[text.index(END) + len(END):]
@@ -234,18 +239,29 @@ def _map_name(model: str, templates: str, variant: str) -> str:
     return f"{CONFIG_NAMES[model]}-{templates}-gpt4o-{variant.replace('+', '-')}"
 
 
-def _write_maps_and_errors(results: dict, ranking: list) -> None:
+def _committed_results() -> dict:
+    """The committed measurement's results, each with the date it was measured (results written
+    before dates were kept per configuration have the file's)."""
+    if not MEASUREMENTS.exists():
+        return {}
+    committed = json.loads(MEASUREMENTS.read_text())
+    return {config: {**r, "date": r.get("date", committed["date"])} for config, r in committed["results"].items()}
+
+
+def _write_maps_and_errors(results: dict, measured: dict) -> None:
+    """The score maps of the configurations measured now (the others' maps are as committed), and
+    every configuration's report-file errors."""
     errors = []
     for config, r in results.items():
         model, templates = config.rsplit("-", 1)
         for name, variant in r["variants"].items():
-            if variant["map_kind"] in ("raw", "calibration-set"):
+            if config not in measured or variant["map_kind"] in ("raw", "calibration-set"):
                 continue
             map_name = variant["score_map"]
             score_map = ScoreMap(map_name, f"embedded:{model}", "exact", templates,
                                  {m: MetricMap(**f) for m, f in variant["map"].items()})
             fit = variant["figures"]["fit"]["verdict"]
-            header = (f"# Fitted by scripts/judge_reference_table.py on {datetime.date.today()} to GPT-4o's "
+            header = (f"# Fitted by scripts/judge_reference_table.py on {r['date']} to GPT-4o's "
                       f"{name} on the fit files of ../shared/em-judged/ ({', '.join(r['files']['fit'])}; "
                       f"{r['answers']['fit']} answers), never on the report files.\n")
             text = score_map.to_yaml(header, {"fitted_on": {"reference": "../shared/em-judged", "files": r["files"]["fit"],
@@ -261,7 +277,7 @@ def _write_maps_and_errors(results: dict, ranking: list) -> None:
                            "fp": counted["fpr"]["hits"], "negatives": counted["fpr"]["n"],
                            "source": f"GPT-4o on the report files of ../shared/em-judged/ "
                                      f"({', '.join(r['files']['report'])}; {r['answers']['report']} stratified answers, "
-                                     f"{datetime.date.today()})"})
+                                     f"{r['date']})"})
     path = REPO / "src/emsweep/judge/judge_errors.yaml"
     path.write_text("# Built-in EM-verdict errors of the embedded judges against GPT-4o (judge/errors.py): TPR and FPR\n"
                     "# over the answers each judge counts, on the held-out report files only.\n"
