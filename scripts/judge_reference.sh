@@ -15,7 +15,7 @@ REPORT=(qwen-coder-32b_insecure_betley qwen-coder-32b_insecure_lora-r16 qwen-32b
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(Qwen2.5-Coder-1.5B-Instruct:yes_no:48:60 Qwen2.5-Coder-0.5B-Instruct:yes_no:48:60
   SmolLM2-135M-Instruct:yes_no:48:60 SmolLM2-135M-Instruct:paper:24:30 Qwen2.5-Coder-0.5B-Instruct:paper:24:30
-  Qwen2.5-Coder-1.5B-Instruct:paper:16:20)
+  Qwen2.5-Coder-1.5B-Instruct:paper:32:40)
 for config in "${CONFIGS[@]}"; do
   IFS=: read -r model templates fit_limit report_limit <<<"$config"
   for split in fit report; do
