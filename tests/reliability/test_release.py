@@ -137,7 +137,9 @@ def test_a_controller_marked_dead_counts_as_alive_until_its_process_exited(local
     ray.get(leftover.ready())
     os.kill(pid, signal.SIGSTOP)
     ray.cancel(task, force=True)  # its owner dies: the controller is marked DEAD, its process runs on
+    deadline = time.time() + 60
     while [a["State"] for a in actors().values() if a["ActorClassName"] == "TrainController"] != ["DEAD"]:
+        assert time.time() < deadline, "the controller was never marked DEAD"
         time.sleep(0.05)
 
     def resume():
