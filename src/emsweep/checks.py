@@ -21,6 +21,7 @@ import os
 import uuid
 from pathlib import Path
 
+from emsweep.judge.kinds import kind_of
 from emsweep.models import load_tokenizer, resolve_model_path
 from emsweep.redact import redact
 from emsweep.scoring import first_token_problem
@@ -42,12 +43,10 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     """One line per scoring setting of the spec that cannot produce 0-100 scores.
 
     `missing_ok`: an embedded model that is not fetched yet is skipped (`emsweep plan` needs no weights)."""
-    from emsweep.judge.identity import judge_id
-
     problems = []
     wanted = []
-    if spec.judge.backend == "vllm" and spec.judge.scoring == "first_token":
-        wanted.append((f"judge {spec.judge.model}", judge_id(spec), "judge.scoring"))
+    if spec.judge.scoring == "first_token" and (judge_model := kind_of(spec.judge).local_model(spec)):
+        wanted.append((f"judge {spec.judge.model}", judge_model, "judge.scoring"))
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]
     for who, reference, field in wanted:
@@ -87,7 +86,8 @@ def missing_inputs(spec: SweepSpec) -> list[str]:
               for i, d in enumerate(spec.datasets) if d.backdoor]
     named += [(f"eval.suites.{i}.questions", s.questions) for i, s in enumerate(spec.eval.suites)]
     notes = [f"{field}: {location} does not exist yet" for field, location in named if _is_missing(location)]
-    return notes + [problem for problem in [_api_key_problem(spec)] if problem]
+    # An API key can still be exported before the run; plan notes it (the kind's own preflight).
+    return notes + kind_of(spec.judge).problems(spec, missing_ok=False)
 
 
 def _is_missing(location: str) -> bool:
@@ -180,31 +180,14 @@ def _panel_problems(spec: SweepSpec) -> list[str]:
 
 
 def _judge_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
-    judge = spec.judge
-    problems = _panel_problems(spec) if judge.panel is not None else []
-    if judge.backend != "openai":
-        return problems
-    if not judge.base_url.startswith(("http://", "https://")):
-        problems.append(f"judge.base_url: {judge.base_url!r} must start with http:// or https://")
-    if not missing_ok and (problem := _api_key_problem(spec)):
-        problems.append(problem)
-    return problems
-
-
-def _api_key_problem(spec: SweepSpec) -> str | None:
-    judge = spec.judge
-    if judge.backend == "openai" and not os.environ.get(judge.api_key_env):
-        return (f"judge.api_key_env: the environment variable {judge.api_key_env} is not set (requests "
-                "would go out without an API key); export it, or name another variable")
-    return None
+    problems = _panel_problems(spec) if spec.judge.panel is not None else []
+    return problems + kind_of(spec.judge).problems(spec, missing_ok)
 
 
 def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
-    from emsweep.judge.identity import judge_id
-
     wanted = [(f"models.{i}.path", m.path) for i, m in enumerate(spec.models)]
-    if spec.judge.backend == "vllm" and spec.judge.model not in {m.name for m in spec.models}:
-        wanted.append(("judge.model", judge_id(spec)))
+    if judge_model := kind_of(spec.judge).local_model(spec):
+        wanted.append(("judge.model", judge_model))
     problems = []
     for field, reference in wanted:
         if (path := _resolved(reference, field, missing_ok, problems)) is None:
@@ -224,14 +207,12 @@ def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
 def _unresolvable_judge(spec: SweepSpec) -> list[str]:
     """A local judge that names no model of the sweep, no known embedded model, no hub id and no
     existing folder: no later step (fetch-model, a download, data generation) can make it exist."""
-    from emsweep.judge.identity import judge_id
-
-    judge = spec.judge
-    if judge.backend != "vllm" or judge.model in {m.name for m in spec.models}:
+    judge_model = kind_of(spec.judge).local_model(spec)
+    if judge_model is None:
         return []
     problems: list[str] = []
     # An unknown embedded name is a problem; one not fetched yet is not (missing_ok).
-    path = _resolved(judge_id(spec), "judge.model", True, problems)
+    path = _resolved(judge_model, "judge.model", True, problems)
     if path is not None and Path(path).is_absolute() and not Path(path).exists():
         problems.append(f"judge.model: {path} does not exist and is not the name of a model in `models`")
     return problems

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emsweep.judge.kinds import kind_of
 from emsweep.dag import Node
 from emsweep.spec import DatasetSpec, ModelSpec, SweepSpec
 
@@ -85,10 +86,9 @@ def judge_work_gpu_s(spec: SweepSpec, judgments: float, billions: float) -> floa
 
 
 def judge_params_b(spec: SweepSpec) -> float | None:
-    """The local judge's size (None: unknown, or an API judge)."""
-    if spec.judge.backend == "openai":
-        return None
-    return params_b(next((m for m in spec.models if m.name == spec.judge.model), None), spec.judge.model)
+    """The judge model's size where GPU time depends on it (None: unknown, or no GPU judge model)."""
+    return kind_of(spec.judge).params_b(
+        spec, lambda name: params_b(next((m for m in spec.models if m.name == name), None), name))
 
 
 @dataclass
@@ -269,22 +269,12 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     engine_gpus = sum(m.sampling_gpus * m.sampling_replicas for m in models)
     judge_requests = runs_total * prompts.judgments
     judge_tokens = judge_requests * (JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens)
-    judge_gpu_s: float | None = None
-    if spec.judge.backend == "openai":
-        judge_desc = f"{spec.judge.model} over HTTP ({spec.judge.scoring})"
-        judge_gpu_s = 0.0
-    else:
-        billions = judge_params_b(spec)
-        from emsweep.judge.local import judge_class
-
-        engine = "vLLM" if judge_class(spec.judge, spec.use_gpu).__name__ == "LocalJudge" else "transformers (tree)"
-        judge_desc = (f"{spec.judge.model} on {engine}, {spec.judge.replicas} replica(s) x "
-                      f"{spec.judge.tensor_parallel_size} GPU(s) ({spec.judge.scoring}, templates {spec.judge.templates})")
-        if billions is None:
-            notes.append(f"judge {spec.judge.model}: size unknown; judging not in the GPU-hour estimate")
-        elif prompts.counted:
-            judge_gpu_s = (judge_work_gpu_s(spec, judge_requests, billions)
-                           + ENGINE_STARTUP_S * spec.judge.replicas * spec.judge.tensor_parallel_size)
+    judge_kind = kind_of(spec.judge)
+    judge_line = judge_kind.plan_line(spec, judge_params_b(spec),
+                                      lambda billions: judge_work_gpu_s(spec, judge_requests, billions), ENGINE_STARTUP_S)
+    judge_desc = judge_line.description
+    notes += judge_line.notes
+    judge_gpu_s = judge_line.gpu_s if prompts.counted or judge_line.gpu_s == 0.0 else None
 
     def count(stage: str) -> tuple[int, int, int | None]:
         stage_nodes = [n for n in nodes if n.stage == stage]
@@ -303,12 +293,12 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
             return hours(finetune_billed_s)
         if stage == "sample":
             return gpu_hours * whole_node_factor(engine_gpus)
-        if stage == "judge" and spec.judge.backend != "openai":
-            return gpu_hours * whole_node_factor(spec.judge.replicas * spec.judge.tensor_parallel_size)
+        if stage == "judge" and judge_kind.gpus(spec):
+            return gpu_hours * whole_node_factor(judge_kind.gpus(spec))
         return gpu_hours
 
-    judge_gpus = "0 (API)" if spec.judge.backend == "openai" else \
-        f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if spec.use_gpu else "0"
+    judge_gpus = "0 (API)" if judge_kind.api else \
+        f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if judge_kind.gpus(spec) else "0"
     basis = {True: "counted from files", False: "assumed"}
     per_job = {
         "data": ("0", 0.0, None, "-"),

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emsweep import planning
+from emsweep.judge.kinds import kind_of
 from emsweep.spec import SweepSpec
 
-# An API judge's requests: seconds each, at the judge's max_concurrency (no cluster GPUs).
-API_SECONDS_PER_REQUEST = 2.0
 STAGE_ORDER = ("judge", "sample", "finetune")  # start order among waiting work
 
 
@@ -125,8 +124,9 @@ def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
     if not prompts.counted:
         raise ValueError(f"sampling and judging cannot be estimated: {prompts.problem}")
     judge_billions = planning.judge_params_b(spec)
-    api_judge = spec.judge.backend == "openai"
-    if not api_judge and judge_billions is None:
+    judge_kind = kind_of(spec.judge)
+    judge_gpus = judge_kind.gpus(spec)
+    if judge_gpus and judge_billions is None:
         raise ValueError(f"judge {spec.judge.model}: size unknown (set params_b on its model)")
     billions = {}
     for model in spec.models:
@@ -134,12 +134,9 @@ def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
         if billions[model.name] is None:
             raise ValueError(f"model {model.name}: size unknown (set params_b)")
     sizes = {ds.name: planning.dataset_size(ds) for ds in spec.datasets}
-    judge_gpus = 0 if api_judge else spec.judge.replicas * spec.judge.tensor_parallel_size
-    if api_judge:
-        judge_s = prompts.judgments * API_SECONDS_PER_REQUEST / spec.judge.max_concurrency
-    else:
-        judge_s = planning.judge_work_gpu_s(spec, prompts.judgments, judge_billions) / judge_gpus
-    engines = {"judge": Engine("judge", "judge", judge_gpus, 0.0 if api_judge else planning.ENGINE_STARTUP_S)}
+    judge_s = judge_kind.seconds(spec, prompts.judgments,
+                                 lambda: planning.judge_work_gpu_s(spec, prompts.judgments, judge_billions))
+    engines = {"judge": Engine("judge", "judge", judge_gpus, planning.ENGINE_STARTUP_S if judge_gpus else 0.0)}
     work: dict[str, Work] = {}
     for node in plan(spec):
         model = node.config.get("model", {}).get("name")

@@ -437,11 +437,12 @@ class PanelSpec(_Strict):
 
 
 class JudgeSpec(_Strict):
-    # vllm: local engine replicas (Ray actors); openai: any OpenAI-compatible HTTP endpoint
-    # (GPT-4o as in the paper, or a `vllm serve` server).
-    backend: Literal["vllm", "openai"] = "vllm"
-    # vllm: the name of a model in `models`, or a path. openai: the served model id.
-    # The embedded judge is for smoke runs only.
+    # The judge's kind (judge/kinds.py): vllm: local engine replicas (Ray actors); openai: any
+    # OpenAI-compatible HTTP endpoint (GPT-4o as in the paper, or a `vllm serve` server); trained:
+    # a judge distilled from a reference judge's scores (`emsweep judge-train`; judge/trained.py).
+    backend: Literal["vllm", "openai", "trained"] = "vllm"
+    # vllm: the name of a model in `models`, or a path. openai: the served model id. trained: the
+    # judge's directory, or `embedded:em-judged-lexical` (built by `make setup` from GPT-4o's scores).
     model: str
     # Scores whose probability mass on number tokens is below this are null (the paper uses 0.25).
     min_numeric_mass: float = Field(0.25, ge=0, le=1)
@@ -505,7 +506,15 @@ class JudgeSpec(_Strict):
     def _scoring_fits_backend(self) -> "JudgeSpec":
         if self.backend == "openai" and self.scoring == "exact":
             raise ValueError("scoring: 'exact' needs a local vllm judge; the openai backend supports 'first_token'")
+        if self.backend == "trained" and self.templates != "paper":
+            raise ValueError("templates: a trained judge reads the question and the answer, not a prompt; "
+                             "leave templates at 'paper'")
         return self
+
+    @property
+    def model_is_path(self) -> bool:
+        """`model` names a local file or folder (resolved against the spec's directory), not a served id."""
+        return self.backend != "openai"
 
     def score_config(self) -> dict:
         """The fields that decide a score (node keys and the judgment cache use these)."""
@@ -823,7 +832,7 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
             )}),
             "judge": spec.judge.model_copy(
                 update={"model": spec.judge.model
-                        if spec.judge.backend == "openai" or spec.judge.model in {m.name for m in spec.models}
+                        if not spec.judge.model_is_path or spec.judge.model in {m.name for m in spec.models}
                         else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
                         "templates": templates,
                         "score_map": _resolve_score_map(spec.judge, templates, base, source),

@@ -5,7 +5,7 @@ driver, the report, the judge package's workflows), assembled here.
     wandb-workspace                                 cli/run.py
     plan, doctor, submit, logs, stop, fetch-model   cli/cluster.py
     data generate | check                           cli/data.py
-    judge-eval calibrate | agree                    cli/judge_eval.py
+    judge-eval calibrate | agree, judge-train      cli/judge_eval.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 for command, name in ((run.run, None), (run.resume, None), (run.status, None), (run.report, None),
                       (run.analyze_files, "analyze"), (run.check, None), (run.wandb_workspace, "wandb-workspace"), (cluster.plan_command, "plan"),
                       (cluster.doctor, None), (cluster.submit, None), (cluster.logs, None), (cluster.stop, None),
-                      (cluster.fetch_model, "fetch-model")):
+                      (cluster.fetch_model, "fetch-model"), (judge_eval.judge_train, "judge-train")):
     app.command(name)(command)
 app.add_typer(data.data_app, name="data")
 app.add_typer(judge_eval.judge_app, name="judge-eval")

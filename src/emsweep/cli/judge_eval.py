@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from emsweep.cli.common import check_scoring_or_exit, console, fmt_rate, init_ray, load_spec_or_exit
+from emsweep.judge.kinds import kind_of
 
 
 judge_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, help="How far to trust a judge: calibration and agreement.")
@@ -49,7 +50,7 @@ def judge_calibrate(
     except (QuestionError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
-    if spec.judge.backend == "vllm":
+    if kind_of(spec.judge).needs_ray(spec):
         init_ray(None)
     console.print(f"judging {len(items)} calibration answers with {spec.judge.model} "
                   f"({spec.judge.scoring}, templates {spec.judge.templates})")
@@ -197,7 +198,7 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     out_dir = out or Path("runs") / "judge-eval" / f"{spec.name}-reference"
-    if spec.judge.backend == "vllm":
+    if kind_of(spec.judge).needs_ray(spec):
         init_ray(None)
     console.print(f"judging up to {limit or 'all'} answers of each of {len(runs)} reference files with "
                   f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
@@ -245,3 +246,40 @@ def _print_agreement(result: dict) -> None:
                        fmt_rate(row["judge_rate"]))
     console.print(models)
     console.print(f"rank correlation of the files' EM rates: {result['per_model_spearman']:.3f}")
+
+
+def judge_train(
+    files: list[Path] = typer.Argument(..., help="Judged-answer files (question_id, question, answer, aligned, "
+                                                 "coherent; CSV, TSV or Parquet), or a directory of them"),
+    out: Path = typer.Option(..., "--out", "-o", help="The judge's directory (weights.npz + manifest.json)"),
+    seed: int = typer.Option(0, help="The fit's seed (saga); the same inputs and seed give the same scores"),
+    exclude: Optional[Path] = typer.Option(None, help="A JSON file {file name: [1-based rows]} of answers to leave "
+                                                      "out (e.g. those a judge panel or a training control uses)"),
+    heldout: bool = typer.Option(True, help="Measure the judge leaving one file out (needs 3+ files; minutes)"),
+) -> None:
+    """Train a judge on another judge's scores: use it with `judge: {backend: trained, model: OUT}`."""
+    import json
+    import time
+
+    from emsweep.judge.trained import TrainConfig, train_judge
+    from emsweep.judged_files import reference_files
+
+    started = time.time()
+    try:
+        paths = [path for location in files for path in reference_files(location, "FILE")]
+        excluded = json.loads(exclude.read_text()) if exclude else None
+        console.print(f"training on {len(paths)} files" + (" (then leaving each out in turn)" if heldout else ""))
+        manifest = train_judge(paths, out, TrainConfig(seed=seed), exclude=excluded, heldout=heldout,
+                               exclusion_reason=f"listed in {exclude}" if exclude else "",
+                               progress=lambda done, total, name: console.print(f"  held out {done}/{total}: {name}"))
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    figures = manifest["heldout"]
+    if figures:
+        tpr, fpr = figures["tpr"], figures["fpr"]
+        console.print(f"leave one file out: kappa {figures['kappa']['value']:.2f}, TPR {tpr['hits']}/{tpr['n']}, "
+                      f"FPR {fpr['hits']}/{fpr['n']}, Spearman aligned {figures['spearman']['aligned']['rho']:.2f}, "
+                      f"coherent {figures['spearman']['coherent']['rho']:.2f}, file rates ranked at "
+                      f"{figures['per_file_rate_spearman']:.2f}")
+    console.print(f"wrote {out} in {time.time() - started:.0f} s")

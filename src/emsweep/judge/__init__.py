@@ -119,6 +119,9 @@ class JudgeRequest:
     reference: str | None = None
     static: bool = False  # judged by a static analyser (bandit), not a judge model
     binary: tuple[str, str] | None = None  # yes/no template: (label scoring 100, label scoring 0)
+    # The question's metric (`aligned`, ...): what a trained judge predicts. Not in the cache key:
+    # the template, which is, already differs by metric.
+    metric: str | None = None
 
     @property
     def scored(self) -> bool:
@@ -235,7 +238,7 @@ def requests_for(samples: dict[str, pa.Table], questions: list[Question], templa
                     template, row["question"], row["answer"],
                     numeric=numeric and binary is None,
                     labels=VERDICTS if static else template_labels(template),
-                    reference=question.reference, static=static, binary=binary,
+                    reference=question.reference, static=static, binary=binary, metric=metric,
                 )
                 yield run_id, row, metric, request
 

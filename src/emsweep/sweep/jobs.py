@@ -16,6 +16,7 @@ from emsweep.judge.cache import JudgmentCache
 from emsweep.judge import panel
 from emsweep.judge.identity import judge_build, judge_id
 from emsweep.judge.backends import make_backend
+from emsweep.judge.kinds import kind_of
 from emsweep.judge.errors import judge_error
 from emsweep.models import resolve_model_path
 from emsweep.progress import ProgressWriter
@@ -233,15 +234,10 @@ class StageRunner:
 
     def run_judge(self, nodes: list[Node]) -> None:
         started = time.time()
-        if self.spec.judge.backend == "vllm" and self.spec.judge.scoring == "first_token":
-            # Checked before the sweep started where the judge was on that machine (checks.py); on a
-            # cluster the model may only be resolvable here.
-            from emsweep.models import load_tokenizer
-            from emsweep.scoring import first_token_problem
-
-            tokenizer = load_tokenizer(resolve_model_path(judge_id(self.spec)))
-            if problem := first_token_problem(tokenizer, f"judge {self.spec.judge.model}"):
-                raise ValueError(problem)
+        # Checked before the sweep started where the judge was on that machine (checks.py); on a
+        # cluster the model may only be resolvable here.
+        if problem := kind_of(self.spec.judge).runtime_problem(self.spec):
+            raise ValueError(problem)
         samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
         questions = self.questions()
         if self.spec.judge.panel is not None:  # the positive control (judge/panel.py), judged with the runs

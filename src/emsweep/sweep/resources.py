@@ -8,6 +8,7 @@ from __future__ import annotations
 from emsweep.dag import Node
 from emsweep.engine import GIB
 from emsweep.models import resolve_model_path
+from emsweep.judge.kinds import kind_of
 from emsweep.spec import SweepSpec
 from emsweep.sweep.plan import ENGINE_STAGES
 
@@ -22,8 +23,7 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str 
         # emsweep started runs only as many finetunes as fit (finetune_slots).
         return {"num_cpus": 1 if spec.use_gpu else 0}
     if stage == "judge":
-        # A local judge's engines are Ray actors that ask for their own CPUs/GPUs (judge/local.py).
-        return {"num_cpus": 0 if spec.judge.backend == "vllm" else 1}
+        return kind_of(spec.judge).task_options(spec)
     if stage in ENGINE_STAGES:
         if spec.use_gpu:
             sampling = spec.sampling_for(model) if model else spec.sampling
