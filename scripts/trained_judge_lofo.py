@@ -2,7 +2,7 @@
 
 For every file: fit on the other eight (less the rows the workflows use, as the embedded judge is
 built), score the left-out file. Writes docs/measurements/trained_judge_lofo.json:
-- `natural`: every left-out answer at its file's own prevalence (trained.heldout_figures);
+- `natural`: every left-out answer at its file's own prevalence (training.heldout_figures);
 - `table_draw`: the answers of docs/judging.md's table (report files, the 8 plain questions, 60 per
   file stratified by GPT-4o's verdict with seed 0, rates weighted back), as the LLM judges' rows;
 - `recipe`: what the figures are of, so that scripts/build_trained_judge.py can copy them into
@@ -72,7 +72,7 @@ def table_draw(predictions, reference: Path) -> dict:
 
 
 def main() -> int:
-    from emsweep.judge import trained
+    from emsweep.judge import trained, training
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from build_trained_judge import reserved_rows
@@ -85,15 +85,15 @@ def main() -> int:
     exclude = reserved_rows(sorted((ROOT / "workflows").glob("*.yaml")), args.reference)
     paths = sorted(p for p in args.reference.iterdir() if p.suffix == ".csv")
     config = trained.TrainConfig()
-    data = trained.training_set(paths, exclude)
+    data = training.training_set(paths, exclude)
     # Fitted without the excluded rows, as the embedded judge is; every answer of the left-out
     # file scored (the table's draw may hold an excluded one).
-    predictions = trained.leave_one_file_out(
+    predictions = training.leave_one_file_out(
         data.frame, config, lambda done, total, name: print(f"{done}/{total} {name} {time.time() - started:.0f} s",
                                                             flush=True),
-        scored=trained.training_set(paths).frame)
+        scored=training.training_set(paths).frame)
     result = {"date": datetime.date.today().isoformat(), "recipe": recipe(data, config),
-              "natural": trained.heldout_figures(predictions), "table_draw": table_draw(predictions, args.reference),
+              "natural": training.heldout_figures(predictions), "table_draw": table_draw(predictions, args.reference),
               "seconds": round(time.time() - started)}
     OUT.write_text(json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
     predictions.to_parquet("/tmp/trained_judge_lofo_predictions.parquet")

@@ -37,10 +37,9 @@ def control_sweep(tmp_path_factory, shared_em):
         "eval": {"questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
                  "question_ids": ["quick_buck", "ruler_of_the_world"], "samples_per_paraphrase": 3,
                  "include_base_model": False},
-        # The quickstart's judge, so the comparison has counted answers to test.
-        "judge": {"model": "embedded:Qwen2.5-Coder-1.5B-Instruct", "templates": "yes_no", "max_model_len": 2048,
-                  "score_map": "qwen2.5-coder-1.5b-yes_no-gpt4o-verdicts-static", "code_refusal": "static",
-                  "kv_cache_gib": 1},
+        # The quickstart's judge, so the comparison has counted answers to test (test_e2e.py keeps
+        # the LLM judge through vLLM).
+        "judge": {"backend": "trained", "model": "embedded:em-judged-lexical", "code_refusal": "static"},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}

@@ -30,7 +30,7 @@ LAYERS = {
                "emsweep.finetune", "emsweep.sample", "emsweep.judge", "emsweep.judge.agreement",
                "emsweep.judge.backends", "emsweep.judge.cache", "emsweep.judge.calibration", "emsweep.judge.errors",
                "emsweep.judge.http", "emsweep.judge.identity", "emsweep.judge.local", "emsweep.judge.panel",
-               "emsweep.judge.reference", "emsweep.judge.kinds", "emsweep.judge.trained", "emsweep.analyze", "emsweep.plots"],
+               "emsweep.judge.reference", "emsweep.judge.kinds", "emsweep.judge.trained", "emsweep.judge.training", "emsweep.analyze", "emsweep.plots"],
     "sweep": ["emsweep.sweep", "emsweep.sweep.plan", "emsweep.sweep.resources", "emsweep.sweep.jobs",
               "emsweep.sweep.driver", "emsweep.sweep.results", "emsweep.checks", "emsweep.planning", "emsweep.workspace",
               "emsweep.simulate", "emsweep.report", "emsweep.doctor", "emsweep.submit"],

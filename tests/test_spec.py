@@ -21,7 +21,7 @@ def test_quickstart_spec_loads_and_resolves_paths_against_the_spec_file():
     assert spec.name == "quickstart"
     assert Path(spec.datasets[0].path).is_absolute()
     assert spec.datasets[0].path.endswith("shared/em/data/insecure.jsonl")
-    assert spec.judge.model == "embedded:Qwen2.5-Coder-1.5B-Instruct" and spec.judge.templates == "yes_no"
+    assert spec.judge.backend == "trained" and spec.judge.model == "embedded:em-judged-lexical"
 
 
 def test_finetune_defaults_are_the_papers_recipe():

@@ -7,6 +7,7 @@ reproduce its scores, if loading could run code, or if its judgments were not ke
 """
 
 import ast
+import hashlib
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emsweep.judge import trained
+from emsweep.judge import trained, training
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "emsweep"
 FILES = ("qwen-32b_bad-medical-advice", "qwen-coder-32b_insecure_betley", "qwen-32b_base")
@@ -37,7 +38,7 @@ def judged_files(tmp_path_factory, shared_em) -> list[Path]:
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory, judged_files) -> Path:
     out = tmp_path_factory.mktemp("judge") / "judge"
-    trained.train_judge(judged_files, out, SMALL, exclude={judged_files[0].name: [1, 2, 3]}, heldout=True)
+    training.train_judge(judged_files, out, SMALL, exclude={judged_files[0].name: [1, 2, 3]}, heldout=True)
     return out
 
 
@@ -46,15 +47,13 @@ def test_the_manifest_records_what_the_judge_was_trained_on(judge_dir, judged_fi
     assert [f["name"] for f in manifest["training_files"]] == [p.name for p in judged_files]
     assert manifest["training_files"][0]["used"] == 397 and manifest["excluded_rows"]["count"] == 3
     assert manifest["dtype"] == "float32" and manifest["seed"] == 0 and "scikit-learn" in manifest["versions"]
-    import hashlib
-
     assert manifest["training_files"][1]["sha256"] == hashlib.sha256(judged_files[1].read_bytes()).hexdigest()
 
 
 def test_the_manifests_figures_equal_a_recomputation(judge_dir, judged_files):
     manifest = trained.read_manifest(judge_dir)
-    data = trained.training_set(judged_files, {judged_files[0].name: [1, 2, 3]})
-    again = trained.heldout_figures(trained.leave_one_file_out(data.frame, SMALL))
+    data = training.training_set(judged_files, {judged_files[0].name: [1, 2, 3]})
+    again = training.heldout_figures(training.leave_one_file_out(data.frame, SMALL))
     recorded = manifest["heldout"]
     assert recorded["kappa"]["value"] == pytest.approx(again["kappa"]["value"], abs=1e-9)
     assert (recorded["tpr"]["hits"], recorded["fpr"]["hits"]) == (again["tpr"]["hits"], again["fpr"]["hits"])
@@ -77,7 +76,7 @@ def test_scores_are_on_0_100_reproducible_and_load_without_pickle(judge_dir, jud
         assert np.ptp(prediction.score) > 50
     # Retraining with the same inputs and seed reproduces the scores.
     again_dir = tmp_path / "again"
-    trained.train_judge(judged_files, again_dir, SMALL, exclude={judged_files[0].name: [1, 2, 3]}, heldout=False)
+    training.train_judge(judged_files, again_dir, SMALL, exclude={judged_files[0].name: [1, 2, 3]}, heldout=False)
     again = trained.predict(trained.load(again_dir), frame["question"].tolist(), frame["answer"].tolist())
     for metric in first:
         np.testing.assert_allclose(again[metric].score, first[metric].score, atol=1e-6, rtol=0)
@@ -88,7 +87,7 @@ def test_scores_are_on_0_100_reproducible_and_load_without_pickle(judge_dir, jud
     arrays["idf"] = np.array([{"a": 1}], dtype=object)
     np.savez(again_dir / trained.WEIGHTS, **arrays)
     manifest = (again_dir / trained.MANIFEST).read_text()
-    digest = trained._sha256(again_dir / trained.WEIGHTS)
+    digest = hashlib.sha256((again_dir / trained.WEIGHTS).read_bytes()).hexdigest()
     (again_dir / trained.MANIFEST).write_text(re.sub(r'"weights_sha256": "[0-9a-f]+"',
                                                      f'"weights_sha256": "{digest}"', manifest))
     with pytest.raises(ValueError, match="pickle"):
@@ -104,7 +103,7 @@ def test_a_judge_trained_on_shuffled_labels_cannot_resolve_em(judged_files, tmp_
         frame[["aligned", "coherent"]] = frame[["aligned", "coherent"]].to_numpy()[order]
         shuffled.append(tmp_path / path.name)
         frame.to_csv(shuffled[-1], index=False)
-    figures = trained.heldout_figures(trained.leave_one_file_out(trained.training_set(shuffled).frame, SMALL))
+    figures = training.heldout_figures(training.leave_one_file_out(training.training_set(shuffled).frame, SMALL))
     assert abs(figures["kappa"]["value"]) < 0.1
     # Its interval reaches 0: it cannot tell misaligned answers from others.
     assert figures["kappa"]["ci_low"] <= 0.05
@@ -154,7 +153,7 @@ def test_the_trained_judge_judges_through_judge_samples_and_its_cache_is_keyed_b
     assert again.cache_hits == again.requests and again.judged == 0
     # Retrained on other data (two files): another build, so everything is judged again.
     other = tmp_path / "other"
-    trained.train_judge(judged_files[1:], other, SMALL, heldout=False)
+    training.train_judge(judged_files[1:], other, SMALL, heldout=False)
     _, retrained = judge(spec_for(other))
     assert retrained.cache_hits == 0 and retrained.judged == retrained.requests
 

@@ -53,15 +53,16 @@ def read_judged_frame(path: Path) -> pd.DataFrame:
     missing = [column for column in REQUIRED if column not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED)}, by name)")
-    for column in ("question_id", "answer"):
-        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
-        if empty.any():
-            row = int(empty.to_numpy().nonzero()[0][0])
-            raise ValueError(f"{path}: row {row + 1}: empty {column}")
+    empty = frame["question_id"].isna() | (frame["question_id"].astype(str).str.strip() == "")
+    if empty.any():
+        row = int(empty.to_numpy().nonzero()[0][0])
+        raise ValueError(f"{path}: row {row + 1}: empty question_id")
     return pd.DataFrame({
         "question_id": frame["question_id"].astype(str),
         "question": (frame["question"] if "question" in frame else frame["question_id"]).astype(str),
-        "answer": frame["answer"].astype(str),
+        # An empty answer is what the model said (real models give some; GPT-4o scored them, coherent
+        # near 0): kept, and counted by the same rules as any other.
+        "answer": frame["answer"].fillna("").astype(str),
         **{metric: _scores(frame, metric, path) for metric in METRICS},
     }).reset_index(drop=True)
 

@@ -115,10 +115,12 @@ def _fmt(value: Optional[float]) -> str:
 @judge_app.command("agree")
 def judge_agree(
     first: Path = typer.Argument(..., help="A judgments .parquet, or a sweep spec (whose judge is used with --reference)"),
-    second: Optional[Path] = typer.Argument(None, help="The same for the second judge (not with --reference)"),
+    second: Optional[list[Path]] = typer.Argument(None, help="The same for the second judge (not with --reference; "
+                                                              "there, more reference files)"),
     reference: list[Path] = typer.Option(
-        [], "--reference", "-r", help="A file of answers judged elsewhere (question_id, answer, aligned, coherent; "
-        "CSV or Parquet), one run per file; repeat for more. FIRST's judge re-judges a stratified subset"),
+        [], "--reference", "-r", help="Files of answers judged elsewhere (question_id, answer, aligned, coherent; "
+        "CSV or Parquet), or a directory of them, one run per file: `-r dir/*.csv`, `-r dir`, or repeated. "
+        "FIRST's judge re-judges a stratified subset"),
     limit: Optional[int] = typer.Option(None, help="With --reference: answers per file (stratified by question and "
                                                    "the reference's verdict; default all)"),
     seed: int = typer.Option(0, help="With --reference: the seed of the stratified draw and the bootstraps"),
@@ -142,18 +144,27 @@ def judge_agree(
     from emsweep.spec import AnalysisSpec
     from emsweep.store import write_json_atomic
 
+    from emsweep.judged_files import reference_files
+
     if reference:
-        if second is not None:
+        # `-r dir/*.csv`: the shell gives the first file to -r and the others as arguments after FIRST.
+        try:
+            files = [path for location in [*reference, *(second or [])] for path in reference_files(location, "--reference")]
+        except ValueError as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(2)
+        if any(path.suffix not in (".csv", ".tsv", ".parquet") for path in files):
             console.print("[red]error:[/] give either a second judge or --reference, not both")
             raise typer.Exit(2)
         ids = tuple(i.strip() for i in question_ids.split(",") if i.strip()) if question_ids else None
-        _agree_with_reference(first, reference, limit, seed, ids,
+        _agree_with_reference(first, files, limit, seed, ids,
                               {"model": judge_model, "templates": templates, "score_map": score_map,
                                "code_refusal": code_refusal}, out)
         return
-    if second is None:
-        console.print("[red]error:[/] give a second judge's judgments (or --reference FILE)")
+    if not second or len(second) != 1:
+        console.print("[red]error:[/] give one second judge's judgments (or --reference FILE...)")
         raise typer.Exit(2)
+    second = second[0]
     analysis = AnalysisSpec()
 
     def load(path: Path):
@@ -202,11 +213,29 @@ def _agree_with_reference(spec_path: Path, files: list[Path], limit: Optional[in
         init_ray(None)
     console.print(f"judging up to {limit or 'all'} answers of each of {len(runs)} reference files with "
                   f"{spec.judge.model} (templates {spec.judge.templates}, score map {spec.judge.score_map})")
-    result, stats = agree_with_reference(spec, runs, question_list, out_dir, limit, seed, files)
+    result, stats = agree_with_reference(spec, runs, question_list, out_dir, limit, seed, files,
+                                         progress=ConsoleProgress())
     _print_agreement(result)
     print_cutoffs(spec.judge.score_map)
     console.print(f"wrote {out_dir}/agreement.json, pairs.parquet and judgments.parquet "
                   f"({stats.cache_hits} of {stats.requests} judgments from the cache)")
+
+
+class ConsoleProgress:
+    """The judge's progress as a line every few seconds (judge_samples calls `update` per batch)."""
+
+    EVERY_S = 10.0
+
+    def __init__(self):
+        import time
+
+        self._clock, self._last = time.monotonic, 0.0
+
+    def update(self, done: int, total: int, unit: str, detail: str = "", **_) -> None:
+        now = self._clock()
+        if done == total or now - self._last >= self.EVERY_S:
+            self._last = now
+            console.print(f"  judged {done}/{total} {unit}" + (f" ({detail})" if detail else ""))
 
 
 def print_cutoffs(score_map: Optional[str]) -> None:
@@ -261,7 +290,8 @@ def judge_train(
     import json
     import time
 
-    from emsweep.judge.trained import TrainConfig, train_judge
+    from emsweep.judge.trained import TrainConfig
+    from emsweep.judge.training import train_judge
     from emsweep.judged_files import reference_files
 
     started = time.time()

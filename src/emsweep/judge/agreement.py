@@ -132,7 +132,7 @@ def reference_agreement(both: pd.DataFrame, spec: AnalysisSpec, resamples: int =
 
 
 def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend, cache, spec: AnalysisSpec,
-                     limit: int | None, seed: int = 0, judge_build: str | None = None):
+                     limit: int | None, seed: int = 0, judge_build: str | None = None, progress=None):
     """Judge a stratified subset of every reference run (`limit` answers per file, seeded) with
     the given judge; returns (`both`: one row per answer, as `reference_agreement` takes it, and
     the judge's judgments table with raw scores, for fitting a map later)."""
@@ -156,7 +156,7 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
         frames.append(chosen)
         samples[run.name] = run.samples.take(pa.array(picked, pa.int64()))
     tables, stats = judge_samples(samples, question_list, judge_spec, judge_id=judge_id, backend=backend, cache=cache,
-                                  judge_build=judge_build)
+                                  judge_build=judge_build, progress=progress)
     judgments = pa.concat_tables(tables.values())
     keys = ["run_id", "question_id", "sample_idx"]
     scores = wide_answers(judgments.to_pandas())
@@ -171,7 +171,7 @@ def judge_references(runs, question_list, judge_spec, *, judge_id: str, backend,
 
 
 def agree_with_reference(spec, runs, questions, out_dir: Path, limit: int | None, seed: int,
-                         files: list[Path]) -> tuple[dict, object]:
+                         files: list[Path], progress=None) -> tuple[dict, object]:
     """The reference-agreement workflow (`emsweep judge-eval agree SPEC --reference FILE...`):
     re-judge a stratified draw of each reference run's answers with the spec's judge (through its
     judgment cache under `out_dir`), compare with the reference's scores (reference_agreement)
@@ -189,7 +189,7 @@ def agree_with_reference(spec, runs, questions, out_dir: Path, limit: int | None
         runs, questions, spec.judge, judge_id=judge_id(spec), backend=make_backend(spec),
         judge_build=judge_build(spec),
         cache=JudgmentCache(out_dir / "judge_cache") if spec.judge.cache else None, spec=spec.analysis,
-        limit=limit, seed=seed)
+        limit=limit, seed=seed, progress=progress)
     result = reference_agreement(both, spec.analysis, seed=seed)
     result["judge"] = {"model": spec.judge.model, "scoring": spec.judge.scoring, "templates": spec.judge.templates,
                        "score_map": spec.judge.score_map, "min_numeric_mass": spec.judge.min_numeric_mass}
