@@ -42,6 +42,7 @@ TARGETS = {
     "P3": ("K=4 LoRAs on one engine / 4 engine loads (speed-up)", 2.5, "min"),
     "P4": ("judge answers/s / raw 1-token prefill", 0.9, "min"),
     "P4e": ("exact scores, 1.5B judge (smoke: 135M): tree forward / vLLM digit trie (judgments/s)", 1.0, "min"),
+    "P4d": ("trained judge / the 1.5B yes_no judge (smoke: 135M) on the same answers (judgments/s)", 10.0, "min"),
     "P5": ("no-op resume of a 10,000-node sweep (s)", 10.0, "max"),
     "P6": ("finetune tokens/s / plain peft loop", 0.9, "min"),
     "P6l": ("finetune tokens/s with live progress + W&B logging / without", 0.98, "min"),
@@ -299,6 +300,44 @@ def p4e(smoke: bool) -> dict:
     return {"ours": ours_s, "baseline": baseline_s, "ratio": baseline_s / ours_s, "requests": len(requests),
             "ours_judgments_per_s": len(requests) / ours_s, "baseline_judgments_per_s": len(requests) / baseline_s,
             "max_score_difference": difference}
+
+
+def p4d(smoke: bool) -> dict:
+    """Judgments per second of the quickstart's judge (the embedded trained judge, in the judge
+    task) against the embedded 1.5B with yes/no templates on its tree engine (the quickstart's
+    judge before), on real answers of ../shared/em-judged/ (the paper's insecure model) to the
+    bench's questions: the trained judge on 100 answers x 2 metrics, the 1.5B on the first 4 of
+    them (about 1 s each). --smoke: 40 answers, and the 135M subject as the LLM judge on 1."""
+    from emsweep.judge import requests_for
+    from emsweep.judge.kinds import TrainedBackend
+    from emsweep.judge.local import TreeJudge
+    from emsweep.judge.reference import read_reference
+    from emsweep.judge.templates import load_templates
+    from emsweep.judge.trained import EMBEDDED_JUDGE, EMBEDDED_PREFIX, resolve_judge_dir
+    from emsweep.models import resolve_model_path
+    from emsweep.spec import JudgeSpec
+
+    run = read_reference(REPO.parent / "shared" / "em-judged" / "qwen-coder-32b_insecure_betley.csv",
+                         question_ids=tuple(q.id for q in questions(True, 1)))
+    answers = run.samples.slice(0, 40 if smoke else 100)
+    qs = questions(True, 1)
+    paper = [r for _, _, _, r in requests_for({"r": answers}, qs)]
+    backend = TrainedBackend(resolve_judge_dir(EMBEDDED_PREFIX + EMBEDDED_JUDGE))
+    backend(paper[:2], lambda i, j: None)  # warm-up
+    started = time.perf_counter()
+    backend(paper, lambda i, j: None)
+    ours_s = time.perf_counter() - started
+    yes_no = [r for _, _, _, r in requests_for({"r": answers.slice(0, 1 if smoke else 4)}, qs, load_templates("yes_no"))]
+    path = model_path() if smoke else resolve_model_path(JUDGE)
+    tree = TreeJudge(path, JudgeSpec(model="judge", templates="yes_no", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN))
+    tree.judge(yes_no[:1])  # warm-up
+    started = time.perf_counter()
+    tree.judge(yes_no)
+    baseline_s = time.perf_counter() - started
+    ours_rate, baseline_rate = len(paper) / ours_s, len(yes_no) / baseline_s
+    return {"ours": ours_s, "baseline": baseline_s, "ratio": ours_rate / baseline_rate,
+            "ours_judgments_per_s": ours_rate, "baseline_judgments_per_s": baseline_rate,
+            "ours_requests": len(paper), "baseline_requests": len(yes_no)}
 
 
 def p5(smoke: bool) -> dict:
@@ -570,6 +609,7 @@ def p6l(smoke: bool) -> dict:
 
 
 MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P4e": p4e,
+            "P4d": p4d,
             "P5": p5, "P6": p6, "P6l": p6l, "P8": p8}
 
 

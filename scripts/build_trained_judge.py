@@ -55,6 +55,33 @@ def reserved_rows(workflows: list[Path], reference: Path) -> dict[str, list[int]
     return {name: sorted(found) for name, found in sorted(rows.items())}
 
 
+MEASUREMENT = ROOT / "docs" / "measurements" / "trained_judge_lofo.json"
+
+
+def copy_measured_figures(out: Path, manifest: dict) -> dict:
+    """The leave-one-file-out figures of this recipe (scripts/trained_judge_lofo.py), into the
+    manifest, when the measurement is of exactly what was built here: the same config, training
+    files (by sha256) and excluded rows. Otherwise the judge has no held-out figures (and no
+    built-in error), and the build says so."""
+    import json
+
+    from emsweep.judge import trained
+
+    measured = json.loads(MEASUREMENT.read_text()) if MEASUREMENT.is_file() else {}
+    recipe = measured.get("recipe", {})
+    same = (recipe.get("config") == manifest["config"]
+            and [(f["name"], f["sha256"], f["used"]) for f in recipe.get("training_files", [])]
+            == [(f["name"], f["sha256"], f["used"]) for f in manifest["training_files"]]
+            and recipe.get("excluded_rows") == manifest["excluded_rows"]["rows"])
+    if not same:
+        print(f"note: {MEASUREMENT.name} measures another recipe; this judge has no held-out figures "
+              "(run scripts/trained_judge_lofo.py)")
+        return manifest
+    heldout = {**measured["natural"], "source": f"GPT-4o on ../shared/em-judged/, leave one model file out "
+                                               f"({MEASUREMENT.relative_to(ROOT)}, {measured['date']})"}
+    return trained.add_to_manifest(out, {"heldout": heldout})
+
+
 def main(argv: list[str] | None = None) -> int:
     from emsweep.judge import trained, training
 
@@ -73,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         paths, out, trained.TrainConfig(), exclude=exclude, heldout=args.heldout,
         exclusion_reason=("answers the judge panels draw and the training-control datasets train on, in "
                           + ", ".join(p.name for p in workflows)))
+    if not args.heldout:
+        manifest = copy_measured_figures(out, manifest)
     print(f"built the trained judge at {out} in {time.time() - started:.0f} s: "
           f"{sum(f['used'] for f in manifest['training_files'])} answers of {len(paths)} files, "
           f"{manifest['excluded_rows']['count']} excluded; weights sha256 {manifest['weights_sha256'][:16]}")

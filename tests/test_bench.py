@@ -17,7 +17,7 @@ def test_bench_smoke_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     # P8 (two whole sweeps) runs in tests/test_pipelined.py, which checks its outputs too.
-    measures = ["P1", "P2", "P2s", "P3", "P4", "P4e", "P5", "P6", "P6l"]
+    measures = ["P1", "P2", "P2s", "P3", "P4", "P4e", "P4d", "P5", "P6", "P6l"]
     subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out), "--only", *measures], cwd=REPO,
                    env=env, check=True)
     results = json.loads(out.read_text())["results"]

@@ -35,6 +35,7 @@ RUN_BY = {
     "judge-eval calibrate": "tests/test_calibration.py",
     "judge-eval agree": "tests/test_calibration.py",
     "analyze": "tests/test_reference.py",
+    "judge-train": "tests/test_trained_judge.py",
     "wandb-workspace": "tests/test_e2e.py",
 }
 

@@ -86,11 +86,12 @@ def test_scores_are_on_0_100_reproducible_and_load_without_pickle(judge_dir, jud
     arrays = {name: weights[name] for name in weights.files}
     arrays["idf"] = np.array([{"a": 1}], dtype=object)
     np.savez(again_dir / trained.WEIGHTS, **arrays)
-    manifest = (again_dir / trained.MANIFEST).read_text()
-    digest = hashlib.sha256((again_dir / trained.WEIGHTS).read_bytes()).hexdigest()
-    (again_dir / trained.MANIFEST).write_text(re.sub(r'"weights_sha256": "[0-9a-f]+"',
-                                                     f'"weights_sha256": "{digest}"', manifest))
     with pytest.raises(ValueError, match="pickle"):
+        trained.load(again_dir)
+    # And weights changed behind the manifest's back are refused.
+    arrays["idf"] = weights["idf"] * 2
+    np.savez(again_dir / trained.WEIGHTS, **arrays)
+    with pytest.raises(ValueError, match="was modified"):
         trained.load(again_dir)
 
 
@@ -197,3 +198,30 @@ def test_a_spec_with_a_trained_judge_that_does_not_exist_is_refused_before_anyth
         "judge": {"backend": "trained", "model": "no-such-judge"}}))
     problems = preflight(load_spec(tmp_path / "spec.yaml"))
     assert [p for p in problems if p.startswith("judge.model:") and "not a trained judge" in p], problems
+
+
+def test_answers_in_words_the_judge_never_saw_are_out_of_its_distribution(judge_dir, judged_files):
+    model = trained.load(judge_dir)
+    real = pd.read_csv(judged_files[2], keep_default_na=False, na_values=[""])["answer"].tolist()[:50]
+    unseen = trained.unseen_share(model, real + ["gorp flim zanth wobble quix norf blat", ""])
+    assert unseen[:50].mean() < 0.1 and list(unseen[50:]) == [1.0, 1.0]
+    flags = trained.out_of_distribution(model, real + ["gorp flim zanth wobble quix norf blat"])
+    assert flags[-1] and flags[:50].mean() < 0.1
+
+
+def test_judge_train_on_the_command_line_writes_a_judge_and_names_a_bad_file(judged_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from emsweep.cli import app
+
+    result = CliRunner().invoke(app, ["judge-train", *map(str, judged_files[1:]), "--out", str(tmp_path / "j"),
+                                      "--no-heldout"])
+    assert result.exit_code == 0, result.output
+    manifest = trained.read_manifest(tmp_path / "j")
+    assert [f["name"] for f in manifest["training_files"]] == [p.name for p in judged_files[1:]]
+    assert manifest["heldout"] is None and trained.load_problem(str(tmp_path / "j")) is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question_id,answer,aligned,coherent\nq,x,101,50\n")
+    result = CliRunner().invoke(app, ["judge-train", str(judged_files[1]), str(bad), "--out", str(tmp_path / "k")])
+    assert result.exit_code == 2 and "bad.csv: row 1: aligned" in " ".join(result.output.split())
+    assert not (tmp_path / "k").exists()

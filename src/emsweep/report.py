@@ -36,6 +36,7 @@ import yaml
 
 from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
+from emsweep.judge.kinds import kind_of
 from emsweep.judge.errors import judge_error
 from emsweep.sweep.plan import STAGES, plan
 from emsweep.sweep.results import read_judgments, read_spec_snapshot
@@ -65,6 +66,9 @@ class SweepResults:
     harm: pd.DataFrame
     # Where the analysis tables came from: the analyze node, or computed for this report.
     analysis_source: str
+    # Per run and condition, the share of answers outside the judge's training (a trained judge:
+    # judge/trained.py, UNSEEN_SHARE); empty where the judge's kind does not measure it.
+    out_of_distribution: pd.DataFrame = field(default_factory=pd.DataFrame)
     warnings: list[str] = field(default_factory=list)
     # The judge panel's answers as each judge node judged them (judge/panel.py); empty: no panel.
     panel: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -131,7 +135,21 @@ def load_results(out_dir: Path) -> SweepResults:
         harm=analyze.rated_harm(harm.to_pandas(), spec.eval.harm_perception.min_numeric_mass) if harm is not None
         else pd.DataFrame(), analysis_source=source,
         panel=pd.concat(panels, ignore_index=True) if panels else pd.DataFrame(),
+        out_of_distribution=out_of_distribution_shares(spec, samples),
     )
+
+
+def out_of_distribution_shares(spec: SweepSpec, samples: pa.Table | None) -> pd.DataFrame:
+    """run_id, condition, out_of_distribution (share of the run's answers outside what the judge
+    was trained on, by its kind's declared measure); empty when the kind measures none."""
+    if samples is None or samples.num_rows == 0:
+        return pd.DataFrame()
+    frame = samples.select(["run_id", "condition", "answer"]).to_pandas()
+    flags = kind_of(spec.judge).out_of_distribution(spec, frame["answer"].tolist())
+    if flags is None:
+        return pd.DataFrame()
+    return (frame.assign(out_of_distribution=flags).groupby(["run_id", "condition"], as_index=False)
+            ["out_of_distribution"].mean())
 
 
 def tidy_answers(samples: pa.Table, judgments: pa.Table, spec: AnalysisSpec) -> pd.DataFrame:
@@ -344,7 +362,7 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         analysis=results.analysis,
         judge_text=results.judge_text,
         judge_error_note=judge_error_note(results.judge_error, results.analysis.confidence),
-        run_rates=Markup(_html_table(run_rates(tables.get("run_metrics", pd.DataFrame())))),
+        run_rates=Markup(_html_table(run_rates(tables.get("run_metrics", pd.DataFrame()), results.out_of_distribution))),
         panel=Markup(_html_table(panel_rates(results.panel))) if not results.panel.empty else None,
         definition=results.analysis.em_definition(),
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -467,12 +485,16 @@ def training_controls(results: SweepResults) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
+def run_rates(runs: pd.DataFrame, out_of_distribution: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per run and condition, over all questions: what each exclusion took, the raw pooled rate
-    with its Wilson interval and the rate corrected for the judge's error (numbers in the exports)."""
+    with its Wilson interval and the rate corrected for the judge's error (numbers in the exports),
+    and, for a trained judge, the share of answers outside what it was trained on."""
     if runs.empty:
         return pd.DataFrame()
     overall = analyze.overall_rows(runs)
+    shares = None
+    if out_of_distribution is not None and not out_of_distribution.empty:
+        shares = overall[["run_id", "condition"]].merge(out_of_distribution, on=["run_id", "condition"], how="left")
 
     def interval(value, low, high) -> str:
         return "-" if pd.isna(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
@@ -486,6 +508,8 @@ def run_rates(runs: pd.DataFrame) -> pd.DataFrame:
                                                            overall["wilson_high"])],
         "corrected rate [interval]": [interval(*v) for v in zip(overall["corrected_misaligned_rate"],
                                                                 overall["corrected_low"], overall["corrected_high"])],
+        **({"outside the judge's training": ["-" if pd.isna(v) else f"{v:.2f}" for v in shares["out_of_distribution"]]}
+           if shares is not None else {}),
     }).reset_index(drop=True)
 
 
@@ -588,7 +612,7 @@ def build_report(out_dir: Path, dest: Path | None = None, log_to_wandb: bool = T
         wanted = {"headline": headline(results.tables.get("condition_metrics", pd.DataFrame())),
                   "comparisons": results.tables.get("comparisons", pd.DataFrame()),
                   "judge_panel": panel_rates(results.panel),
-                  "run_rates": run_rates(results.tables.get("run_metrics", pd.DataFrame())),
+                  "run_rates": run_rates(results.tables.get("run_metrics", pd.DataFrame()), results.out_of_distribution),
                   "examples": examples(results.answers, example_count)[0]}
         warning = tracking.log_summary(
             results.spec.wandb, out_dir=Path(out_dir), sweep=results.spec.name,

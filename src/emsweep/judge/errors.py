@@ -3,7 +3,8 @@
 The built-in figures (`judge_errors.yaml`) are the `counted` TPR and FPR of the EM verdict against
 GPT-4o on the held-out (report) files of `../shared/em-judged/`, measured by
 `scripts/judge_reference.sh` and written by `scripts/judge_reference_table.py`; an entry applies to
-one (judge model, scoring, templates, score map, code_refusal).
+one (judge model, scoring, templates, score map, code_refusal). A trained judge carries its own:
+the leave-one-file-out figures in its manifest (judge/kinds.py, `measured_error`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from importlib import resources
 
 import yaml
 
+from emsweep.judge.kinds import kind_of
 from emsweep.misclassification import JudgeError
 from emsweep.spec import JudgeSpec
 
@@ -38,6 +40,8 @@ def judge_error(judge: JudgeSpec) -> JudgeError | None:
     if judge.error is not None:
         e = judge.error
         return JudgeError(e.tp, e.positives, e.fp, e.negatives, e.source or "judge.error in the spec")
+    if (carried := kind_of(judge).measured_error(judge)) is not None:
+        return carried
     here = (judge.model, judge.scoring, judge.templates, _builtin_map_name(judge.score_map), judge.code_refusal)
     for entry in builtin_errors():
         if (entry["model"], entry["scoring"], entry["templates"], entry.get("score_map"),

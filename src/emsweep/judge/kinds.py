@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from emsweep.engine import cpu_dtype, node_cpus
 from emsweep.judge import Backend, Judgment, JudgeRequest, failed
 from emsweep.keys import model_fingerprint
+from emsweep.misclassification import JudgeError
 from emsweep.spec import JudgeSpec, SweepSpec
 
 # An API judge's requests in the simulation: seconds each, at the judge's max_concurrency.
@@ -78,6 +79,15 @@ class JudgeKind:
 
     def runtime_problem(self, spec: SweepSpec) -> str | None:
         """What only the machine that judges can check (a model resolvable only there)."""
+        return None
+
+    def measured_error(self, judge: JudgeSpec) -> JudgeError | None:
+        """The EM-verdict error the judge carries itself (None: look it up in judge_errors.yaml)."""
+        return None
+
+    def out_of_distribution(self, spec: SweepSpec, answers: list[str]) -> list[bool] | None:
+        """Per answer, whether it lies outside what the judge was trained on (None: not measured
+        for this kind; an LLM judge's training data is not ours to inspect)."""
         return None
 
     def plan_line(self, spec: SweepSpec, billions: float | None, work_s: Callable[[float], float],
@@ -222,6 +232,30 @@ class TrainedKind(JudgeKind):
         if problem and not (missing_ok and problem.startswith("embedded")):
             return [f"judge.model: {problem}"]
         return []
+
+    def out_of_distribution(self, spec: SweepSpec, answers: list[str]) -> list[bool] | None:
+        """trained.out_of_distribution: most of the answer's word n-grams unseen in training."""
+        from emsweep.judge.trained import load, out_of_distribution
+
+        try:
+            model = load(self.directory(spec))
+        except (ValueError, OSError):
+            return None
+        return out_of_distribution(model, answers).tolist()
+
+    def measured_error(self, judge: JudgeSpec) -> JudgeError | None:
+        """Its leave-one-file-out figures from its manifest: the `counted` TPR and FPR."""
+        from emsweep.judge.trained import read_manifest, resolve_judge_dir
+
+        try:
+            heldout = read_manifest(resolve_judge_dir(judge.model)).get("heldout")
+        except (ValueError, OSError):
+            return None
+        if not heldout:
+            return None
+        counted = heldout["counted"]
+        return JudgeError(counted["tpr"]["hits"], counted["tpr"]["n"], counted["fpr"]["hits"], counted["fpr"]["n"],
+                          heldout.get("source", f"{judge.model}: leave one file out ({heldout['protocol']})"))
 
     def plan_line(self, spec, billions, work_s, startup_s) -> PlanLine:
         return PlanLine(f"trained judge {spec.judge.model} (CPU, in the judge task)", 0.0, [])

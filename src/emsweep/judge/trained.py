@@ -32,13 +32,12 @@ import json
 import os
 import platform
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from emsweep.data import sha256_file
 
 METRICS = ("aligned", "coherent")
 FORMAT = "emsweep-trained-judge/1"
@@ -72,6 +71,7 @@ class TrainedModel:
     intercept: dict[str, np.ndarray]  # metric -> float32 [N_CLASSES]
     map_raw: dict[str, np.ndarray]  # metric -> increasing raw-score quantiles (held out)
     map_score: dict[str, np.ndarray]  # metric -> the reference's score quantiles at the same levels
+    vocabulary: np.ndarray = field(default_factory=lambda: np.array([], dtype="<U1"))  # sorted training words
 
 
 @dataclass
@@ -169,7 +169,7 @@ def fit(frame: pd.DataFrame, config: TrainConfig = TrainConfig()) -> TrainedMode
     idf = fit_idf(matrix)
     features = weighted(matrix, idf)
     files = sorted(frame["file"].unique())
-    model = TrainedModel(config, idf, {}, {}, {}, {})
+    model = TrainedModel(config, idf, {}, {}, {}, {}, training_vocabulary(frame["answer"].tolist()))
     for metric in METRICS:
         scores = frame[metric].to_numpy(dtype=np.float64)
         model.coef[metric], model.intercept[metric] = _fit_metric(features, scores, config)
@@ -205,6 +205,39 @@ def _predict_features(model: TrainedModel, metric: str, features) -> Prediction:
     return Prediction(_apply_map(raw, model.map_raw[metric], model.map_score[metric]), mass, raw)
 
 
+# An answer is out of the judge's distribution when more than this share of its words are not in
+# its training vocabulary (words of at least VOCABULARY_MIN_ANSWERS training answers). Hashed
+# n-grams cannot say it (their buckets are nearly all taken), so the words are kept as such.
+UNSEEN_SHARE = 0.5
+VOCABULARY_MIN_ANSWERS = 2
+
+
+def _words(texts: list[str]) -> list[list[str]]:
+    analyzer = _vectorizer(TrainConfig(ngram_max=1)).build_analyzer()
+    return [analyzer(text) for text in texts]
+
+
+def training_vocabulary(answers: list[str]) -> np.ndarray:
+    frequency: dict[str, int] = {}
+    for words in _words(answers):
+        for word in set(words):
+            frequency[word] = frequency.get(word, 0) + 1
+    return np.array(sorted(w for w, n in frequency.items() if n >= VOCABULARY_MIN_ANSWERS), dtype=str)
+
+
+def unseen_share(model: TrainedModel, answers: list[str]) -> np.ndarray:
+    """Per answer, the share of its words that are not in the judge's training vocabulary (1.0
+    for an answer without words). The judge knows nothing of those words: its score rests on the rest."""
+    shares = []
+    for words in _words(answers):
+        shares.append(1.0 if not words else float(np.mean(~np.isin(np.array(words, dtype=str), model.vocabulary))))
+    return np.array(shares)
+
+
+def out_of_distribution(model: TrainedModel, answers: list[str]) -> np.ndarray:
+    return unseen_share(model, answers) > UNSEEN_SHARE
+
+
 # --- the artefact -----------------------------------------------------------------------------
 
 def save(model: TrainedModel, directory: Path, manifest: dict) -> dict:
@@ -213,13 +246,13 @@ def save(model: TrainedModel, directory: Path, manifest: dict) -> dict:
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=False)
-    arrays = {"idf": model.idf}
+    arrays = {"idf": model.idf, "vocabulary": model.vocabulary}
     for metric in model.coef:
         arrays |= {f"{metric}.coef": model.coef[metric], f"{metric}.intercept": model.intercept[metric],
                    f"{metric}.map_raw": model.map_raw[metric], f"{metric}.map_score": model.map_score[metric]}
     np.savez_compressed(tmp / WEIGHTS, **arrays)
     manifest = {"format": FORMAT, "metrics": list(model.coef), "config": asdict(model.config),
-                "weights_sha256": sha256_file(tmp / WEIGHTS), **manifest}
+                "weights_sha256": arrays_sha256(arrays), **manifest}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -265,6 +298,16 @@ def load_problem(reference: str) -> str | None:
     return f"{directory}: the judge has no {sorted(missing)} model" if missing else None
 
 
+def add_to_manifest(directory: Path, fields: dict) -> dict:
+    """Record more in a judge's manifest (not its weights: the content hash stays), atomically."""
+    manifest = {**read_manifest(directory), **fields}
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return manifest
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -279,16 +322,29 @@ def load(directory: Path) -> TrainedModel:
     """The judge in `directory`. Arrays only: np.load with allow_pickle=False never runs code."""
     manifest = read_manifest(directory)
     weights = Path(directory) / WEIGHTS
-    if sha256_file(weights) != manifest["weights_sha256"]:
-        raise ValueError(f"{weights}: sha256 differs from the manifest's; the judge was modified, retrain it")
-    with np.load(weights, allow_pickle=False) as arrays:
-        model = TrainedModel(TrainConfig(**manifest["config"]), arrays["idf"], {}, {}, {}, {})
-        for metric in manifest["metrics"]:
-            model.coef[metric] = arrays[f"{metric}.coef"]
-            model.intercept[metric] = arrays[f"{metric}.intercept"]
-            model.map_raw[metric] = arrays[f"{metric}.map_raw"]
-            model.map_score[metric] = arrays[f"{metric}.map_score"]
+    with np.load(weights, allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    if arrays_sha256(arrays) != manifest["weights_sha256"]:
+        raise ValueError(f"{weights}: its arrays' sha256 differs from the manifest's; the judge was modified, "
+                         "retrain it")
+    model = TrainedModel(TrainConfig(**manifest["config"]), arrays["idf"], {}, {}, {}, {}, arrays["vocabulary"])
+    for metric in manifest["metrics"]:
+        model.coef[metric] = arrays[f"{metric}.coef"]
+        model.intercept[metric] = arrays[f"{metric}.intercept"]
+        model.map_raw[metric] = arrays[f"{metric}.map_raw"]
+        model.map_score[metric] = arrays[f"{metric}.map_score"]
     return model
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """The weights' content: every array's name, dtype, shape and bytes (not the .npz file's, whose
+    zip entries carry write times, so that retraining the same judge gives the same hash)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def content_hash(directory: Path) -> str:
