@@ -127,14 +127,14 @@ def test_a_spec_refuses_a_map_fitted_for_another_judge_or_a_broken_map(tmp_path)
         parse_spec({**raw, "judge": {**raw["judge"], "score_map": "nope.yaml"}}, source="spec.yaml", base=tmp_path)
 
 
-def test_the_quickstart_map_is_built_in_and_fits_the_quickstart_judge(shared_em):
+def test_the_1_5b_yes_no_verdicts_map_is_built_in_and_fits_that_judge():
+    """The map the quickstart's LLM judge used (it is the e2e tests' LLM judge's configuration)."""
     from emsweep.judge.score_maps import builtin_names
-    from emsweep.spec import load_spec
 
-    spec = load_spec("workflows/quickstart.yaml")
-    assert spec.judge.score_map in builtin_names()
-    score_map = load_score_map(spec.judge.score_map)
-    assert (score_map.judge, score_map.templates) == (spec.judge.model, spec.judge.templates)
+    name = "qwen2.5-coder-1.5b-yes_no-gpt4o-verdicts-static"
+    assert name in builtin_names()
+    score_map = load_score_map(name)
+    assert (score_map.judge, score_map.templates) == ("embedded:Qwen2.5-Coder-1.5B-Instruct", "yes_no")
     assert all(fitted.slope > 1 for fitted in score_map.metrics.values())  # it spreads crowded scores
     assert logit_of_score(50) == 0
 
