@@ -45,7 +45,7 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     `missing_ok`: an embedded model that is not fetched yet is skipped (`emsweep plan` needs no weights)."""
     problems = []
     wanted = []
-    if spec.judge.scoring == "first_token" and (judge_model := kind_of(spec.judge).local_model(spec)):
+    if spec.judge.scoring == "first_token" and (judge_model := kind_of(spec.judge).tokenizer_model(spec)):
         wanted.append((f"judge {spec.judge.model}", judge_model, "judge.scoring"))
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]

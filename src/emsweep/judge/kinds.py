@@ -71,7 +71,13 @@ class JudgeKind:
         return None
 
     def local_model(self, spec: SweepSpec) -> str | None:
-        """A model folder (or hub id) that must be on the machine that judges, to check in preflight."""
+        """A model folder (or hub id) that must be on the machine that judges, to check in preflight
+        (None also when it is one of the sweep's models, checked as such)."""
+        return None
+
+    def tokenizer_model(self, spec: SweepSpec) -> str | None:
+        """The model whose tokenizer decides whether its scoring can produce 0-100 scores (the
+        digit-by-digit check of `first_token` scoring); None where no local tokenizer reads numbers."""
         return None
 
     def problems(self, spec: SweepSpec, missing_ok: bool) -> list[str]:
@@ -133,6 +139,9 @@ class VllmKind(JudgeKind):
 
     def local_model(self, spec: SweepSpec) -> str | None:
         return None if spec.judge.model in {m.name for m in spec.models} else self.judge_id(spec)
+
+    def tokenizer_model(self, spec: SweepSpec) -> str | None:
+        return self.judge_id(spec)
 
     def runtime_problem(self, spec: SweepSpec) -> str | None:
         if spec.judge.scoring != "first_token":
