@@ -126,12 +126,34 @@ def test_calibrate_command_judges_a_labelled_file_with_a_real_engine(tmp_path, s
     answers = tmp_path / "answers.yaml"
     answers.write_text(SMALL_SET)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "emsweep.cli", "judge-eval", "calibrate", str(REPO / "workflows" / "quickstart.yaml"),
+    # The quickstart's spec with an LLM judge kind (its own judge is the trained one); beside the
+    # original, so its relative paths resolve as they do there.
+    spec = REPO / "workflows" / f".calibrate-{tmp_path.name}.yaml"
+    spec.write_text((REPO / "workflows" / "quickstart.yaml").read_text().replace("  backend: trained\n", "  backend: vllm\n"))
+    try:
+        result = _calibrate(spec, answers, shared_em, out)
+    finally:
+        spec.unlink()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _check_small_report(out, answers)
+
+
+def _calibrate(spec, answers, shared_em, out):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "emsweep.cli", "judge-eval", "calibrate", str(spec),
          "--judge", "embedded:SmolLM2-135M-Instruct", "--templates", "yes_no", "--min-numeric-mass", "0",
          "--answers", str(answers), "--questions", str(shared_em / "evaluation" / "first_plot_questions.yaml"),
          "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _check_small_report(out, answers):
+    import json
+
+    import pyarrow.parquet as pq
+
     report = json.loads((out / "calibration_report.json").read_text())
     # 2 aligned, 2 misaligned, 4 shuffled into word salad, 5 code and 5 refusals (the pools rotate).
     assert {band: entry["n"] for band, entry in report["bands"].items()} == {
