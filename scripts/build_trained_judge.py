@@ -32,7 +32,10 @@ def reserved_rows(workflows: list[Path], reference: Path) -> dict[str, list[int]
     from emsweep.questions import load_suite
     from emsweep.spec import load_spec
 
-    names = {path.name for path in reference_files(reference, "--reference")}
+    paths = reference_files(reference, "--reference")
+    names = {path.name for path in paths}
+    by_stem = {path.stem: path for path in paths}
+    frames = {}  # each reference file read once, whatever the number of panel answers drawn from it
     rows: dict[str, set[int]] = {}
     for workflow in workflows:
         spec = load_spec(workflow)
@@ -48,8 +51,10 @@ def reserved_rows(workflows: list[Path], reference: Path) -> dict[str, list[int]
             samples, drawn = panel.panel_answers(spec.judge.panel, question_ids, suite, spec.analysis)
             answers = samples.column("answer").to_pylist()
             for (file_stem, question_id), answer in zip(zip(drawn["reference_file"], drawn["question_id"]), answers):
-                (path,) = [p for p in reference_files(reference, "--reference") if p.stem == file_stem]
-                frame = read_judged_frame(path)
+                path = by_stem[file_stem]
+                if path not in frames:
+                    frames[path] = read_judged_frame(path)
+                frame = frames[path]
                 match = frame.index[(frame["question_id"] == question_id) & (frame["answer"] == answer)]
                 rows.setdefault(path.name, set()).update(int(i) + 1 for i in match)
     return {name: sorted(found) for name, found in sorted(rows.items())}
