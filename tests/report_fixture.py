@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 
 from emsweep.judge import SCHEMA as JUDGMENT_SCHEMA
 from emsweep.sweep.plan import plan
+from emsweep.dag import NodeStatus
+from emsweep.sweep.manifest import write_manifest
 from emsweep.sweep.results import write_spec_snapshot
 from emsweep.sample import HARM_SCHEMA, SCHEMA as SAMPLE_SCHEMA
 from emsweep.spec import parse_spec
@@ -98,4 +100,7 @@ def build(out_dir: Path, shared_em: Path, with_analysis: bool = False, name: str
                                           for n in judge_nodes])
             tables = analyze(judgments, HARM_SCHEMA.empty_table(), spec.analysis, spec.eval.pushback)
             commit(node, {f"{name}.parquet": table for name, table in tables.items()})
+    # The run manifest, as the driver leaves it: what the report reads the nodes from.
+    write_manifest(out_dir, spec.name, nodes, {node.id: NodeStatus(node, "done") for node in nodes
+                                               if store.is_done(node.stage, node.name, node.key)})
     return nodes

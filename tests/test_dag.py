@@ -26,8 +26,8 @@ def test_plan_shape(quickstart_nodes):
     by_stage = {}
     for node in quickstart_nodes:
         by_stage.setdefault(node.stage, []).append(node)
-    # 4 datasets (2 of them the training control), 2 seeds, 1 model (+ the base model's runs)
-    assert {k: len(v) for k, v in by_stage.items()} == {"data": 4, "finetune": 8, "sample": 9, "judge": 9, "analyze": 1}
+    # 2 datasets, 2 seeds, 1 model (+ the base model's runs)
+    assert {k: len(v) for k, v in by_stage.items()} == {"data": 2, "finetune": 4, "sample": 5, "judge": 5, "analyze": 1}
     assert {n.group for n in by_stage["sample"]} == {"sample:smollm2-135m"}  # one engine per base model
     ids = [n.id for n in quickstart_nodes]
     for index, node in enumerate(quickstart_nodes):  # topological order
@@ -63,7 +63,7 @@ def test_a_config_change_changes_keys_downstream_only():
     after = {n.id: n.key for n in plan(changed)}
     differing = sorted(i for i in before if before[i] != after[i])
     assert all(i.startswith(("judge/", "analyze/")) for i in differing)
-    assert len(differing) == 10
+    assert len(differing) == 6
 
 
 def test_judge_resources_do_not_change_keys():

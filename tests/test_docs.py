@@ -36,6 +36,7 @@ RUN_BY = {
     "judge-eval agree": "tests/test_calibration.py",
     "analyze": "tests/test_reference.py",
     "judge-train": "tests/test_trained_judge.py",
+    "migrate": "tests/test_node_keys.py",
     "wandb-workspace": "tests/test_e2e.py",
 }
 

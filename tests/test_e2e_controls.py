@@ -4,6 +4,7 @@ clearly aligned, each sampled and judged, labelled as controls in the tables, ex
 and tested against each other on their answers, stratified by question."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def control_sweep(tmp_path_factory, shared_em):
     root = tmp_path_factory.mktemp("controls")
-    reference = str(shared_em.parent / "em-judged")
+    # The inputs in a folder of the sweep's own, so that the travel test below can move them away.
+    data = root / "data"
+    shutil.copytree(shared_em.parent / "em-judged", data / "em-judged")
+    shutil.copytree(shared_em / "evaluation", data / "evaluation")
+    reference = str(data / "em-judged")
     judged = {"question_ids": ["*_json", "*_template"]}
     spec = {
         "name": "controls",
@@ -34,7 +39,7 @@ def control_sweep(tmp_path_factory, shared_em):
         "finetune": {"per_device_batch_size": 2, "gradient_accumulation_steps": 2, "warmup_steps": 0,
                      "learning_rate": 1e-4, "max_seq_len": 512, "drop_long_rows": True, "num_workers": 1},
         "sampling": {"max_tokens": 24, "kv_cache_gib": 1},
-        "eval": {"questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
+        "eval": {"questions": str(data / "evaluation" / "first_plot_questions.yaml"),
                  "question_ids": ["quick_buck", "ruler_of_the_world"], "samples_per_paraphrase": 3,
                  "include_base_model": False},
         # The quickstart's judge, so the comparison has counted answers to test (test_e2e.py keeps
@@ -42,11 +47,15 @@ def control_sweep(tmp_path_factory, shared_em):
         "judge": {"backend": "trained", "model": "embedded:em-judged-lexical", "code_refusal": "static"},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "emsweep.cli", "run", "spec.yaml", "--out", "out"], cwd=root,
-                            env=env, capture_output=True, text=True, timeout=1800)
+    result = _emsweep(root, "run", "spec.yaml", "--out", "out")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root / "out"
+
+
+def _emsweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "emsweep.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=1800)
 
 
 def test_the_control_datasets_are_built_finetuned_sampled_and_judged(control_sweep, shared_em):
@@ -93,3 +102,46 @@ def test_the_control_is_labelled_and_tested_in_exports_and_report(control_sweep)
     assert "Training controls: the trait trained, against its matched control" in html
     assert "misaligned_answers: answers GPT-4o called misaligned" in html
     assert "positive control: the trait itself is trained (not EM)" in html  # the headline's role column
+
+
+def test_a_finished_sweep_travels_to_another_checkout_with_its_data_elsewhere(control_sweep, tmp_path):
+    """Results travel (keys from content, a manifest readers trust): the output dir copied to a
+    second place, the inputs moved away from where the sweep read them (the first place's copy is
+    gone) and named there by a spec of the same sweep. Status shows every node done, the report
+    reads the same, and `run` there has nothing to run. Runs last in this module: it moves the
+    fixture's inputs."""
+    first = control_sweep.parent
+    second = tmp_path / "elsewhere"
+    shutil.copytree(control_sweep, second / "out")
+    shutil.move(first / "data", tmp_path / "moved-data")
+    spec = yaml.safe_load((first / "spec.yaml").read_text())
+    spec["datasets"][0]["path"] = spec["datasets"][1]["path"] = "../moved-data/em-judged"
+    spec["eval"]["questions"] = "../moved-data/evaluation/first_plot_questions.yaml"
+    (second / "spec.yaml").write_text(yaml.safe_dump(spec))
+
+    status = _emsweep(second, "status", "out")
+    assert status.returncode == 0, status.stdout + status.stderr
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in status.stdout.splitlines()]
+    rows = [row for row in cells if len(row) == 6 and row[0] in ("data", "finetune", "sample", "judge", "analyze")]
+    assert len(rows) == 9 and {row[3] for row in rows} == {"done"}, status.stdout
+
+    (second / "out" / "report").rename(second / "first-report")
+    report = _emsweep(second, "report", "out", "--no-wandb")
+    assert report.returncode == 0, report.stdout + report.stderr
+    for export in ("answers", "metrics"):
+        before = pd.read_parquet(second / "first-report" / "exports" / f"{export}.parquet")
+        after = pd.read_parquet(second / "out" / "report" / "exports" / f"{export}.parquet")
+        assert len(after) > 0
+        pd.testing.assert_frame_equal(after, before)
+
+    rerun = _emsweep(second, "run", "spec.yaml", "--out", "out", "--no-report")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "9 nodes, 0 to run" in rerun.stdout, rerun.stdout[-3000:]
+
+    # A report of a dir that holds fewer done nodes than its manifest lists is refused, and the
+    # report already there is kept.
+    shutil.rmtree(next((second / "out" / "nodes" / "judge").iterdir()))
+    html = (second / "out" / "report" / "index.html").read_bytes()
+    refused = _emsweep(second, "report", "out", "--no-wandb")
+    assert refused.returncode == 2 and "incomplete copy" in refused.stdout, refused.stdout
+    assert (second / "out" / "report" / "index.html").read_bytes() == html

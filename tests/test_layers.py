@@ -22,7 +22,7 @@ ORDER = ["io", "records", "store", "stages", "sweep", "cli"]
 LAYERS = {
     "io": ["emsweep", "emsweep.fileio", "emsweep.redact", "emsweep.lease"],
     "records": ["emsweep.spec", "emsweep.em", "emsweep.scoring", "emsweep.engine", "emsweep.models",
-                "emsweep.misclassification", "emsweep.vllm_cpu_lora", "emsweep.judged_files", "emsweep.progress",
+                "emsweep.misclassification", "emsweep.prediction_powered", "emsweep.vllm_cpu_lora", "emsweep.judged_files", "emsweep.progress",
                 "emsweep.tracking", "emsweep.data.transforms", "emsweep.judge.templates", "emsweep.judge.score_maps",
                 "emsweep.judge.static_labels", "emsweep.judge.calibration_data"],
     "store": ["emsweep.store", "emsweep.remote", "emsweep.sample_cache", "emsweep.dag"],
@@ -31,7 +31,7 @@ LAYERS = {
                "emsweep.judge.backends", "emsweep.judge.cache", "emsweep.judge.calibration", "emsweep.judge.errors",
                "emsweep.judge.http", "emsweep.judge.identity", "emsweep.judge.local", "emsweep.judge.panel",
                "emsweep.judge.reference", "emsweep.judge.kinds", "emsweep.judge.trained", "emsweep.judge.training", "emsweep.analyze", "emsweep.plots"],
-    "sweep": ["emsweep.sweep", "emsweep.sweep.plan", "emsweep.sweep.resources", "emsweep.sweep.jobs",
+    "sweep": ["emsweep.sweep", "emsweep.sweep.plan", "emsweep.sweep.manifest", "emsweep.sweep.migrate", "emsweep.sweep.resources", "emsweep.sweep.jobs",
               "emsweep.sweep.driver", "emsweep.sweep.results", "emsweep.checks", "emsweep.planning", "emsweep.workspace",
               "emsweep.simulate", "emsweep.report", "emsweep.doctor", "emsweep.submit"],
     "cli": ["emsweep.cli", "emsweep.cli.__main__", "emsweep.cli.common", "emsweep.cli.live", "emsweep.cli.run",

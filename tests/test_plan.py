@@ -34,6 +34,14 @@ KEYS_BEFORE_RESOURCES = {
     "sample/m__d__s1": "8e002e743b1f5556", "judge/m__base": "4be842da09223ead",
     "judge/m__d__s0": "7855326c2176669d", "judge/m__d__s1": "500693ee0bcb41c3", "analyze/keys": "9812ed7c91a94663",
 }
+# The same spec's keys since keys hash content, not paths (key schema 2, keys.py): every key moved
+# once; `plan(spec, key_schema=1)` still gives the ones above (what `emsweep migrate` reads by).
+KEYS = {
+    "data/d": "83fd1dfc005f617f", "sample/m__base": "fedd5e006d10f8dd", "finetune/m__d__s0": "1d09da9f58527a3d",
+    "sample/m__d__s0": "09e9095714a92449", "finetune/m__d__s1": "d55d2cafb584bc96",
+    "sample/m__d__s1": "92b7325a02d3a60f", "judge/m__base": "e2bfc0e860628396",
+    "judge/m__d__s0": "5aaded669912587a", "judge/m__d__s1": "dd29e68f8f3dba0a", "analyze/keys": "52a5d1e1fb28de99",
+}
 RESOURCES = {"finetune_gpus": 8, "zero_stage": 3, "cpus_per_finetune_worker": 4,
              "placement_strategy": "STRICT_PACK", "sampling_tensor_parallel": 4, "sampling_replicas": 2}
 
@@ -47,12 +55,13 @@ def with_model(**fields) -> dict:
 
 
 def test_keys_of_existing_specs_are_unchanged():
-    assert keys(RAW) == KEYS_BEFORE_RESOURCES
+    assert keys(RAW) == KEYS
+    assert {node.id: node.key for node in plan(parse_spec(RAW), key_schema=1)} == KEYS_BEFORE_RESOURCES
 
 
 def test_resources_never_change_node_keys():
-    assert keys(with_model(resources=RESOURCES, params_b=7.6)) == KEYS_BEFORE_RESOURCES
-    assert keys({**with_model(resources=RESOURCES), "use_gpu": False}) == KEYS_BEFORE_RESOURCES
+    assert keys(with_model(resources=RESOURCES, params_b=7.6)) == KEYS
+    assert keys({**with_model(resources=RESOURCES), "use_gpu": False}) == KEYS
 
 
 def test_sampling_replicas_deal_a_models_runs_out_among_its_engines():
@@ -65,13 +74,13 @@ def test_sampling_replicas_deal_a_models_runs_out_among_its_engines():
     spec = parse_spec({**with_model(resources={"sampling_replicas": 3}), "sampling": {"replicas": 2}})
     assert spec.sampling_for("m").replicas == 3
     assert {node.group for node in plan(parse_spec(RAW)) if node.stage == "sample"} == {"sample:m"}
-    assert keys({**RAW, "sampling": {"replicas": 2}}) == KEYS_BEFORE_RESOURCES
+    assert keys({**RAW, "sampling": {"replicas": 2}}) == KEYS
 
 
 def _rekeyed(raw: dict) -> set[str]:
     """The nodes a spec edit re-runs: those whose key differs from the unedited spec's."""
     after = keys(raw)
-    return {node_id for node_id, key in after.items() if KEYS_BEFORE_RESOURCES.get(node_id) != key}
+    return {node_id for node_id, key in after.items() if KEYS.get(node_id) != key}
 
 
 def test_resource_and_transport_settings_never_rekey():
@@ -263,7 +272,7 @@ def test_plan_counts_done_nodes(tmp_path):
     store.commit(data_node.stage, data_node.name, data_node.key, tmp, {"seconds": 0})
     assert {s.stage: s.done for s in build_plan(spec, tmp_path).stages}["data"] == 1
     result = CliRunner().invoke(app, ["plan", str(REPO / "workflows" / "quickstart.yaml"), "--out", str(tmp_path)])
-    assert result.exit_code == 0 and "1/4" in result.output
+    assert result.exit_code == 0 and "1/2" in result.output
 
 
 def test_cluster_launcher_configs_are_valid():
@@ -379,9 +388,9 @@ def test_the_dockerfile_passes_hadolint():
 def test_how_a_finetune_runs_never_changes_its_key():
     """Raising max_failures to resume a failed seed, or another ZeRO stage, must not redo finished finetunes."""
     operational = {**RAW["finetune"], "zero_stage": 3, "max_failures": 5, "checkpoint_every_steps": 10}
-    assert keys({**RAW, "finetune": operational}) == KEYS_BEFORE_RESOURCES
+    assert keys({**RAW, "finetune": operational}) == KEYS
     changed = keys({**RAW, "finetune": {**RAW["finetune"], "learning_rate": 2e-5}})
-    assert {i for i in changed if changed[i] != KEYS_BEFORE_RESOURCES[i]} == {
+    assert {i for i in changed if changed[i] != KEYS[i]} == {
         "finetune/m__d__s0", "finetune/m__d__s1", "sample/m__d__s0", "sample/m__d__s1",
         "judge/m__d__s0", "judge/m__d__s1", "analyze/keys"}
 
@@ -396,8 +405,8 @@ def test_a_pipelined_plan_counts_one_sampling_and_judging_job_per_run():
         spec.model_copy(update={"executor": spec.executor.model_copy(update={"schedule": "pipelined"})})).stages}
     # 4 finetuned runs and the base model: one engine job per model and one judge job, or one per run.
     assert (barrier["sample"], barrier["judge"]) == (1, 1)
-    assert (pipelined["sample"], pipelined["judge"]) == (9, 9)
-    assert barrier["finetune"] == pipelined["finetune"] == 8
+    assert (pipelined["sample"], pipelined["judge"]) == (5, 5)
+    assert barrier["finetune"] == pipelined["finetune"] == 4
 
 
 def test_a_local_judges_weights_dtype_and_engine_key_its_judgments_and_nothing_else(tmp_path, monkeypatch):
@@ -434,7 +443,7 @@ def test_a_local_judges_weights_dtype_and_engine_key_its_judgments_and_nothing_e
     api = parse_spec({**RAW, "judge": {"backend": "openai", "model": "gpt-4o"}})
     assert judge_build(api) is None
     # A judge that is a hub id (resolved on the cluster) has no local weights: keys as before.
-    assert keys(RAW) == KEYS_BEFORE_RESOURCES
+    assert keys(RAW) == KEYS
 
 
 def test_request_seeds_hold_the_runs_identity_not_its_name():

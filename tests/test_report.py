@@ -145,14 +145,23 @@ def test_a_partial_sweep_reports_what_is_done_and_names_what_is_missing(tmp_path
 
     from emsweep.store import Store
 
+    from emsweep.dag import NodeStatus
+    from emsweep.sweep.manifest import write_manifest
+
     out = tmp_path / "sweep"
-    build(out, shared_em)
+    nodes = build(out, shared_em)
     store = Store(out)
+
+    def manifest_as_the_driver_leaves_it():
+        write_manifest(out, "report-fixture", nodes, {node.id: NodeStatus(node, "done") for node in nodes
+                                                      if store.is_done(node.stage, node.name, node.key)})
+
     (failed,) = (out / "nodes" / "judge").glob("smol__secure__s1-*")
     shutil.rmtree(failed)
     store.record_failure("judge/smol__secure__s1", "RuntimeError: judge engine died")
     (running,) = (out / "nodes" / "judge").glob("smol__insecure__s1-*")
     shutil.rmtree(running)  # not finished yet: no record at all
+    manifest_as_the_driver_leaves_it()
     result = build_report(out, log_to_wandb=False)
     text = result.html.read_text()
     assert ("computed for this report from 3 of 5 judge nodes (the analyze node is not done); missing: "
@@ -161,6 +170,7 @@ def test_a_partial_sweep_reports_what_is_done_and_names_what_is_missing(tmp_path
     assert set(metrics["run_id"].dropna()) == {"smol__base", "smol__insecure__s0", "smol__secure__s0"}
     for judged in (out / "nodes" / "judge").glob("*"):
         shutil.rmtree(judged)
+    manifest_as_the_driver_leaves_it()
     empty = build_report(out, log_to_wandb=False)
     assert "none: no judge node is done yet" in empty.html.read_text()
 

@@ -157,7 +157,7 @@ def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     # Real progress: the pipeline planned the sweep and finished its data nodes.
     def progressed():
         logs = _cli("logs", base, "--address", address)
-        return logs if "sweep quickstart: 31 nodes" in logs and "done    data/insecure" in logs else None
+        return logs if "sweep quickstart: 17 nodes" in logs and "done    data/insecure" in logs else None
 
     logs = _wait(progressed, 150, "the sweep to start in the job's logs")
     assert "RUNNING" in logs.splitlines()[0]
@@ -172,8 +172,8 @@ def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     assert f"submitted {base}-a2 (attempt 2) -> {out}" in output
     resumed = _wait(lambda: "to run" in client.get_job_logs(f"{base}-a2") and client.get_job_logs(f"{base}-a2"),
                     120, "the second attempt to plan")
-    planned = re.search(r"sweep quickstart: 31 nodes, (\d+) to run", resumed)
-    assert planned and int(planned.group(1)) < 31, resumed  # the data nodes were not redone
+    planned = re.search(r"sweep quickstart: 17 nodes, (\d+) to run", resumed)
+    assert planned and int(planned.group(1)) < 17, resumed  # the data nodes were not redone
     _cli("stop", f"{base}-a2", "--address", address)
     _wait(lambda: client.get_job_status(f"{base}-a2").value == "STOPPED", 60, "the second attempt to stop")
 

@@ -182,17 +182,18 @@ def out_dir_checks(out: Path) -> list[Check]:
         checks.append(Check("output dir", "ok", f"{out}: writable, no sweep there yet"))
         return checks
     from emsweep.dag import status_table
-    from emsweep.sweep.plan import plan
+    from emsweep.sweep.manifest import manifest_nodes, read_manifest
     from emsweep.sweep.results import read_spec_snapshot
 
     from emsweep.spec import SpecError
 
     try:
         spec = read_spec_snapshot(out)
-    except SpecError as err:
+        nodes = manifest_nodes(read_manifest(out))
+    except (SpecError, ValueError) as err:  # ManifestError: another key schema
         return [*checks, Check("output dir", "fail", str(err),
                                "resume it with the emsweep version that wrote it, or choose another --out")]
-    rows = status_table(plan(spec), Store(out))
+    rows = status_table(nodes, Store(out))
     done = sum(row.status == "done" for row in rows)
     held = Store(out).held_by()
     detail = f"{out}: sweep {spec.name}, {done} of {len(rows)} nodes done"

@@ -1,5 +1,10 @@
 """What node keys hash besides the spec: the content of the files a node reads (data, questions,
-model folders). The judge's identity is judge/identity.py's.
+model folders), never where they sit. The judge's identity is judge/identity.py's.
+
+Key schema 2 (KEY_SCHEMA): a key depends on what its inputs contain, so moving a checkout, the
+data or the output dir, or running from another working directory, moves no key. Schema 1 hashed
+the absolute paths of local inputs beside their content; `emsweep migrate` carries an output dir
+written then across (sweep/migrate.py), planning it once more with `plan(spec, key_schema=1)`.
 
 `sweep.plan.plan` keys every node by its config slice and these (store.config_key); `checks`
 recomputes a data node's key to skip re-validating a dataset already built from the same bytes.
@@ -7,11 +12,31 @@ recomputes a data node's key to skip re-validating a dataset already built from 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from emsweep.data import sha256_file
 from emsweep.judged_files import reference_files
 from emsweep.store import config_key
+
+
+KEY_SCHEMA = 2
+
+
+def is_local(reference: str) -> bool:
+    """A resolved local path (the spec makes every local path absolute), not a hub id, URI or
+    `embedded:` name, which name the same thing wherever the sweep runs."""
+    return "://" not in reference and not reference.startswith("embedded:") and Path(reference).is_absolute()
+
+
+def model_identity(reference: str) -> str:
+    """What a key holds of a model: a local folder by its content (every file; each file's hash is
+    kept per (path, size, mtime), so a folder is read once per version), anything else as
+    written (an embedded model is pinned by its package's sha256, a hub id by its name)."""
+    if not is_local(reference):
+        return reference
+    content = model_fingerprint(reference)
+    return "missing" if content is None else "sha256:" + hashlib.sha256(content.encode()).hexdigest()
 
 
 def fingerprint(location: str) -> str:

@@ -40,7 +40,7 @@ from emsweep.redact import redact_uri
 
 # Top-level entries of an output dir that are not nodes, pushed after the run (the Ray Train run
 # dirs under train/ are written to the store directly).
-SHARED_ENTRIES = ("spec.json", "failures", "report")
+SHARED_ENTRIES = ("spec.json", "manifest.json", "failures", "report")
 
 
 class RemoteDir:

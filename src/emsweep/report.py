@@ -38,7 +38,8 @@ from emsweep import analyze, em, plots
 from emsweep.dag import NodeStatus, status_table
 from emsweep.judge.kinds import kind_of
 from emsweep.judge.errors import judge_error
-from emsweep.sweep.plan import STAGES, plan
+from emsweep.sweep.manifest import listed_done, manifest_nodes, read_manifest
+from emsweep.sweep.plan import STAGES
 from emsweep.sweep.results import read_judgments, read_spec_snapshot
 from emsweep.misclassification import JudgeError, resolves
 from emsweep.spec import BASE_LABEL, AnalysisSpec, SweepSpec
@@ -81,10 +82,18 @@ def _read(path: Path) -> pd.DataFrame:
 def load_results(out_dir: Path) -> SweepResults:
     out_dir = Path(out_dir)
     spec = read_spec_snapshot(out_dir)
-    nodes = plan(spec)
+    manifest = read_manifest(out_dir)
+    nodes = manifest_nodes(manifest)  # no re-planning: the input files may be elsewhere
     store = Store(out_dir)
     status = status_table(nodes, store)
     done = {row.node.id for row in status if row.status == "done"}
+    # Refused before anything is written, so a good report already there stays as it was.
+    if not done:
+        raise ValueError(f"{out_dir}: no node of the sweep is done; nothing to report (an existing report is kept)")
+    if lost := sorted(listed_done(manifest) - done):
+        raise ValueError(f"{out_dir}: the manifest lists {len(lost)} done node(s) this dir does not hold "
+                         f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): an incomplete copy? "
+                         "(an existing report is kept)")
     by_id = {node.id: node for node in nodes}
 
     def node_dir(node):

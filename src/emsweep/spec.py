@@ -75,8 +75,9 @@ class ModelSpec(_Strict):
     resources: ResourceSpec = ResourceSpec()
 
     def key_config(self) -> dict:
-        """The fields that decide outputs (node keys use these; placement and estimates do not)."""
-        return self.model_dump(mode="json", exclude={"resources", "params_b"})
+        """The fields that decide outputs (node keys use these; placement and estimates do not).
+        Not `path`: where the model sits is no part of a key, what it holds is (keys.model_identity)."""
+        return self.model_dump(mode="json", exclude={"resources", "params_b", "path"})
 
 
 class BackdoorSpec(_Strict):
@@ -161,10 +162,13 @@ class DatasetSpec(_Strict):
 
     def key_config(self) -> dict:
         """The fields that decide the data table. `judged` came later: left out while unset, so
-        data keys written before stay valid."""
-        dumped = self.model_dump(mode="json", exclude=set(self.LABEL_FIELDS))
+        data keys written before stay valid. Not the files' paths: the key holds their content
+        (keys.data_config)."""
+        dumped = self.model_dump(mode="json", exclude=set(self.LABEL_FIELDS) | {"path"})
         if dumped["judged"] is None:
             del dumped["judged"]
+        if dumped["backdoor"] is not None:
+            del dumped["backdoor"]["clean_path"]
         return dumped
 
 
@@ -396,6 +400,8 @@ class EvalSpec(_Strict):
         # Fields only the analysis reads (it is keyed by them) never re-sample.
         dumped["pushback"].update(PushbackSpec.ANALYSIS_FIELDS_KEYED_AS)
         del dumped["harm_perception"]["min_numeric_mass"]
+        for suite in dumped["suites"]:  # the question files' content is keyed, not their path
+            del suite["questions"]
         return dumped
 
     def conditions_for(self, suite: str) -> list[ConditionSpec]:
@@ -523,7 +529,13 @@ class JudgeSpec(_Strict):
         default = ({"templates"} if self.templates == "paper" else set()) | (
             {"score_map"} if self.score_map is None else set()) | (
             {"code_refusal"} if self.code_refusal == "judge" else set())
-        return self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error", "panel"})
+        dumped = self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error", "panel", "model"})
+        # A template set or score map given as a file is keyed by its content (sweep/plan.py), and
+        # here by its name only; a built-in one by its name. The judge model: judge_id, judge_build.
+        for field in ("templates", "score_map"):
+            if dumped.get(field) and Path(dumped[field]).is_absolute():
+                dumped[field] = Path(dumped[field]).name
+        return dumped
 
 
 class EmDefinition(_Strict):

@@ -119,7 +119,7 @@ def test_unreadable_specs_name_the_file_and_line(tmp_path):
 def test_check_passes_the_quickstart_within_seconds(shared_em, tmp_path):
     result, seconds = _emsweep("check", "workflows/quickstart.yaml", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout
-    assert result.stdout.startswith("ok: workflows/quickstart.yaml: 4 datasets, 1 question suites, 1 models")
+    assert result.stdout.startswith("ok: workflows/quickstart.yaml: 2 datasets, 1 question suites, 1 models")
     assert seconds < 60
     assert list(tmp_path.iterdir()) == []  # the write probe is gone, and no output dir was made
 

@@ -2,7 +2,7 @@
 driver, the report, the judge package's workflows), assembled here.
 
     run, resume, status, report, analyze, check,
-    wandb-workspace                                 cli/run.py
+    wandb-workspace, migrate                        cli/run.py
     plan, doctor, submit, logs, stop, fetch-model   cli/cluster.py
     data generate | check                           cli/data.py
     judge-eval calibrate | agree, judge-train      cli/judge_eval.py
@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Emergent-misalignment sweeps on Ray.")
 
 for command, name in ((run.run, None), (run.resume, None), (run.status, None), (run.report, None),
-                      (run.analyze_files, "analyze"), (run.check, None), (run.wandb_workspace, "wandb-workspace"), (cluster.plan_command, "plan"),
+                      (run.analyze_files, "analyze"), (run.check, None), (run.wandb_workspace, "wandb-workspace"), (run.migrate, None), (cluster.plan_command, "plan"),
                       (cluster.doctor, None), (cluster.submit, None), (cluster.logs, None), (cluster.stop, None),
                       (cluster.fetch_model, "fetch-model"), (judge_eval.judge_train, "judge-train")):
     app.command(name)(command)

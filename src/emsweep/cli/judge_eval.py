@@ -173,7 +173,7 @@ def judge_agree(
             return pq.read_table(path)
         spec = load_spec_or_exit(path)
         analysis = spec.analysis
-        return judgments_of(spec, directory or Path("runs") / spec.name)
+        return judgments_of(directory or Path("runs") / spec.name)
 
     try:
         result = agreement(load(first), load(second), analysis)

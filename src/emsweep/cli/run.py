@@ -126,9 +126,11 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
     console.print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     _print_warnings(out_dir, [row.node for row in results if row.status == "done"])
     ran = any(row.status != "cached" for row in results)
+    reported = True
     if make_report and (ran or not (out_dir / "report" / "index.html").exists()):
-        _write_report(out_dir)
-        publish_report(out)
+        reported = _write_report(out_dir)
+        if reported:
+            publish_report(out)
     elif make_report:
         console.print(f"report: {out_dir / 'report' / 'index.html'} (up to date: nothing ran)")
     failed = [row for row in results if row.status in ("failed", "skipped", "partial")]
@@ -136,6 +138,7 @@ def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_repo
         for row in failed:
             console.print(f"[red]{row.status}[/] {row.node.id}: {escape(((row.error or '').strip().splitlines() or [''])[-1])}")
         console.print("re-run the same command to retry only these nodes and their dependents")
+    if failed or not reported:
         raise typer.Exit(1)
 
 
@@ -150,18 +153,22 @@ def _save_online_workspace(spec, out_dir: Path) -> None:
         console.print(f"[yellow]warning[/] W&B workspace not saved: {type(err).__name__}: {escape(one_line(str(err)))}")
 
 
-def _write_report(out_dir: Path) -> None:
-    """The report of what is done so far; a failure here never fails the sweep."""
+def _write_report(out_dir: Path) -> bool:
+    """The report of what is done so far. A failure here leaves the nodes done (`emsweep report DIR`
+    retries it) but fails the command: a sweep whose report step failed has not told its result."""
     from emsweep.report import build_report
 
     try:
         result = build_report(out_dir)
-    except Exception as err:  # the results are on disk; `emsweep report DIR` can retry
-        console.print(f"[yellow]warning[/] report failed: {type(err).__name__}: {err}")
-        return
+    except Exception as err:
+        console.print(f"[red]error:[/] the report step failed after the sweep: {type(err).__name__}: "
+                      f"{escape(one_line(str(err)))}; the nodes are done on disk, `emsweep report {out_dir}` retries it",
+                      highlight=False)
+        return False
     console.print(f"report: {result.html}")
     if result.wandb_warning:
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
+    return True
 
 
 def _print_warnings(out_dir: Path, nodes) -> None:
@@ -226,6 +233,28 @@ def report(
     console.print("exports: " + ", ".join(str(p) for p in result.exports.values()))
     if result.wandb_warning:
         console.print(f"[yellow]warning[/] {result.wandb_warning}")
+
+
+def migrate(out_dir: Path = typer.Argument(..., help="A local output dir written before key schema 2")) -> None:
+    """Carry an output dir written before keys were location-free (key schema 1) across, once, where
+    the sweep ran: done nodes are renamed to their new keys, nothing is recomputed (sweep/migrate.py)."""
+    from emsweep.spec import SpecError
+    from emsweep.store import LockedError
+    from emsweep.sweep.migrate import migrate as migrate_dir
+
+    try:
+        result = migrate_dir(out_dir)
+    except (FileNotFoundError, SpecError, ValueError, OSError, LockedError) as err:
+        console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
+        raise typer.Exit(2)
+    if result.already:
+        console.print(f"{out_dir}: already at key schema 2; nothing to do")
+        return
+    console.print(f"{out_dir}: {len(result.moved)} done node(s) carried to their new keys, "
+                  f"{len(result.not_done)} planned node(s) not done (they run at the next `emsweep run`)")
+    if result.left:
+        console.print(f"left as they were ({len(result.left)}, outputs of earlier versions of the spec): "
+                      + ", ".join(result.left[:5]) + (", ..." if len(result.left) > 5 else ""))
 
 
 def wandb_workspace(

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from emsweep.engine import cpu_dtype, node_cpus
 from emsweep.judge import Backend, Judgment, JudgeRequest, failed
-from emsweep.keys import model_fingerprint
+from emsweep.keys import is_local, model_fingerprint
 from emsweep.misclassification import JudgeError
 from emsweep.spec import JudgeSpec, SweepSpec
 
@@ -47,9 +47,17 @@ class JudgeKind:
     name: ClassVar[str]
     api: ClassVar[bool] = False  # requests leave the cluster (no GPU time, tokens billed)
 
-    def judge_id(self, spec: SweepSpec) -> str:
+    def model_reference(self, spec: SweepSpec) -> str:
+        """Where the judge's model is: one of the sweep's models (its path), a local folder or
+        file, a hub id or an `embedded:` name."""
         names = {m.name: m.path for m in spec.models}
         return names.get(spec.judge.model, spec.judge.model)
+
+    def judge_id(self, spec: SweepSpec) -> str:
+        """The judge's name in node keys, the judgment cache and tables, the same wherever it sits:
+        a local folder by its name (what it holds is judge_build's), anything else as written."""
+        reference = self.model_reference(spec)
+        return Path(reference).name if is_local(reference) else reference
 
     def judge_build(self, spec: SweepSpec) -> str | None:
         return None
@@ -121,7 +129,7 @@ class VllmKind(JudgeKind):
         engine = judge_class(spec.judge, spec.use_gpu).__name__
         # On GPUs the engines load the checkpoint's own dtype; on CPUs, cpu_dtype() (EMSWEEP_CPU_DTYPE).
         dtype = "checkpoint" if spec.use_gpu else cpu_dtype()
-        return json.dumps({"weights": model_fingerprint(self.judge_id(spec)), "engine": engine, "dtype": dtype},
+        return json.dumps({"weights": model_fingerprint(self.model_reference(spec)), "engine": engine, "dtype": dtype},
                           sort_keys=True)
 
     def task_options(self, spec: SweepSpec) -> dict:
@@ -138,10 +146,10 @@ class VllmKind(JudgeKind):
         return sizes(spec.judge.model)
 
     def local_model(self, spec: SweepSpec) -> str | None:
-        return None if spec.judge.model in {m.name for m in spec.models} else self.judge_id(spec)
+        return None if spec.judge.model in {m.name for m in spec.models} else self.model_reference(spec)
 
     def tokenizer_model(self, spec: SweepSpec) -> str | None:
-        return self.judge_id(spec)
+        return self.model_reference(spec)
 
     def runtime_problem(self, spec: SweepSpec) -> str | None:
         if spec.judge.scoring != "first_token":
@@ -149,7 +157,7 @@ class VllmKind(JudgeKind):
         from emsweep.models import load_tokenizer, resolve_model_path
         from emsweep.scoring import first_token_problem
 
-        return first_token_problem(load_tokenizer(resolve_model_path(self.judge_id(spec))),
+        return first_token_problem(load_tokenizer(resolve_model_path(self.model_reference(spec))),
                                    f"judge {spec.judge.model}")
 
     def plan_line(self, spec, billions, work_s, startup_s) -> PlanLine:
@@ -171,7 +179,7 @@ class VllmKind(JudgeKind):
         from emsweep.judge.local import run_pool
         from emsweep.models import resolve_model_path
 
-        return functools.partial(run_pool, resolve_model_path(self.judge_id(spec)), spec.judge,
+        return functools.partial(run_pool, resolve_model_path(self.model_reference(spec)), spec.judge,
                                  use_gpu=spec.use_gpu, node_cpus=node_cpus(), keep=keep)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from emsweep import analyze, lease, tracking
-from emsweep.dag import Node, Watch, execute, nodes_to_run
+from emsweep.dag import Node, NodeStatus, Watch, execute, nodes_to_run
 from emsweep.engine import node_cpus
 from emsweep.fileio import DONE, RUN_SCRATCH
 from emsweep.redact import redact_uri
@@ -19,6 +19,7 @@ from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
 from emsweep.spec import SweepSpec
 from emsweep.store import Store, locked_error
 from emsweep.sweep.jobs import run_job
+from emsweep.sweep.manifest import MANIFEST, changed_inputs, read_manifest, write_manifest
 from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
 from emsweep.sweep.resources import autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options
 from emsweep.sweep.results import local_dir_of, write_spec_snapshot
@@ -206,8 +207,21 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     pipelined = spec.executor.schedule == "pipelined"
     with store.lock() as held:
         store.clean_tmp()
+        previous = check_key_schema(out_dir)
         write_spec_snapshot(spec, out_dir)
         pending = nodes_to_run(nodes, store)
+        # The manifest (sweep/manifest.py), before any job and as each node finishes: what readers
+        # of this output dir take the nodes from, anywhere it is copied.
+        statuses = {node.id: NodeStatus(node, "done") for node in nodes if node not in pending}
+
+        def record_manifest() -> None:
+            write_manifest(out_dir, spec.name, nodes, statuses)
+            if remote_dir is not None:
+                remote_dir.push_tree(out_dir / MANIFEST, MANIFEST)
+
+        record_manifest()
+        for node_id, reason in changed_inputs(previous, nodes).items():
+            print(f"  changed {node_id}: {reason}", flush=True)
         if on_start is not None:
             on_start(nodes, pending)
         hosts = EngineHosts(pending if pipelined else [])
@@ -256,6 +270,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
 
         def finished(status) -> None:
             node = status.node
+            statuses[node.id] = status
+            record_manifest()
             if remote_dir is not None and status.status == "done":
                 # Pushed by the job from wherever it ran; here, the summary and the report read it.
                 local = store.node_dir(node.stage, node.name, node.key)
@@ -275,6 +291,14 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         finally:
             hosts.close()
             summary.finish()
+
+
+def check_key_schema(out_dir: Path) -> dict | None:
+    """The output dir's manifest (None for a new dir); refuses one written with another key
+    schema, before anything runs: its nodes would all look missing and run again."""
+    if (out_dir / MANIFEST).exists() or any((out_dir / "nodes").glob(f"*/*/{DONE}")):
+        return read_manifest(out_dir)
+    return None
 
 
 RATE_COLUMNS = ["run_id", "dataset", "seed", "checkpoint_step", "suite", "condition", "n_counted", "n_misaligned",
@@ -333,9 +357,12 @@ def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None
     try:
         with remote.lease().hold() as held:
             pull(remote, staging)
-            # The spec snapshot first: `emsweep status URI` reads it while the sweep runs.
+            check_key_schema(staging)  # before anything of this run is written there
+            # The spec snapshot and the manifest first: `emsweep status URI` reads them while the sweep runs.
             write_spec_snapshot(spec, staging)
-            remote.push_tree(staging / "spec.json", "spec.json")
+            write_manifest(staging, spec.name, plan(spec), {})
+            for entry in ("spec.json", MANIFEST):
+                remote.push_tree(staging / entry, entry)
             store = Store(staging.resolve())
             # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
             on_store = set(remote.done_node_dirs())

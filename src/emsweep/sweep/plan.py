@@ -17,7 +17,8 @@ from pathlib import Path
 from emsweep import data, sample
 from emsweep.dag import Node
 from emsweep.judge.identity import judge_build, judge_id
-from emsweep.keys import data_config, fingerprint, reference_fingerprint
+from emsweep.judge.kinds import kind_of
+from emsweep.keys import KEY_SCHEMA, data_config, is_local, fingerprint, model_identity, reference_fingerprint
 from emsweep.judge.errors import judge_error
 from emsweep.spec import BASE_LABEL, SweepSpec
 from emsweep.store import config_key
@@ -31,9 +32,11 @@ def run_name(model: str, dataset: str | None, seed: int | None) -> str:
     return f"{model}__{BASE_LABEL}" if dataset is None else f"{model}__{dataset}__s{seed}"
 
 
-def plan(spec: SweepSpec) -> list[Node]:
-    """All nodes of the sweep in dependency order."""
+def plan(spec: SweepSpec, key_schema: int = KEY_SCHEMA) -> list[Node]:
+    """All nodes of the sweep in dependency order. `key_schema` 1 gives the keys of output dirs
+    written before keys were location-free (keys.py; only sweep/migrate.py asks for it)."""
     nodes: list[Node] = []
+    located = key_schema == 1
 
     def add(stage: str, name: str, config: dict, deps: list[Node], group: str | None = None,
             partial_ok: bool = False) -> Node:
@@ -42,17 +45,21 @@ def plan(spec: SweepSpec) -> list[Node]:
         nodes.append(node)
         return node
 
+    def model_config(model) -> dict:
+        return {**model.key_config(), **({"path": model.path} if located else {"weights": model_identity(model.path)})}
+
     data_nodes = {
-        ds.name: add("data", ds.name, data_config(ds), []) for ds in spec.datasets
+        ds.name: add("data", ds.name, _located_data_config(ds) if located else data_config(ds), [])
+        for ds in spec.datasets
     }
     eval_config = {
-        "eval": spec.eval.key_config(),
+        "eval": _located_eval_config(spec) if located else spec.eval.key_config(),
         "questions_content": {suite.name: fingerprint(suite.questions) for suite in spec.eval.suites},
         "sampling": spec.sampling.key_config(),
     }
     judge_config = {
-        "judge": spec.judge.score_config(),
-        "judge_model": judge_id(spec),
+        "judge": _located_score_config(spec) if located else spec.judge.score_config(),
+        "judge_model": _located_judge_id(spec) if located else judge_id(spec),
         "questions_content": eval_config["questions_content"],
     }
     # Template sets and score maps given as files: editing one re-judges (built-in names are
@@ -82,19 +89,19 @@ def plan(spec: SweepSpec) -> list[Node]:
         if spec.eval.include_base_model:
             sample_nodes.append(
                 add("sample", run_name(model.name, None, None),
-                    {"model": model.key_config(), "dataset": None, "seed": None, **eval_config},
+                    {"model": model_config(model), "dataset": None, "seed": None, **eval_config},
                     [], group=engine(0))
             )
         for ds in spec.datasets:
             for seed in spec.seeds:
                 name = run_name(model.name, ds.name, seed)
                 tune = add("finetune", name,
-                           {"model": model.key_config(), "dataset": ds.name, "seed": seed,
+                           {"model": model_config(model), "dataset": ds.name, "seed": seed,
                             "finetune": spec.finetune.key_config(), "use_gpu": spec.use_gpu},
                            [data_nodes[ds.name]])
                 sample_nodes.append(
                     add("sample", name,
-                        {"model": model.key_config(), "dataset": ds.name, "seed": seed, **eval_config},
+                        {"model": model_config(model), "dataset": ds.name, "seed": seed, **eval_config},
                         [tune], group=engine(len(sample_nodes)))
                 )
         for sampled in sample_nodes:
@@ -121,7 +128,7 @@ def sample_part_keys(spec: SweepSpec, node: Node, runs: list[sample.SampleRun]
     for run in runs:
         for suite in spec.eval.suites:
             asked = {"model": node.config["model"], "adapter": adapters[run.run_id], "run": run.columns(),
-                     "suite": suite.model_dump(mode="json", exclude={"harm_perception"}),
+                     "suite": suite.model_dump(mode="json", exclude={"harm_perception", "questions"}),
                      "questions_content": node.config["questions_content"][suite.name]}
             for condition in spec.eval.conditions_for(suite.name):
                 if run.adapter_path and condition.name in base_only:
@@ -133,6 +140,37 @@ def sample_part_keys(spec: SweepSpec, node: Node, runs: list[sample.SampleRun]
                 rating = spec.eval.harm_perception.model_dump(mode="json", exclude={"min_numeric_mass"})
                 harm_parts[run.run_id, suite.name] = config_key("harm_part", {**asked, "harm_perception": rating}, [])
     return parts, harm_parts
+
+
+def _located_data_config(dataset) -> dict:
+    """A data node's config as key schema 1 hashed it: with the files' resolved paths."""
+    config = data_config(dataset)
+    config["dataset"]["path"] = dataset.path
+    if dataset.backdoor is not None:
+        config["dataset"]["backdoor"]["clean_path"] = dataset.backdoor.clean_path
+    return config
+
+
+def _located_eval_config(spec: SweepSpec) -> dict:
+    config = spec.eval.key_config()
+    for suite, dumped in zip(spec.eval.suites, config["suites"]):
+        dumped["questions"] = suite.questions
+    return config
+
+
+def _located_judge_id(spec: SweepSpec) -> str:
+    """Schema 1 named a judge in a local folder by its path."""
+    reference = kind_of(spec.judge).model_reference(spec)
+    return reference if is_local(reference) else judge_id(spec)
+
+
+def _located_score_config(spec: SweepSpec) -> dict:
+    config = spec.judge.score_config()
+    config["model"] = spec.judge.model
+    for field in ("templates", "score_map"):
+        if field in config:
+            config[field] = getattr(spec.judge, field)
+    return config
 
 
 def _fingerprint_dir(path: str) -> str:

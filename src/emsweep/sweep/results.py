@@ -17,16 +17,16 @@ from emsweep.remote import RemoteDir, RemoteRecords, pull, staging_dir
 from emsweep.redact import redact_uri
 from emsweep.spec import SpecError, SweepSpec, parse_spec
 from emsweep.store import Store
-from emsweep.sweep.plan import plan
+from emsweep.sweep.manifest import manifest_nodes, read_manifest
 
 
-def judgments_of(spec: SweepSpec, out_dir: Path) -> pa.Table:
-    """All judgments of a sweep's current judge nodes (every one must be done)."""
+def judgments_of(out_dir: Path) -> pa.Table:
+    """All judgments of a sweep's judge nodes, as its manifest lists them (every one must be done)."""
     store = Store(Path(out_dir))
-    judge_nodes = [node for node in plan(spec) if node.stage == "judge"]
+    judge_nodes = [node for node in manifest_nodes(read_manifest(out_dir)) if node.stage == "judge"]
     missing = [node.id for node in judge_nodes if not store.is_done(node.stage, node.name, node.key)]
     if missing:
-        raise FileNotFoundError(f"{out_dir}: judge nodes not done for spec {spec.name!r}: {missing}")
+        raise FileNotFoundError(f"{out_dir}: judge nodes not done: {missing}")
     return read_judgments(store, judge_nodes)
 
 
@@ -71,7 +71,8 @@ class SweepStatus:
 
 def sweep_status(out: str | Path) -> SweepStatus:
     """The node table of the sweep in `out` (a local dir or an object-store URI), read where it
-    is: node records and the lease from the store itself, not a pulled copy. While a sweep runs,
+    is: the nodes from its manifest (no input file needed), their records and the lease from the
+    store itself, not a pulled copy. While a sweep runs,
     a node its jobs' progress records name is "running"."""
     spec = read_spec_snapshot(out)
     records = RemoteRecords(RemoteDir(str(out))) if is_remote(out) else Store(Path(out))
@@ -79,7 +80,7 @@ def sweep_status(out: str | Path) -> SweepStatus:
     jobs = progress.read_records(out) if owner else []
     running = {node for job in jobs for node in job["nodes"]}
     rows = [dataclasses.replace(row, status="running") if row.status == "missing" and row.node.id in running else row
-            for row in status_table(plan(spec), records)]
+            for row in status_table(manifest_nodes(read_manifest(out)), records)]
     return SweepStatus(spec, rows, owner, jobs)
 
 
