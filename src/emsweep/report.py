@@ -106,8 +106,9 @@ def load_results(out_dir: Path) -> SweepResults:
         if judge_nodes else None
     harm = pa.concat_tables([pq.read_table(d / "harm.parquet") for d in sample_dirs]) if sample_dirs else None
 
-    (analyze_node,) = [n for n in nodes if n.stage == "analyze"]
-    if analyze_node.id in done:
+    # A sweep run only up to a stage (`until`) lists no analyze node in its manifest.
+    analyze_node = next((n for n in nodes if n.stage == "analyze"), None)
+    if analyze_node is not None and analyze_node.id in done:
         tables = {name: _read(node_dir(analyze_node) / f"{name}.parquet") for name in ANALYSIS_TABLES}
         source = "the sweep's analyze node"
     elif judge_nodes:
