@@ -345,9 +345,11 @@ def p5(smoke: bool) -> dict:
     --smoke: 12 x 4, 159 nodes) are all done: wall time of the CLI process."""
     import yaml
 
-    from emsweep.sweep.plan import plan
+    from emsweep.dag import NodeStatus
     from emsweep.spec import load_spec
     from emsweep.store import Store
+    from emsweep.sweep.manifest import write_manifest
+    from emsweep.sweep.plan import plan
 
     data = SHARED / "em/data"
     with tempfile.TemporaryDirectory() as tmp:
@@ -369,6 +371,9 @@ def p5(smoke: bool) -> dict:
             work = store.new_tmp_dir()
             (work / "marker.txt").write_text("bench")
             store.commit(node.stage, node.name, node.key, work, {"seconds": 0.0})
+        # The run manifest, as the driver leaves a finished sweep (an output dir without one is
+        # from before key schema 2, which `emsweep run` refuses).
+        write_manifest(out, spec.name, nodes, {node.id: NodeStatus(node, "done") for node in nodes})
         # --no-report: the nodes hold marker files, not real tables, so there is nothing to report on.
         cli = [str(Path(sys.executable).parent / "emsweep"), "run", str(spec_path), "--out", str(out), "--no-report"]
         seconds = timed(lambda: subprocess.run(cli, check=True, capture_output=True, env=os.environ.copy()))
