@@ -3,12 +3,15 @@ small version of the coverage study on GPT-4o's judgments (scripts/ppi_coverage.
 one is in docs/judging.md, "Audited rates")."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from emsweep.prediction_powered import classical_rate, ppi_rate
+from emsweep.prediction_powered import classical_rate, ppi_mean, ppi_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,9 +23,43 @@ def _study():
     return module
 
 
-def test_with_every_answer_counted_the_rate_is_ppi_pythons_mean():
-    from ppi_py import ppi_mean_ci, ppi_mean_pointestimate
+def _ppi_python(cases: list[dict]) -> list[dict]:
+    """ppi-python's own estimate and interval for each case, computed in a child process: it
+    imports numba, which must not enter a process that may start a vLLM engine (prediction_powered.py)."""
+    code = """
+import json, sys
+import numpy as np
+from ppi_py import ppi_mean_ci, ppi_mean_pointestimate
+out = []
+for case in json.load(sys.stdin):
+    args = [np.array(case[k]) for k in ("Y", "Yhat", "Yu")]
+    low, high = ppi_mean_ci(*args, alpha=case["alpha"], lam=case["lam"])
+    out.append({"estimate": float(np.ravel(ppi_mean_pointestimate(*args, lam=case["lam"]))[0]),
+                "low": float(np.ravel(low)[0]), "high": float(np.ravel(high)[0])})
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
 
+
+def test_the_ppi_mean_is_ppi_pythons_to_1e_9():
+    rng = np.random.default_rng(3)
+    cases = []
+    for n, N, rate, agreement, alpha, lam in ((300, 2700, 0.12, 0.8, 0.05, None), (60, 1140, 0.2, 0.9, 0.1, None),
+                                               (300, 2700, 0.12, 0.8, 0.05, 1.0), (40, 400, 0.5, 0.6, 0.05, 0.3),
+                                               (200, 200, 0.05, 0.95, 0.05, None)):
+        truth = (rng.random(n + N) < rate).astype(float)
+        fast = np.where(rng.random(n + N) < agreement, truth, 1 - truth) * rng.uniform(0.5, 1.0, n + N)
+        cases.append({"Y": truth[:n].tolist(), "Yhat": fast[:n].tolist(), "Yu": fast[n:].tolist(), "alpha": alpha,
+                      "lam": lam})
+    for case, reference in zip(cases, _ppi_python(cases), strict=True):
+        estimate, low, high, _ = ppi_mean(case["Y"], case["Yhat"], case["Yu"], alpha=case["alpha"], lam=case["lam"])
+        assert (estimate, low, high) == pytest.approx((reference["estimate"], reference["low"], reference["high"]),
+                                                      abs=1e-9)
+
+
+def test_with_every_answer_counted_the_rate_is_the_ppi_mean():
     rng = np.random.default_rng(3)
     truth = (rng.random(3000) < 0.12).astype(float)
     fast = np.where(rng.random(3000) < 0.8, truth, 1 - truth)
@@ -30,10 +67,8 @@ def test_with_every_answer_counted_the_rate_is_ppi_pythons_mean():
     ones = np.ones(3000)
     for lam in (None, 1.0, 0.4):
         estimate = ppi_rate(truth[audited], ones[audited], fast[audited], ones[audited], fast[rest], ones[rest], lam=lam)
-        low, high = ppi_mean_ci(truth[audited], fast[audited], fast[rest], alpha=0.05, lam=lam)
-        assert estimate.estimate == pytest.approx(float(ppi_mean_pointestimate(truth[audited], fast[audited], fast[rest],
-                                                                                lam=lam)), abs=1e-12)
-        assert (estimate.low, estimate.high) == pytest.approx((float(low[0]), float(high[0])), abs=1e-12)
+        expected = ppi_mean(truth[audited], fast[audited], fast[rest], lam=lam)
+        assert (estimate.estimate, estimate.low, estimate.high) == pytest.approx(expected[:3], abs=1e-12)
     # The classical interval ignores the fast judge: it is wider than PPI's with a good fast judge.
     classical = classical_rate(truth[audited], ones[audited])
     assert classical.estimate == truth[audited].mean()

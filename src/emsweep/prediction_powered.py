@@ -14,7 +14,7 @@ prediction-powered: theta solves E[M - theta C] = 0, and the PPI estimate of tha
 
 with n audited answers (trusted M, C; fast Mhat, Chat) and N answers not audited (fast only). Its
 interval comes from the linearisation Z = (M - theta C) / c (c the PPI estimate of E[C]), whose
-PPI mean interval (ppi-python's ppi_mean_ci, lam tuned by PPI++ unless given) is theta's interval
+PPI mean interval (ppi_mean below, ppi-python's arithmetic; lam tuned by PPI++ unless given) is theta's interval
 around theta_ppi: the delta method for PPI M-estimators (Angelopoulos et al., Theorem 2). lam = 0
 is the classical estimate from the audited answers alone. With fewer than MIN_EVENTS misaligned
 answers or disagreements among the audited ones, the interval also spans the exact interval of the
@@ -40,10 +40,32 @@ class RateEstimate:
     high: float
     n_audited: int
     n_total: int
-    lam: float | None  # the weight given to the fast judge (None: tuned by PPI++, or the classical estimate)
+    lam: float | None  # the weight given to the fast judge (PPI++'s when tuned; None: the classical estimate)
 
 
 NAN_ESTIMATE = dict(estimate=float("nan"), low=float("nan"), high=float("nan"))
+
+
+def ppi_mean(Y, Yhat, Yhat_unlabeled, alpha: float = 0.05, lam: float | None = None) -> tuple[float, float, float, float]:
+    """The prediction-powered mean of Y and its (1 - alpha) CLT interval: (estimate, low, high,
+    lam). `lam` None: PPI++'s variance-minimising weight, clipped to [0, 1]. The same arithmetic as
+    ppi-python's ppi_mean_pointestimate / ppi_mean_ci (unweighted, one dimension), checked against
+    it to 1e-9 in tests/test_prediction_powered.py. Not imported from it: ppi-python imports numba
+    at import time, whose objects break vLLM's in-process kernel scan (vllm/triton_utils/
+    dispatcher.py) in any process that later starts an engine."""
+    from scipy.stats import norm
+
+    Y, Yhat, Yu = _floats(Y), _floats(Yhat), _floats(Yhat_unlabeled)
+    n, N = len(Y), len(Yu)
+    if lam is None:
+        rectifier, fast = Y - Y.mean(), Yhat - Yhat.mean()
+        covariance = 2 * float(rectifier @ fast) / n
+        variance = float(np.var(np.concatenate([Yhat, Yu]), ddof=1))
+        lam = float(np.clip(covariance / (2 * (1 + n / N) * variance), 0, 1))
+    estimate = float((lam * Yu).mean() + (Y - lam * Yhat).mean())
+    se = float(np.sqrt((lam * Yu).std() ** 2 / N + (Y - lam * Yhat).std() ** 2 / n))
+    z = float(norm.ppf(1 - alpha / 2))
+    return estimate, estimate - z * se, estimate + z * se, lam
 
 
 def ppi_rate(audited_misaligned, audited_counted, audited_fast_misaligned, audited_fast_counted,
@@ -52,31 +74,27 @@ def ppi_rate(audited_misaligned, audited_counted, audited_fast_misaligned, audit
     """The prediction-powered pooled EM rate and its (1 - alpha) interval (module docstring).
     Arrays of 0/1: the trusted judge's verdicts on the audited answers, the fast judge's on the same
     answers, and the fast judge's on the answers not audited. `lam` None: tuned (PPI++); 1: plain PPI."""
-    from ppi_py import ppi_mean_ci, ppi_mean_pointestimate
-
     M, C = _floats(audited_misaligned), _floats(audited_counted)
     Mhat, Chat = _floats(audited_fast_misaligned), _floats(audited_fast_counted)
     Mu, Cu = _floats(unaudited_fast_misaligned), _floats(unaudited_fast_counted)
     n, N = len(M), len(Mu)
     if n < 2 or N < 1:
         return RateEstimate(**NAN_ESTIMATE, n_audited=n, n_total=n + N, lam=lam)
-    # Plain PPI (lam = 1) for the centre of the linearisation, then one tuned step on it.
-    counted = _scalar(ppi_mean_pointestimate(C, Chat, Cu, lam=1))
+    # Plain PPI (lam = 1) for the centre of the linearisation, then the tuned estimate of it.
+    counted = ppi_mean(C, Chat, Cu, lam=1.0)[0]
     if counted <= 0:
         return RateEstimate(**NAN_ESTIMATE, n_audited=n, n_total=n + N, lam=lam)
-    centre = _scalar(ppi_mean_pointestimate(M, Mhat, Mu, lam=1)) / counted
+    centre = ppi_mean(M, Mhat, Mu, lam=1.0)[0] / counted
     Z, Zhat, Zu = (M - centre * C) / counted, (Mhat - centre * Chat) / counted, (Mu - centre * Cu) / counted
-    # lam None: ppi-python tunes it (PPI++), the same way for the point estimate and the interval.
     # Where the fast judge's verdicts do not vary (all 0, a file without EM), the tuning divides
     # by zero; any lam then gives the same estimate (the audited mean), so plain PPI is used.
     if lam is None and np.ptp(np.concatenate([Zhat, Zu])) == 0:
         lam = 1.0
-    shift = _scalar(ppi_mean_pointestimate(Z, Zhat, Zu, lam=lam))
-    low, high = ppi_mean_ci(Z, Zhat, Zu, alpha=alpha, lam=lam)
-    low, high = centre + _scalar(low), centre + _scalar(high)
+    shift, low, high, used = ppi_mean(Z, Zhat, Zu, alpha=alpha, lam=lam)
+    low, high = centre + low, centre + high
     if min(M.sum(), (M != Mhat).sum()) < MIN_EVENTS:
         low, high = _with_exact(low, high, M, C, alpha)
-    return RateEstimate(centre + shift, low, high, n_audited=n, n_total=n + N, lam=lam)
+    return RateEstimate(centre + shift, low, high, n_audited=n, n_total=n + N, lam=used)
 
 
 def classical_rate(audited_misaligned, audited_counted, alpha: float = 0.05, n_total: int | None = None) -> RateEstimate:
@@ -114,10 +132,6 @@ def _with_exact(low: float, high: float, M: np.ndarray, C: np.ndarray, alpha: fl
         return low, high
     exact = binomtest(int(M.sum()), counted).proportion_ci(confidence_level=1 - alpha, method="exact")
     return min(low, exact.low), max(high, exact.high)
-
-
-def _scalar(value) -> float:
-    return float(np.ravel(value)[0])
 
 
 def _floats(values) -> np.ndarray:
