@@ -165,25 +165,25 @@ def draw(result: dict, path: Path) -> None:
                             label=label if offset == 0 else None, alpha=0.7)
     axes[0].axhline(0.95, color="grey", lw=0.8, ls="--")
     axes[0].axhline(0.93, color="red", lw=0.8, ls=":")
-    axes[0].set_xscale("log")
-    axes[0].minorticks_off()
-    axes[0].set_xticks(fractions, [f"{f:g}" for f in fractions])
-    axes[0].set_xlabel("audited fraction of each file")
-    axes[0].set_ylabel("coverage of GPT-4o's rate (per file)")
+    _fraction_axis(axes[0], fractions, "coverage of GPT-4o's rate (per file)")
     axes[0].legend(fontsize=7)
     for file, entry in sorted(result["files"].items()):
         axes[1].plot(fractions, [entry[str(f)]["ppi"]["mean_width"] / entry[str(f)]["classical"]["mean_width"]
                                  if entry[str(f)]["classical"]["mean_width"] else np.nan for f in fractions],
                      color="C0", alpha=0.5, lw=1)
     axes[1].axhline(1, color="grey", lw=0.8, ls="--")
-    axes[1].set_xscale("log")
-    axes[1].minorticks_off()
-    axes[1].set_xticks(fractions, [f"{f:g}" for f in fractions])
-    axes[1].set_xlabel("audited fraction of each file")
-    axes[1].set_ylabel("PPI interval width / classical width")
+    _fraction_axis(axes[1], fractions, "PPI interval width / classical width")
     fig.suptitle("Audited EM rates on ../shared/em-judged/: GPT-4o audits, the trained judge (left out) predicts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _fraction_axis(axis, fractions: list[float], ylabel: str) -> None:
+    axis.set_xscale("log")
+    axis.minorticks_off()
+    axis.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    axis.set_xlabel("audited fraction of each file")
+    axis.set_ylabel(ylabel)
 
 
 def main(argv: list[str] | None = None) -> int:
