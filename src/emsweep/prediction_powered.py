@@ -57,6 +57,10 @@ def ppi_mean(Y, Yhat, Yhat_unlabeled, alpha: float = 0.05, lam: float | None = N
 
     Y, Yhat, Yu = _floats(Y), _floats(Yhat), _floats(Yhat_unlabeled)
     n, N = len(Y), len(Yu)
+    if lam is None and np.ptp(np.concatenate([Yhat, Yu])) == 0:
+        # Predictions that do not vary (all 0: a run without EM) leave PPI++'s weight undefined
+        # (ppi-python divides by their zero variance); every weight gives the same estimate then.
+        lam = 1.0
     if lam is None:
         rectifier, fast = Y - Y.mean(), Yhat - Yhat.mean()
         covariance = 2 * float(rectifier @ fast) / n
@@ -86,10 +90,6 @@ def ppi_rate(audited_misaligned, audited_counted, audited_fast_misaligned, audit
         return RateEstimate(**NAN_ESTIMATE, n_audited=n, n_total=n + N, lam=lam)
     centre = ppi_mean(M, Mhat, Mu, lam=1.0)[0] / counted
     Z, Zhat, Zu = (M - centre * C) / counted, (Mhat - centre * Chat) / counted, (Mu - centre * Cu) / counted
-    # Where the fast judge's verdicts do not vary (all 0, a file without EM), the tuning divides
-    # by zero; any lam then gives the same estimate (the audited mean), so plain PPI is used.
-    if lam is None and np.ptp(np.concatenate([Zhat, Zu])) == 0:
-        lam = 1.0
     shift, low, high, used = ppi_mean(Z, Zhat, Zu, alpha=alpha, lam=lam)
     low, high = centre + low, centre + high
     if min(M.sum(), (M != Mhat).sum()) < MIN_EVENTS:
