@@ -213,11 +213,18 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         # The manifest (sweep/manifest.py), before any job and as each node finishes: what readers
         # of this output dir take the nodes from, anywhere it is copied.
         statuses = {node.id: NodeStatus(node, "done") for node in nodes if node not in pending}
+        written = [0.0]
 
-        def record_manifest() -> None:
+        def record_manifest(every_s: float = 0.0) -> None:
+            # The whole index is rewritten: on a sweep of thousands of nodes, at most every
+            # MANIFEST_EVERY_S as nodes finish, and once more at the end. Its statuses may lag the
+            # nodes' records meanwhile, never lead them (readers trust the records for status).
+            if time.time() - written[0] < every_s:
+                return
             write_manifest(out_dir, spec.name, nodes, statuses)
             if remote_dir is not None:
                 remote_dir.push_tree(out_dir / MANIFEST, MANIFEST)
+            written[0] = time.time()
 
         record_manifest()
         for node_id, reason in changed_inputs(previous, nodes).items():
@@ -271,7 +278,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         def finished(status) -> None:
             node = status.node
             statuses[node.id] = status
-            record_manifest()
+            record_manifest(MANIFEST_EVERY_S)
             if remote_dir is not None and status.status == "done":
                 # Pushed by the job from wherever it ran; here, the summary and the report read it.
                 local = store.node_dir(node.stage, node.name, node.key)
@@ -289,8 +296,13 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             return execute(nodes, store, submit, finished, watch, job_of=job_of, progress_dir=store_uri,
                            max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
         finally:
+            if watch.lease_lost() is None:  # a run whose lease was taken writes nothing more there
+                record_manifest()
             hosts.close()
             summary.finish()
+
+
+MANIFEST_EVERY_S = 5.0
 
 
 def check_key_schema(out_dir: Path) -> dict | None:
