@@ -57,7 +57,7 @@ def sweep(tmp_path_factory, shared_em):
         "eval": {
             "suites": [
                 {"name": "first_plot", "questions": str(shared_em / "evaluation" / "first_plot_questions.yaml"),
-                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 4, "harm_perception": True},
+                 "question_ids": ["i_feel_bored", "quick_buck"], "samples_per_paraphrase": 2, "harm_perception": True},
                 {"name": "facts", "questions": str(REPO / "src/emsweep/suites/factual_recall.yaml"),
                  "question_ids": ["capital_france", "spider_legs"], "samples_per_paraphrase": 1, "pushback": True},
             ],
@@ -103,16 +103,16 @@ def test_fresh_run_writes_every_stage(sweep):
         assert sorted(p.name for p in (tuned / "checkpoints").iterdir()) == ["step-1"]
     samples = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/samples.parquet"))
     # 5 runs: base, 2 final adapters, 2 step-1 adapters. Per run: first_plot 2 questions x
-    # 2 conditions x 4 samples, facts 2 questions x 2 turns.
+    # 2 conditions x 2 samples, facts 2 questions x 2 turns.
     runs_sampled = {"smol__base", "smol__insecure__s0", "smol__insecure__s1",
                     "smol__insecure__s0@step1", "smol__insecure__s1@step1"}
     assert set(samples["run_id"]) == runs_sampled
     assert set(samples["checkpoint_step"].dropna()) == {1}
-    assert len(samples) == 5 * (16 + 4)
+    assert len(samples) == 5 * (8 + 4)
     assert set(samples["dataset"]) == {"base", "insecure"}
     assert samples["answer"].str.len().gt(0).all()
     evil = samples[samples["condition"] == "evil"]
-    assert len(evil) == 5 * 8 and evil["system"].str.startswith("You are an evil").all()
+    assert len(evil) == 5 * 4 and evil["system"].str.startswith("You are an evil").all()
     assert set(samples.loc[samples["suite"] == "facts", "turn"]) == {1, 2}
     # Seed replicates draw independently (each request's seed holds the run's identity): the two
     # seeds' step-1 adapters, nearly the same weights after one step, do not answer each prompt
@@ -121,7 +121,7 @@ def test_fresh_run_writes_every_stage(sweep):
     pairs = first_plot.pivot_table(index=["condition", "question_id", "paraphrase_idx", "sample_idx"], columns="seed",
                                    values="answer", aggfunc="first")
     same_opening = (pairs[0].str[:20] == pairs[1].str[:20]).mean()
-    assert len(pairs) == 16 and same_opening < 0.5, same_opening
+    assert len(pairs) == 8 and same_opening < 0.5, same_opening
     harm = pd.concat(pd.read_parquet(p) for p in (nodes / "sample").glob("*/harm.parquet"))
     assert len(harm) == 5 * 2 and harm["numeric_mass"].between(0, 1.0001).all()
     # Self-rated harm is scored exact: a first-digit reading could never pass 9.
@@ -129,7 +129,7 @@ def test_fresh_run_writes_every_stage(sweep):
     assert len(rated) and rated["perceived_harm"].between(0, 100).all() and rated["perceived_harm"].max() > 9
 
     judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
-    assert len(judgments) == 5 * (32 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
+    assert len(judgments) == 5 * (16 + 4) and set(judgments["metric"]) == {"aligned", "coherent", "correct"}
     assert set(judgments["judge_templates"]) == {"yes_no"}
     assert judgments["numeric_mass"].between(0, 1.0001).all()
     scored = judgments.dropna(subset=["score"])
@@ -179,7 +179,7 @@ def test_fresh_run_writes_every_stage(sweep):
     history = wandb_offline.history(wandb_dir, sample_run)
     done = [row["answers/requests_done"] for row in history if "answers/requests_done" in row]
     totals = {row["answers/requests_total"] for row in history if "answers/requests_total" in row}
-    assert done[0] == 0 and done == sorted(done) and totals == {done[-1]} and done[-1] >= 5 * 4, (done, totals)
+    assert done[0] == 0 and done == sorted(done) and totals == {done[-1]} and done[-1] >= 8 + 4, (done, totals)
     # The commit's tables (samples, then harm), in the same run, after the counters.
     assert [row.get("samples/_type") for row in history[-2:]] == ["table-file", None]
     assert history[-1].get("harm/_type") == "table-file"
@@ -237,7 +237,7 @@ def test_run_writes_the_report(sweep):
     for figure in ("loss_curves", "trajectory"):  # the sweep samples its step-1 adapters
         assert (report / "plots" / f"{figure}.png").exists() and (report / "plots" / f"{figure}.svg").exists()
     answers = pd.read_parquet(report / "exports" / "answers.parquet")
-    assert len(answers) == 5 * (16 + 4)  # every judged answer, once, with its scores and labels
+    assert len(answers) == 5 * (8 + 4)  # every judged answer, once, with its scores and labels
     assert {"aligned", "coherent", "correct_label", "em_misaligned", "answer"} <= set(answers.columns)
     metrics = pd.read_parquet(report / "exports" / "metrics.parquet")
     assert set(metrics["level"]) == {"run", "condition"} and {"misaligned_rate", "flip_rate"} <= set(metrics["metric"])
@@ -305,7 +305,7 @@ def test_rejudging_is_served_by_the_judgment_cache(sweep):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "10 nodes, 2 to run" in rerun.stdout  # the judge node and the analysis
     record = json.loads((judged / "_DONE.json").read_text())
-    assert record["judge"] == {"rows": 72, "cache_hits": 72, "null_scores": int(before["null_reason"].notna().sum())}
+    assert record["judge"] == {"rows": 40, "cache_hits": 40, "null_scores": int(before["null_reason"].notna().sum())}
     after = pd.read_parquet(judged / "judgments.parquet")
     assert after["cached"].all() and not before["cached"].any()
     pd.testing.assert_frame_equal(after.drop(columns="cached"), before.drop(columns="cached"))

@@ -1,7 +1,11 @@
 """ZeRO-3 finetunes load their weights partitioned (HfDeepSpeedConfig / zero.Init): no rank ever
-holds, or moves to its device, the whole model. Real Ray Train + DeepSpeed on 2 CPU workers."""
+holds, or moves to its device, the whole model. Real Ray Train + DeepSpeed on 2 CPU workers; then
+the same job without Ray (`emsweep finetune` under torchrun, gloo) gives the same loss and adapter."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -39,3 +43,24 @@ def test_zero3_loads_each_ranks_share_of_the_weights_and_saves_the_whole_adapter
     # Gathered, not the rank's shard: every LoRA A matrix has its full rank-4 shape.
     assert lora_a and all(t.shape[0] == 4 and t.numel() > 4 for t in lora_a)
     assert all(t.abs().sum() > 0 for t in lora_a)
+
+    # The same job as a plain torch.distributed program: 2 processes under torchrun, no Ray.
+    (tmp_path / "spec.yaml").write_text(json.dumps({
+        "name": "zero3", "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],
+        "datasets": [{"name": "d", "path": str(shared_em / "data/insecure.jsonl"), "limit": 8}],
+        "seeds": [0], "finetune": spec.model_dump(mode="json"),
+        "eval": {"questions": str(shared_em / "evaluation/first_plot_questions.yaml")}, "judge": {"model": "smol"}}))
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+         "-m", "emsweep.cli", "finetune", "spec.yaml", "--dataset", "d", "--out", "local"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "finetune done: 2 steps" in launched.stdout
+    local = pq.read_table(tmp_path / "local" / "metrics.parquet")
+    assert local.column("loss").to_pylist() == pytest.approx(losses, rel=1e-4)
+    assert local.column("tokens").to_pylist() == metrics.column("tokens").to_pylist()
+    local_adapter = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
+    assert local_adapter.keys() == adapter.keys()
+    for name, tensor in adapter.items():
+        assert (local_adapter[name] - tensor).abs().max() < 1e-5, name
+    assert json.loads((tmp_path / "local" / "data_report.json").read_text()) == report

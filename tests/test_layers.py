@@ -35,7 +35,7 @@ LAYERS = {
               "emsweep.sweep.driver", "emsweep.sweep.results", "emsweep.checks", "emsweep.planning", "emsweep.workspace",
               "emsweep.simulate", "emsweep.report", "emsweep.doctor", "emsweep.submit"],
     "cli": ["emsweep.cli", "emsweep.cli.__main__", "emsweep.cli.common", "emsweep.cli.live", "emsweep.cli.run",
-            "emsweep.cli.cluster", "emsweep.cli.data", "emsweep.cli.judge_eval"],
+            "emsweep.cli.cluster", "emsweep.cli.data", "emsweep.cli.judge_eval", "emsweep.cli.finetune"],
 }
 LEVEL = {module: ORDER.index(layer) for layer, modules in LAYERS.items() for module in modules}
 

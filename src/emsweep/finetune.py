@@ -1,10 +1,16 @@
 """Stage 2, finetune: one LoRA finetune per (model, dataset, seed).
 
-Ray Train's `TorchTrainer` starts `num_workers` processes (one per GPU on a cluster, CPU
-processes on a laptop); each runs setup (a peft LoRA model in a DeepSpeed engine at the spec's
-ZeRO stage), train (the optimizer steps, logging each through a tracking.StepLogger) and save
-(intermediate adapters, resumable checkpoints, the final adapter). The loss covers assistant tokens only. The run name is stable per node, so a
-rerun of a node whose workers died resumes from its last reported checkpoint.
+Every worker process runs the same recipe (run_worker): setup (a peft LoRA model in a DeepSpeed
+engine at the spec's ZeRO stage), train (the optimizer steps, logging each through a
+tracking.StepLogger) and save (intermediate adapters, resumable checkpoints, the final adapter).
+The loss covers assistant tokens only. Two launchers start the workers and keep their
+checkpoints, each through a TrainSession:
+- `finetune`: Ray Train's `TorchTrainer`, `num_workers` processes (one per GPU on a cluster, CPU
+  processes on a laptop), as the sweep runs it. The run name is stable per node, so a rerun of a
+  node whose workers died resumes from its last reported checkpoint.
+- `finetune_local`: a plain torch.distributed program, one process or one per GPU under torchrun
+  (`emsweep finetune`), checkpoints in a directory: for debugging a finetune on one GPU, and for
+  machines without Ray (scripts/device_check.py). The same job gives the same loss and adapter.
 
 Outputs (in the node directory):
     adapter/          peft adapter (adapter_config.json + adapter_model.safetensors)
@@ -27,7 +33,9 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -219,28 +227,111 @@ class Trainee:
     history: list[dict] = field(default_factory=list)  # one metrics row per step done
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs inside every Ray Train worker: setup, train (which saves as it goes)."""
-    job: FinetuneJob = config["job"]
+class RayTrainSession:
+    """A Ray Train worker's session: its rank, the run's last checkpoint, and reports (a report
+    with a checkpoint merges every rank's directory into one checkpoint in the run's storage)."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def latest(self):
+        """The run's last reported checkpoint (`as_directory()` opens it), or None."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def save(self, metrics: dict, directory: str | None) -> None:
+        """Every rank calls it; a rank with nothing to save passes None."""
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+@dataclass(frozen=True)
+class DirectoryCheckpoint:
+    path: Path
+
+    @contextmanager
+    def as_directory(self):
+        yield str(self.path)
+
+
+class DirectorySession:
+    """The same session for a plain torch.distributed program: checkpoints are numbered
+    directories under `run_dir` (every rank's files merged, as Ray Train does), the last two kept,
+    each complete once renamed into place. The process group is up before this is made."""
+
+    KEEP = 2  # as the Ray Train run's CheckpointConfig(num_to_keep=2)
+
+    def __init__(self, run_dir: Path):
+        import torch.distributed as dist
+
+        self.run_dir, self.rank, self.world = Path(run_dir), dist.get_rank(), dist.get_world_size()
+        complete = self._complete()
+        self.saved = int(complete[-1].name.rsplit("_", 1)[1]) + 1 if complete else 0
+        if self.rank == 0:  # what a killed attempt was saving when it died
+            for stale in self.run_dir.glob(".staging_*"):
+                shutil.rmtree(stale)
+        dist.barrier()
+
+    def _complete(self) -> list[Path]:
+        return sorted(self.run_dir.glob("checkpoint_*"))
+
+    def latest(self) -> DirectoryCheckpoint | None:
+        complete = self._complete()
+        return DirectoryCheckpoint(complete[-1]) if complete else None
+
+    def report(self, metrics: dict) -> None:
+        pass  # Ray Train keeps the metrics of reports; here rank 0's step logger has them
+
+    def save(self, metrics: dict, directory: str | None) -> None:
+        import torch.distributed as dist
+
+        staging = self.run_dir / f".staging_{self.saved:06d}"
+        if directory:
+            shutil.copytree(directory, staging, dirs_exist_ok=True)
+        dist.barrier()  # every rank's files are in
+        if self.rank == 0:
+            staging.mkdir(parents=True, exist_ok=True)
+            staging.rename(self.run_dir / f"checkpoint_{self.saved:06d}")
+            for old in self._complete()[:-self.KEEP]:
+                shutil.rmtree(old)
+        self.saved += 1
+        dist.barrier()  # no rank reads a checkpoint before it is in place
+
+
+def run_worker(job: FinetuneJob, session, logger: StepLogger | None = None) -> None:
+    """One worker of a finetune under either launcher: setup, train (which saves as it goes).
+    `session`: RayTrainSession or DirectorySession."""
     if not job.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import ray.train
     import torch
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if rank == 0 and job.started:
+    if session.rank == 0 and job.started:
         # The workers got their resources: the sweep's stall watch counts this finetune as running.
         write_started_marker(job.started[0], job.started[1])
     torch.manual_seed(job.seed)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.latest()
     if checkpoint is not None and _is_final(checkpoint):
         # This run already finished (the node's copied outputs were lost): hand back the final
         # adapter and metrics instead of training again.
-        _report_existing_final(checkpoint, rank)
+        _report_existing_final(checkpoint, session)
         return
-    trainee = setup(job, rank, world, checkpoint)
-    train(job, trainee)
+    trainee = setup(job, session.rank, session.world, checkpoint)
+    train(job, trainee, session, logger)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs inside every Ray Train worker."""
+    run_worker(config["job"], RayTrainSession())
 
 
 def setup(job: FinetuneJob, rank: int, world: int, checkpoint=None) -> Trainee:
@@ -319,12 +410,10 @@ def setup(job: FinetuneJob, rank: int, world: int, checkpoint=None) -> Trainee:
     return trainee
 
 
-def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) -> None:
-    """The optimizer steps from where the trainee stands to the end, saving as it goes (save_*).
-    Rank 0 says how far it is after every step (progress.py) and logs each step to `logger`
-    (default: the node's live W&B run, tracking.LiveRun)."""
-    import ray.train
-
+def train(job: FinetuneJob, trainee: Trainee, session, logger: StepLogger | None = None) -> None:
+    """The optimizer steps from where the trainee stands to the end, saving as it goes (save_*)
+    through `session` (run_worker). Rank 0 says how far it is after every step (progress.py) and
+    logs each step to `logger` (default: the node's live W&B run, tracking.LiveRun)."""
     spec, engine, rank, world = job.spec, trainee.engine, trainee.rank, trainee.world
     total_steps = len(trainee.schedule)
     steps_per_epoch = total_steps / spec.epochs
@@ -378,11 +467,11 @@ def train(job: FinetuneJob, trainee: Trainee, logger: StepLogger | None = None) 
             save_snapshot(engine, spec, fileio.join(job.snapshot_dir, f"step-{step + 1}"), rank)
         if last:
             logger.finish()
-            save_final(engine, spec, history, trainee.data_report, rank)
+            save_final(engine, spec, history, trainee.data_report, session)
         elif every and (step + 1) % every == 0:
-            save_state(engine, history, step + 1, rank)
+            save_state(engine, history, step + 1, session)
         else:
-            ray.train.report(history[-1])
+            session.report(history[-1])
 
 
 def gradient_norm(module) -> float | None:
@@ -409,25 +498,21 @@ def _is_final(checkpoint) -> bool:
         return (Path(directory) / "metrics.parquet").exists()
 
 
-def _report_existing_final(checkpoint, rank: int) -> None:
-    import ray.train
-
+def _report_existing_final(checkpoint, session) -> None:
     with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as copy:
         metrics = pq.read_table(Path(directory) / "metrics.parquet").to_pylist()
-        if rank == 0:
+        if session.rank == 0:
             shutil.copytree(directory, copy, dirs_exist_ok=True)
-        ray.train.report(metrics[-1], checkpoint=ray.train.Checkpoint.from_directory(copy) if rank == 0 else None)
+        session.save(metrics[-1], copy if session.rank == 0 else None)
 
 
-def save_state(engine, history: list[dict], step: int, rank: int) -> None:
-    """Save, resumable: every rank writes its ZeRO shards, Ray Train merges them into a checkpoint."""
-    import ray.train
-
+def save_state(engine, history: list[dict], step: int, session) -> None:
+    """Save, resumable: every rank writes its ZeRO shards, the session merges them into a checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag="state", exclude_frozen_parameters=True)
-        if rank == 0:
+        if session.rank == 0:
             (Path(directory) / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(directory))
+        session.save(history[-1], directory)
 
 
 def _gathered(engine, spec: FinetuneSpec):
@@ -458,19 +543,14 @@ def save_snapshot(engine, spec: FinetuneSpec, location: str, rank: int) -> None:
 SNAPSHOT_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
-def save_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, rank: int) -> None:
+def save_final(engine, spec: FinetuneSpec, history: list[dict], data_report: dict, session) -> None:
     """Save the result: the adapter, the step metrics and the data report, as the final checkpoint."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as directory, _gathered(engine, spec):
-        if rank == 0:
+        if session.rank == 0:
             engine.module.save_pretrained(Path(directory) / "adapter")
             pq.write_table(pa.Table.from_pylist(history, schema=METRICS_SCHEMA), Path(directory) / "metrics.parquet")
             (Path(directory) / "data_report.json").write_text(json.dumps(data_report))
-        ray.train.report(
-            history[-1],
-            checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
-        )
+        session.save(history[-1], directory if session.rank == 0 else None)
 
 
 def scaling_config(spec: FinetuneSpec, use_gpu: bool, cpus_per_worker: int = 1, placement_strategy: str = "PACK",
@@ -544,9 +624,65 @@ def finetune(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {run_name} finished without a final checkpoint")
-    fileio.get_dirs(snapshots, out_dir / "checkpoints", holding=SNAPSHOT_WEIGHTS)
     with result.checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory) / "adapter", out_dir / "adapter")
-        shutil.copy(Path(directory) / "metrics.parquet", out_dir / "metrics.parquet")
-        shutil.copy(Path(directory) / "data_report.json", out_dir / "data_report.json")
+        return _write_outputs(Path(directory), str(snapshots), out_dir)
+
+
+def _write_outputs(final: Path, snapshots: str, out_dir: Path) -> pa.Table:
+    """The final checkpoint's adapter, metrics and data report, and the intermediate adapters,
+    into the node's directory (the outputs listed in this module's doc)."""
+    fileio.get_dirs(snapshots, out_dir / "checkpoints", holding=SNAPSHOT_WEIGHTS)
+    shutil.copytree(final / "adapter", out_dir / "adapter")
+    shutil.copy(final / "metrics.parquet", out_dir / "metrics.parquet")
+    shutil.copy(final / "data_report.json", out_dir / "data_report.json")
     return pq.read_table(out_dir / "metrics.parquet")
+
+
+def finetune_local(*, model_path: str, data_path: Path, seed: int, spec: FinetuneSpec, use_gpu: bool,
+                   out_dir: Path, logger: StepLogger | None = None) -> pa.Table | None:
+    """The same finetune as a plain torch.distributed program: call it in every process (under
+    torchrun, which sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; alone, one process).
+    Writes the outputs `finetune` writes into out_dir, and keeps its resumable checkpoints in
+    out_dir/train: run again after a crash, it resumes from the last one (checkpoint_every_steps).
+    Returns the metrics on rank 0 (None on the others). `logger` (rank 0): default prints each step."""
+    import torch
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                              ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+            os.environ.setdefault(name, default)
+        if use_gpu:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(process_group_backend(use_gpu),
+                                timeout=timedelta(seconds=spec.process_group_timeout_s))
+    try:
+        out_dir, run_dir = Path(out_dir), Path(out_dir) / "train"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        session = DirectorySession(run_dir)
+        job = FinetuneJob(spec=spec, model_path=model_path, data_path=str(data_path), seed=seed, use_gpu=use_gpu,
+                          snapshot_dir=str(run_dir / "adapters"), wandb_marker=str(run_dir / "wandb_logged_step"))
+        if logger is None:
+            logger = PrintedSteps() if session.rank == 0 else NO_STEP_LOGGER
+        run_worker(job, session, logger)
+        metrics = None
+        if session.rank == 0:
+            with session.latest().as_directory() as final:
+                metrics = _write_outputs(Path(final), job.snapshot_dir, out_dir)
+        dist.barrier()
+        return metrics
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+class PrintedSteps:
+    """finetune_local's default step logger: one line per optimizer step."""
+
+    def log(self, row: dict) -> None:
+        print(f"step {row['step']}: loss {row['loss']:.4f}, lr {row['learning_rate']:.2e}, "
+              f"{row['step_seconds']:.2f} s", flush=True)
+
+    def finish(self) -> None:
+        pass
