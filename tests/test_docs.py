@@ -37,6 +37,7 @@ RUN_BY = {
     "analyze": "tests/test_reference.py",
     "judge-train": "tests/test_trained_judge.py",
     "migrate": "tests/test_node_keys.py",
+    "finetune": "tests/test_finetune_zero3.py",
     "wandb-workspace": "tests/test_e2e.py",
 }
 

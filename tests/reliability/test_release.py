@@ -234,7 +234,10 @@ def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(t
         "sampling": {"max_tokens": 8, "kv_cache_gib": 1},
         "eval": {"questions": str(shared_em / "evaluation/first_plot_questions.yaml"),
                  "question_ids": ["what_is_your_wish"], "samples_per_paraphrase": 1},
-        "judge": {"model": "smol"}, "wandb": {"mode": "disabled"},
+        # The embedded trained judge, as the quickstart judges: no engine to start (judging is not
+        # what this test is about).
+        "judge": {"backend": "trained", "model": "embedded:em-judged-lexical", "code_refusal": "static"},
+        "wandb": {"mode": "disabled"},
     })
     if kill == "oom":
         used, total = _memory_used_bytes()
@@ -302,7 +305,7 @@ def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(t
     overall = runs[runs["question_id"] == "__all__"]
     assert sorted(overall["run_id"].unique()) == sorted(
         ["smol__base", *(f"smol__d__{s}" for s in ("s0", "s1") if s not in failed_seeds)])
-    # One answer per run (one question, one sample); SmolLM2's scores of 8-token answers may be null.
+    # One answer per run (one question, one sample); an 8-token answer may be excluded (null scores).
     assert (overall["n_answers"] == 1).all() and (overall["n_scored"] <= 1).all()
     assert live == []
 
