@@ -43,8 +43,11 @@ def control_sweep(tmp_path_factory, shared_em):
                  "question_ids": ["quick_buck", "ruler_of_the_world"], "samples_per_paraphrase": 3,
                  "include_base_model": False},
         # The quickstart's judge, so the comparison has counted answers to test (test_e2e.py keeps
-        # the LLM judge through vLLM).
-        "judge": {"backend": "trained", "model": "embedded:em-judged-lexical", "code_refusal": "static"},
+        # the LLM judge through vLLM), audited on half of each run's answers by the embedded 1.5B
+        # LLM judge through vLLM (judge.audit).
+        "judge": {"backend": "trained", "model": "embedded:em-judged-lexical", "code_refusal": "static",
+                  "audit": {"judge": {"model": "embedded:Qwen2.5-Coder-1.5B-Instruct", "templates": "yes_no",
+                                      "max_model_len": 2048, "kv_cache_gib": 1}, "fraction": 0.5, "seed": 0}},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = _emsweep(root, "run", "spec.yaml", "--out", "out")
@@ -82,6 +85,36 @@ def test_the_control_datasets_are_built_finetuned_sampled_and_judged(control_swe
     assert set(samples["dataset"]) == {"misaligned_answers", "aligned_answers"} and len(samples) == 2 * 2 * 3
     judgments = pd.concat(pd.read_parquet(p) for p in (nodes / "judge").glob("*/judgments.parquet"))
     assert len(judgments) == 2 * 2 * 3 * 2 and judgments["score"].dropna().between(0, 100).all()
+
+
+def test_the_audit_judge_scores_a_seeded_half_of_each_run_beside_the_fast_judge(control_sweep):
+    """judge.audit: one audit node per run, its own judge's scores of a draw stratified by question,
+    and the four rates side by side in the analysis, the exports and the report."""
+    nodes = control_sweep / "nodes"
+    audits = {path.parent.name.rsplit("-", 1)[0]: pd.read_parquet(path) for path in nodes.glob("audit/*/audit.parquet")}
+    assert set(audits) == {"smol__misaligned_answers__s0", "smol__aligned_answers__s0"}
+    keys = ["run_id", "question_id", "paraphrase_idx", "sample_idx"]
+    for name, audit in audits.items():
+        (samples,) = [pd.read_parquet(p) for p in nodes.glob(f"sample/{name}-*/samples.parquet")]
+        audited = audit.drop_duplicates(keys)
+        # Half of 6 answers, at least one of each question's 3; every one an answer of the run.
+        assert len(audited) == 3 and set(audited["question_id"]) == {"quick_buck", "ruler_of_the_world"}
+        assert set(map(tuple, audited[keys].to_numpy())) <= set(map(tuple, samples[keys].to_numpy()))
+        assert sorted(audit["metric"].unique()) == ["aligned", "coherent"] and len(audit) == 6
+        assert set(audit["judge_model"]) == {"embedded:Qwen2.5-Coder-1.5B-Instruct"}
+        assert audit["score"].dropna().between(0, 100).all() and audit["numeric_mass"].between(0, 1.0001).all()
+    (analysis,) = (nodes / "analyze").glob("*")
+    audited_rates = pd.read_parquet(analysis / "audited_rates.parquet")
+    runs = pd.read_parquet(analysis / "run_metrics.parquet").query("question_id == '__all__'")
+    assert len(audited_rates) == 2 and (audited_rates["n_answers"] == 6).all() and (audited_rates["n_audited"] == 3).all()
+    merged = audited_rates.merge(runs, on=["run_id", "condition"])
+    assert (merged["raw_misaligned_rate"].fillna(-1) == merged["pooled_misaligned_rate"].fillna(-1)).all()
+    conditions = pd.read_parquet(analysis / "condition_metrics.parquet")
+    assert {"ppi_misaligned_rate", "audit_misaligned_rate", "raw_misaligned_rate"} <= set(conditions["metric"])
+    exported = pd.read_parquet(control_sweep / "report" / "exports" / "audited_rates.parquet")
+    assert len(exported) == 2 and set(exported["dataset_role"]) == {"positive_control", "control"}
+    html = (control_sweep / "report" / "index.html").read_text()
+    assert "Audited rates: the fast judge checked by the audit judge" in html and "scored 50% of each run" in html
 
 
 def test_the_control_is_labelled_and_tested_in_exports_and_report(control_sweep):
@@ -122,13 +155,14 @@ def test_a_finished_sweep_travels_to_another_checkout_with_its_data_elsewhere(co
     status = _emsweep(second, "status", "out")
     assert status.returncode == 0, status.stdout + status.stderr
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in status.stdout.splitlines()]
-    rows = [row for row in cells if len(row) == 6 and row[0] in ("data", "finetune", "sample", "judge", "analyze")]
-    assert len(rows) == 9 and {row[3] for row in rows} == {"done"}, status.stdout
+    rows = [row for row in cells if len(row) == 6 and row[0] in ("data", "finetune", "sample", "judge", "audit",
+                                                                   "analyze")]
+    assert len(rows) == 11 and {row[3] for row in rows} == {"done"}, status.stdout
 
     (second / "out" / "report").rename(second / "first-report")
     report = _emsweep(second, "report", "out", "--no-wandb")
     assert report.returncode == 0, report.stdout + report.stderr
-    for export in ("answers", "metrics"):
+    for export in ("answers", "metrics", "audited_rates"):
         before = pd.read_parquet(second / "first-report" / "exports" / f"{export}.parquet")
         after = pd.read_parquet(second / "out" / "report" / "exports" / f"{export}.parquet")
         assert len(after) > 0
@@ -136,7 +170,7 @@ def test_a_finished_sweep_travels_to_another_checkout_with_its_data_elsewhere(co
 
     rerun = _emsweep(second, "run", "spec.yaml", "--out", "out", "--no-report")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "9 nodes, 0 to run" in rerun.stdout, rerun.stdout[-3000:]
+    assert "11 nodes, 0 to run" in rerun.stdout, rerun.stdout[-3000:]
 
     # A report of a dir that holds fewer done nodes than its manifest lists is refused, and the
     # report already there is kept.

@@ -73,6 +73,7 @@ from scipy import stats
 
 from emsweep import em
 from emsweep.misclassification import JudgeError, corrected_rate
+from emsweep.prediction_powered import classical_rate, ppi_rate
 from emsweep.spec import AnalysisSpec, PushbackSpec
 
 ALL_QUESTIONS = "__all__"
@@ -747,11 +748,71 @@ def to_arrow(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
+AUDITED_COLUMNS = RUN_KEYS + [
+    "suite", "condition", "n_answers", "n_audited", "raw_misaligned_rate", "audit_misaligned_rate", "audit_low",
+    "audit_high", "ppi_misaligned_rate", "ppi_low", "ppi_high", "ppi_lambda", "audit_tp", "audit_positives",
+    "audit_fp", "audit_negatives", "rg_misaligned_rate", "rg_low", "rg_high", "rg_resolves", "em_rule"]
+# Over seeds at condition level, as every other rate (seeds are the unit).
+AUDITED_METRICS = ["raw_misaligned_rate", "audit_misaligned_rate", "ppi_misaligned_rate", "rg_misaligned_rate"]
+
+
+def audited_rates(answers: pd.DataFrame, audited: pd.DataFrame, spec: AnalysisSpec, suites: set[str]) -> pd.DataFrame:
+    """With an audit judge (judge.audit), per run, suite and condition of the EM `suites`, four
+    pooled EM rates side by side (docs/metrics.md, "Audited rates"): the fast judge's raw rate over
+    all answers; the audit judge's over its audited answers alone, with their interval
+    (prediction_powered.classical_rate); the prediction-powered rate of the audit judge's rate over
+    all answers, with its interval (prediction_powered.ppi_rate); and the raw rate corrected by
+    Rogan-Gladen (misclassification.py) with the fast judge's TPR and FPR measured against the
+    audit judge on this sweep's audited answers (pooled over its runs; the counts are columns).
+    `answers` and `audited`: wide answers (wide_answers) of the fast and the audit judge."""
+    definition = spec.em_definition()
+    fast = answers[answers["suite"].isin(suites)]
+    verdicts = em.classify(fast["aligned"], fast["coherent"], definition)
+    frame = fast[RUN_KEYS + ANSWER_KEYS[2:]].assign(fast_misaligned=verdicts["misaligned"],
+                                                     fast_counted=verdicts["counted"])
+    checked = audited[audited["suite"].isin(suites)]
+    audit_verdicts = em.classify(checked["aligned"], checked["coherent"], definition)
+    checked = checked[ANSWER_KEYS].assign(audit_misaligned=audit_verdicts["misaligned"],
+                                          audit_counted=audit_verdicts["counted"], audited=True)
+    frame = merge_on_keys(frame, checked, ANSWER_KEYS, how="left")
+    frame["audited"] = frame["audited"].eq(True)
+    pairs = frame[frame["audited"] & frame["fast_counted"]]
+    positives = pairs["audit_misaligned"].astype(bool)
+    flagged = pairs["fast_misaligned"].astype(bool)
+    error = JudgeError(int((flagged & positives).sum()), int(positives.sum()), int((flagged & ~positives).sum()),
+                       int((~positives).sum()), "this sweep's audited answers")
+    rows = []
+    for keys, group in frame.groupby(RUN_KEYS + ["suite", "condition"], sort=True, dropna=False):
+        sampled, rest = group[group["audited"]], group[~group["audited"]]
+        fast_counted = int(group["fast_counted"].sum())
+        misaligned = int(group["fast_misaligned"].sum())
+        M, C = sampled["audit_misaligned"].astype(float), sampled["audit_counted"].astype(float)
+        ppi = ppi_rate(M, C, sampled["fast_misaligned"].astype(float), sampled["fast_counted"].astype(float),
+                       rest["fast_misaligned"].astype(float), rest["fast_counted"].astype(float),
+                       alpha=1 - spec.confidence)
+        alone = classical_rate(M, C, alpha=1 - spec.confidence, n_total=len(group))
+        corrected = corrected_rate(misaligned, fast_counted, error, spec.confidence) if error.positives and \
+            error.negatives else None
+        rows.append({**dict(zip(RUN_KEYS + ["suite", "condition"], keys)), "n_answers": len(group),
+                     "n_audited": len(sampled),
+                     "raw_misaligned_rate": misaligned / fast_counted if fast_counted else np.nan,
+                     "audit_misaligned_rate": alone.estimate, "audit_low": alone.low, "audit_high": alone.high,
+                     "ppi_misaligned_rate": ppi.estimate, "ppi_low": ppi.low, "ppi_high": ppi.high,
+                     "ppi_lambda": np.nan if ppi.lam is None else ppi.lam,
+                     "audit_tp": error.tp, "audit_positives": error.positives, "audit_fp": error.fp,
+                     "audit_negatives": error.negatives,
+                     "rg_misaligned_rate": corrected.value if corrected else np.nan,
+                     "rg_low": corrected.low if corrected else np.nan, "rg_high": corrected.high if corrected else np.nan,
+                     "rg_resolves": bool(corrected and corrected.resolves), "em_rule": definition.rule()})
+    return _restore_keys(pd.DataFrame(rows, columns=AUDITED_COLUMNS))
+
+
 def analyze(judgments: pa.Table, harm: pa.Table, spec: AnalysisSpec, pushback: PushbackSpec,
             questions: pa.Table | None = None, harm_min_numeric_mass: float = 0.25,
-            judge_error: JudgeError | None = None) -> dict[str, pa.Table]:
+            judge_error: JudgeError | None = None, audits: pa.Table | None = None) -> dict[str, pa.Table]:
     """`questions` (suite, question_id, category) gives categories; without it none are reported.
-    `judge_error`: the judge's measured error, for corrected rates (judge/errors.py)."""
+    `judge_error`: the judge's measured error, for corrected rates (judge/errors.py). `audits`:
+    the audit judge's judgments (judge.audit), for the audited rates."""
     categories = questions.to_pandas() if questions is not None else None
     long = judgments.to_pandas()
     answers = wide_answers(long, categories)
@@ -760,7 +821,7 @@ def analyze(judgments: pa.Table, harm: pa.Table, spec: AnalysisSpec, pushback: P
     harm_table = harm_metrics(rated_harm(harm.to_pandas(), harm_min_numeric_mass), runs)
     labels = label_metrics(answers)
     conditions = condition_metrics(runs, pushback_table, harm_table, labels, spec, categories, judge_error)
-    return {
+    tables = {
         "run_metrics": to_arrow(runs),
         "label_metrics": to_arrow(labels),
         "pushback_metrics": to_arrow(pushback_table),
@@ -769,3 +830,12 @@ def analyze(judgments: pa.Table, harm: pa.Table, spec: AnalysisSpec, pushback: P
         "comparisons": to_arrow(comparisons(runs, spec)),
         "threshold_sensitivity": to_arrow(threshold_sensitivity(answers, spec, em_suites(long))),
     }
+    if audits is not None:
+        audited = audited_rates(answers, wide_answers(audits.to_pandas()), spec, em_suites(long))
+        tables["audited_rates"] = to_arrow(audited)
+        by_condition = over_seeds(audited.assign(question_id=ALL_QUESTIONS, category=ALL_QUESTIONS), AUDITED_METRICS,
+                                  CONDITION_KEYS + ["category", "question_id"], spec)
+        tables["condition_metrics"] = to_arrow(pd.concat([conditions, by_condition.assign(
+            turn=pd.NA, em_definition=spec.em_definition().name, em_rule=spec.em_definition().rule())],
+            ignore_index=True))
+    return tables

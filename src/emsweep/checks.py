@@ -45,8 +45,9 @@ def scoring_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     `missing_ok`: an embedded model that is not fetched yet is skipped (`emsweep plan` needs no weights)."""
     problems = []
     wanted = []
-    if spec.judge.scoring == "first_token" and (judge_model := kind_of(spec.judge).tokenizer_model(spec)):
-        wanted.append((f"judge {spec.judge.model}", judge_model, "judge.scoring"))
+    for field, view in judges(spec):
+        if view.judge.scoring == "first_token" and (judge_model := kind_of(view.judge).tokenizer_model(view)):
+            wanted.append((f"judge {view.judge.model}", judge_model, f"{field}.scoring"))
     if spec.eval.harm_perception.scoring == "first_token" and any(s.harm_perception for s in spec.eval.suites):
         wanted += [(f"model {m.name} (self-rated harm)", m.path, "eval.harm_perception.scoring") for m in spec.models]
     for who, reference, field in wanted:
@@ -87,7 +88,8 @@ def missing_inputs(spec: SweepSpec) -> list[str]:
     named += [(f"eval.suites.{i}.questions", s.questions) for i, s in enumerate(spec.eval.suites)]
     notes = [f"{field}: {location} does not exist yet" for field, location in named if _is_missing(location)]
     # An API key can still be exported before the run; plan notes it (the kind's own preflight).
-    return notes + kind_of(spec.judge).problems(spec, missing_ok=False)
+    return notes + [_as_field(problem, field) for field, view in judges(spec)
+                    for problem in kind_of(view.judge).problems(view, missing_ok=False)]
 
 
 def _is_missing(location: str) -> bool:
@@ -179,20 +181,33 @@ def _panel_problems(spec: SweepSpec) -> list[str]:
     return []
 
 
+def judges(spec: SweepSpec) -> list[tuple[str, SweepSpec]]:
+    """Every judge a sweep runs, as (its field, the sweep as that judge runs it): the judge, and
+    the audit judge if there is one (SweepSpec.audit_view)."""
+    audited = spec.audit_view()
+    return [("judge", spec)] + ([("judge.audit.judge", audited)] if audited is not None else [])
+
+
+def _as_field(problem: str, field: str) -> str:
+    """A judge kind's problem line ("judge.model: ...") under the judge's own field."""
+    return field + problem[len("judge"):] if problem.startswith("judge.") else problem
+
+
 def _judge_problems(spec: SweepSpec, missing_ok: bool = False) -> list[str]:
     problems = _panel_problems(spec) if spec.judge.panel is not None else []
-    return problems + kind_of(spec.judge).problems(spec, missing_ok)
+    return problems + [_as_field(problem, field) for field, view in judges(spec)
+                       for problem in kind_of(view.judge).problems(view, missing_ok)]
 
 
 def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
     wanted = [(f"models.{i}.path", m.path) for i, m in enumerate(spec.models)]
-    if judge_model := kind_of(spec.judge).local_model(spec):
-        wanted.append(("judge.model", judge_model))
+    wanted += [(f"{field}.model", judge_model) for field, view in judges(spec)
+               if (judge_model := kind_of(view.judge).local_model(view))]
     problems = []
     for field, reference in wanted:
         if (path := _resolved(reference, field, missing_ok, problems)) is None:
             continue
-        extra = " and is not the name of a model in `models`" if field == "judge.model" else ""
+        extra = " and is not the name of a model in `models`" if field.startswith("judge") else ""
         if Path(path).is_absolute():
             if not (Path(path) / "config.json").is_file():
                 what = "is not a model folder (no config.json)" if Path(path).exists() else "does not exist"
@@ -207,14 +222,15 @@ def _model_problems(spec: SweepSpec, missing_ok: bool) -> list[str]:
 def _unresolvable_judge(spec: SweepSpec) -> list[str]:
     """A local judge that names no model of the sweep, no known embedded model, no hub id and no
     existing folder: no later step (fetch-model, a download, data generation) can make it exist."""
-    judge_model = kind_of(spec.judge).local_model(spec)
-    if judge_model is None:
-        return []
     problems: list[str] = []
-    # An unknown embedded name is a problem; one not fetched yet is not (missing_ok).
-    path = _resolved(judge_model, "judge.model", True, problems)
-    if path is not None and Path(path).is_absolute() and not Path(path).exists():
-        problems.append(f"judge.model: {path} does not exist and is not the name of a model in `models`")
+    for field, view in judges(spec):
+        judge_model = kind_of(view.judge).local_model(view)
+        if judge_model is None:
+            continue
+        # An unknown embedded name is a problem; one not fetched yet is not (missing_ok).
+        path = _resolved(judge_model, f"{field}.model", True, problems)
+        if path is not None and Path(path).is_absolute() and not Path(path).exists():
+            problems.append(f"{field}.model: {path} does not exist and is not the name of a model in `models`")
     return problems
 
 

@@ -275,7 +275,6 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     judge_desc = judge_line.description
     notes += judge_line.notes
     judge_gpu_s = judge_line.gpu_s if prompts.counted or judge_line.gpu_s == 0.0 else None
-
     def count(stage: str) -> tuple[int, int, int | None]:
         stage_nodes = [n for n in nodes if n.stage == stage]
         done = sum(store.is_done(n.stage, n.name, n.key) for n in stage_nodes) if store else None
@@ -295,11 +294,31 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
             return gpu_hours * whole_node_factor(engine_gpus)
         if stage == "judge" and judge_kind.gpus(spec):
             return gpu_hours * whole_node_factor(judge_kind.gpus(spec))
+        if stage == "audit" and audit_kind.gpus(audited):
+            return gpu_hours * whole_node_factor(audit_kind.gpus(audited))
         return gpu_hours
 
     judge_gpus = "0 (API)" if judge_kind.api else \
         f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if judge_kind.gpus(spec) else "0"
     basis = {True: "counted from files", False: "assumed"}
+    audit_row, audit_kind = ("0", 0.0, None, "-"), None
+    if (audited := spec.audit_view()) is not None:
+        audit = spec.judge.audit
+        share = audit.fraction if audit.fraction is not None else min(1.0, audit.count / max(1, prompts.generations))
+        everything = runs_total * prompts.judgments
+        audit_kind = kind_of(audited.judge)
+        audit_line = audit_kind.plan_line(audited, judge_params_b(audited),
+                                          lambda billions: judge_work_gpu_s(audited, everything * share, billions),
+                                          ENGINE_STARTUP_S)
+        per_judgment = JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens
+        notes += audit_line.notes
+        notes.append(f"audit: {audit_line.description} judges {share:.1%} of each run's answers: "
+                     f"{everything * share * per_judgment:,.0f} tokens, against {everything * per_judgment:,.0f} "
+                     "to judge every answer with it")
+        audit_gpus = "0 (API)" if audit_kind.api else \
+            f"{audited.judge.replicas}x{audited.judge.tensor_parallel_size}" if audit_kind.gpus(audited) else "0"
+        audit_gpu_s = audit_line.gpu_s if prompts.counted or audit_line.gpu_s == 0.0 else None
+        audit_row = (audit_gpus, everything * share * per_judgment, hours(audit_gpu_s), basis[prompts.counted])
     per_job = {
         "data": ("0", 0.0, None, "-"),
         "finetune": (",".join(sorted({str(m.finetune_gpus) for m in models})), finetune_tokens,
@@ -308,11 +327,14 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
         "sample": (",".join(sorted({str(m.sampling_gpus) for m in models})), sample_tokens,
                    hours(sample_gpu_s) if prompts.counted else None, basis[prompts.counted] + ", max_tokens each"),
         "judge": (judge_gpus, judge_tokens, hours(judge_gpu_s), basis[prompts.counted]),
+        "audit": audit_row,
         "analyze": ("0", 0.0, None, "-"),
     }
     stages = []
     for stage in STAGES:
         total, jobs, done = count(stage)
+        if total == 0:
+            continue  # a stage this sweep does not have (audit without judge.audit)
         gpus, tokens, gpu_hours, stage_basis = per_job[stage]
         stages.append(StageEstimate(stage, total, jobs, gpus, tokens, gpu_hours, stage_basis, done,
                                     billed(stage, gpu_hours)))

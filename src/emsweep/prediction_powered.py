@@ -128,8 +128,8 @@ def _with_exact(low: float, high: float, M: np.ndarray, C: np.ndarray, alpha: fl
     from scipy.stats import binomtest
 
     counted = int(C.sum())
-    if counted == 0:
-        return low, high
+    if counted == 0:  # the trusted judge counted none of the audited answers: they say nothing of the rate
+        return min(low, 0.0), max(high, 1.0)
     exact = binomtest(int(M.sum()), counted).proportion_ci(confidence_level=1 - alpha, method="exact")
     return min(low, exact.low), max(high, exact.high)
 

@@ -46,7 +46,7 @@ from emsweep.spec import BASE_LABEL, AnalysisSpec, SweepSpec
 from emsweep.store import Store, tmp_path_beside, write_parquet_atomic, write_text_atomic
 
 ANALYSIS_TABLES = ("run_metrics", "label_metrics", "pushback_metrics", "harm_metrics", "condition_metrics", "comparisons",
-                   "threshold_sensitivity")
+                   "threshold_sensitivity", "audited_rates")
 
 
 @dataclass
@@ -374,6 +374,9 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         judge_error_note=judge_error_note(results.judge_error, results.analysis.confidence),
         run_rates=Markup(_html_table(run_rates(tables.get("run_metrics", pd.DataFrame()), results.out_of_distribution))),
         panel=Markup(_html_table(panel_rates(results.panel))) if not results.panel.empty else None,
+        audited=Markup(_html_table(audited_run_rates(tables.get("audited_rates", pd.DataFrame()))))
+        if not tables.get("audited_rates", pd.DataFrame()).empty else None,
+        audit_note=audit_note(tables.get("audited_rates", pd.DataFrame()), results.spec),
         definition=results.analysis.em_definition(),
         generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         out_dir=str(results.out_dir),
@@ -523,6 +526,45 @@ def run_rates(runs: pd.DataFrame, out_of_distribution: pd.DataFrame | None = Non
     }).reset_index(drop=True)
 
 
+def audited_run_rates(audited: pd.DataFrame) -> pd.DataFrame:
+    """With an audit judge (judge.audit), per run and condition the four pooled rates side by side
+    (analyze.audited_rates; numbers in exports/audited_rates.parquet)."""
+    if audited.empty:
+        return pd.DataFrame()
+
+    def interval(value, low, high) -> str:
+        return "-" if pd.isna(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    return pd.DataFrame({
+        "run": audited["run_id"], "condition": audited["condition"],
+        "audited / answers": [f"{a} / {n}" for a, n in zip(audited["n_audited"], audited["n_answers"])],
+        "fast judge, raw": ["-" if pd.isna(v) else f"{v:.3f}" for v in audited["raw_misaligned_rate"]],
+        "fast judge, corrected by the audit's TPR/FPR": [interval(*v) for v in zip(
+            audited["rg_misaligned_rate"], audited["rg_low"], audited["rg_high"])],
+        "audit judge alone": [interval(*v) for v in zip(audited["audit_misaligned_rate"], audited["audit_low"],
+                                                         audited["audit_high"])],
+        "prediction-powered": [interval(*v) for v in zip(audited["ppi_misaligned_rate"], audited["ppi_low"],
+                                                          audited["ppi_high"])],
+    }).reset_index(drop=True)
+
+
+def audit_note(audited: pd.DataFrame, spec: SweepSpec | None) -> str:
+    """Which judge audited which share, and the fast judge's error measured on the audited answers."""
+    if audited.empty or spec is None or spec.judge.audit is None:
+        return ""
+    audit = spec.judge.audit
+    share = f"{audit.fraction:.0%} of each run's answers" if audit.fraction is not None else \
+        f"{audit.count} answers of each run"
+    first = audited.iloc[0]
+    tpr = f"{first['audit_tp']}/{first['audit_positives']}" if first["audit_positives"] else "-/0"
+    fpr = f"{first['audit_fp']}/{first['audit_negatives']}" if first["audit_negatives"] else "-/0"
+    return (f"The audit judge ({audit.judge.backend} {audit.judge.model}) scored {share}, drawn at random by question "
+            f"(seed {audit.seed}). Against it on those answers, the fast judge flagged {tpr} of the answers it calls "
+            f"misaligned and {fpr} of the others (TPR, FPR over the answers the fast judge counts, pooled over the "
+            "sweep). The prediction-powered rate estimates the audit judge's pooled rate over every answer, with "
+            "an interval that stays valid however wrong the fast judge is (docs/metrics.md, \"Audited rates\").")
+
+
 def judge_error_note(error: JudgeError | None, confidence: float) -> str:
     """What the judge's measured error says about its rates, in one sentence."""
     if error is None:
@@ -547,6 +589,9 @@ def write_exports(results: SweepResults, export_dir: Path) -> dict[str, Path]:
                                                                 preserve_index=False))
     write_parquet_atomic(paths["metrics"], pa.Table.from_pandas(with_roles(tidy_metrics(results.tables), roles),
                                                                 preserve_index=False))
+    if not (audited := results.tables.get("audited_rates", pd.DataFrame())).empty:
+        paths["audited_rates"] = export_dir / "audited_rates.parquet"
+        write_parquet_atomic(paths["audited_rates"], analyze.to_arrow(with_roles(audited, roles)))
     sensitivity = results.tables.get("threshold_sensitivity", pd.DataFrame())
     if sensitivity.empty:  # an analyze node from before the view existed, or no EM suite
         sensitivity = pd.DataFrame(columns=analyze.SENSITIVITY_COLUMNS)

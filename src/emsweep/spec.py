@@ -476,6 +476,9 @@ class JudgeSpec(_Strict):
     code_refusal: Literal["judge", "static"] = "judge"
     # A positive control judged by every judge job (PanelSpec); null: none.
     panel: PanelSpec | None = None
+    # A second, trusted judge on a random share of every run's answers, for prediction-powered
+    # rates (AuditSpec); null: none. Its nodes are its own: this judge's node keys ignore it.
+    audit: AuditSpec | None = None
     # --- resources and transport: they do not change a score, so they are not in node keys ---
     replicas: int = Field(1, gt=0)
     tensor_parallel_size: int = Field(1, gt=0)
@@ -529,13 +532,41 @@ class JudgeSpec(_Strict):
         default = ({"templates"} if self.templates == "paper" else set()) | (
             {"score_map"} if self.score_map is None else set()) | (
             {"code_refusal"} if self.code_refusal == "judge" else set())
-        dumped = self.model_dump(mode="json", exclude=set(self.RESOURCE_FIELDS) | default | {"error", "panel", "model"})
+        dumped = self.model_dump(mode="json",
+                                 exclude=set(self.RESOURCE_FIELDS) | default | {"error", "panel", "audit", "model"})
         # A template set or score map given as a file is keyed by its content (sweep/plan.py), and
         # here by its name only; a built-in one by its name. The judge model: judge_id, judge_build.
         for field in ("templates", "score_map"):
             if dumped.get(field) and Path(dumped[field]).is_absolute():
                 dumped[field] = Path(dumped[field]).name
         return dumped
+
+
+class AuditSpec(_Strict):
+    """A second judge, trusted more than `judge.model` (GPT-4o through the openai backend, a large
+    local model, another trained judge), on a seeded random share of every run's answers,
+    stratified by question: `fraction` of each question's answers, or `count` answers per run
+    (spread over its questions in proportion). The fast judge still scores every answer; the
+    analysis sets the two side by side as prediction-powered rates (prediction_powered.py,
+    docs/metrics.md). One `audit/<run>` node per run, keyed by this judge's own identity and the
+    draw; the judge nodes' keys do not depend on it."""
+
+    judge: JudgeSpec
+    fraction: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "AuditSpec":
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give one of fraction (a share of each run's answers) or count (answers per run)")
+        if self.judge.audit is not None or self.judge.panel is not None:
+            raise ValueError("judge: an audit judge has no audit or panel of its own")
+        return self
+
+    def draw_config(self) -> dict:
+        """What decides which answers are audited (audit node keys)."""
+        return {"fraction": self.fraction, "count": self.count, "seed": self.seed}
 
 
 class EmDefinition(_Strict):
@@ -696,6 +727,12 @@ class SweepSpec(_Strict):
                     "(finetune: per_device_batch_size x gradient_accumulation_steps x num_workers)")
         return self
 
+    def audit_view(self) -> "SweepSpec | None":
+        """This sweep as its audit nodes run it: the audit judge in the judge's place (every judge
+        kind reads `spec.judge`); None without an audit."""
+        audit = self.judge.audit
+        return None if audit is None else self.model_copy(update={"judge": audit.judge})
+
     def model(self, name: str) -> ModelSpec:
         for model in self.models:
             if model.name == name:
@@ -822,7 +859,6 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
         raise SpecError(f"{source}: {'; '.join(first_causes(err))}") from None
     if base is None:
         return spec
-    templates = _resolve_templates(spec.judge.templates, base, source)
     return spec.model_copy(
         update={
             "models": tuple(m.model_copy(update={"path": _resolve(m.path, base, f"{source}: models.{i}.path",
@@ -842,17 +878,26 @@ def parse_spec(raw: object, source: str = "<spec>", base: Path | None = None) ->
                                                                f"{source}: eval.suites.{i}.questions")})
                 for i, suite in enumerate(spec.eval.suites)
             )}),
-            "judge": spec.judge.model_copy(
-                update={"model": spec.judge.model
-                        if not spec.judge.model_is_path or spec.judge.model in {m.name for m in spec.models}
-                        else _resolve(spec.judge.model, base, f"{source}: judge.model", hub_ids=True),
-                        "templates": templates,
-                        "score_map": _resolve_score_map(spec.judge, templates, base, source),
-                        "panel": spec.judge.panel and spec.judge.panel.model_copy(update={"reference": _resolve(
-                            spec.judge.panel.reference, base, f"{source}: judge.panel.reference")})}
-            ),
+            "judge": _resolved_judge(spec.judge, spec, base, source, "judge"),
         }
     )
+
+
+def _resolved_judge(judge: JudgeSpec, spec: SweepSpec, base: Path, source: str, where: str) -> JudgeSpec:
+    """A judge's files (model folder, templates, score map, panel reference; its audit judge's
+    too) resolved against the spec's directory."""
+    templates = _resolve_templates(judge.templates, base, source)
+    audit = judge.audit and judge.audit.model_copy(
+        update={"judge": _resolved_judge(judge.audit.judge, spec, base, source, f"{where}.audit.judge")})
+    return judge.model_copy(
+        update={"model": judge.model
+                if not judge.model_is_path or judge.model in {m.name for m in spec.models}
+                else _resolve(judge.model, base, f"{source}: {where}.model", hub_ids=True),
+                "templates": templates,
+                "score_map": _resolve_score_map(judge, templates, base, source),
+                "panel": judge.panel and judge.panel.model_copy(update={"reference": _resolve(
+                    judge.panel.reference, base, f"{source}: {where}.panel.reference")}),
+                "audit": audit})
 
 
 def _resolve_templates(reference: str, base: Path, source: str) -> str:

@@ -14,6 +14,7 @@ from emsweep import analyze, data, finetune, judge, progress, sample, tracking
 from emsweep.dag import Node, NodeFailures, run_guarded
 from emsweep.judge.cache import JudgmentCache
 from emsweep.judge import panel
+from emsweep.judge.audit import audited_rows
 from emsweep.judge.identity import judge_build, judge_id
 from emsweep.judge.backends import make_backend
 from emsweep.judge.kinds import kind_of
@@ -81,7 +82,7 @@ class StageRunner:
         """What a finetune, sample or judge node's W&B run shows of the run it belongs to (config
         `dataset`, `seed`, `model_name`), so a dashboard groups any stage's runs by dataset; a judge
         node's own config holds only the judge's settings, so these come from its sample node."""
-        if node.stage == "judge":
+        if node.stage in ("judge", "audit"):
             (node,) = [self.by_id[d] for d in node.deps if d.startswith("sample/")]
         if node.stage not in ("finetune", "sample"):
             return {}
@@ -131,7 +132,7 @@ class StageRunner:
         # What the job says about itself while it runs (progress.py): shown by `emsweep run/status`,
         # and logged to its nodes' W&B runs for sample and judge jobs (a finetune's rank 0 logs
         # its steps itself: tracking.LiveRun).
-        self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge") else DISABLED_WANDB,
+        self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge", "audit") else DISABLED_WANDB,
                                           self.out_dir, self.spec.name, stage, nodes,
                                           {node.id: self.run_labels(node) for node in nodes})
         self.progress = ProgressWriter(self.shared_location(progress.record_relative(nodes[0].id)), stage,
@@ -232,28 +233,32 @@ class StageRunner:
                                              adapter_path=str(snapshot), checkpoint_step=step))
         return runs
 
-    def run_judge(self, nodes: list[Node]) -> None:
-        started = time.time()
+    def judge_with(self, spec: SweepSpec, nodes: list[Node], samples: dict[str, pa.Table]):
+        """`samples` judged by `spec.judge` (the judge's, or the audit judge's: SweepSpec.audit_view)
+        through the judgment cache: (tables by node name, stats)."""
         # Checked before the sweep started where the judge was on that machine (checks.py); on a
         # cluster the model may only be resolvable here.
-        if problem := kind_of(self.spec.judge).runtime_problem(self.spec):
+        if problem := kind_of(spec.judge).runtime_problem(spec):
             raise ValueError(problem)
-        samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
-        questions = self.questions()
-        if self.spec.judge.panel is not None:  # the positive control (judge/panel.py), judged with the runs
-            suite, question_ids = panel.em_suite_questions(questions)
-            samples[panel.PANEL_RUN], panel_reference = panel.panel_answers(
-                self.spec.judge.panel, question_ids, suite, self.spec.analysis)
-        cache = JudgmentCache(self.shared_location("judge_cache")) if self.spec.judge.cache else None
-        tables, stats = judge.judge_samples(
-            samples, questions, self.spec.judge,
-            judge_id=judge_id(self.spec), backend=make_backend(self.spec, keep=self.pipelined),
+        cache = JudgmentCache(self.shared_location("judge_cache")) if spec.judge.cache else None
+        return judge.judge_samples(
+            samples, self.questions(), spec.judge,
+            judge_id=judge_id(spec), backend=make_backend(spec, keep=self.pipelined),
             # As the driver keyed the node (no second hash of the weights); computed here where
             # the driver had no local weights to hash.
-            judge_build=nodes[0].config.get("judge_build") or judge_build(self.spec),
+            judge_build=nodes[0].config.get("judge_build") or judge_build(spec),
             cache=cache,
             progress=self.progress,
         )
+
+    def run_judge(self, nodes: list[Node]) -> None:
+        started = time.time()
+        samples = {node.name: pq.read_table(self.input_dir(node, "sample") / "samples.parquet") for node in nodes}
+        if self.spec.judge.panel is not None:  # the positive control (judge/panel.py), judged with the runs
+            suite, question_ids = panel.em_suite_questions(self.questions())
+            samples[panel.PANEL_RUN], panel_reference = panel.panel_answers(
+                self.spec.judge.panel, question_ids, suite, self.spec.analysis)
+        tables, stats = self.judge_with(self.spec, nodes, samples)
         panel_table = None
         if self.spec.judge.panel is not None:
             if message := stats.failure_message(panel.PANEL_RUN, tables[panel.PANEL_RUN].num_rows):
@@ -279,23 +284,48 @@ class StageRunner:
         if failures:
             raise NodeFailures(failures)
 
+    def run_audit(self, nodes: list[Node]) -> None:
+        """The audit judge (judge.audit) on each run's seeded draw of its answers (judge/audit.py)."""
+        started, audit = time.time(), self.spec.judge.audit
+        samples = {node.name: audited_rows(pq.read_table(self.input_dir(node, "sample") / "samples.parquet"),
+                                           audit.fraction, audit.count, audit.seed) for node in nodes}
+        tables, stats = self.judge_with(self.spec.audit_view(), nodes, samples)
+        failures = {}
+        for node in nodes:
+            if message := stats.failure_message(node.name, tables[node.name].num_rows):
+                failures[node.id] = message  # as a judge node: a rerun asks again for these only
+                continue
+            tmp = self.store.new_tmp_dir()
+            pq.write_table(tables[node.name], tmp / "audit.parquet")
+            self.commit(node, tmp, started, {"audit": "audit.parquet"},
+                        extra={**judge_counts(tables[node.name]), "audited_answers": samples[node.name].num_rows,
+                               "warnings": stats.warnings.get(node.name, [])})
+        if failures:
+            raise NodeFailures(failures)
+
     def run_analyze(self, nodes: list[Node]) -> None:
         (node,) = nodes
         started, tmp = time.time(), self.store.new_tmp_dir()
         # Only the judge nodes that are done: the executor runs this node when some failed.
         inputs = [self.by_id[i] for i in node.deps]
-        judge_nodes = [d for d in inputs if self.fetch(d)]
-        missing = [d.id for d in inputs if d not in judge_nodes]
+        done = [d for d in inputs if self.fetch(d)]
+        missing = [d.id for d in inputs if d not in done]
+        judge_nodes = [d for d in done if d.stage == "judge"]
         if not judge_nodes:
             raise RuntimeError("no judge node is done: nothing to analyze")
         judgments = read_judgments(self.store, judge_nodes)
+        # The audit judge's scores of the runs whose judge node is done too (judge.audit).
+        judged = {d.name for d in judge_nodes}
+        audits = [pq.read_table(self.store.node_dir(d.stage, d.name, d.key) / "audit.parquet")
+                  for d in done if d.stage == "audit" and d.name in judged]
         harm = pa.concat_tables([pq.read_table(self.input_dir(d, "sample") / "harm.parquet") for d in judge_nodes])
         # Categories are a property of the question; the samples carry them.
         questions = pa.concat_tables([
             pq.read_table(self.input_dir(d, "sample") / "samples.parquet", columns=["suite", "question_id", "category"])
             for d in judge_nodes])
         tables = analyze.analyze(judgments, harm, self.spec.analysis, self.spec.eval.pushback, questions,
-                                 self.spec.eval.harm_perception.min_numeric_mass, judge_error(self.spec.judge))
+                                 self.spec.eval.harm_perception.min_numeric_mass, judge_error(self.spec.judge),
+                                 audits=pa.concat_tables(audits, promote_options="default") if audits else None)
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
         self.commit(node, tmp, started, {name: f"{name}.parquet" for name in tables},

@@ -2,6 +2,7 @@
 
     data/<dataset> -> finetune/<model>__<dataset>__s<seed> -> sample/<run> -> judge/<run> -> analyze/<sweep>
                                            (base model) ----> sample/<model>__base ----^
+                                                      (judge.audit) sample/<run> -> audit/<run> --^
 
 A node's key hashes its config and its inputs' keys (store.config_key), so a spec edit
 re-runs exactly the nodes that read the edited fields, and their dependents.
@@ -24,8 +25,8 @@ from emsweep.spec import BASE_LABEL, SweepSpec
 from emsweep.store import config_key
 
 
-STAGES = ("data", "finetune", "sample", "judge", "analyze")
-ENGINE_STAGES = ("sample", "judge")
+STAGES = ("data", "finetune", "sample", "judge", "audit", "analyze")
+ENGINE_STAGES = ("sample", "judge", "audit")
 
 
 def run_name(model: str, dataset: str | None, seed: int | None) -> str:
@@ -57,27 +58,12 @@ def plan(spec: SweepSpec, key_schema: int = KEY_SCHEMA) -> list[Node]:
         "questions_content": {suite.name: fingerprint(suite.questions) for suite in spec.eval.suites},
         "sampling": spec.sampling.key_config(),
     }
-    judge_config = {
-        "judge": _located_score_config(spec) if located else spec.judge.score_config(),
-        "judge_model": _located_judge_id(spec) if located else judge_id(spec),
-        "questions_content": eval_config["questions_content"],
-    }
-    # Template sets and score maps given as files: editing one re-judges (built-in names are
-    # pinned by the package version; left out when absent so earlier keys stay valid).
-    judge_files = {name: fingerprint(ref) for name, ref in
-                   (("templates", spec.judge.templates), ("score_map", spec.judge.score_map))
-                   if ref and Path(ref).is_file()}
-    if judge_files:
-        judge_config["judge_files"] = judge_files
-    if (build := judge_build(spec)) is not None and json.loads(build)["weights"] is not None:
-        # A local judge's weights, dtype and engine: left out where no local weights can be
-        # hashed (a hub id, resolved on the cluster), so those keys stay as they were.
-        judge_config["judge_build"] = build
-    if spec.judge.panel is not None:  # left out when absent so earlier keys stay valid
-        # By content, not path: the same reference files anywhere give the same panel.
-        judge_config["panel"] = {**spec.judge.panel.model_dump(mode="json", exclude={"reference"}),
-                                 "content": reference_fingerprint(spec.judge.panel.reference)}
-    judge_nodes = []
+    judge_config = _judge_config(spec, eval_config["questions_content"], located)
+    audited = spec.audit_view()
+    if audited is not None:
+        audit_config = {**_judge_config(audited, eval_config["questions_content"], located),
+                        "draw": spec.judge.audit.draw_config()}
+    judge_nodes, audit_nodes = [], []
     for model in spec.models:
         sample_nodes = []
         replicas = spec.sampling_for(model.name).replicas
@@ -106,6 +92,8 @@ def plan(spec: SweepSpec, key_schema: int = KEY_SCHEMA) -> list[Node]:
                 )
         for sampled in sample_nodes:
             judge_nodes.append(add("judge", sampled.name, judge_config, [sampled], group="judge"))
+            if audited is not None:  # beside the judge node, not after it: the draw ignores the fast judge
+                audit_nodes.append(add("audit", sampled.name, audit_config, [sampled], group="audit"))
     # A failed seed should not hide the other runs' numbers: the analysis runs on what is judged,
     # records what is missing, and is redone when the rest arrives.
     analysis_config = {"analysis": spec.analysis.model_dump(mode="json"),
@@ -114,8 +102,33 @@ def plan(spec: SweepSpec, key_schema: int = KEY_SCHEMA) -> list[Node]:
     # The judge's measured error corrects the rates: new figures redo the (cheap) analysis.
     if (error := judge_error(spec.judge)) is not None:
         analysis_config["judge_error"] = dataclasses.asdict(error)
-    add("analyze", spec.name, analysis_config, judge_nodes, partial_ok=True)
+    add("analyze", spec.name, analysis_config, judge_nodes + audit_nodes, partial_ok=True)
     return nodes
+
+
+def _judge_config(spec: SweepSpec, questions_content: dict, located: bool) -> dict:
+    """What a judge node's key hashes of `spec.judge` (an audit node's: of the audit judge's)."""
+    config = {
+        "judge": _located_score_config(spec) if located else spec.judge.score_config(),
+        "judge_model": _located_judge_id(spec) if located else judge_id(spec),
+        "questions_content": questions_content,
+    }
+    # Template sets and score maps given as files: editing one re-judges (built-in names are
+    # pinned by the package version; left out when absent so earlier keys stay valid).
+    judge_files = {name: fingerprint(ref) for name, ref in
+                   (("templates", spec.judge.templates), ("score_map", spec.judge.score_map))
+                   if ref and Path(ref).is_file()}
+    if judge_files:
+        config["judge_files"] = judge_files
+    if (build := judge_build(spec)) is not None and json.loads(build)["weights"] is not None:
+        # A local judge's weights, dtype and engine: left out where no local weights can be
+        # hashed (a hub id, resolved on the cluster), so those keys stay as they were.
+        config["judge_build"] = build
+    if spec.judge.panel is not None:  # left out when absent so earlier keys stay valid
+        # By content, not path: the same reference files anywhere give the same panel.
+        config["panel"] = {**spec.judge.panel.model_dump(mode="json", exclude={"reference"}),
+                           "content": reference_fingerprint(spec.judge.panel.reference)}
+    return config
 
 
 def sample_part_keys(spec: SweepSpec, node: Node, runs: list[sample.SampleRun]

@@ -24,6 +24,9 @@ def task_options(spec: SweepSpec, stage: str, cluster_cpus: int = 1, model: str 
         return {"num_cpus": 1 if spec.use_gpu else 0}
     if stage == "judge":
         return kind_of(spec.judge).task_options(spec)
+    if stage == "audit":
+        audited = spec.audit_view()
+        return kind_of(audited.judge).task_options(audited)
     if stage in ENGINE_STAGES:
         if spec.use_gpu:
             sampling = spec.sampling_for(model) if model else spec.sampling
