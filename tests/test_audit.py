@@ -145,3 +145,27 @@ def test_an_audit_that_counts_no_answer_leaves_the_rate_unbounded():
     assert np.isnan(estimate.estimate)  # the PPI estimate of the counted share is below 0: no rate
     estimate = ppi_rate(M, C, np.ones(3), np.array([1.0, 0, 0]), np.ones(3), np.ones(3))
     assert estimate.low <= 0.0 and estimate.high >= 1.0
+
+
+def test_plan_prints_the_audits_tokens_cost_and_expected_width():
+    import re
+
+    from emsweep.planning import audit_width_note, build_plan
+
+    result = build_plan(parse_spec(_with_audit(usd_per_million_tokens=2.5)))
+    stages = {s.stage: s for s in result.stages}
+    assert stages["audit"].nodes == 3 and stages["audit"].tokens == pytest.approx(0.1 * stages["judge"].tokens)
+    (line,) = [note for note in result.notes if note.startswith("audit: gpt-4o")]
+    audited, everything = [float(t.replace(",", "")) for t in re.findall(r"([\d,]+) tokens|against ([\d,]+)", line)
+                           for t in t if t]
+    assert audited == pytest.approx(0.1 * everything)
+    assert f"${audited * 2.5 / 1e6:,.2f}" in line and f"${everything * 2.5 / 1e6:,.2f}" in line
+    assert any(note.startswith("audit: expect a run's 95% interval") for note in result.notes)
+    # No agreement: PPI is as wide as the audited answers alone; perfect agreement on a 10% audit:
+    # as narrow as judging everything (sqrt(0.1) of the width).
+    widths = lambda note: [float(w) for w in re.findall(r"\+-([\d.]+)", note)]
+    assert widths(audit_width_note(1000, 0.1, correlation=0.0))[0] == widths(audit_width_note(1000, 0.1, correlation=0.0))[1]
+    alone, powered = widths(audit_width_note(1000, 0.1, correlation=1.0))
+    assert powered == pytest.approx(alone * 0.1 ** 0.5, abs=0.002)
+    # Without an audit the plan has no audit stage.
+    assert "audit" not in {s.stage for s in build_plan(parse_spec(RAW)).stages}

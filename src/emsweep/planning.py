@@ -85,6 +85,27 @@ def judge_work_gpu_s(spec: SweepSpec, judgments: float, billions: float) -> floa
             + judgments * steps / tokens_per_gpu_s(billions, 2, DECODE_MFU))
 
 
+# What `plan` assumes to say how wide an audited rate's interval will be: an EM rate of 10% and a
+# fast judge whose verdicts correlate with the audit judge's at 0.4 (the embedded trained judge
+# against GPT-4o, left out one model file at a time, is at kappa 0.39: docs/judging.md).
+AUDIT_PLAN_RATE, AUDIT_PLAN_CORRELATION = 0.10, 0.4
+
+
+def audit_width_note(answers_per_run: int, share: float, rate: float = AUDIT_PLAN_RATE,
+                     correlation: float = AUDIT_PLAN_CORRELATION) -> str:
+    """The 95% half-width of a run's audited rate, from the audited answers alone and
+    prediction-powered. With n audited of N + n answers and the fast judge correlating at r, PPI++'s
+    best weight leaves the variance p(1 - p) / n x (1 - r^2 N / (N + n)) (prediction_powered.py)."""
+    audited = max(1.0, share * answers_per_run)
+    rest = max(0.0, answers_per_run - audited)
+    alone = 1.96 * (rate * (1 - rate) / audited) ** 0.5
+    powered = alone * (1 - correlation ** 2 * rest / (rest + audited)) ** 0.5
+    return (f"audit: expect a run's 95% interval of about +-{alone:.3f} from its {audited:.0f} audited answers "
+            f"alone, +-{powered:.3f} prediction-powered (of {answers_per_run} answers; assuming an EM rate of "
+            f"{rate:.0%} and the fast judge's verdicts correlating with the audit judge's at {correlation}; "
+            "planning.AUDIT_PLAN_*)")
+
+
 def judge_params_b(spec: SweepSpec) -> float | None:
     """The judge model's size where GPU time depends on it (None: unknown, or no GPU judge model)."""
     return kind_of(spec.judge).params_b(
@@ -312,9 +333,13 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
                                           ENGINE_STARTUP_S)
         per_judgment = JUDGE_TEMPLATE_TOKENS + spec.sampling.max_tokens
         notes += audit_line.notes
+        price = audit.usd_per_million_tokens
+        cost = (lambda tokens: f" (${tokens * price / 1e6:,.2f})") if price is not None else (lambda tokens: "")
         notes.append(f"audit: {audit_line.description} judges {share:.1%} of each run's answers: "
-                     f"{everything * share * per_judgment:,.0f} tokens, against {everything * per_judgment:,.0f} "
-                     "to judge every answer with it")
+                     f"{everything * share * per_judgment:,.0f} tokens{cost(everything * share * per_judgment)}, "
+                     f"against {everything * per_judgment:,.0f}{cost(everything * per_judgment)} to judge every "
+                     "answer with it")
+        notes.append(audit_width_note(prompts.generations, share))
         audit_gpus = "0 (API)" if audit_kind.api else \
             f"{audited.judge.replicas}x{audited.judge.tensor_parallel_size}" if audit_kind.gpus(audited) else "0"
         audit_gpu_s = audit_line.gpu_s if prompts.counted or audit_line.gpu_s == 0.0 else None

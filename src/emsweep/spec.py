@@ -555,6 +555,9 @@ class AuditSpec(_Strict):
     fraction: float | None = Field(None, gt=0, le=1)
     count: int | None = Field(None, gt=0)
     seed: int = 0
+    # For `emsweep plan` only (no key): the audit judge's price in USD per million tokens (prompt
+    # and completion alike), for the audit's cost beside judging every answer with it.
+    usd_per_million_tokens: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_size(self) -> "AuditSpec":
