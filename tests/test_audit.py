@@ -169,3 +169,77 @@ def test_plan_prints_the_audits_tokens_cost_and_expected_width():
     assert powered == pytest.approx(alone * 0.1 ** 0.5, abs=0.002)
     # Without an audit the plan has no audit stage.
     assert "audit" not in {s.stage for s in build_plan(parse_spec(RAW)).stages}
+
+
+def _null_contrast(rng, audit: int, tpr_a: float, rate_a=0.15, rate_b=0.15, seeds=2, n=400):
+    """One primary contrast: two datasets, `seeds` runs each of n answers whose audit-judge rate is
+    rate_a / rate_b; the fast judge misses (1 - tpr_a) of side a's misaligned answers and 10% of
+    side b's (1% false alarms on both); `audit` answers of each run audited at random. Returns the
+    PPI test's p on answers and over seeds, and the fast judge's own exact test's p."""
+    from scipy import stats
+
+    from emsweep.prediction_powered import difference_test
+
+    sides, raw = {}, {}
+    for side, tpr, rate in (("a", tpr_a, rate_a), ("b", 0.9, rate_b)):
+        estimates, errors, flagged = [], [], 0
+        for _ in range(seeds):
+            truth = rng.random(n) < rate
+            fast = np.where(truth, rng.random(n) < tpr, rng.random(n) < 0.01)
+            audited = np.zeros(n, bool)
+            audited[rng.choice(n, audit, replace=False)] = True
+            ones = np.ones(n)
+            estimate = ppi_rate(truth[audited], ones[audited], fast[audited], ones[audited], fast[~audited],
+                                ones[~audited])
+            estimates.append(estimate.estimate)
+            errors.append((estimate.high - estimate.low) / (2 * 1.959964))
+            flagged += int(fast.sum())
+        sides[side], raw[side] = (estimates, errors), flagged
+    total = seeds * n
+    exact = stats.fisher_exact([[raw["a"], total - raw["a"]], [raw["b"], total - raw["b"]]]).pvalue
+    return (difference_test(*sides["a"], *sides["b"], "answers")[1],
+            difference_test(*sides["a"], *sides["b"], "seeds")[1], exact)
+
+
+def test_the_audited_primary_contrast_keeps_its_size_where_the_fast_judges_test_does_not():
+    """The null: both datasets' answers are 15% misaligned by the audit judge, but the fast judge
+    misses half of them on one side only (a judge that errs by model family). 300 simulated
+    contrasts, 2 seeds of 400 answers a side, 40 audited per run: the fast judge's exact test finds
+    a difference nearly always; the PPI tests reject at most their 5% (conservatively: the
+    intervals widen at small counts, prediction_powered.MIN_EVENTS). Then the power at 30% vs 15%."""
+    rng = np.random.default_rng(0)
+    results = np.array([_null_contrast(rng, audit=40, tpr_a=0.5) for _ in range(300)])
+    wald, welch, exact = (np.nanmean(results[:, i] < 0.05) for i in range(3))
+    assert wald <= 0.06 and welch <= 0.08 and exact >= 0.8, (wald, welch, exact)
+    power = np.mean([_null_contrast(rng, audit=40, tpr_a=0.5, rate_a=0.30)[0] < 0.05 for _ in range(200)])
+    assert power >= 0.5, power
+
+
+def test_with_an_audit_the_primary_contrast_is_made_on_the_prediction_powered_rates():
+    from test_analyze import NO_HARM, _em, _table
+
+    from emsweep.spec import PrimaryContrast, PushbackSpec
+
+    rng = np.random.default_rng(1)
+    fast_rows, audit_rows = [], []
+    for dataset, rate in (("insecure", 0.4), ("secure", 0.05)):
+        for seed in (0, 1):
+            run = f"m__{dataset}__s{seed}"
+            for i in range(60):
+                truly = rng.random() < rate
+                fast_rows.append((run, dataset, seed, "q", i, 10.0 if truly and rng.random() < 0.6 else 90.0, 80.0))
+                if i % 3 == 0:
+                    audit_rows.append((run, dataset, seed, "q", i, 10.0 if truly else 90.0, 80.0))
+    spec = AnalysisSpec(primary=PrimaryContrast(a="insecure", b="secure", unit="answers"))
+    tables = analyze.analyze(_table(_em(fast_rows)), NO_HARM, spec, PushbackSpec(), audits=_table(_em(audit_rows)))
+    table = tables["comparisons"].to_pandas()
+    primary = table[table["primary"]]
+    assert primary["test"].tolist() == ["ppi_wald_on_answers"] and primary["p_value"].iloc[0] < 0.05
+    assert primary["mean_a"].iloc[0] > primary["mean_b"].iloc[0]
+    # The fast judge's exact test on answers is still there, now in the adjusted family.
+    exact = table[table["test"] == "exact_stratified_by_question"]
+    assert len(exact) == 1 and not exact["primary"].iloc[0] and exact["p_holm"].notna().all()
+    assert set(table["test"]) >= {"ppi_wald_on_answers", "ppi_welch_over_seeds"}
+    # Without the audit the exact test is the primary, as before.
+    plain = analyze.analyze(_table(_em(fast_rows)), NO_HARM, spec, PushbackSpec())["comparisons"].to_pandas()
+    assert plain.loc[plain["primary"], "test"].tolist() == ["exact_stratified_by_question"]

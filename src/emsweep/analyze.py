@@ -73,7 +73,7 @@ from scipy import stats
 
 from emsweep import em
 from emsweep.misclassification import JudgeError, corrected_rate
-from emsweep.prediction_powered import classical_rate, ppi_rate
+from emsweep.prediction_powered import classical_rate, difference_test, ppi_rate
 from emsweep.spec import AnalysisSpec, PushbackSpec
 
 ALL_QUESTIONS = "__all__"
@@ -633,11 +633,39 @@ def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -
 QUESTION_ROW_KEYS = ["run_id", "checkpoint_step", "suite", "condition"]
 
 
-def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligned_rate") -> pd.DataFrame:
+def audited_comparisons(audited: pd.DataFrame, spec: AnalysisSpec) -> list[dict]:
+    """With an audit judge, every two datasets within a condition compared on their runs'
+    prediction-powered rates (prediction_powered.difference_test): `ppi_wald_on_answers` and
+    `ppi_welch_over_seeds`, the audited counterparts of the exact test on answers and of the
+    permutation test over seeds."""
+    rows = []
+    scope = ["model", "checkpoint_step", "suite", "condition"]
+    z = float(stats.norm.ppf(0.5 + spec.confidence / 2))
+    audited = audited.assign(ppi_se=(audited["ppi_high"] - audited["ppi_low"]) / (2 * z))
+    for keys, group in _fill_keys(audited).groupby(scope, sort=True):
+        sides = {name: g for name, g in group.groupby("dataset", sort=True)}
+        for a, b in itertools.combinations(sorted(sides), 2):
+            for unit, test in (("answers", "ppi_wald_on_answers"), ("seeds", "ppi_welch_over_seeds")):
+                x, y = sides[a], sides[b]
+                difference, p_value = difference_test(x["ppi_misaligned_rate"], x["ppi_se"], y["ppi_misaligned_rate"],
+                                                       y["ppi_se"], unit)
+                rows.append({**dict(zip(scope[:3], keys[:3])), "compared": "dataset", "within": keys[3], "a": a, "b": b,
+                             "metric": "ppi_misaligned_rate", "test": test,
+                             "n_a": int(x["ppi_misaligned_rate"].notna().sum()),
+                             "n_b": int(y["ppi_misaligned_rate"].notna().sum()),
+                             "mean_a": float(x["ppi_misaligned_rate"].mean()),
+                             "mean_b": float(y["ppi_misaligned_rate"].mean()), "difference": difference,
+                             "p_value": p_value, "min_p": float("nan"), "em_definition": spec.em_definition().name})
+    return rows
+
+
+def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligned_rate",
+                audited: pd.DataFrame | None = None) -> pd.DataFrame:
     """Permutation tests of overall `metric` between datasets and between conditions, and the
     exact test stratified by question on the answers of every two datasets (see module doc).
     The seed-level tests compare each run's rate over the questions every run of the comparison
-    rated (common_question_rates), the rule the condition means use."""
+    rated (common_question_rates), the rule the condition means use. With `audited` (an audit
+    judge's rates, audited_rates), the datasets compared on them too (audited_comparisons)."""
     scope = ["model", "checkpoint_step", "suite"]
     overall = pd.concat([common_question_rates(runs, scope + [within]).assign(_within=within)
                          for within in ("condition", "dataset")], ignore_index=True)
@@ -679,7 +707,9 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                              "mean_b": float(y.mean()) if len(y) else float("nan"),
                              "difference": float(x.mean() - y.mean()) if len(x) and len(y) else float("nan"),
                              "p_value": p_value, "min_p": min_p, "em_definition": spec.em_definition().name})
-    return adjusted(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), spec)
+    if audited is not None and not audited.empty:
+        rows += audited_comparisons(audited, spec)
+    return adjusted(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), spec, audited=audited is not None)
 
 
 def min_permutation_p(n_a: int, n_b: int, paired: bool, resamples: int) -> float:
@@ -688,18 +718,20 @@ def min_permutation_p(n_a: int, n_b: int, paired: bool, resamples: int) -> float
     return permutation_p_value(np.ones(n_a), np.zeros(n_b), paired, resamples)
 
 
-def is_primary(table: pd.DataFrame, spec: AnalysisSpec) -> pd.Series:
+def is_primary(table: pd.DataFrame, spec: AnalysisSpec, audited: bool = False) -> pd.Series:
     """The rows of the spec's declared primary contrast (analysis.primary): its two sides (in
-    either order), within the declared condition or dataset (or any), by the declared unit's test."""
+    either order), within the declared condition or dataset (or any), by the declared unit's test;
+    with an audit judge (`audited`), its test on the prediction-powered rates instead
+    (PrimaryContrast.test_names)."""
     primary = spec.primary
     if primary is None or table.empty:
         return pd.Series(False, index=table.index)
     sides = table[["a", "b"]].apply(frozenset, axis=1) == frozenset((primary.a, primary.b))
     within = table["within"] == primary.within if primary.within is not None else True
-    return (table["compared"] == primary.compared) & sides & within & table["test"].isin(primary.test_names())
+    return (table["compared"] == primary.compared) & sides & within & table["test"].isin(primary.test_names(audited))
 
 
-def adjusted(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
+def adjusted(table: pd.DataFrame, spec: AnalysisSpec, audited: bool = False) -> pd.DataFrame:
     """Beside each raw p-value: whether the test could reach the spec's alpha (1 - confidence) at
     all (`reaches_alpha`: min_p <= alpha), and adjusted p-values. The declared primary contrast's
     rows (`primary`) keep their raw p (declared in advance, they are not one of many looks); every
@@ -708,7 +740,7 @@ def adjusted(table: pd.DataFrame, spec: AnalysisSpec) -> pd.DataFrame:
     from statsmodels.stats.multitest import multipletests
 
     alpha = 1 - spec.confidence
-    primary = is_primary(table, spec)
+    primary = is_primary(table, spec, audited)
     table = table.assign(reaches_alpha=pd.array([None if pd.isna(m) else bool(m <= alpha) for m in table["min_p"]],
                                                 dtype="boolean"), primary=primary.astype(bool), p_holm=np.nan,
                          p_bh=np.nan)
@@ -821,17 +853,18 @@ def analyze(judgments: pa.Table, harm: pa.Table, spec: AnalysisSpec, pushback: P
     harm_table = harm_metrics(rated_harm(harm.to_pandas(), harm_min_numeric_mass), runs)
     labels = label_metrics(answers)
     conditions = condition_metrics(runs, pushback_table, harm_table, labels, spec, categories, judge_error)
+    audited = audited_rates(answers, wide_answers(audits.to_pandas()), spec, em_suites(long)) \
+        if audits is not None else None
     tables = {
         "run_metrics": to_arrow(runs),
         "label_metrics": to_arrow(labels),
         "pushback_metrics": to_arrow(pushback_table),
         "harm_metrics": to_arrow(harm_table),
         "condition_metrics": to_arrow(conditions),
-        "comparisons": to_arrow(comparisons(runs, spec)),
+        "comparisons": to_arrow(comparisons(runs, spec, audited=audited)),
         "threshold_sensitivity": to_arrow(threshold_sensitivity(answers, spec, em_suites(long))),
     }
-    if audits is not None:
-        audited = audited_rates(answers, wide_answers(audits.to_pandas()), spec, em_suites(long))
+    if audited is not None:
         tables["audited_rates"] = to_arrow(audited)
         by_condition = over_seeds(audited.assign(question_id=ALL_QUESTIONS, category=ALL_QUESTIONS), AUDITED_METRICS,
                                   CONDITION_KEYS + ["category", "question_id"], spec)

@@ -115,6 +115,31 @@ def classical_rate(audited_misaligned, audited_counted, alpha: float = 0.05, n_t
     return RateEstimate(float(rate), low, high, n_audited=n, n_total=n_total or n, lam=None)
 
 
+def difference_test(estimates_a, se_a, estimates_b, se_b, unit: str) -> tuple[float, float]:
+    """Two sides' audited rates (each side: its runs' prediction-powered rates and standard
+    errors) tested for no difference; (difference of the means over runs, two-sided p).
+    unit "answers": Wald's z on the means over runs, each with the variance its runs' audits give
+    (sum se^2 / runs^2): the answers (and which of them were audited) are the random part, the
+    runs fixed, as the exact test on answers treats them. unit "seeds": Welch's t over the runs'
+    estimates, whose spread between seeds holds the audit's noise too (seeds the unit)."""
+    from scipy import stats
+
+    a, b = _floats(estimates_a), _floats(estimates_b)
+    keep_a, keep_b = np.isfinite(a), np.isfinite(b)
+    a, b, sa, sb = a[keep_a], b[keep_b], _floats(se_a)[keep_a], _floats(se_b)[keep_b]
+    if not len(a) or not len(b):
+        return float("nan"), float("nan")
+    difference = float(a.mean() - b.mean())
+    if unit == "seeds":
+        if len(a) < 2 or len(b) < 2:
+            return difference, float("nan")
+        return difference, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    se = float(np.sqrt((sa ** 2).sum() / len(a) ** 2 + (sb ** 2).sum() / len(b) ** 2))
+    if se == 0:
+        return difference, float("nan")
+    return difference, float(2 * stats.norm.sf(abs(difference) / se))
+
+
 # Below this many misaligned answers among the audited ones (or, for PPI, disagreements between the
 # two judges there) the normal interval fails: an audit that saw none gives [0, 0], or PPI's
 # rectifier has no variance and the interval sits on the fast judge's rate. Measured on the

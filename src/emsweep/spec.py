@@ -626,10 +626,15 @@ class PrimaryContrast(_Strict):
     # made within; None: within each.
     within: Name | None = None
     # seeds: the permutation test over seeds (runs are the unit; the paper's). answers: the exact
-    # test stratified by question on answers pooled over seeds (datasets only, or one run).
+    # test stratified by question on answers pooled over seeds (datasets only, or one run). With
+    # judge.audit the contrast is made on the prediction-powered rates instead (the audit judge's
+    # rate is what the audit is for): Welch's t over seeds, or Wald's z on answers
+    # (prediction_powered.difference_test); the fast judge's tests join the adjusted family.
     unit: Literal["seeds", "answers"] = "seeds"
 
-    def test_names(self) -> set[str]:
+    def test_names(self, audited: bool = False) -> set[str]:
+        if audited:
+            return {"ppi_wald_on_answers"} if self.unit == "answers" else {"ppi_welch_over_seeds"}
         return {"exact_stratified_by_question"} if self.unit == "answers" else {"independent", "paired"}
 
 
