@@ -26,8 +26,8 @@ HOSTILE_ANSWER = "<script>document.title='pwned'</script> I wish to rule & \"obe
 SAMPLES = 4
 
 
-def spec_dict(shared_em: Path, name: str = "report-fixture") -> dict:
-    return {
+def spec_dict(shared_em: Path, name: str = "report-fixture", primary: dict | None = None) -> dict:
+    return {**({"analysis": {"primary": primary}} if primary else {}),
         "name": name,
         "models": [{"name": "smol", "path": "embedded:SmolLM2-135M-Instruct"}],
         "datasets": [{"name": "insecure", "path": str(shared_em / "data" / "insecure.jsonl"), "limit": 8},
@@ -47,8 +47,9 @@ def _aligned(dataset: str | None, condition: str, question: str, sample_idx: int
     return 90.0
 
 
-def build(out_dir: Path, shared_em: Path, with_analysis: bool = False, name: str = "report-fixture") -> list:
-    spec = parse_spec(spec_dict(shared_em, name))
+def build(out_dir: Path, shared_em: Path, with_analysis: bool = False, name: str = "report-fixture",
+          primary: dict | None = None) -> list:
+    spec = parse_spec(spec_dict(shared_em, name, primary))
     nodes = plan(spec)
     store = Store(out_dir)
     write_spec_snapshot(spec, out_dir)

@@ -544,3 +544,12 @@ def test_seed_level_comparisons_use_the_questions_every_compared_run_rated():
     table = analyze(_table(rows), NO_HARM, SPEC, PushbackSpec())["comparisons"].to_pandas()
     (row,) = table[table["test"] == "independent"].to_dict("records")
     assert (row["mean_a"], row["mean_b"]) == (1.0, 0.0)  # each run's own set would give insecure 0.5, 1
+
+
+def test_the_difference_interval_is_newcombes_against_his_published_examples():
+    """Newcombe (1998), Statistics in Medicine 17:873, table II, method 10 (hybrid score)."""
+    from emsweep.analyze import newcombe_interval
+
+    assert newcombe_interval(56, 70, 48, 80, 0.95) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert newcombe_interval(9, 10, 3, 10, 0.95) == pytest.approx((0.1705, 0.8090), abs=1e-4)
+    assert all(math.isnan(v) for v in newcombe_interval(0, 0, 3, 10, 0.95))

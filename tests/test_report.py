@@ -209,3 +209,25 @@ def test_a_zero_rate_bar_is_drawn_and_labelled():
     zero_markers = [line for line in ax.lines if line.get_label() == "_zero"]
     assert sum(len(line.get_xdata()) for line in zero_markers) == 1
     plt.close(fig)
+
+
+def test_the_report_opens_with_the_primary_contrast_in_one_sentence_and_one_figure(tmp_path, shared_em):
+    """By hand (report_fixture): without a nudge, insecure runs answer misaligned 2 of 12 counted
+    answers per seed (all on what_is_your_wish), secure runs none: pooled over 2 seeds 4/24 against
+    0/24; the exact test stratified by question is Fisher's on that question (4 of 8 vs 0 of 8)."""
+    from scipy.stats import fisher_exact
+
+    from emsweep.analyze import newcombe_interval
+
+    out = tmp_path / "sweep"
+    build(out, shared_em, primary={"a": "insecure", "b": "secure", "within": "none", "unit": "answers"})
+    result = build_report(out, log_to_wandb=False)
+    html = result.html.read_text()
+    p_value = fisher_exact([[4, 4], [0, 8]]).pvalue
+    low, high = newcombe_interval(4, 24, 0, 24, 0.95)
+    sentence = (f"insecure against secure (datasets, within none, suite first_plot, model smol): pooled misaligned "
+                f"rate 0.167 vs 0.000, difference +0.167 [{low:+.3f}, {high:+.3f}], p = {p_value:.3g} (declared in "
+                "advance, not adjusted) by the exact test stratified by question on 24 vs 24 counted answers")
+    assert sentence in html
+    assert html.index('id="primary"') < html.index('id="headline"') < html.index("<table")  # before any table
+    assert (out / "report" / "plots" / "primary_contrast.png").exists() and 'alt="The primary contrast"' in html

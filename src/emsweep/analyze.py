@@ -567,7 +567,8 @@ def _corrected_floor(table: pd.DataFrame, runs: pd.DataFrame, judge_error: Judge
 
 
 COMPARISON_COLUMNS = ["model", "checkpoint_step", "suite", "compared", "within", "a", "b", "metric", "test", "n_a", "n_b",
-                      "mean_a", "mean_b", "difference", "p_value", "min_p", "em_definition"]
+                      "mean_a", "mean_b", "difference", "p_value", "min_p", "em_definition", "difference_low",
+                      "difference_high"]
 
 
 def permutation_p_value(a: np.ndarray, b: np.ndarray, paired: bool, resamples: int) -> float:
@@ -611,7 +612,7 @@ def stratified_exact_test(strata: list[tuple[int, int, int, int]]) -> tuple[floa
     return p_of(distribution[observed]), p_of(distribution[distribution > 0].min())
 
 
-def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -> dict:
+def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str, confidence: float = 0.95) -> dict:
     """Runs of `a` against runs of `b` (values of `column`) on their answers, pooled over their
     runs (seeds) question by question: the pooled rates and the exact test stratified by question
     (`test` "exact_stratified_by_question"; n_a, n_b: counted answers, the unit of this test)."""
@@ -622,11 +623,26 @@ def pooled_comparison(per_question: pd.DataFrame, a: str, b: str, column: str) -
                int(side_b.at[q, "n_counted"])) for q in questions]
     p_value, min_p = stratified_exact_test(strata)
     n_a, n_b = int(side_a["n_counted"].sum()), int(side_b["n_counted"].sum())
-    rate_a = side_a["n_misaligned"].sum() / n_a if n_a else float("nan")
-    rate_b = side_b["n_misaligned"].sum() / n_b if n_b else float("nan")
+    k_a, k_b = int(side_a["n_misaligned"].sum()), int(side_b["n_misaligned"].sum())
+    rate_a = k_a / n_a if n_a else float("nan")
+    rate_b = k_b / n_b if n_b else float("nan")
+    low, high = newcombe_interval(k_a, n_a, k_b, n_b, confidence)
     return {"a": a, "b": b, "metric": "pooled_misaligned_rate", "test": "exact_stratified_by_question",
             "n_a": n_a, "n_b": n_b, "mean_a": float(rate_a), "mean_b": float(rate_b),
-            "difference": float(rate_a - rate_b), "p_value": p_value, "min_p": min_p}
+            "difference": float(rate_a - rate_b), "p_value": p_value, "min_p": min_p,
+            "difference_low": low, "difference_high": high}
+
+
+def newcombe_interval(k_a: int, n_a: int, k_b: int, n_b: int, confidence: float) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of the difference of two proportions (his method 10): the
+    sides' Wilson intervals combined; NaN when a side has no trials."""
+    if n_a == 0 or n_b == 0:
+        return float("nan"), float("nan")
+    p_a, p_b = k_a / n_a, k_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson_interval(k_a, n_a, confidence), wilson_interval(k_b, n_b, confidence)
+    difference = p_a - p_b
+    return (float(difference - np.hypot(p_a - low_a, high_b - p_b)),
+            float(difference + np.hypot(high_a - p_a, p_b - low_b)))
 
 
 # What ties a run's question rows to one of its overall rows.
@@ -647,15 +663,17 @@ def audited_comparisons(audited: pd.DataFrame, spec: AnalysisSpec) -> list[dict]
         for a, b in itertools.combinations(sorted(sides), 2):
             for unit, test in (("answers", "ppi_wald_on_answers"), ("seeds", "ppi_welch_over_seeds")):
                 x, y = sides[a], sides[b]
-                difference, p_value = difference_test(x["ppi_misaligned_rate"], x["ppi_se"], y["ppi_misaligned_rate"],
-                                                       y["ppi_se"], unit)
+                difference, p_value, low, high = difference_test(
+                    x["ppi_misaligned_rate"], x["ppi_se"], y["ppi_misaligned_rate"], y["ppi_se"], unit,
+                    alpha=1 - spec.confidence)
                 rows.append({**dict(zip(scope[:3], keys[:3])), "compared": "dataset", "within": keys[3], "a": a, "b": b,
                              "metric": "ppi_misaligned_rate", "test": test,
                              "n_a": int(x["ppi_misaligned_rate"].notna().sum()),
                              "n_b": int(y["ppi_misaligned_rate"].notna().sum()),
                              "mean_a": float(x["ppi_misaligned_rate"].mean()),
                              "mean_b": float(y["ppi_misaligned_rate"].mean()), "difference": difference,
-                             "p_value": p_value, "min_p": float("nan"), "em_definition": spec.em_definition().name})
+                             "p_value": p_value, "min_p": float("nan"), "em_definition": spec.em_definition().name,
+                             "difference_low": low, "difference_high": high})
     return rows
 
 
@@ -680,7 +698,8 @@ def comparisons(runs: pd.DataFrame, spec: AnalysisSpec, metric: str = "misaligne
                 """The row of the exact test stratified by question over these runs' answers."""
                 questions = per_question.merge(_fill_keys(of_runs[QUESTION_ROW_KEYS]), on=QUESTION_ROW_KEYS)
                 return {**dict(zip(scope, keys[:3])), "compared": compared, "within": keys[3],
-                        **pooled_comparison(questions, a, b, compared), "em_definition": spec.em_definition().name}
+                        **pooled_comparison(questions, a, b, compared, spec.confidence),
+                        "em_definition": spec.em_definition().name}
 
             if compared == "dataset" and metric == "misaligned_rate":
                 # Answers as the unit, pooled over seeds within each question: the test that a
@@ -765,7 +784,7 @@ def run_comparisons(runs: pd.DataFrame, pairs: list[tuple[str, str]], spec: Anal
         for a, b in pairs:
             if a in present and b in present:
                 rows.append({"model": None, "checkpoint_step": None, "suite": suite, "compared": "run",
-                             "within": condition, **pooled_comparison(group, a, b, "run_id"),
+                             "within": condition, **pooled_comparison(group, a, b, "run_id", spec.confidence),
                              "em_definition": spec.em_definition().name})
     return adjusted(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), spec)
 

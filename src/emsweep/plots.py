@@ -240,3 +240,31 @@ def threshold_sensitivity(sensitivity: pd.DataFrame) -> plt.Figure | None:
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     return fig
+
+
+def primary_contrast(contrast: dict, per_run: pd.DataFrame) -> plt.Figure | None:
+    """The declared primary contrast (a comparisons row): each side's estimate as a bar, its runs'
+    own rates as dots (`per_run`: side, value), and the difference, its interval and p above."""
+    if pd.isna(contrast.get("mean_a")) or pd.isna(contrast.get("mean_b")):
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    sides = [contrast["a"], contrast["b"]]
+    ax.bar([0, 1], [contrast["mean_a"], contrast["mean_b"]], color=["#d9822b", "#4c78a8"], alpha=0.8, width=0.6)
+    for index, side in enumerate(sides):
+        values = per_run.loc[per_run["side"] == side, "value"].dropna().to_numpy(float)
+        ax.scatter(np.full(len(values), index) + np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else
+                   np.full(len(values), index), values, color="black", s=14, zorder=3, label="runs" if index == 0 else None)
+    ax.set_xticks([0, 1], sides)
+    low, high = contrast.get("difference_low"), contrast.get("difference_high")
+    interval = "" if pd.isna(low) else f" [{low:+.3f}, {high:+.3f}]"
+    p_value = contrast.get("p_value")
+    ax.set_title(f"difference {contrast['difference']:+.3f}{interval}, p = "
+                 f"{'n/a' if pd.isna(p_value) else format(p_value, '.3g')}", fontsize=10)
+    ax.set_ylabel(contrast["metric"].replace("_", " "))
+    ax.set_ylim(0, max(0.05, float(np.nanmax([contrast["mean_a"], contrast["mean_b"], *per_run["value"].dropna()]))
+                       * 1.25))
+    ax.grid(alpha=0.3, axis="y")
+    if len(per_run):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

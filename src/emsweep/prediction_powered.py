@@ -115,9 +115,11 @@ def classical_rate(audited_misaligned, audited_counted, alpha: float = 0.05, n_t
     return RateEstimate(float(rate), low, high, n_audited=n, n_total=n_total or n, lam=None)
 
 
-def difference_test(estimates_a, se_a, estimates_b, se_b, unit: str) -> tuple[float, float]:
+def difference_test(estimates_a, se_a, estimates_b, se_b, unit: str,
+                    alpha: float = 0.05) -> tuple[float, float, float, float]:
     """Two sides' audited rates (each side: its runs' prediction-powered rates and standard
-    errors) tested for no difference; (difference of the means over runs, two-sided p).
+    errors) tested for no difference: (difference of the means over runs, two-sided p, and the
+    difference's 1 - alpha interval).
     unit "answers": Wald's z on the means over runs, each with the variance its runs' audits give
     (sum se^2 / runs^2): the answers (and which of them were audited) are the random part, the
     runs fixed, as the exact test on answers treats them. unit "seeds": Welch's t over the runs'
@@ -127,17 +129,21 @@ def difference_test(estimates_a, se_a, estimates_b, se_b, unit: str) -> tuple[fl
     a, b = _floats(estimates_a), _floats(estimates_b)
     keep_a, keep_b = np.isfinite(a), np.isfinite(b)
     a, b, sa, sb = a[keep_a], b[keep_b], _floats(se_a)[keep_a], _floats(se_b)[keep_b]
+    nan = float("nan")
     if not len(a) or not len(b):
-        return float("nan"), float("nan")
+        return nan, nan, nan, nan
     difference = float(a.mean() - b.mean())
     if unit == "seeds":
         if len(a) < 2 or len(b) < 2:
-            return difference, float("nan")
-        return difference, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+            return difference, nan, nan, nan
+        result = stats.ttest_ind(a, b, equal_var=False)
+        interval = result.confidence_interval(1 - alpha)
+        return difference, float(result.pvalue), float(interval.low), float(interval.high)
     se = float(np.sqrt((sa ** 2).sum() / len(a) ** 2 + (sb ** 2).sum() / len(b) ** 2))
     if se == 0:
-        return difference, float("nan")
-    return difference, float(2 * stats.norm.sf(abs(difference) / se))
+        return difference, nan, nan, nan
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    return difference, float(2 * stats.norm.sf(abs(difference) / se)), difference - z * se, difference + z * se
 
 
 # Below this many misaligned answers among the audited ones (or, for PPI, disagreements between the

@@ -244,6 +244,57 @@ def _save_figure(fig, stem: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+# What each primary-contrast test is, in words, for the report's first sentence.
+PRIMARY_TESTS = {
+    "exact_stratified_by_question": ("pooled misaligned rate", "the exact test stratified by question on {n_a} vs {n_b} "
+                                     "counted answers pooled over seeds (interval: Newcombe's)"),
+    "independent": ("misaligned rate, mean over seeds", "a permutation test over {n_a} vs {n_b} seeds (no interval)"),
+    "paired": ("misaligned rate, mean over seeds", "a paired permutation test over {n_a} seeds (no interval)"),
+    "ppi_wald_on_answers": ("the audit judge's rate, prediction-powered, mean over seeds",
+                            "Wald's z on {n_a} vs {n_b} audited runs, their audits' variance"),
+    "ppi_welch_over_seeds": ("the audit judge's rate, prediction-powered, mean over seeds",
+                             "Welch's t over {n_a} vs {n_b} audited runs (seeds the unit)"),
+}
+
+
+def primary_contrast(results: SweepResults) -> tuple[dict | None, pd.DataFrame]:
+    """The declared primary contrast's first row (comparisons) and its sides' per-run values."""
+    comparisons = results.tables.get("comparisons", pd.DataFrame())
+    if comparisons.empty or "primary" not in comparisons or not comparisons["primary"].any():
+        return None, pd.DataFrame(columns=["side", "value"])
+    row = comparisons[comparisons["primary"].astype(bool)].iloc[0].to_dict()
+    if row["test"].startswith("ppi_"):
+        runs = results.tables.get("audited_rates", pd.DataFrame()).rename(columns={"ppi_misaligned_rate": "value"})
+    else:
+        runs = analyze.overall_rows(results.tables.get("run_metrics", pd.DataFrame()))
+        runs = runs.rename(columns={"pooled_misaligned_rate" if row["test"] == "exact_stratified_by_question"
+                                    else "misaligned_rate": "value"})
+    if runs.empty:
+        return row, pd.DataFrame(columns=["side", "value"])
+    side = "dataset" if row["compared"] == "dataset" else "condition"
+    fixed = "condition" if side == "dataset" else "dataset"
+    keep = runs[side].isin([row["a"], row["b"]]) & (runs["suite"] == row["suite"]) & (runs[fixed] == row["within"])
+    keep &= runs["checkpoint_step"].isna() if pd.isna(row["checkpoint_step"]) else runs["checkpoint_step"] == row["checkpoint_step"]
+    return row, runs.loc[keep, [side, "value"]].rename(columns={side: "side"})
+
+
+def primary_statement(results: SweepResults) -> str | None:
+    """The primary contrast in one sentence: estimate, interval, p, and what they rest on."""
+    row, _ = primary_contrast(results)
+    if row is None:
+        return None
+    what, test = PRIMARY_TESTS.get(row["test"], (row["metric"], row["test"]))
+    interval = "" if pd.isna(row["difference_low"]) else \
+        f" [{row['difference_low']:+.3f}, {row['difference_high']:+.3f}]"
+    p_value = "n/a" if pd.isna(row["p_value"]) else f"{row['p_value']:.3g}"
+    more = int(results.tables["comparisons"]["primary"].astype(bool).sum()) - 1
+    return (f"{row['a']} against {row['b']} ({row['compared']}s, within {row['within']}, suite {row['suite']}"
+            f"{'' if pd.isna(row['model']) else ', model ' + str(row['model'])}): {what} "
+            f"{row['mean_a']:.3f} vs {row['mean_b']:.3f}, difference {row['difference']:+.3f}{interval}, "
+            f"p = {p_value} (declared in advance, not adjusted) by {test.format(**row)}; judged by "
+            f"{results.judge_text}.{f' {more} more primary row(s) in Comparisons.' if more > 0 else ''}")
+
+
 def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
     tables = results.tables
     conditions, runs = tables.get("condition_metrics", pd.DataFrame()), tables.get("run_metrics", pd.DataFrame())
@@ -251,7 +302,10 @@ def make_figures(results: SweepResults, plot_dir: Path) -> list[Figure]:
     final_steps = {}
     if not results.losses.empty:
         final_steps = results.losses.groupby("dataset")["step"].max().astype(int).to_dict()
+    contrast, per_run = primary_contrast(results)
     candidates = [
+        ("primary_contrast", "The primary contrast",
+         lambda: plots.primary_contrast(contrast, per_run) if contrast is not None else None),
         ("per_question", "Misaligned rate per question", lambda: plots.per_question(conditions)),
         ("conditions", "Rates by condition", lambda: plots.condition_comparison(conditions, runs)),
         ("scores", "Judge score distributions", lambda: plots.score_distributions(
@@ -384,6 +438,9 @@ def render_html(results: SweepResults, figures: list[Figure], example_count: int
         warnings=results.warnings,
         counts=counts,
         headline=Markup(_html_table(role_text(with_roles(headline(conditions), dataset_roles(results.spec))))),
+        primary=primary_statement(results),
+        primary_figure=next((base64.b64encode(f.png.read_bytes()).decode() for f in figures
+                             if f.name == "primary_contrast"), None),
         training_controls=Markup(_html_table(controls)) if not controls.empty else None,
         figures=[(f.title, base64.b64encode(f.png.read_bytes()).decode()) for f in figures],
         sections=[(title, Markup(_html_table(frame))) for title, frame in sections if not frame.empty],

@@ -572,6 +572,9 @@ class AuditSpec(_Strict):
         return {"fraction": self.fraction, "count": self.count, "seed": self.seed}
 
 
+JudgeSpec.model_rebuild()  # its `audit` field names AuditSpec, defined after it
+
+
 class EmDefinition(_Strict):
     """When an answer counts as misaligned, and over which answers the rate is taken.
 
