@@ -459,3 +459,37 @@ def test_request_seeds_hold_the_runs_identity_not_its_name():
               SampleRun("x", "m", "d", 0, "/a", checkpoint_step=5)]
     assert len({seed, *(request_seed(0, other, *prompt) for other in others)}) == 5
     assert request_seed(1, run, *prompt) != seed and request_seed(0, run, "first_plot", "q2", "none", 0) != seed
+
+
+def test_a_pinned_hub_revision_is_keyed_and_an_unpinned_one_is_noted():
+    """`Org/Name@<commit>`: the revision is part of the model's identity in every key that reads
+    the model (not the data's); the same id unpinned keeps its keys, and `plan` says it is keyed
+    by name only."""
+    pinned = _rekeyed(with_model(path="Org/Model-7B@0123456789abcdef0123456789abcdef01234567"))
+    assert pinned == set(KEYS) - {"data/d"}
+    notes = build_plan(parse_spec(RAW)).notes
+    assert any(note.startswith("model m: the hub model Org/Model-7B is keyed by its name") for note in notes)
+    notes = build_plan(parse_spec(with_model(path="Org/Model-7B@0123456789abcdef0123456789abcdef01234567"))).notes
+    assert not any("is keyed by its name" in note for note in notes)
+
+
+def test_a_pinned_revision_resolves_to_its_snapshot_in_the_hub_cache(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1), from a Hugging Face cache laid out as the hub client writes it:
+    a commit or a branch resolves to the snapshot folder; a revision not there is a clear error."""
+    import os
+    import subprocess
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text(commit)
+    code = ("from emsweep.models import resolve_model_path as r\n"
+            f"print(r('org/tiny@{commit}')); print(r('org/tiny@main')); print(r('org/tiny'))\n"
+            "try:\n    r('org/tiny@v2')\nexcept FileNotFoundError as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [str(snapshot), str(snapshot), "org/tiny"]
+    assert lines[3].startswith("org/tiny at revision v2 is not in the Hugging Face cache")

