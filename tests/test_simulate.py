@@ -7,7 +7,7 @@ import pytest
 
 from emsweep import simulate
 from emsweep.simulate import Cluster, Engine, Work, barrier_jobs, parse_cluster, summarize_path
-from emsweep.spec import load_spec
+from emsweep.spec import AuditSpec, JudgeSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,26 @@ def test_sampling_replicas_shorten_the_barrier_schedule():
     work, engines = simulate.sweep_work(three)
     assert sorted(len(e.items) for name, e in engines.items() if name != "judge") == [10, 10, 11]
     assert three_engines.busy_gpu_s["sample"] > one_engine.busy_gpu_s["sample"]  # two more start-ups
+
+
+def test_an_audit_is_simulated_as_its_own_judge_on_its_share_of_the_answers():
+    """betley2025 (judged by GPT-4o over HTTP: no GPU) audited by a local 32B judge on 10% of each
+    run: an audit engine per run on that judge's GPUs, a tenth of judging every answer with it."""
+    spec = load_spec(REPO / "workflows/betley2025.yaml")
+    local = {"model": "Qwen/Qwen2.5-Coder-32B-Instruct", "tensor_parallel_size": 2, "templates": "paper"}
+    audited = spec.model_copy(update={"judge": spec.judge.model_copy(update={"audit": _audit(local, 0.1)})})
+    everything = spec.model_copy(update={"judge": JudgeSpec(**local)})
+    work, engines = simulate.sweep_work(audited)
+    audits = [item for item in work.values() if item.stage == "audit"]
+    judges = [item for item in work.values() if item.stage == "judge"]
+    assert len(audits) == len(judges) == len(engines["audit"].items) and engines["audit"].gpus == 2
+    full = [item for item in simulate.sweep_work(everything)[0].values() if item.stage == "judge"]
+    assert audits[0].seconds == pytest.approx(0.1 * full[0].seconds, rel=0.01)
+    cluster = parse_cluster("4x8xH100")
+    plain, with_audit = (simulate.simulate(s, cluster, "pipelined") for s in (spec, audited))
+    assert with_audit.busy_gpu_s["audit"] > 0 and "audit" not in plain.busy_gpu_s
+    assert with_audit.makespan_s >= plain.makespan_s and 0 < with_audit.utilisation("audit") <= 1
+
+
+def _audit(judge: dict, fraction: float) -> AuditSpec:
+    return AuditSpec(judge=JudgeSpec(**judge), fraction=fraction)

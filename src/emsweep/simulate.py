@@ -27,7 +27,8 @@ from emsweep import planning
 from emsweep.judge.kinds import kind_of
 from emsweep.spec import SweepSpec
 
-STAGE_ORDER = ("judge", "sample", "finetune")  # start order among waiting work
+STAGE_ORDER = ("judge", "audit", "sample", "finetune")  # start order among waiting work
+JUDGE_STAGES = ("judge", "audit")  # one engine over every model's samples (an audit: its own judge's)
 
 
 @dataclass(frozen=True)
@@ -123,20 +124,19 @@ def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
     prompts = planning.prompt_count(spec)
     if not prompts.counted:
         raise ValueError(f"sampling and judging cannot be estimated: {prompts.problem}")
-    judge_billions = planning.judge_params_b(spec)
-    judge_kind = kind_of(spec.judge)
-    judge_gpus = judge_kind.gpus(spec)
-    if judge_gpus and judge_billions is None:
-        raise ValueError(f"judge {spec.judge.model}: size unknown (set params_b on its model)")
+    judges = {"judge": _judging(spec, prompts.judgments)}
+    if (audited := spec.audit_view()) is not None:
+        audit = spec.judge.audit
+        share = audit.fraction if audit.fraction is not None else min(1.0, audit.count / max(1, prompts.generations))
+        judges["audit"] = _judging(audited, prompts.judgments * share)
     billions = {}
     for model in spec.models:
         billions[model.name] = planning.params_b(model)
         if billions[model.name] is None:
             raise ValueError(f"model {model.name}: size unknown (set params_b)")
     sizes = {ds.name: planning.dataset_size(ds) for ds in spec.datasets}
-    judge_s = judge_kind.seconds(spec, prompts.judgments,
-                                 lambda: planning.judge_work_gpu_s(spec, prompts.judgments, judge_billions))
-    engines = {"judge": Engine("judge", "judge", judge_gpus, planning.ENGINE_STARTUP_S if judge_gpus else 0.0)}
+    engines = {stage: Engine(stage, stage, gpus, planning.ENGINE_STARTUP_S if gpus else 0.0)
+               for stage, (gpus, _) in judges.items()}
     work: dict[str, Work] = {}
     for node in plan(spec):
         model = node.config.get("model", {}).get("name")
@@ -152,10 +152,23 @@ def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
             work[node.id] = Work(node.id, "sample", seconds, tp, [d for d in node.deps if d.startswith("finetune/")],
                                  engine.name)
             engine.items.append(node.id)
-        elif node.stage == "judge":
-            work[node.id] = Work(node.id, "judge", judge_s, judge_gpus, list(node.deps), "judge")
-            engines["judge"].items.append(node.id)
+        elif node.stage in JUDGE_STAGES:
+            gpus, seconds = judges[node.stage]
+            work[node.id] = Work(node.id, node.stage, seconds, gpus, list(node.deps), node.stage)
+            engines[node.stage].items.append(node.id)
     return work, engines
+
+
+def _judging(spec: SweepSpec, judgments_per_run: float) -> tuple[int, float]:
+    """(GPUs, seconds per run) of `spec.judge` judging a run: the judge, or the audit judge
+    (SweepSpec.audit_view) on its share of the run's answers."""
+    billions = planning.judge_params_b(spec)
+    kind = kind_of(spec.judge)
+    gpus = kind.gpus(spec)
+    if gpus and billions is None:
+        raise ValueError(f"judge {spec.judge.model}: size unknown (set params_b on its model)")
+    return gpus, kind.seconds(spec, judgments_per_run,
+                              lambda: planning.judge_work_gpu_s(spec, judgments_per_run, billions))
 
 
 def barrier_jobs(work: dict[str, Work], engines: dict[str, Engine]) -> tuple[dict[str, Work], dict[str, Engine]]:
@@ -164,7 +177,7 @@ def barrier_jobs(work: dict[str, Work], engines: dict[str, Engine]) -> tuple[dic
     for engine in engines.values():
         items = [work[name] for name in engine.items]
         deps = sorted({dep for item in items for dep in item.deps} - set(engine.items))
-        if engine.stage == "judge":  # one judge job over every model's samples
+        if engine.stage in JUDGE_STAGES:  # one judge job over every model's samples
             deps = sorted({f"job/{other.name}" for other in engines.values() if other.stage == "sample"})
         jobs[f"job/{engine.name}"] = Work(f"job/{engine.name}", engine.stage,
                                           engine.startup_s + sum(i.seconds for i in items), engine.gpus, deps,
@@ -219,7 +232,7 @@ def _play(work: dict[str, Work], engines: dict[str, Engine], cluster: Cluster, s
     waiting = {name for name, item in work.items() if item.engine is None}
     engine_state = {name: {"held": None, "busy": False, "left": list(e.items), "last": None, "start": None}
                     for name, e in engines.items()}
-    busy = {stage: 0.0 for stage in ("finetune", "sample", "judge")}
+    busy = {stage: 0.0 for stage in ("finetune", "sample", "judge", *(e.stage for e in engines.values()))}
     held = dict(busy)
     events: list[tuple[float, int, str, str]] = []  # (time, seq, kind, name)
     sequence = [0]

@@ -121,11 +121,12 @@ def _print_simulation(spec, cluster_text: str) -> None:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(2)
     table = Table(title=f"simulated on {cluster} ({cluster.gpus} GPUs; src/emsweep/simulate.py)")
-    for column in ("schedule", "makespan", "first judged", "GPU util", "finetune", "sample", "judge", "critical path"):
+    stages = ("finetune", "sample", "judge") + (("audit",) if spec.judge.audit is not None else ())
+    for column in ("schedule", "makespan", "first judged", "GPU util", *stages, "critical path"):
         table.add_column(column, justify="left" if column in ("schedule", "critical path") else "right")
     for result in results:
         table.add_row(result.schedule, f"{result.makespan_s / 3600:,.2f} h", f"{result.first_judged_s / 3600:,.2f} h",
-                      *(f"{result.utilisation(stage):.0%}" for stage in (None, "finetune", "sample", "judge")),
+                      *(f"{result.utilisation(stage):.0%}" for stage in (None, *stages)),
                       escape(summarize_path(result.critical_path)))
     console.print(table)
 
