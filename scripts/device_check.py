@@ -225,6 +225,13 @@ def reload_adapter(model_dir: Path, adapter: Path, saved: dict, data_path: Path,
     return diff, round(base, 4), round(tuned, 4)
 
 
+def nccl_version() -> str:
+    import torch
+
+    version = torch.cuda.nccl.version()  # a tuple (2, 27, 3) in recent torch, an int in older ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def run(cpu: bool, model_files: Path, install: bool) -> int:
     if install:
         install_carried()
@@ -243,7 +250,7 @@ def run(cpu: bool, model_files: Path, install: bool) -> int:
     if use_gpu:
         props = torch.cuda.get_device_properties(0)
         report["device"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-                            "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+                            "cuda": torch.version.cuda, "nccl": nccl_version()}
     for name, versions in report["versions"].items():
         print(f"{name:13s} installed {versions['installed'] or '-':14s} pinned {versions['pinned'] or '-'}", flush=True)
     print(json.dumps({k: v for k, v in report.items() if k != "versions"}), flush=True)
