@@ -108,6 +108,14 @@ def audit_width_note(answers_per_run: int, share: float, rate: float = AUDIT_PLA
             "planning.AUDIT_PLAN_*)")
 
 
+def judge_gpus_text(spec: SweepSpec) -> str:
+    """The plan table's GPUs per job of `spec.judge` (the judge, or the audit judge)."""
+    kind = kind_of(spec.judge)
+    if kind.api:
+        return "0 (API)"
+    return f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if kind.gpus(spec) else "0"
+
+
 def judge_params_b(spec: SweepSpec) -> float | None:
     """The judge model's size where GPU time depends on it (None: unknown, or no GPU judge model)."""
     return kind_of(spec.judge).params_b(
@@ -301,6 +309,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
     judge_desc = judge_line.description
     notes += judge_line.notes
     judge_gpu_s = judge_line.gpu_s if prompts.counted or judge_line.gpu_s == 0.0 else None
+
     def count(stage: str) -> tuple[int, int, int | None]:
         stage_nodes = [n for n in nodes if n.stage == stage]
         done = sum(store.is_done(n.stage, n.name, n.key) for n in stage_nodes) if store else None
@@ -324,13 +333,12 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
             return gpu_hours * whole_node_factor(audit_kind.gpus(audited))
         return gpu_hours
 
-    judge_gpus = "0 (API)" if judge_kind.api else \
-        f"{spec.judge.replicas}x{spec.judge.tensor_parallel_size}" if judge_kind.gpus(spec) else "0"
+    judge_gpus = judge_gpus_text(spec)
     basis = {True: "counted from files", False: "assumed"}
     audit_row, audit_kind = ("0", 0.0, None, "-"), None
     if (audited := spec.audit_view()) is not None:
         audit = spec.judge.audit
-        share = audit.fraction if audit.fraction is not None else min(1.0, audit.count / max(1, prompts.generations))
+        share = audit.share(prompts.generations)
         everything = runs_total * prompts.judgments
         audit_kind = kind_of(audited.judge)
         audit_line = audit_kind.plan_line(audited, judge_params_b(audited),
@@ -345,8 +353,7 @@ def build_plan(spec: SweepSpec, out_dir: Path | None = None) -> SweepPlan:
                      f"against {everything * per_judgment:,.0f}{cost(everything * per_judgment)} to judge every "
                      "answer with it")
         notes.append(audit_width_note(prompts.generations, share))
-        audit_gpus = "0 (API)" if audit_kind.api else \
-            f"{audited.judge.replicas}x{audited.judge.tensor_parallel_size}" if audit_kind.gpus(audited) else "0"
+        audit_gpus = judge_gpus_text(audited)
         audit_gpu_s = audit_line.gpu_s if prompts.counted or audit_line.gpu_s == 0.0 else None
         audit_row = (audit_gpus, everything * share * per_judgment, hours(audit_gpu_s), basis[prompts.counted])
     per_job = {

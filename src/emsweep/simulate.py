@@ -126,9 +126,7 @@ def sweep_work(spec: SweepSpec) -> tuple[dict[str, Work], dict[str, Engine]]:
         raise ValueError(f"sampling and judging cannot be estimated: {prompts.problem}")
     judges = {"judge": _judging(spec, prompts.judgments)}
     if (audited := spec.audit_view()) is not None:
-        audit = spec.judge.audit
-        share = audit.fraction if audit.fraction is not None else min(1.0, audit.count / max(1, prompts.generations))
-        judges["audit"] = _judging(audited, prompts.judgments * share)
+        judges["audit"] = _judging(audited, prompts.judgments * spec.judge.audit.share(prompts.generations))
     billions = {}
     for model in spec.models:
         billions[model.name] = planning.params_b(model)

@@ -567,6 +567,10 @@ class AuditSpec(_Strict):
             raise ValueError("judge: an audit judge has no audit or panel of its own")
         return self
 
+    def share(self, answers_per_run: int) -> float:
+        """The share of a run's answers audited (`count` over a run of that many answers)."""
+        return self.fraction if self.fraction is not None else min(1.0, self.count / max(1, answers_per_run))
+
     def draw_config(self) -> dict:
         """What decides which answers are audited (audit node keys)."""
         return {"fraction": self.fraction, "count": self.count, "seed": self.seed}
