@@ -308,11 +308,45 @@ class DirectorySession:
         dist.barrier()  # no rank reads a checkpoint before it is in place
 
 
+def use_cpu_ops() -> None:
+    """Train on CPUs with DeepSpeed's CPU accelerator, its compiled ops kept per Python environment.
+
+    On CPUs DeepSpeed compiles a shared-memory collective op (shm_comm) with torch's JIT builder
+    the first time a process group starts: about 30 s on 2 cores. torch keeps one build folder per
+    Python version (`~/.cache/torch_extensions/py311_cpu`), so two environments (two checkouts'
+    .venv, a CI clone beside a working copy) each found the other's build and rebuilt it, 30 s at
+    the first finetune after every switch. A folder of this environment's own ends that.
+    Values set in the environment win."""
+    import hashlib
+    import sys
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(
+            get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu_{environment}")
+
+
+def prepare_cpu_ops() -> str | None:
+    """Compile DeepSpeed's CPU collective op now (`make setup` does), so that no finetune pays for
+    it; the op's folder, or None where this DeepSpeed has no such op for this machine."""
+    use_cpu_ops()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible():
+        return None
+    builder.load(verbose=False)
+    return os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], builder.NAME)
+
+
 def run_worker(job: FinetuneJob, session, logger: StepLogger | None = None) -> None:
     """One worker of a finetune under either launcher: setup, train (which saves as it goes).
     `session`: RayTrainSession or DirectorySession."""
     if not job.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        use_cpu_ops()
     import torch
 
     if session.rank == 0 and job.started:

@@ -25,7 +25,7 @@ from emsweep.sweep.driver import worker_env
 from emsweep.spec import FinetuneSpec, WandbSpec
 from emsweep.tracking import LiveRunSettings, run_id
 
-ROWS = 24  # 2 workers x batch 1 -> 12 optimizer steps
+ROWS = 16  # 2 workers x batch 1 -> 8 optimizer steps
 
 
 def _tiny_data(path: Path) -> Path:
