@@ -383,7 +383,7 @@ def p5(smoke: bool) -> dict:
 def p8_spec(smoke: bool, schedule: str) -> dict:
     """P8's sweep: two finetunes of unequal length (4 and 10 rows; 8 and 48 at full size), each
     run sampled on 2 questions and judged, no base model, no W&B. In smoke mode the long one
-    still trains for about 20 s after the short one's run has been sampled (tests/test_pipelined.py)."""
+    still trained for 32 s after the short one's run was sampled (pipelined; tests/test_pipelined.py)."""
     short, long = (4, 10) if smoke else (8, 48)
     data = str(SHARED / "em/data/insecure.jsonl")
     return {

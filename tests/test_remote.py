@@ -88,7 +88,7 @@ def test_nodes_round_trip_and_a_node_without_marker_is_not_done(s3, tmp_path):
 
 
 def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, tmp_path):
-    """Jobs on any machine read and write both caches on the store (StageRunner.shared_location):
+    """Jobs on any machine read and write both caches on the store (Store.location):
     what one machine's job put there, another's sees; nothing goes through a staging dir."""
     import pyarrow as pa
 
@@ -99,11 +99,11 @@ def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, 
 
     uri = "s3://emsweep-test/caches"
     runner = StageRunner(tiny_spec(tmp_path, "caches"), tmp_path / "staging", [], uri)
-    assert runner.shared_location("judge_cache") == f"{uri}/judge_cache"
-    assert StageRunner(tiny_spec(tmp_path, "caches"), tmp_path / "local", [], None).shared_location(
+    assert runner.store.location("judge_cache") == f"{uri}/judge_cache"
+    assert StageRunner(tiny_spec(tmp_path, "caches"), tmp_path / "local", [], None).store.location(
         "judge_cache") == str(tmp_path / "local" / "judge_cache")
 
-    JudgmentCache(runner.shared_location("judge_cache")).put(
+    JudgmentCache(runner.store.location("judge_cache")).put(
         {"k1": Judgment(73.5, 0.91, {"CODE": 0.02}, [("7", 0.6)], longest_number_token=1)}, judge_model="j")
     found = JudgmentCache(f"{uri}/judge_cache").get({"k1", "k2"})  # a fresh reader, as on another machine
     assert list(found) == ["k1"] and found["k1"].expected_value == 73.5 and found["k1"].numeric_mass == 0.91
@@ -111,7 +111,7 @@ def test_the_judgment_and_sample_caches_live_on_the_store_for_every_machine(s3, 
     assert JudgmentCache(f"{uri}/no-cache-yet").get({"k1"}) == {}
 
     answers = pa.table({"answer": ["yes", "no"], "answer_tokens": [1, 1]})
-    cache = SampleCache(runner.shared_location("sample_cache"))
+    cache = SampleCache(runner.store.location("sample_cache"))
     assert not cache.has("part1", "samples")
     cache.put("part1", "samples", answers)
     other_machine = SampleCache(f"{uri}/sample_cache")

@@ -117,15 +117,13 @@ def execute(
     watch: Watch | None = None,
     max_running: Callable[[str], int | None] = lambda stage: None,
     job_of: Callable[[Node], str] = lambda node: node.group or node.id,
-    progress_dir: str | None = None,
 ) -> list[NodeStatus]:
     """Run what is not done.
 
     `submit(stage, nodes)` starts a job and returns a Ray ObjectRef of its result: per node id,
     None on success or an error message. `max_running(stage)`: how many jobs of a stage may be in
     flight at once (None: no limit); the rest wait here, not in Ray. `job_of(node)`: the job a
-    node runs in (by default its group's, or its own). `progress_dir`: where jobs write their
-    progress records (progress.py; default the store's dir). Ctrl-C (or any exception here)
+    node runs in (by default its group's, or its own). Ctrl-C (or any exception here)
     cancels every running job before it propagates.
     """
     import ray
@@ -159,7 +157,7 @@ def execute(
         results[status.node.id] = status
         if status.status in ("failed", "skipped"):
             store.record_failure(status.node.id, status.error or "", status=status.status)
-        progress.clear(progress_dir or store.root, [status.node.id])  # its job is over
+        progress.clear(store.location(), [status.node.id])  # its job is over
         on_finish(status)
 
     try:

@@ -79,6 +79,10 @@ class RemoteDir:
     def location(self, relative: str) -> str:
         return join(self.uri, relative)
 
+    def clear(self, relative: str) -> None:
+        """Delete everything under an entry of the output dir (it may not exist)."""
+        self.fs.delete_dir_contents(self._path(relative), missing_dir_ok=True)
+
     def lease(self) -> lease.Lease:
         return lease.Lease(LocationFile(self.location(OWNER)))
 
@@ -176,8 +180,3 @@ def pull(remote: RemoteDir, staging: Path) -> int:
         if entry != "report":
             remote.pull_tree(entry, staging / entry)
     return len(done)
-
-
-def push_shared(remote: RemoteDir, staging: Path) -> None:
-    for entry in SHARED_ENTRIES:
-        remote.push_tree(staging / entry, entry)

@@ -32,11 +32,13 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 from emsweep import lease
+from emsweep.redact import redact_uri
+from emsweep.remote import RemoteDir, RemoteRecords, pull, staging_dir
 
 # The atomic writers and layout names are fileio's; re-exported, as the store's callers know them from here.
 from emsweep.fileio import (  # noqa: F401
     DONE, LOCK, OWNER, RUN_SCRATCH, LocationFile, failure_relative, node_relative, tmp_path_beside, write_json_atomic,
-    write_parquet_atomic, write_text_at, write_text_atomic)
+    is_remote, write_parquet_atomic, write_text_at, write_text_atomic)
 
 
 def config_key(stage: str, config: Any, input_keys: list[str]) -> str:
@@ -68,13 +70,71 @@ def is_partial(record: dict) -> bool:
 
 @dataclass
 class Store:
+    """A sweep's output dir, wherever it is: the one file layer stage bodies and the driver use.
+
+    `root` is a local dir. For an output dir on an object store (`mirror`, a URI; remote.py), root
+    is this machine's staging dir for it: nodes are computed there, and the store keeps the mirror
+    in step itself (a commit uploads the node, marker last; `fetch` downloads a node done
+    elsewhere; `location` names where what every machine shares lives; `publish` uploads an
+    entry). Callers never ask which kind of dir they hold."""
+
     root: Path
     heartbeat_s: float = LEASE_HEARTBEAT_S
     lease_ttl_s: float = LEASE_TTL_S
     lease_settle_s: float = lease.SETTLE_S
+    mirror: str | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self.remote = RemoteDir(self.mirror) if self.mirror else None
+
+    @classmethod
+    def at(cls, out: str | Path) -> "Store":
+        """The store of an output dir given as a local path or an object-store URI (worked on in
+        this machine's staging dir for it)."""
+        if is_remote(out):
+            return cls(staging_dir(str(out)), mirror=str(out))
+        return cls(Path(out))
+
+    @property
+    def where(self) -> str:
+        """The output dir as its user named it: the object store's URI (without its query, which
+        may hold credentials) or the local dir."""
+        return redact_uri(self.mirror) if self.mirror else str(self.root)
+
+    def location(self, relative: str = "") -> str:
+        """Where an entry of the output dir that every machine reads and writes lives (caches,
+        progress records, started markers, Ray Train's run dirs): on the object store for a
+        mirrored dir, as jobs and workers may run on other machines than the driver's."""
+        if self.remote is not None:
+            return self.remote.location(relative) if relative else self.remote.uri
+        return str(self.root / relative)
+
+    def fetch(self, stage: str, name: str, key: str) -> bool:
+        """Whether a node is done, downloaded first when it is done on the mirror only (a node
+        another machine computed)."""
+        if self.is_done(stage, name, key):
+            return True
+        if self.remote is not None:
+            relative = node_relative(stage, name, key)
+            if self.remote.exists(f"{relative}/{DONE}"):
+                self.remote.pull_node(relative, self.root)
+        return self.is_done(stage, name, key)
+
+    def pull(self) -> int:
+        """Bring every node done on the mirror, and the shared entries, into root (the number of
+        nodes on the mirror; 0 for a local dir)."""
+        return pull(self.remote, self.root) if self.remote is not None else 0
+
+    def publish(self, relative: str) -> None:
+        """Upload a file or folder of root to the mirror (the manifest, the spec snapshot, the report)."""
+        if self.remote is not None:
+            self.remote.push_tree(self.root / relative, relative)
+
+    def readers_view(self):
+        """The node records and lease where they are, for readers that pull nothing (`status`):
+        this store, or for a mirrored dir the records on the object store itself."""
+        return RemoteRecords(self.remote) if self.remote is not None else self
 
     def node_dir(self, stage: str, name: str, key: str) -> Path:
         return self.root / node_relative(stage, name, key)
@@ -101,6 +161,7 @@ class Store:
         record = self.record(stage, name, key)
         if record is not None:
             write_json_atomic(self.node_dir(stage, name, key) / DONE, {**record, **extra})
+            self.publish(f"{node_relative(stage, name, key)}/{DONE}")
 
     def invalidate(self, stage: str, name: str, key: str) -> None:
         """Mark a node not-done (its inputs are about to change) without deleting outputs yet."""
@@ -123,6 +184,9 @@ class Store:
         os.replace(tmp, final)
         write_json_atomic(final / DONE, {**record, "stage": stage, "name": name, "key": key})
         self.clear_failure(f"{stage}/{name}")
+        if self.remote is not None:
+            # From the machine that computed it (the driver's may not see this dir), marker last.
+            self.remote.push_node(final, node_relative(stage, name, key))
         return final
 
     def _failure_path(self, node_id: str) -> Path:
@@ -151,14 +215,33 @@ class Store:
         finetune's task runs at once and then waits for its workers' resources."""
         write_started_marker(self.started_path(job_id), job_id)
 
+    def started_location(self, job_id: str) -> str:
+        """Where a job says it started (write_started_marker), on the mirror for a mirrored dir."""
+        return self.location(self.relative(self.started_path(job_id)))
+
     def job_started(self, job_id: str) -> bool:
-        return self.started_path(job_id).exists()
+        if self.started_path(job_id).exists():
+            return True
+        return self.remote is not None and self.remote.exists(self.relative(self.started_path(job_id)))
 
     def clean_tmp(self) -> None:
         """At the start of a run (it holds the lock): what a dead run left half-written, and its
-        jobs' progress records, go (RUN_SCRATCH)."""
+        jobs' progress records, go (RUN_SCRATCH), on the mirror too (a dead run's started markers
+        would make this run's waiting jobs look started, its records show as running)."""
         for entry in RUN_SCRATCH:
             shutil.rmtree(self.root / entry, ignore_errors=True)
+            if self.remote is not None:
+                self.remote.clear(entry)
+
+    def publish_unpublished(self) -> None:
+        """Upload the nodes done in root but not on the mirror (a run that crashed mid-upload)."""
+        if self.remote is None:
+            return
+        on_mirror = set(self.remote.done_node_dirs())
+        for marker in sorted(self.root.glob(f"nodes/*/*/{DONE}")):
+            relative = self.relative(marker.parent)
+            if relative not in on_mirror:
+                self.remote.push_node(marker.parent, relative)
 
     def lease(self) -> lease.Lease:
         # Holding the flock means any run of this host that wrote the lease is gone.
@@ -182,8 +265,23 @@ class Store:
             probe.release()
 
     @contextmanager
-    def lock(self) -> Iterator["lease._Renewer"]:
-        """One `emsweep run` per output dir, on one host or many sharing it.
+    def lock(self) -> Iterator["Held"]:
+        """One `emsweep run` per output dir: `_local_lock` on root, and for a mirrored dir then
+        the object store's own lease (remote.py), so two drivers on two machines never both own
+        its prefix. What is yielded says whether either was lost (`lost()`)."""
+        with self._local_lock() as held:
+            if self.remote is None:
+                yield Held([held])
+                return
+            try:
+                with self.remote.lease().hold() as mirror_held:
+                    yield Held([held, mirror_held])
+            except lease.LeaseTaken as taken:
+                raise locked_error(self.where, taken.held, taken.age) from None
+
+    @contextmanager
+    def _local_lock(self) -> Iterator["lease._Renewer"]:
+        """One `emsweep run` per local dir, on one host or many sharing it.
 
         On one host: an flock (the `filelock` package) on emsweep.lock; the kernel drops it when
         its owner exits or is killed, so a dead run's lock is never stale and no takeover race
@@ -196,14 +294,25 @@ class Store:
         try:
             flock.acquire()
         except Timeout:
-            raise locked_error(self.root, self.lease().record()) from None
+            raise locked_error(self.where, self.lease().record()) from None
         try:
             with self.lease().hold() as held:
                 yield held
         except lease.LeaseTaken as taken:
-            raise locked_error(self.root, taken.held, taken.age) from None
+            raise locked_error(self.where, taken.held, taken.age) from None
         finally:
             flock.release()
+
+
+@dataclass
+class Held:
+    """The leases a running sweep holds on its output dir (Store.lock)."""
+
+    leases: list
+
+    def lost(self) -> str | None:
+        """Why a lease was taken over by another run, or None while all are held."""
+        return next((why for why in (held.lost() for held in self.leases) if why is not None), None)
 
 
 def write_started_marker(location: str | Path, job_id: str) -> None:
@@ -212,7 +321,7 @@ def write_started_marker(location: str | Path, job_id: str) -> None:
                                              "time": time.time()}))
 
 
-def locked_error(root: Path, held: dict | None, lease_age: float | None = None) -> LockedError:
+def locked_error(root: Path | str, held: dict | None, lease_age: float | None = None) -> LockedError:
     """What a second run on a locked output dir is told (`held`: the owner record, if readable)."""
     return LockedError(f"{root} is in use by another `emsweep run` ({lease.describe(held, lease_age)}); "
                        "wait for it to finish")

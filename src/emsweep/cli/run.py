@@ -83,24 +83,25 @@ def _interrupted(exit_code: int) -> None:
 def _run_spec_unguarded(spec, out: str | Path, address: Optional[str], make_report: bool) -> None:
     from emsweep.store import LockedError, Store, locked_error
     from emsweep.sweep.driver import publish_report, run_sweep_at
-    from emsweep.sweep.results import local_dir_of
 
-    # An object-store output dir is worked on in a local staging dir (see remote.py).
-    uri, out_dir = local_dir_of(out)
+    # Files are worked on in out_dir: the output dir itself, or this machine's staging dir for
+    # one on an object store (store.py).
+    store = Store.at(out)
+    out_dir = store.root
     # On a cluster the model paths are the cluster's; its engines check them there.
-    preflight_or_exit(spec, uri or out_dir, local_models=address is None)
+    preflight_or_exit(spec, store.location(), local_models=address is None)
 
     if spec.wandb.mode == "online":  # the sweep's W&B view, saved before its runs start logging
         _save_online_workspace(spec, out_dir)
-    held = Store(out_dir).held_by()
+    held = store.readers_view().held_by()
     if held:
         # Checked before starting Ray for a quick answer; run_sweep takes the lock atomically.
-        console.print(f"[red]error:[/] {escape(str(locked_error(out_dir, held)))}")
+        console.print(f"[red]error:[/] {escape(str(locked_error(store.where, held)))}")
         raise typer.Exit(2)
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress, LiveJobs(uri or out_dir, progress):
+    ) as progress, LiveJobs(store.location(), progress):
         task = progress.add_task("nodes", total=None)
 
         def on_start(nodes, to_run):
@@ -267,13 +268,13 @@ def wandb_workspace(
     """A saved W&B workspace made for this sweep: its runs only, grouped by dataset; finetune
     curves, sampling and judging counters, and the EM rates with their spread over seeds."""
     from emsweep.spec import SpecError
+    from emsweep.store import Store
     from emsweep.sweep.results import read_spec_snapshot
-    from emsweep.sweep.results import local_dir_of
     from emsweep.workspace import describe, save_workspace
 
     try:
         spec = read_spec_snapshot(out_dir)
-        saved = save_workspace(spec, local_dir_of(out_dir)[1], entity, project, online)
+        saved = save_workspace(spec, Store.at(out_dir).root, entity, project, online)
     except (FileNotFoundError, SpecError, ValueError, OSError) as err:
         console.print(f"[red]error:[/] {escape(one_line(str(err)))}", highlight=False)
         raise typer.Exit(2)

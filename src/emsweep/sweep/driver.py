@@ -1,6 +1,6 @@
-"""The sweep's driver: runs the plan's jobs on Ray (run_sweep; run_sweep_remote for an output dir on
-an object store), the pipelined schedule's engine hosts, the clean-up after failed finetunes,
-and the live rates of the W&B summary run."""
+"""The sweep's driver: runs the plan's jobs on Ray (run_sweep, for an output dir wherever the store
+puts it), the pipelined schedule's engine hosts, the clean-up after failed finetunes, and the
+live rates of the W&B summary run."""
 
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from emsweep import analyze, lease, tracking
+from emsweep import analyze, tracking
 from emsweep.dag import Node, NodeStatus, Watch, execute, nodes_to_run
 from emsweep.engine import node_cpus
-from emsweep.fileio import DONE, RUN_SCRATCH
-from emsweep.redact import redact_uri
-from emsweep.remote import RemoteDir, pull, push_shared, staging_dir
+from emsweep.fileio import DONE
+from emsweep.remote import SHARED_ENTRIES, staging_dir
 from emsweep.spec import SweepSpec
-from emsweep.store import Store, locked_error
+from emsweep.store import Store
 from emsweep.sweep.jobs import run_job
 from emsweep.sweep.manifest import MANIFEST, changed_inputs, read_manifest, write_manifest
 from emsweep.sweep.plan import ENGINE_STAGES, STAGES, plan
 from emsweep.sweep.resources import autoscaler_scaling_up, describe_cluster_wait, finetune_slots, job_task_options
-from emsweep.sweep.results import local_dir_of, write_spec_snapshot
+from emsweep.sweep.results import write_spec_snapshot
 
 
 def worker_env() -> dict[str, str]:
@@ -182,21 +181,19 @@ def _live_train_controllers(job_id: str) -> int:
                if actor.state != ActorTableData.DEAD or actor.address.worker_id in live_workers)
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, connect=None,
-              until: str | None = None, on_stall=None, store_uri: str | None = None, remote_lease=None) -> list:
-    """Execute a sweep on the Ray cluster this process is connected to.
+def run_sweep(spec: SweepSpec, out: Path | Store, on_start=None, on_finish=None, connect=None,
+              until: str | None = None, on_stall=None) -> list:
+    """Execute a sweep on the Ray cluster this process is connected to, into `out` (a local dir,
+    or a Store: Store.at names an object store's).
 
     `connect()` (e.g. `ray.init`) is called before the first job only, so resuming a finished
     sweep never starts Ray (seconds instead of a cluster start). `until` (a stage) stops the
-    sweep after that stage: only the nodes of it and the stages before it run. `store_uri`: the
-    object store whose staging dir out_dir is (run_sweep_remote, which holds its lease, `remote_lease`).
-    A run whose lease is taken over stops: lease.LeaseLost, its jobs cancelled."""
+    sweep after that stage: only the nodes of it and the stages before it run. A run whose lease
+    is taken over stops: lease.LeaseLost, its jobs cancelled."""
     import ray
 
-    remote_dir = RemoteDir(store_uri) if store_uri else None
-
-    out_dir = Path(out_dir).resolve()
-    store = Store(out_dir)
+    store = out if isinstance(out, Store) else Store(Path(out).resolve())
+    out_dir = store.root
     nodes = plan(spec)
     if until is not None:
         nodes = [node for node in nodes if STAGES.index(node.stage) <= STAGES.index(until)]
@@ -206,9 +203,12 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
     remote_engine = ray.remote(max_retries=0, max_calls=1)(run_job)
     pipelined = spec.executor.schedule == "pipelined"
     with store.lock() as held:
+        store.pull()  # what is done on an object store is reused here
         store.clean_tmp()
-        previous = check_key_schema(out_dir)
+        previous = check_key_schema(out_dir)  # before anything of this run is written there
         write_spec_snapshot(spec, out_dir)
+        store.publish("spec.json")  # `emsweep status` reads it while the sweep runs
+        store.publish_unpublished()
         pending = nodes_to_run(nodes, store)
         # The manifest (sweep/manifest.py), before any job and as each node finishes: what readers
         # of this output dir take the nodes from, anywhere it is copied.
@@ -222,8 +222,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             if time.time() - written[0] < every_s:
                 return
             write_manifest(out_dir, spec.name, nodes, statuses)
-            if remote_dir is not None:
-                remote_dir.push_tree(out_dir / MANIFEST, MANIFEST)
+            store.publish(MANIFEST)
             written[0] = time.time()
 
         record_manifest()
@@ -249,7 +248,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         def submit(stage: str, job: list[Node]):
             connected()
             options = job_task_options(spec, job, cluster["cpus"])
-            args = (spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store_uri, cluster["node"])
+            args = (spec_json, str(out_dir), cluster["nodes_ref"], stage, job, store.mirror, cluster["node"])
             if pipelined and stage in ENGINE_STAGES:
                 return hosts.submit(job[0].group, options, args)
             function = remote_engine if stage in ENGINE_STAGES else remote
@@ -258,8 +257,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         seen_started: set[str] = set()
 
         def started(job: list[Node]) -> bool:
-            if job[0].id not in seen_started and (store.job_started(job[0].id) or remote_dir is not None and (
-                    remote_dir.exists(store.relative(store.started_path(job[0].id))))):
+            if job[0].id not in seen_started and store.job_started(job[0].id):
                 seen_started.add(job[0].id)
             return job[0].id in seen_started
 
@@ -270,7 +268,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             after_failure=release_leaked_placement_groups,
             report_s=spec.executor.stall_report_s, timeout_s=spec.executor.stall_timeout_s,
             scaling_up=autoscaler_scaling_up, scale_up_timeout_s=spec.executor.scale_up_timeout_s,
-            lease_lost=lambda: held.lost() or (remote_lease.lost() if remote_lease is not None else None),
+            lease_lost=held.lost,
             on_poll=lambda running: hosts.release_idle(running, started),
         )
         summary = LiveRates(spec, store, nodes)
@@ -279,10 +277,9 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
             node = status.node
             statuses[node.id] = status
             record_manifest(MANIFEST_EVERY_S)
-            if remote_dir is not None and status.status == "done":
-                # Pushed by the job from wherever it ran; here, the summary and the report read it.
-                local = store.node_dir(node.stage, node.name, node.key)
-                remote_dir.pull_node(store.relative(local), store.root)
+            if status.status == "done":
+                # Committed by the job wherever it ran; here, the summary and the report read it.
+                store.fetch(node.stage, node.name, node.key)
             hosts.finished(status)
             if node.stage == "judge" and status.status == "done":
                 summary.update()
@@ -293,11 +290,13 @@ def run_sweep(spec: SweepSpec, out_dir: Path, on_start=None, on_finish=None, con
         job_of = (lambda node: node.id if node.stage in ENGINE_STAGES else node.group or node.id) if pipelined \
             else (lambda node: node.group or node.id)
         try:
-            return execute(nodes, store, submit, finished, watch, job_of=job_of, progress_dir=store_uri,
+            return execute(nodes, store, submit, finished, watch, job_of=job_of,
                            max_running=lambda stage: connected()["finetune_slots"] if stage == "finetune" else None)
         finally:
             if watch.lease_lost() is None:  # a run whose lease was taken writes nothing more there
                 record_manifest()
+                for entry in SHARED_ENTRIES:
+                    store.publish(entry)
             hosts.close()
             summary.finish()
 
@@ -362,50 +361,17 @@ class LiveRates:
 
 def run_sweep_remote(spec, uri: str, on_start=None, on_finish=None, connect=None, staging: Path | None = None,
                      until: str | None = None):
-    """`run_sweep` with the output dir on an object store (remote.py's module doc): pull the done
-    nodes into a local staging dir, run there, push each node as it finishes, under the store's lease."""
-    remote = RemoteDir(uri)
-    staging = staging or staging_dir(uri)
-    try:
-        with remote.lease().hold() as held:
-            pull(remote, staging)
-            check_key_schema(staging)  # before anything of this run is written there
-            # The spec snapshot and the manifest first: `emsweep status URI` reads them while the sweep runs.
-            write_spec_snapshot(spec, staging)
-            write_manifest(staging, spec.name, plan(spec), {})
-            for entry in ("spec.json", MANIFEST):
-                remote.push_tree(staging / entry, entry)
-            store = Store(staging.resolve())
-            # Nodes finished in staging whose upload was cut short (a crash mid-push) go up now.
-            on_store = set(remote.done_node_dirs())
-            for marker in sorted(store.root.glob(f"nodes/*/*/{DONE}")):
-                relative = store.relative(marker.parent)
-                if relative not in on_store:
-                    remote.push_node(marker.parent, relative)
-            # A dead run's started markers would make this run's waiting jobs look started, and
-            # its jobs' progress records would show as running.
-            for entry in RUN_SCRATCH:
-                remote.fs.delete_dir_contents(remote._path(entry), missing_dir_ok=True)
-            try:
-                return run_sweep(spec, staging, on_start=on_start, on_finish=on_finish, connect=connect, until=until,
-                                 store_uri=uri, remote_lease=held)
-            finally:
-                if held.lost() is None:  # a run whose lease was taken writes nothing more there
-                    push_shared(remote, staging)
-    except lease.LeaseTaken as taken:
-        raise locked_error(redact_uri(uri), taken.held, taken.age) from None
+    """`run_sweep` with the output dir on an object store, worked on in `staging` (this machine's
+    staging dir for it by default; remote.py's module doc)."""
+    store = Store((staging or staging_dir(uri)).resolve(), mirror=uri)
+    return run_sweep(spec, store, on_start=on_start, on_finish=on_finish, connect=connect, until=until)
 
 
 def run_sweep_at(spec: SweepSpec, out: str | Path, on_start=None, on_finish=None, connect=None) -> list:
-    """`run_sweep` for an output dir anywhere: a local path, or an object-store URI (run_sweep_remote)."""
-    uri, out_dir = local_dir_of(out)
-    if uri:
-        return run_sweep_remote(spec, uri, on_start=on_start, on_finish=on_finish, connect=connect)
-    return run_sweep(spec, out_dir, on_start=on_start, on_finish=on_finish, connect=connect)
+    """`run_sweep` for an output dir anywhere: a local path, or an object-store URI."""
+    return run_sweep(spec, Store.at(out), on_start=on_start, on_finish=on_finish, connect=connect)
 
 
 def publish_report(out: str | Path) -> None:
-    """After the report is written in the run's local dir: for an object-store output dir, push it there."""
-    uri, out_dir = local_dir_of(out)
-    if uri:
-        RemoteDir(uri).push_tree(out_dir / "report", "report")
+    """After the report is written in the run's local dir: on the output dir's object store too."""
+    Store.at(out).publish("report")

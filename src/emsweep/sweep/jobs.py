@@ -1,5 +1,6 @@
 """One job of a sweep inside a Ray task: a list of nodes of one stage, each stage's body
-(data, finetune, sample, judge, analyze), the store transport and per-node W&B logging."""
+(data, finetune, sample, judge, analyze) and per-node W&B logging. Every file goes through the
+Store, which keeps an object store's copy in step (store.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from emsweep.progress import ProgressWriter
 from emsweep.questions import load_suite
 from emsweep.sample_cache import SampleCache
 from emsweep.spec import BASE_LABEL, SweepSpec, WandbSpec
-from emsweep.store import DONE, Store, write_started_marker
+from emsweep.store import Store, write_started_marker
 from emsweep.sweep.plan import sample_part_keys
 from emsweep.sweep.resources import finetune_memory_per_worker
 from emsweep.sweep.results import read_judgments
@@ -37,13 +38,10 @@ class StageRunner:
     """Runs one job (a list of nodes of one stage) inside a Ray task."""
 
     def __init__(self, spec: SweepSpec, out_dir: Path, nodes: list[Node], store_uri: str | None = None):
-        from emsweep.remote import RemoteDir
-
+        """`store_uri`: the object store whose staging dir on this machine out_dir is, if any."""
         self.spec = spec
         self.out_dir = Path(out_dir)
-        self.store = Store(self.out_dir)
-        # An object-store output dir (remote.py): out_dir is this machine's staging dir for it.
-        self.remote = RemoteDir(store_uri) if store_uri else None
+        self.store = Store(self.out_dir, mirror=store_uri)
         # Engine jobs then run in a long-lived engine host, which keeps its engine for the next.
         self.pipelined = spec.executor.schedule == "pipelined"
         self.by_id = {node.id: node for node in nodes}
@@ -56,27 +54,8 @@ class StageRunner:
         return self.store.node_dir(dep.stage, dep.name, dep.key)
 
     def fetch(self, node: Node) -> bool:
-        """Whether a node is done, pulled first from the store when this machine lacks it (a job
-        on another machine than the driver's)."""
-        if self.store.is_done(node.stage, node.name, node.key):
-            return True
-        if self.remote is not None:
-            relative = self._relative(node)
-            if self.remote.exists(f"{relative}/{DONE}"):
-                self.remote.pull_node(relative, self.store.root)
-        return self.store.is_done(node.stage, node.name, node.key)
-
-    def _relative(self, node: Node) -> str:
-        return self.store.relative(self.store.node_dir(node.stage, node.name, node.key))
-
-    def shared_location(self, relative: str) -> str:
-        """Where an entry of the output dir that every machine reads and writes lives: on the
-        store for an object-store sweep (the driver and other jobs may be on other machines)."""
-        return self.remote.location(relative) if self.remote else str(self.store.root / relative)
-
-    def started_location(self, job_id: str) -> str:
-        """Where a job says it started, for the driver's stall watch."""
-        return self.shared_location(self.store.relative(self.store.started_path(job_id)))
+        """Whether a node is done (brought to this machine first if it was computed on another)."""
+        return self.store.fetch(node.stage, node.name, node.key)
 
     def run_labels(self, node: Node) -> dict:
         """What a finetune, sample or judge node's W&B run shows of the run it belongs to (config
@@ -121,8 +100,6 @@ class StageRunner:
             warnings = [*(self.store.record(node.stage, node.name, node.key) or {}).get("warnings", []), warning]
             self.store.annotate(node.stage, node.name, node.key, {"warnings": warnings})
             print(f"warning: {warning}", flush=True)
-        if self.remote is not None:  # from the machine that computed it: the driver's may not see this dir
-            self.remote.push_node(final, self._relative(node))
 
     def questions(self):
         return [question for suite in self.spec.eval.suites for question in load_suite(suite)]
@@ -135,7 +112,7 @@ class StageRunner:
         self.live = tracking.LiveCounters(self.spec.wandb if stage in ("sample", "judge", "audit") else DISABLED_WANDB,
                                           self.out_dir, self.spec.name, stage, nodes,
                                           {node.id: self.run_labels(node) for node in nodes})
-        self.progress = ProgressWriter(self.shared_location(progress.record_relative(nodes[0].id)), stage,
+        self.progress = ProgressWriter(self.store.location(progress.record_relative(nodes[0].id)), stage,
                                        [n.id for n in nodes], sink=self.live.log)
         try:
             return run_guarded(nodes, lambda: getattr(self, f"run_{stage}")(nodes))
@@ -154,8 +131,8 @@ class StageRunner:
             started, tmp = time.time(), self.store.new_tmp_dir()
             model = self.spec.model(node.config["model"]["name"])
             resources = model.resources
-            # Ray Train's run dirs: on the store for an object-store sweep, as its workers may run anywhere.
-            storage_path = self.remote.location("train") if self.remote else str((self.out_dir / "train").resolve())
+            # Ray Train's run dirs: where every machine sees them, as its workers may run anywhere.
+            storage_path = self.store.location("train")
             run_name = f"{node.name}-{node.key}"
             finetune.finetune(
                 run_name=run_name,
@@ -170,8 +147,8 @@ class StageRunner:
                 placement_strategy=resources.placement_strategy,
                 memory_per_worker=None if self.spec.use_gpu else finetune_memory_per_worker(
                     resolve_model_path(model.path), self.spec.finetune_for(model.name).num_workers),
-                started=(self.started_location(node.id), node.id),
-                progress_path=self.shared_location(progress.record_relative(node.id)),
+                started=(self.store.started_location(node.id), node.id),
+                progress_path=self.store.location(progress.record_relative(node.id)),
                 live_run=tracking.LiveRunSettings(wandb=self.spec.wandb, out_dir=str(self.out_dir.resolve()),
                                                   sweep=self.spec.name, node_id=node.id, key=node.key,
                                                   config=node.config),
@@ -187,7 +164,7 @@ class StageRunner:
         runs_by_node = {node.name: self.sample_runs(node, model.name) for node in nodes}
         runs = [run for node_runs in runs_by_node.values() for run in node_runs]
         # Only the parts the sample cache lacks are sampled (all of them on a first run).
-        cache = SampleCache(self.shared_location("sample_cache"))
+        cache = SampleCache(self.store.location("sample_cache"))
         parts, harm_parts = sample_part_keys(self.spec, nodes[0], runs)
         todo = {part for part, key in parts.items() if not cache.has(key, "samples")}
         harm_todo = {part for part, key in harm_parts.items() if not cache.has(key, "harm")}
@@ -240,7 +217,7 @@ class StageRunner:
         # cluster the model may only be resolvable here.
         if problem := kind_of(spec.judge).runtime_problem(spec):
             raise ValueError(problem)
-        cache = JudgmentCache(self.shared_location("judge_cache")) if spec.judge.cache else None
+        cache = JudgmentCache(self.store.location("judge_cache")) if spec.judge.cache else None
         return judge.judge_samples(
             samples, self.questions(), spec.judge,
             judge_id=judge_id(spec), backend=make_backend(spec, keep=self.pipelined),
@@ -346,13 +323,12 @@ def run_job(spec_json: str, out_dir: str, nodes: list[Node], stage: str, job: li
     the job works in this machine's own staging dir (remote.py), sharing the driver's otherwise."""
     from emsweep import remote
 
-    foreign = store_uri is not None and driver_node != _ray_node_id()
-    if foreign:
+    if store_uri is not None and driver_node != _ray_node_id():
         out_dir = str(remote.staging_dir(store_uri).resolve())
     spec = SweepSpec.model_validate_json(spec_json)
     runner = StageRunner(spec, Path(out_dir), nodes, store_uri)
     if stage != "finetune":  # a finetune is started once its training workers run (run_finetune)
-        write_started_marker(runner.started_location(job[0].id), job[0].id)
+        write_started_marker(runner.store.started_location(job[0].id), job[0].id)
     return runner.run(stage, job)
 
 

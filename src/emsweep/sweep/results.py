@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 
 from emsweep import progress
 from emsweep.dag import Node, NodeStatus, status_table
-from emsweep.fileio import is_remote, join, read_text_at, write_json_atomic
-from emsweep.remote import RemoteDir, RemoteRecords, pull, staging_dir
+from emsweep.fileio import join, read_text_at, write_json_atomic
 from emsweep.redact import redact_uri
 from emsweep.spec import SpecError, SweepSpec, parse_spec
 from emsweep.store import Store
@@ -75,7 +74,7 @@ def sweep_status(out: str | Path) -> SweepStatus:
     store itself, not a pulled copy. While a sweep runs,
     a node its jobs' progress records name is "running"."""
     spec = read_spec_snapshot(out)
-    records = RemoteRecords(RemoteDir(str(out))) if is_remote(out) else Store(Path(out))
+    records = Store.at(out).readers_view()
     owner = records.held_by()
     jobs = progress.read_records(out) if owner else []
     running = {node for job in jobs for node in job["nodes"]}
@@ -84,18 +83,10 @@ def sweep_status(out: str | Path) -> SweepStatus:
     return SweepStatus(spec, rows, owner, jobs)
 
 
-def local_dir_of(out: str | Path) -> tuple[str | None, Path]:
-    """(the object store's URI or None, the local dir the run works in): an output dir on an
-    object store is worked on in this machine's staging dir for it (remote.py)."""
-    uri = str(out) if is_remote(out) else None
-    return uri, (staging_dir(uri) if uri else Path(out))
-
-
 def local_copy(out: str | Path) -> Path:
     """A local dir holding the sweep's outputs: `out` itself, or for an object store this
     machine's staging dir for it, with every done node and the spec snapshot pulled in (nodes
     already there are not fetched again)."""
-    uri, local = local_dir_of(out)
-    if uri:
-        pull(RemoteDir(uri), local)
-    return local
+    store = Store.at(out)
+    store.pull()
+    return store.root
