@@ -174,6 +174,13 @@ def test_fresh_run_writes_every_stage(sweep):
     assert len(run_files) == 11, sorted(run_files)
     assert len(list(wandb_dir.glob("offline-run-*"))) == 14, sorted(p.name for p in wandb_dir.glob("offline-run-*"))
     assert "W&B logging failed" not in first.stdout and "W&B summary logging failed" not in first.stdout
+    # Each run syncs whole: `wandb sync` uploads a run's offline dirs one after another in order of
+    # start time, and each later dir's rows lie past the steps of the ones before it.
+    for run in run_files:
+        steps = [[row["_step"] for row in wandb_offline.rows(segment / run)]
+                 for segment in wandb_offline.segments(wandb_dir, run[4:-6])]
+        assert all(max(earlier) < min(later) for earlier, later in zip(steps, steps[1:]) if earlier and later), \
+            (run, steps)
     assert "warning: W&B live summary failed" not in first.stdout and "live rates not computed" not in first.stdout
     (sample_run,) = [path.name[4:-6] for path in wandb_dir.glob("offline-run-*/run-e2e-sample-smol__base-*.wandb")]
     history = wandb_offline.history(wandb_dir, sample_run)

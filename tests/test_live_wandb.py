@@ -137,3 +137,61 @@ def test_the_live_summary_logs_rates_judged_so_far_with_means_over_final_adapter
     rates = [row["misaligned_rate/first_plot/none/insecure"] for row in rows]
     assert rates[0] == 0.2 and abs(rates[1] - 0.3) < 1e-12
     assert rows[1]["misaligned_rate_so_far/_type"] == "table-file" and rows[1]["misaligned_rate_so_far/nrows"] == 3
+
+
+def _synced_in_order(wandb_dir, run):
+    """What `wandb sync` uploads of a run: its offline dirs one after another in order of start
+    time, each row at its step; a row at a step the run already has (from an earlier dir) is not
+    taken. The rows taken, and the rows left out."""
+    taken, left_out, last = [], [], -1
+    for segment in wandb_offline.segments(wandb_dir, run):
+        for row in wandb_offline.rows(segment / f"run-{run}.wandb"):
+            (taken if row["_step"] > last or (taken and row["_step"] == taken[-1]["_step"] and segment == taken[-1]["_dir"])
+             else left_out).append({**row, "_dir": segment})
+            last = max(last, row["_step"])
+    return taken, left_out
+
+
+def test_a_run_logged_by_several_processes_syncs_whole(tmp_path):
+    """A finetune's run (its rank 0 logs the steps while it trains, the node's commit its tables)
+    and the summary run (live rates while judging goes on, then a report, then another report):
+    each in offline dirs of its own. Every row of a later dir lies past the steps of the ones
+    before it, so a sync in order of start time takes every row: the commit's table, each report's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pandas as pd
+
+    from emsweep.tracking import LiveSummary, log_node, log_summary
+
+    marker = tmp_path / "wandb_logged_step"
+    live = LiveRun(_live(tmp_path), marker)
+    for step in (1, 2, 3):
+        live.log({"step": step, "loss": 1.0 / step, "tokens": 100, "step_seconds": 2.0})
+    live.finish()
+    metrics = tmp_path / "metrics.parquet"
+    pq.write_table(pa.table({"step": [1, 2, 3], "loss": [1.0, 0.5, 1 / 3]}), metrics)
+    spec = WandbSpec(mode="offline", project="live")
+    assert log_node(spec, out_dir=tmp_path, sweep="s", stage="finetune", node_id="finetune/n", key="k", config={},
+                    tables={"finetune_metrics": metrics}, step_metrics=metrics,
+                    logged_steps=LiveRun.logged_steps(marker)) is None
+    run = run_id("s", "finetune/n", "k")
+    assert len(wandb_offline.segments(tmp_path / "wandb", run)) == 2
+    taken, left_out = _synced_in_order(tmp_path / "wandb", run)
+    assert left_out == [] and [row["_step"] for row in taken] == [1, 2, 3, 4]
+    assert [row["loss"] for row in taken[:3]] == [1.0, 0.5, 1 / 3]
+    assert taken[-1]["finetune_metrics/_type"] == "table-file"
+
+    summary = LiveSummary(spec, tmp_path, "s", {})
+    rates = pd.DataFrame({"run_id": ["a", "b"], "checkpoint_step": [None, None], "suite": ["q", "q"],
+                          "condition": ["none", "none"], "dataset": ["d", "base"], "misaligned_rate": [0.2, 0.0]})
+    for judged in (1, 2):
+        assert summary.log(rates, judged_nodes=judged) is None
+    summary.finish()
+    for report in range(2):  # `emsweep run`'s report, then `emsweep report` again later
+        assert log_summary(spec, out_dir=tmp_path, sweep="s", config={}, tables={"comparisons": rates}, images={},
+                           files=[], scalars={"report": report}) is None
+    taken, left_out = _synced_in_order(tmp_path / "wandb", run_id("s", "summary", "report"))
+    assert left_out == [] and [row["_step"] for row in taken] == [0, 1, 2, 3]
+    assert [row.get("judged_nodes") for row in taken] == [1, 2, None, None]
+    assert [row.get("report") for row in taken] == [None, None, 0, 1]
+    assert all(row["comparisons/_type"] == "table-file" for row in taken[2:])

@@ -2,7 +2,8 @@
 
 W&B is a window on the results, never a dependency of them: every call here is guarded,
 and a failure is reported back as a warning string while the sweep goes on. Offline runs
-land in `<output dir>/wandb/` and can be uploaded later with `wandb sync`.
+land in `<output dir>/wandb/` and can be uploaded later with `wandb sync` (Segment: a run that
+several processes logged syncs whole).
 """
 
 from __future__ import annotations
@@ -86,7 +87,44 @@ def use_own_wandb_service() -> None:
         del os.environ["WANDB_SERVICE"]
 
 
-def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, name: str, run_key: str, config: dict):
+class Segment:
+    """One process's part of a W&B run. Several processes log one run: a finetune's rank 0 while it
+    trains, then the node's commit; the summary while judging goes on, then each report; a resumed
+    attempt. Offline, each `wandb.init` writes an offline dir of its own, and `wandb sync` uploads
+    a run's dirs one after another in order of start time (wandb 0.31, `wandb sync --help`). A
+    process cannot ask an offline run how far it got, so each would count its steps from 0, and the
+    server keeps a run's steps increasing: a later dir's rows at steps the run already has would
+    not land. So a segment's rows without a step of their own go past the steps of the segments
+    before it: its last step is kept in `DIR/wandb/steps/<run id>` once it is flushed (finish), and
+    the next segment counts on from there. A row with its own step (a finetune's training step)
+    keeps it: a resumed attempt logs the same row again at the same step. Anything else (summary,
+    log_artifact, ...) is the W&B run's own."""
+
+    def __init__(self, run, steps_file: Path):
+        self.run, self.steps_file, self.last = run, steps_file, None
+        try:
+            self.first = int(steps_file.read_text()) + 1
+        except (OSError, ValueError):
+            self.first = 0
+
+    def log(self, values: dict, step: int | None = None) -> None:
+        """At `step`, or at the next step past every step of this run so far."""
+        if step is None:
+            step = self.first if self.last is None else max(self.first, self.last + 1)
+        self.run.log(values, step=step)
+        self.last = step if self.last is None else max(self.last, step)
+
+    def finish(self) -> None:
+        self.run.finish()  # flushed: its steps are the run's for good
+        if self.last is not None:
+            write_text_at(str(self.steps_file), str(self.last))
+
+    def __getattr__(self, name: str):
+        return getattr(self.run, name)
+
+
+def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, name: str, run_key: str,
+               config: dict) -> Segment:
     """A W&B run in DIR/wandb, grouped by sweep; a stable id, so logging again resumes the same run."""
     import wandb
 
@@ -94,11 +132,12 @@ def _start_run(spec: WandbSpec, out_dir: Path, sweep: str, *, job_type: str, nam
     use_own_wandb_service()
     out_dir = Path(out_dir).resolve()
     (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return wandb.init(
+    run = wandb.init(
         project=spec.project, entity=spec.entity, mode=spec.mode, dir=str(out_dir), group=sweep, job_type=job_type,
         name=name, id=run_key, resume="allow", config=config, reinit="create_new",
         settings=wandb.Settings(console="off", silent=True),
     )
+    return Segment(run, out_dir / "wandb" / "steps" / run_key)
 
 
 def _start_node_run(spec: WandbSpec, out_dir: Path, sweep: str, node_id: str, key: str, config: dict):
@@ -140,17 +179,17 @@ def log_node(
 
         run = live or _start_node_run(spec, out_dir, sweep, node_id, key, config)
         try:
-            last_step = None
+            last_step = None  # the last step this process logs; None: the tables go past the run's steps
             if step_metrics is not None:
                 for row in pq.read_table(step_metrics).to_pylist():
-                    last_step = int(row["step"])
-                    if last_step > logged_steps:
+                    if int(row["step"]) > logged_steps:
+                        last_step = int(row["step"])
                         run.log({k: v for k, v in row.items() if k != "step"}, step=last_step)
             if scalars:
                 run.log(scalars, step=last_step)
             artifact = wandb.Artifact(name=run_id(sweep, stage, node_id.split("/", 1)[-1]), type=stage)
             for name, path in tables.items():
-                if spec.table_rows:  # at the last step: W&B steps only go up within a run
+                if spec.table_rows:  # at the last step logged here (W&B steps only go up within a run)
                     run.log({name: _table(pq.read_table(path).slice(0, spec.table_rows).to_pandas())}, step=last_step)
                 artifact.add_file(str(path), name=path.name)
             run.log_artifact(artifact)
