@@ -4,6 +4,7 @@ live rates of the W&B summary run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -192,7 +193,9 @@ def run_sweep(spec: SweepSpec, out: Path | Store, on_start=None, on_finish=None,
     is taken over stops: lease.LeaseLost, its jobs cancelled."""
     import ray
 
-    store = out if isinstance(out, Store) else Store(Path(out).resolve())
+    store = out if isinstance(out, Store) else Store(Path(out))
+    # Jobs run in other processes and working directories: they get the dir as an absolute path.
+    store = dataclasses.replace(store, root=store.root.resolve())
     out_dir = store.root
     nodes = plan(spec)
     if until is not None:
