@@ -166,3 +166,27 @@ def test_gradient_norm_by_hand():
     module.a.grad, module.b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
     module.frozen.grad = torch.tensor([100.0])
     assert gradient_norm(module) == pytest.approx(13.0)
+
+
+def test_cpu_ops_are_kept_per_python_environment(monkeypatch):
+    """DeepSpeed's CPU op is compiled into a folder of this environment's own (two checkouts' venvs
+    rebuilt each other's in torch's one folder per Python version), unless the user names one."""
+    import os
+    import sys
+
+    from emsweep.finetune import use_cpu_ops
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    use_cpu_ops()
+    ours = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", "/another/checkout/.venv")
+    use_cpu_ops()
+    theirs = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert ours != theirs and os.path.dirname(ours) == os.path.dirname(theirs)
+    assert os.path.basename(ours).startswith(f"py{sys.version_info.major}{sys.version_info.minor}_cpu_")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
+    use_cpu_ops()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"
