@@ -48,6 +48,12 @@ def ray_head():
     """A private Ray head on loopback: own temp dir, ports and CPUs; stopped afterwards."""
     temp = Path(tempfile.mkdtemp(prefix="emsweep-ray-", dir="/tmp"))
     gcs, dashboard, client, manager, objects, agent_grpc, agent_http, metrics, runtime_env, low = free_ports(10)
+    # 201 worker ports in 20000-39999, clear of the ports above: Ray refuses to start when one of
+    # its pre-selected ports falls inside the worker range (seen in CI: gcs 38749 in 38717-38917).
+    components = (gcs, dashboard, client, manager, objects, agent_grpc, agent_http, metrics, runtime_env)
+    workers = 20000 + low % 20000
+    while any(workers <= port <= workers + 200 for port in components) or workers + 200 > 39999:
+        workers = 20000 + (workers - 20000 + 211) % 19799
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
            "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
@@ -60,8 +66,8 @@ def ray_head():
         "--ray-client-server-port", str(client), "--node-manager-port", str(manager),
         "--object-manager-port", str(objects), "--dashboard-agent-grpc-port", str(agent_grpc),
         "--dashboard-agent-listen-port", str(agent_http), "--metrics-export-port", str(metrics),
-        "--runtime-env-agent-port", str(runtime_env), "--min-worker-port", str(20000 + low % 20000),
-        "--max-worker-port", str(20000 + low % 20000 + 200),
+        "--runtime-env-agent-port", str(runtime_env), "--min-worker-port", str(workers),
+        "--max-worker-port", str(workers + 200),
         "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp), "--disable-usage-stats",
     ]
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
