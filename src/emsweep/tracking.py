@@ -116,8 +116,8 @@ class Segment:
 
     def finish(self) -> None:
         self.run.finish()  # flushed: its steps are the run's for good
-        if self.last is not None:
-            write_text_at(str(self.steps_file), str(self.last))
+        if self.last is not None:  # a row logged again at its own, earlier step never moves it back
+            write_text_at(str(self.steps_file), str(max(self.last, self.first - 1)))
 
     def __getattr__(self, name: str):
         return getattr(self.run, name)
