@@ -9,7 +9,7 @@ are speed-ups. Beside the ratios: vLLM tokens/s (P1 cold, P2 warm) and finetune 
 with MFU when a known GPU is present (P6 then runs one GPU against one); P8 adds the speed-up to the
 first judged answers. Each measurement runs in
 a fresh process so one vLLM engine's memory never overlaps the next. `--smoke` uses tiny sizes and
-one repeat (CI: numbers, no targets).
+one repeat (CI: numbers, no targets), and runs the measures that need no cold start together.
 """
 
 from __future__ import annotations
@@ -495,7 +495,6 @@ def p6(smoke: bool) -> dict:
     runs there), with MFU. Both sum the wall time of the optimizer steps after the first (the same
     tokens on both sides, so the time ratio is the tokens/s ratio); startup (Ray, DeepSpeed init,
     model load) is reported apart."""
-    import pyarrow.parquet as pq
     import ray
     import torch
     from peft import LoraConfig, get_peft_model
@@ -503,7 +502,6 @@ def p6(smoke: bool) -> dict:
 
     from emsweep import finetune
     from emsweep.data import load_dataset
-    from emsweep.sweep.driver import worker_env
     from emsweep.spec import DatasetSpec, FinetuneSpec
 
     path = model_path()
@@ -511,19 +509,13 @@ def p6(smoke: bool) -> dict:
     workers = 1 if use_gpu else 2
     recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=4 // workers, num_workers=workers,
                           warmup_steps=1, learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
+    rows = 8 if smoke else 48
+    metrics, ours_total = ray_finetune(recipe, rows, use_gpu=use_gpu, live=False)
+    ray.shutdown()  # the plain loop below gets the machine to itself
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _tiny_rows(tmp / "rows.jsonl", 8 if smoke else 48)
+        _tiny_rows(tmp / "rows.jsonl", rows)
         table = load_dataset(DatasetSpec(name="bench", path=str(tmp / "rows.jsonl")))
-        pq.write_table(table, tmp / "data.parquet")
-        ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()}, logging_level="WARNING", log_to_driver=False,
-                 include_dashboard=False)
-        start = time.perf_counter()
-        metrics = finetune.finetune(run_name="bench", storage_path=tmp / "train", model_path=path,
-                                    data_path=tmp / "data.parquet", seed=0, spec=recipe, use_gpu=use_gpu,
-                                    out_dir=tmp / "out").to_pandas()
-        ours_total = time.perf_counter() - start
-        ray.shutdown()
 
         torch.manual_seed(0)
         if not use_gpu:
@@ -572,46 +564,60 @@ def p6l(smoke: bool) -> dict:
     """Our finetune with live monitoring (a progress record and an offline W&B run, both written
     every step by rank 0) against the same finetune without, same rows and order: tokens over the
     wall time from the end of step 1 to the end of the last step (`ended_at`), so what is done
-    between steps (the logging) counts; W&B's start-up, once per finetune, is reported apart."""
-    import pyarrow.parquet as pq
-    import ray
-
-    from emsweep import finetune
-    from emsweep.spec import WandbSpec
-    from emsweep.tracking import LiveRunSettings
-    from emsweep.data import load_dataset
-    from emsweep.sweep.driver import worker_env
-    from emsweep.spec import DatasetSpec, FinetuneSpec
+    between steps (the logging) counts; W&B's start-up, once per finetune, is reported apart. The
+    finetune without is P6's own when both run in one process (smoke mode): the same recipe."""
+    from emsweep.spec import FinetuneSpec
 
     recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,
                           learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
     result = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        _tiny_rows(tmp / "rows.jsonl", 8 if smoke else 48)
-        pq.write_table(load_dataset(DatasetSpec(name="bench", path=str(tmp / "rows.jsonl"))), tmp / "data.parquet")
-        ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()}, logging_level="WARNING", log_to_driver=False,
-                 include_dashboard=False)
-        for side in ("baseline", "ours"):
-            live = side == "ours"
-            (tmp / side).mkdir()
-            started = time.perf_counter()
-            metrics = finetune.finetune(
-                run_name=side, storage_path=tmp / "train", model_path=model_path(), data_path=tmp / "data.parquet",
-                seed=0, spec=recipe, use_gpu=False, out_dir=(tmp / side),
-                progress_path=str(tmp / "progress.json") if live else None,
-                live_run=LiveRunSettings(wandb=WandbSpec(mode="offline", project="bench"), out_dir=str(tmp),
-                                         sweep="bench", node_id="finetune/bench", key="p6l", config={})
-                if live else None,
-            ).to_pandas()
-            total = time.perf_counter() - started
-            span = float(metrics["ended_at"].iloc[-1] - metrics["ended_at"].iloc[0])
-            result[side] = span
-            result[f"{side}_tokens_per_s"] = float(metrics["tokens"].iloc[1:].sum()) / span
-            result[f"{side}_startup_seconds"] = total - span
-        ray.shutdown()
+    for side in ("baseline", "ours"):
+        metrics, total = ray_finetune(recipe, 8 if smoke else 48, use_gpu=False, live=side == "ours")
+        span = float(metrics["ended_at"].iloc[-1] - metrics["ended_at"].iloc[0])
+        result[side] = span
+        result[f"{side}_tokens_per_s"] = float(metrics["tokens"].iloc[1:].sum()) / span
+        result[f"{side}_startup_seconds"] = total - span
     # Same steps and tokens on both sides: the time ratio is the tokens/s ratio.
     return result | {"ratio": result["baseline"] / result["ours"], "steps": len(metrics)}
+
+
+_FINETUNES: dict[tuple, tuple] = {}
+
+
+def ray_finetune(recipe, rows: int, use_gpu: bool, live: bool):
+    """(per-step metrics, seconds from the call to the end) of our finetune (Ray Train +
+    DeepSpeed + peft) on `rows` tiny rows, with or without live monitoring (a progress record and
+    an offline W&B run). Kept per process: P6 and P6l share the finetune without (same recipe)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from emsweep import finetune
+    from emsweep.data import load_dataset
+    from emsweep.spec import DatasetSpec, WandbSpec
+    from emsweep.sweep.driver import worker_env
+    from emsweep.tracking import LiveRunSettings
+
+    key = (recipe.model_dump_json(), rows, use_gpu, live)
+    if key in _FINETUNES:
+        return _FINETUNES[key]
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, runtime_env={"env_vars": worker_env()}, logging_level="WARNING", log_to_driver=False,
+                 include_dashboard=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _tiny_rows(tmp / "rows.jsonl", rows)
+        pq.write_table(load_dataset(DatasetSpec(name="bench", path=str(tmp / "rows.jsonl"))), tmp / "data.parquet")
+        started = time.perf_counter()
+        metrics = finetune.finetune(
+            run_name="bench", storage_path=tmp / "train", model_path=model_path(), data_path=tmp / "data.parquet",
+            seed=0, spec=recipe, use_gpu=use_gpu, out_dir=tmp / "out",
+            progress_path=str(tmp / "progress.json") if live else None,
+            live_run=LiveRunSettings(wandb=WandbSpec(mode="offline", project="bench"), out_dir=str(tmp),
+                                     sweep="bench", node_id="finetune/bench", key="p6l", config={})
+            if live else None,
+        ).to_pandas()
+        _FINETUNES[key] = metrics, time.perf_counter() - started
+    return _FINETUNES[key]
 
 
 MEASURES = {"P1": p1, "P2": p2, "P2s": lambda smoke: p2(smoke, SAMPLES["P2s"]), "P3": p3, "P4": p4, "P4e": p4e,
@@ -641,37 +647,44 @@ def machine() -> dict:
             "load_avg": os.getloadavg(), "versions": versions}
 
 
-def one(name: str, smoke: bool) -> None:
-    """Child process: run one measurement, print its JSON as the last line."""
-    result = MEASURES[name](smoke)
-    print("BENCH_RESULT " + json.dumps(result), flush=True)
+def one(names: list[str], smoke: bool) -> None:
+    """Child process: run measurements in turn, print each one's JSON on a line of its own."""
+    for name in names:
+        result = MEASURES[name](smoke)
+        print("BENCH_RESULT " + json.dumps({"name": name, "result": result}), flush=True)
 
 
 # Pairs whose sides each start an engine from nothing: each side runs in a fresh process (cold_side).
 COLD_PAIRS = {"P1", "P3"}
+# Smoke mode (numbers only checked to be finite) runs each of these sets in one process: vLLM is
+# imported and Ray started once, not per measure, and P6l reuses P6's finetune (bench smoke: 9
+# children and 257 s before, on 2 cores).
+SMOKE_PROCESSES = [("P2", "P2s", "P4", "P4e", "P4d", "P5"), ("P6", "P6l")]
 
 
 def run_pair(name: str, smoke: bool, repeat: int) -> dict:
     """One repeat of a measurement: {"ours", "baseline", "ratio" (baseline / ours), rates...}."""
     if name not in COLD_PAIRS:
-        return run_child(name, smoke)
+        return run_child([name], smoke)[name]
     # Alternate which side starts first, so a machine that slows down over a run favours neither.
     sides = ["ours", "baseline"] if repeat % 2 == 0 else ["baseline", "ours"]
     result = {}
     for side in sides:
-        result |= run_child(name, smoke, side)
+        result |= run_child([name], smoke, side)[name]
     return result | {"ratio": result["baseline"] / result["ours"]}
 
 
-def run_child(name: str, smoke: bool, side: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "bench.run", "--one", name] + (["--smoke"] if smoke else [])
+def run_child(names: list[str], smoke: bool, side: str | None = None) -> dict[str, dict]:
+    """name -> result of each measure, run in turn in one fresh process."""
+    cmd = [sys.executable, "-m", "bench.run", "--one", *names] + (["--smoke"] if smoke else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
            **({"BENCH_SIDE": side} if side else {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+    results = [json.loads(l.removeprefix("BENCH_RESULT ")) for l in proc.stdout.splitlines()
+               if l.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or len(results) != len(names):
+        raise RuntimeError(f"{' '.join(names)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {r["name"]: r["result"] for r in results}
 
 
 # Absolute figures some measures add (medians too): tokens/s and, on a known GPU, finetune MFU.
@@ -718,7 +731,7 @@ def main() -> None:
     parser.add_argument("--quickstart", action="store_true", help="P7: run the quickstart once, from nothing")
     parser.add_argument("--out", default=str(REPO / "bench/results/bench.json"))
     parser.add_argument("--show", metavar="FILE", help="print the table of a saved results file and exit")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one(args.one, args.smoke)
@@ -730,11 +743,16 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after an hour of measuring
     repeats = args.repeats or (1 if args.smoke else 3)
     info = machine()
+    shared = {}
+    if args.smoke and repeats == 1:
+        for group in SMOKE_PROCESSES:
+            if names := [name for name in group if name in args.only]:
+                shared |= run_child(names, smoke=True)
     results = {}
     for name in args.only:
         runs = []
         for repeat in range(repeats):
-            runs.append(run_pair(name, args.smoke, repeat))
+            runs.append(shared[name] if name in shared else run_pair(name, args.smoke, repeat))
             print(f"{name}: {runs[-1]}", file=sys.stderr)
         median = lambda key: None if runs[0].get(key) is None else statistics.median(r[key] for r in runs)
         results[name] = {key: median(key) for key in ("ours", "baseline", "ratio", *RATES)} | {"runs": runs}
