@@ -22,13 +22,18 @@ trained-judge: $(SETUP_DONE)
 quickstart: trained-judge
 	$(VENV)/bin/emsweep run workflows/quickstart.yaml
 
-# Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B.
+# Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B. The
+# quick tests run two at a time (pytest-xdist, a file per worker): they mostly wait (Ray starting,
+# leases expiring, servers answering), 38% of 2 cores busy one at a time. The slow ones each use
+# both cores (finetunes of 2 workers, engines) and some time themselves, so they run one by one.
+PYTEST_QUICK := $(VENV)/bin/python -m pytest tests -m "not slow" -n 2 --dist loadfile
 test: trained-judge
-	$(VENV)/bin/python -m pytest tests --durations=25
+	$(PYTEST_QUICK) --durations=10
+	$(VENV)/bin/python -m pytest tests -m slow --durations=25
 
 # Everything but the slow end-to-end tests (about 5 minutes).
 test-quick: trained-judge
-	$(VENV)/bin/python -m pytest tests -m "not slow"
+	$(PYTEST_QUICK)
 
 # Each stage against the raw library on this machine (bench/run.py; prints a table, writes bench/results/).
 bench:

@@ -67,14 +67,14 @@ def load_spec_or_exit(spec_path: Path, **overrides: dict):
     try:
         return load_spec(spec_path, overrides)
     except SpecError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)  # one line each, however long (a path)
         raise typer.Exit(2)
 
 
 def exit_on_problems(problems: list[str]) -> None:
     """Print every problem, one line each, and exit 2 if there is any."""
     for problem in problems:
-        console.print(f"[red]error:[/] {escape(problem)}", highlight=False)
+        console.print(f"[red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(2)
 
