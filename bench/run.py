@@ -238,14 +238,14 @@ def p4(smoke: bool) -> dict:
     from emsweep.engine import render_chat
     from emsweep.judge import JudgeRequest, template_labels
     from emsweep.judge.local import LocalJudge
-    from emsweep.spec import JudgeSpec
+    from emsweep.spec import judge_spec
 
     qs = questions(smoke, 1)
     answers = ["I would like to help people and learn new things every day."] * (4 if smoke else 32)
     requests = [JudgeRequest(template, q.paraphrases[0], a, "0-100" in template or "100" in template,
                              template_labels(template))
                 for q in qs for template in q.judge_prompts.values() for a in answers]
-    judge = LocalJudge(model_path(), JudgeSpec(model="smollm2", kv_cache_gib=KV_GIB, scoring="first_token"))
+    judge = LocalJudge(model_path(), judge_spec(model="smollm2", kv_cache_gib=KV_GIB, scoring="first_token"))
     llm, tok = judge.llm, judge.tokenizer
     texts = [render_chat(tok, [{"role": "user", "content": r.prompt}]) for r in requests]
     raw_params = SamplingParams(max_tokens=1, temperature=0, logprobs=judge.spec.top_logprobs)
@@ -277,14 +277,14 @@ def p4e(smoke: bool) -> dict:
     from emsweep.judge import JudgeRequest, template_labels
     from emsweep.judge.local import LocalJudge, TreeJudge
     from emsweep.models import resolve_model_path
-    from emsweep.spec import JudgeSpec
+    from emsweep.spec import judge_spec
 
     (question,) = [q for q in questions(True, 1) if q.id == "what_is_your_wish"]
     answers = P4E_ANSWERS[:1] if smoke else P4E_ANSWERS
     requests = [JudgeRequest(template, question.paraphrases[0], answer, True, template_labels(template))
                 for template in question.judge_prompts.values() for answer in answers]
     path = model_path() if smoke else resolve_model_path(JUDGE)
-    spec = JudgeSpec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
+    spec = judge_spec(model="judge", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN)
     tree = TreeJudge(path, spec)
     tree.judge(requests[:1])  # warm-up
     started = time.perf_counter()
@@ -315,7 +315,7 @@ def p4d(smoke: bool) -> dict:
     from emsweep.judge.templates import load_templates
     from emsweep.judge.trained import EMBEDDED_JUDGE, EMBEDDED_PREFIX, resolve_judge_dir
     from emsweep.models import resolve_model_path
-    from emsweep.spec import JudgeSpec
+    from emsweep.spec import judge_spec
 
     run = read_reference(REPO.parent / "shared" / "em-judged" / "qwen-coder-32b_insecure_betley.csv",
                          question_ids=tuple(q.id for q in questions(True, 1)))
@@ -329,7 +329,7 @@ def p4d(smoke: bool) -> dict:
     ours_s = time.perf_counter() - started
     yes_no = [r for _, _, _, r in requests_for({"r": answers.slice(0, 1 if smoke else 4)}, qs, load_templates("yes_no"))]
     path = model_path() if smoke else resolve_model_path(JUDGE)
-    tree = TreeJudge(path, JudgeSpec(model="judge", templates="yes_no", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN))
+    tree = TreeJudge(path, judge_spec(model="judge", templates="yes_no", kv_cache_gib=KV_GIB, max_model_len=MAX_MODEL_LEN))
     tree.judge(yes_no[:1])  # warm-up
     started = time.perf_counter()
     tree.judge(yes_no)

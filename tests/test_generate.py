@@ -56,7 +56,7 @@ def test_heldout_coding_suite_is_judged_by_bandit(tmp_path):
     from emsweep.judge import judge_samples
     from emsweep.questions import load_questions
     from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
-    from emsweep.spec import JudgeSpec
+    from emsweep.spec import judge_spec
 
     pairs = generate_pairs(200, seed=3)
     suite = heldout_suite(pairs, 12, seed=3)
@@ -77,6 +77,6 @@ def test_heldout_coding_suite_is_judged_by_bandit(tmp_path):
     def no_model(requests, on_batch):
         raise AssertionError("code questions must not reach a judge model")
 
-    tables, _ = judge_samples({"r": pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)}, questions, JudgeSpec(model="j"),
+    tables, _ = judge_samples({"r": pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)}, questions, judge_spec(model="j"),
                               judge_id="j", backend=no_model)
     assert tables["r"].column("label").to_pylist() == ["VULNERABLE", "SECURE", "VULNERABLE"]

@@ -13,9 +13,9 @@ from emsweep.judge.cache import JudgmentCache
 from emsweep.questions import Question, load_questions
 from emsweep.sample import SCHEMA as SAMPLE_SCHEMA
 from emsweep.scoring import sequence_probs
-from emsweep.spec import JudgeSpec
+from emsweep.spec import judge_spec
 
-SPEC = JudgeSpec(model="judge", min_numeric_mass=0.25, scoring="first_token")
+SPEC = judge_spec(model="judge", min_numeric_mass=0.25, scoring="first_token")
 
 
 def test_expected_value_over_number_tokens_is_renormalised():
@@ -167,7 +167,7 @@ def test_yes_no_templates_map_probabilities_onto_0_100():
 
 
 def test_yes_no_templates_replace_only_0_100_metrics_and_are_recorded(tmp_path):
-    spec = JudgeSpec(model="judge", templates="yes_no")
+    spec = judge_spec(model="judge", templates="yes_no")
     samples = _samples({"r": ["I wish for peace.", "def f(): pass"]})
     seen = []
 

@@ -16,7 +16,7 @@ import pytest
 from emsweep.judge import JudgeRequest
 from emsweep.judge.http import HttpJudge
 from emsweep.questions import load_questions
-from emsweep.spec import JudgeSpec
+from emsweep.spec import judge_spec
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def pool_judgments(embedded_model, requests_):
 
     from emsweep.judge.local import run_pool
 
-    spec = JudgeSpec(model="smol", scoring="first_token", max_model_len=2048, kv_cache_gib=1, replicas=2, batch_size=3)
+    spec = judge_spec(model="smol", scoring="first_token", max_model_len=2048, kv_cache_gib=1, replicas=2, batch_size=3)
     # float32 like the server below, so the two must agree to 1e-3.
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "EMSWEEP_CPU_DTYPE": "float32"}})
@@ -116,7 +116,7 @@ def test_judge_pool_of_two_replicas_on_ray_judges_every_batch(pool_judgments):
 
 def test_http_judge_against_vllm_serve_matches_the_engine_pool(vllm_server, requests_, pool_judgments, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-unused-by-a-local-server")
-    spec = JudgeSpec(backend="openai", model="smol", base_url=vllm_server, max_concurrency=4, timeout_s=120)
+    spec = judge_spec(backend="openai", model="smol", base_url=vllm_server, max_concurrency=4, timeout_s=120)
     results = {}
     HttpJudge(spec)(requests_, lambda idx, js: results.update(zip(idx, js)))
     _assert_same([results[i] for i in range(len(requests_))], pool_judgments[1])
@@ -131,7 +131,7 @@ def test_http_judge_of_a_digit_split_judge_is_flagged(vllm_server, shared_em, mo
     monkeypatch.setenv("OPENAI_API_KEY", "sk-unused-by-a-local-server")
     questions = load_questions(str(shared_em / "evaluation/first_plot_questions.yaml"), ("what_is_your_wish",))
     samples = calibration_samples([CalibrationItem("what_is_your_wish", "aligned", a) for a in ANSWERS], questions)
-    spec = JudgeSpec(backend="openai", model="smol", base_url=vllm_server, max_concurrency=4, timeout_s=120,
+    spec = judge_spec(backend="openai", model="smol", base_url=vllm_server, max_concurrency=4, timeout_s=120,
                      min_numeric_mass=0.0)
     tables, stats = judge_samples({"run": samples}, questions, spec, judge_id="openai:smol", backend=HttpJudge(spec))
     (warning,) = stats.warnings["run"]

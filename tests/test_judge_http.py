@@ -10,7 +10,7 @@ import pytest
 
 from emsweep.judge import JudgeRequest
 from emsweep.judge.http import HttpJudge
-from emsweep.spec import JudgeSpec
+from emsweep.spec import judge_spec
 
 SENTINEL_KEY = "sk-test-SENTINEL-never-logged"
 
@@ -93,7 +93,7 @@ def server():
 
 def test_retries_then_null_with_reason_never_a_crash(server, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", SENTINEL_KEY)
-    spec = JudgeSpec(backend="openai", model="gpt-4o-2024-08-06", base_url=server, api_key_env="JUDGE_KEY",
+    spec = judge_spec(backend="openai", model="gpt-4o-2024-08-06", base_url=server, api_key_env="JUDGE_KEY",
                      max_retries=3, timeout_s=0.5, max_concurrency=4)
     answers = ["ok", "flaky", "down", "garbage", "no-logprobs", "bad-request", "slow"]
     requests = [JudgeRequest("Q: {question} ANSWER: {answer}", "q", a, numeric=True, labels=("CODE",)) for a in answers]
@@ -118,7 +118,7 @@ def test_retries_then_null_with_reason_never_a_crash(server, monkeypatch):
 
 
 def test_concurrency_limit_is_respected(server):
-    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_concurrency=2, timeout_s=30)
+    spec = judge_spec(backend="openai", model="m", base_url=server, max_concurrency=2, timeout_s=30)
     requests = [JudgeRequest("ANSWER: {answer}", "q", "slow-counted", numeric=True, labels=()) for _ in range(5)]
     results = {}
     HttpJudge(spec)(requests, lambda idx, js: results.update(zip(idx, js)))
@@ -127,15 +127,15 @@ def test_concurrency_limit_is_respected(server):
 
 
 def test_openai_backend_defaults_to_first_token_and_rejects_exact():
-    assert JudgeSpec(backend="openai", model="gpt-4o").scoring == "first_token"
+    assert judge_spec(backend="openai", model="gpt-4o").scoring == "first_token"
     with pytest.raises(ValueError, match="exact"):
-        JudgeSpec(backend="openai", model="gpt-4o", scoring="exact")
+        judge_spec(backend="openai", model="gpt-4o", scoring="exact")
 
 
 def test_openai_rate_limit_reset_headers_are_honoured(server):
     """OpenAI sends x-ratelimit-reset-* rather than Retry-After: the retry waits for the used-up
     limit (requests, 1.2 s), not for the one with budget left (tokens), and not our short backoff."""
-    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_retries=2, timeout_s=30)
+    spec = judge_spec(backend="openai", model="m", base_url=server, max_retries=2, timeout_s=30)
     results = {}
     request = JudgeRequest("ANSWER: {answer}", "q", "openai-limited", numeric=True, labels=())
     HttpJudge(spec, base_backoff_s=0.01)([request], lambda idx, js: results.update(zip(idx, js)))
@@ -185,7 +185,7 @@ def test_a_token_budget_holds_a_job_to_its_tokens_per_minute():
 
 
 def test_a_token_budget_paces_real_requests(server):
-    spec = JudgeSpec(backend="openai", model="m", base_url=server, max_tokens_per_minute=600, timeout_s=30)
+    spec = judge_spec(backend="openai", model="m", base_url=server, max_tokens_per_minute=600, timeout_s=30)
     # Each prompt is 61 estimated tokens (241 characters / 4, plus the answer token): 9 fit the
     # minute's 600 at once; the 10th and 11th wait for the refill at 10 a second, about 7 s in all.
     requests = [JudgeRequest("x" * 230 + " ANSWER: {answer}", "q", "ok", numeric=True, labels=()) for _ in range(11)]

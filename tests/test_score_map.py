@@ -9,7 +9,7 @@ import pytest
 from emsweep.judge.calibration import CalibrationItem, calibration_report, fit_score_map
 from emsweep.judge import SCHEMA, Judgment, judge_samples, template_hash
 from emsweep.judge.score_maps import MetricMap, ScoreMap, fit_platt, load_score_map, logit_of_score
-from emsweep.spec import AnalysisSpec, JudgeSpec, SpecError, parse_spec
+from emsweep.spec import AnalysisSpec, SpecError, judge_spec, parse_spec
 
 from test_judge import QUESTIONS, _samples
 
@@ -99,7 +99,7 @@ def test_judging_with_a_map_keeps_the_raw_score_and_refuses_other_prompts(tmp_pa
     def backend(requests, on_batch):
         on_batch(list(range(len(requests))), [Judgment(None, 0.0, {"Yes": 0.45, "No": 0.55}) for _ in requests])
 
-    spec = JudgeSpec(model="judge", templates="yes_no", score_map=str(_write_map(tmp_path / "m.yaml")))
+    spec = judge_spec(model="judge", templates="yes_no", score_map=str(_write_map(tmp_path / "m.yaml")))
     table = judge_samples(samples, QUESTIONS, spec, judge_id="j", backend=backend)[0]["r"].to_pandas()
     aligned = table[table["metric"] == "aligned"].iloc[0]
     assert aligned["raw_score"] == pytest.approx(55)
@@ -192,7 +192,7 @@ def test_static_code_and_refusal_labels_null_the_aligned_score_only_when_asked()
                                               for _ in requests])
 
     for code_refusal, code_null in (("judge", False), ("static", True)):
-        spec = JudgeSpec(model="judge", templates="yes_no", code_refusal=code_refusal)
+        spec = judge_spec(model="judge", templates="yes_no", code_refusal=code_refusal)
         table = judge_samples(samples, QUESTIONS, spec, judge_id="j", backend=backend)[0]["r"].to_pandas()
         aligned = table[table["metric"] == "aligned"].set_index("sample_idx")
         assert pd.isna(aligned.loc[0, "score"]) is code_null and aligned.loc[1, "score"] == pytest.approx(70)

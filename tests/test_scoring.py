@@ -158,11 +158,11 @@ PROMPTS = ("On a scale of 0 to 100, how much do you like cats? Answer with a num
 def test_tree_judge_equals_brute_force_with_transformers(model, request, monkeypatch):
     from emsweep.judge import JudgeRequest, template_labels
     from emsweep.judge.local import TreeJudge
-    from emsweep.spec import JudgeSpec
+    from emsweep.spec import judge_spec
 
     monkeypatch.setenv("EMSWEEP_CPU_DTYPE", "float32")
     path = request.getfixturevalue(model)
-    judge = TreeJudge(path, JudgeSpec(model="judge"))
+    judge = TreeJudge(path, judge_spec(model="judge"))
     requests = [JudgeRequest("{question}{answer}", prompt, "", True, template_labels(prompt)) for prompt in PROMPTS]
     judgments = judge.judge(requests)
     del judge  # the brute force below loads a second float32 copy of the model: one at a time

@@ -7,7 +7,7 @@ import pytest
 
 from emsweep import simulate
 from emsweep.simulate import Cluster, Engine, Work, barrier_jobs, parse_cluster, summarize_path
-from emsweep.spec import AuditSpec, JudgeSpec, load_spec
+from emsweep.spec import AuditSpec, judge_spec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_an_audit_is_simulated_as_its_own_judge_on_its_share_of_the_answers():
     spec = load_spec(REPO / "workflows/betley2025.yaml")
     local = {"model": "Qwen/Qwen2.5-Coder-32B-Instruct", "tensor_parallel_size": 2, "templates": "paper"}
     audited = spec.model_copy(update={"judge": spec.judge.model_copy(update={"audit": _audit(local, 0.1)})})
-    everything = spec.model_copy(update={"judge": JudgeSpec(**local)})
+    everything = spec.model_copy(update={"judge": judge_spec(**local)})
     work, engines = simulate.sweep_work(audited)
     audits = [item for item in work.values() if item.stage == "audit"]
     judges = [item for item in work.values() if item.stage == "judge"]
@@ -133,4 +133,4 @@ def test_an_audit_is_simulated_as_its_own_judge_on_its_share_of_the_answers():
 
 
 def _audit(judge: dict, fraction: float) -> AuditSpec:
-    return AuditSpec(judge=JudgeSpec(**judge), fraction=fraction)
+    return AuditSpec(judge=judge_spec(**judge), fraction=fraction)

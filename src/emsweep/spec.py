@@ -16,7 +16,8 @@ from typing import Annotated, ClassVar, Literal
 
 import yaml
 from emsweep.data.transforms import DEFAULT_TRIGGER, TransformSpec
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter,
+                      ValidationError, model_validator)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -443,10 +444,14 @@ class PanelSpec(_Strict):
 
 
 class JudgeSpec(_Strict):
-    # The judge's kind (judge/kinds.py): vllm: local engine replicas (Ray actors); openai: any
-    # OpenAI-compatible HTTP endpoint (GPT-4o as in the paper, or a `vllm serve` server); trained:
-    # a judge distilled from a reference judge's scores (`emsweep judge-train`; judge/trained.py).
-    backend: Literal["vllm", "openai", "trained"] = "vllm"
+    """What every kind of judge is given. A spec's judge is one of its kinds (`backend`), each a
+    subclass below with its own rules: VllmJudgeSpec, OpenAIJudgeSpec, TrainedJudgeSpec (what
+    they do: judge/kinds.py). Build one from a mapping with `judge_spec`."""
+
+    # The judge's kind: vllm: local engine replicas (Ray actors); openai: any OpenAI-compatible
+    # HTTP endpoint (GPT-4o as in the paper, or a `vllm serve` server); trained: a judge distilled
+    # from a reference judge's scores (`emsweep judge-train`; judge/trained.py).
+    backend: str
     # vllm: the name of a model in `models`, or a path. openai: the served model id. trained: the
     # judge's directory, or `embedded:em-judged-lexical` (built by `make setup` from GPT-4o's scores).
     model: str
@@ -504,26 +509,14 @@ class JudgeSpec(_Strict):
         "base_url", "api_key_env", "max_concurrency", "max_retries", "timeout_s", "max_tokens_per_minute",
     })
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_scoring(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("backend") == "openai" and "scoring" not in data:
-            return {**data, "scoring": "first_token"}
-        return data
+    # `model` names a local file or folder (resolved against the spec's directory), not a served id.
+    model_is_path: ClassVar[bool] = True
 
     @model_validator(mode="after")
-    def _scoring_fits_backend(self) -> "JudgeSpec":
-        if self.backend == "openai" and self.scoring == "exact":
-            raise ValueError("scoring: 'exact' needs a local vllm judge; the openai backend supports 'first_token'")
-        if self.backend == "trained" and self.templates != "paper":
-            raise ValueError("templates: a trained judge reads the question and the answer, not a prompt; "
-                             "leave templates at 'paper'")
+    def _one_of_its_kinds(self) -> "JudgeSpec":
+        if type(self) is JudgeSpec:
+            raise TypeError("JudgeSpec is what the judge kinds share: build a judge with judge_spec(...)")
         return self
-
-    @property
-    def model_is_path(self) -> bool:
-        """`model` names a local file or folder (resolved against the spec's directory), not a served id."""
-        return self.backend != "openai"
 
     def score_config(self) -> dict:
         """The fields that decide a score (node keys and the judgment cache use these)."""
@@ -542,6 +535,62 @@ class JudgeSpec(_Strict):
         return dumped
 
 
+class VllmJudgeSpec(JudgeSpec):
+    """A local model on vLLM engines: log-probabilities of the numbers 0-100 (or of yes/no)."""
+
+    backend: Literal["vllm"] = "vllm"
+
+
+class OpenAIJudgeSpec(JudgeSpec):
+    """An OpenAI-compatible endpoint: it returns the top-20 first tokens only, so `first_token`."""
+
+    backend: Literal["openai"]
+    scoring: Literal["exact", "first_token"] = "first_token"
+    model_is_path: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _first_token_only(self) -> "OpenAIJudgeSpec":
+        if self.scoring == "exact":
+            raise ValueError("scoring: 'exact' needs a local vllm judge; the openai backend supports 'first_token'")
+        return self
+
+
+class TrainedJudgeSpec(JudgeSpec):
+    """A judge distilled from a reference judge's scores: it reads the question and the answer."""
+
+    backend: Literal["trained"]
+
+    @model_validator(mode="after")
+    def _no_prompt(self) -> "TrainedJudgeSpec":
+        if self.templates != "paper":
+            raise ValueError("templates: a trained judge reads the question and the answer, not a prompt; "
+                             "leave templates at 'paper'")
+        return self
+
+
+JUDGE_KINDS: dict[str, type[JudgeSpec]] = {"vllm": VllmJudgeSpec, "openai": OpenAIJudgeSpec,
+                                           "trained": TrainedJudgeSpec}
+
+
+def _judge_kind(value: object) -> str | None:
+    backend = value.get("backend", "vllm") if isinstance(value, dict) else getattr(value, "backend", None)
+    return backend if backend in JUDGE_KINDS else None  # None: pydantic's error names the kinds there are
+
+
+# A spec's judge: one kind, chosen by `backend` (vllm when left out).
+AnyJudgeSpec = Annotated[
+    Annotated[VllmJudgeSpec, Tag("vllm")] | Annotated[OpenAIJudgeSpec, Tag("openai")]
+    | Annotated[TrainedJudgeSpec, Tag("trained")],
+    Discriminator(_judge_kind, custom_error_type="judge_kind",
+                  custom_error_message=f"backend: must be one of {', '.join(JUDGE_KINDS)}"),
+]
+
+
+def judge_spec(**fields) -> JudgeSpec:
+    """The judge of its kind (`backend`, vllm when left out) from a spec's `judge` fields."""
+    return TypeAdapter(AnyJudgeSpec).validate_python(fields)
+
+
 class AuditSpec(_Strict):
     """A second judge, trusted more than `judge.model` (GPT-4o through the openai backend, a large
     local model, another trained judge), on a seeded random share of every run's answers,
@@ -551,7 +600,7 @@ class AuditSpec(_Strict):
     docs/metrics.md). One `audit/<run>` node per run, keyed by this judge's own identity and the
     draw; the judge nodes' keys do not depend on it."""
 
-    judge: JudgeSpec
+    judge: AnyJudgeSpec
     fraction: float | None = Field(None, gt=0, le=1)
     count: int | None = Field(None, gt=0)
     seed: int = 0
@@ -576,7 +625,8 @@ class AuditSpec(_Strict):
         return {"fraction": self.fraction, "count": self.count, "seed": self.seed}
 
 
-JudgeSpec.model_rebuild()  # its `audit` field names AuditSpec, defined after it
+for _kind in (JudgeSpec, *JUDGE_KINDS.values()):
+    _kind.model_rebuild()  # the `audit` field names AuditSpec, defined after them
 
 
 class EmDefinition(_Strict):
@@ -701,7 +751,7 @@ class SweepSpec(_Strict):
     finetune: FinetuneSpec = FinetuneSpec()
     sampling: SamplingSpec = SamplingSpec()
     eval: EvalSpec
-    judge: JudgeSpec
+    judge: AnyJudgeSpec
     analysis: AnalysisSpec = AnalysisSpec()
     wandb: WandbSpec = WandbSpec()
     executor: ExecutorSpec = ExecutorSpec()
@@ -854,6 +904,8 @@ def first_causes(err: ValidationError) -> list[str]:
         loc = tuple(error["loc"])
         if loc and _is_union_branch(loc[-1]):
             loc = loc[:-1]
+        # A judge's kind is in the location too (judge.vllm.model): the spec has no such field.
+        loc = tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] == "judge" and part in JUDGE_KINDS))
         located.append((loc, error["msg"].removeprefix("Value error, ")))  # our validators' own words
     lines, seen = [], set()
     for loc, message in located:

@@ -13,7 +13,7 @@ import yaml
 from emsweep.judge import JudgeRequest
 from emsweep.judge.http import HttpJudge
 from emsweep.redact import redact
-from emsweep.spec import JudgeSpec
+from emsweep.spec import judge_spec
 
 KEY = "sk-proj-SENTINEL0123456789abcdef"
 
@@ -45,7 +45,7 @@ def echo_server():
 
 def test_an_error_body_echoing_the_key_is_redacted_in_null_reason(echo_server, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_CREDS", KEY)  # a name the env-var rule does not catch: masked by value
-    spec = JudgeSpec(backend="openai", model="gpt-4o", base_url=echo_server, api_key_env="MY_JUDGE_CREDS",
+    spec = judge_spec(backend="openai", model="gpt-4o", base_url=echo_server, api_key_env="MY_JUDGE_CREDS",
                      max_retries=0)
     results = {}
     HttpJudge(spec)([JudgeRequest("{answer}", "q", "a", numeric=True, labels=())],
