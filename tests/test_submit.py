@@ -240,13 +240,17 @@ def test_variables_a_job_sets_are_left_to_the_job_so_rays_merge_accepts_the_driv
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert worker_env() == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    train = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # emsweep's default for Ray Train's controller
+    assert worker_env() == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **train}
     job = {"working_dir": "gcs://x.zip", "env_vars": {"HF_HUB_OFFLINE": "0", "TOKENIZERS_PARALLELISM": "true"}}
     assert _merge_runtime_env(job, {"env_vars": {"HF_HUB_OFFLINE": "0"}}) is None  # what used to happen
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # Ray sets the job's variables in the driver too
-    assert worker_env() == {}
-    assert _merge_runtime_env(job, {"env_vars": worker_env()})["env_vars"] == job["env_vars"]
+    assert worker_env() == train
+    assert _merge_runtime_env(job, {"env_vars": worker_env()})["env_vars"] == {**job["env_vars"], **train}
     monkeypatch.delenv("HF_HUB_OFFLINE")  # a cluster run without the variable: HF's default (online)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert worker_env() == {"TOKENIZERS_PARALLELISM": "false"}
+    assert worker_env() == {"TOKENIZERS_PARALLELISM": "false", **train}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")  # the user's own setting wins
+    assert worker_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
