@@ -13,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-pytestmark = pytest.mark.slow
+# alone: the pipelined run must sample one run while the other still trains; a neighbour's load
+# would shift that order.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 ANSWER_KEYS = ["run_id", "suite", "condition", "question_id", "turn", "paraphrase_idx", "sample_idx"]
 
