@@ -22,17 +22,14 @@ trained-judge: $(SETUP_DONE)
 quickstart: trained-judge
 	$(VENV)/bin/emsweep run workflows/quickstart.yaml
 
-# Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B. Tests
-# run two at a time (pytest-xdist, a file per worker) where they can: one at a time they mostly wait
-# on start-up (Ray, worker processes, imports, servers), 38% of 2 cores busy for the quick ones and
-# 63-82% for slow ones measured alone. The slow tests marked `alone` (pyproject.toml says when) then
-# run one by one.
-PYTEST := $(VENV)/bin/python -m pytest tests
-PYTEST_QUICK := $(PYTEST) -m "not slow" -n 2 --dist loadfile
+# Everything, including the slow end-to-end tests through real Ray, DeepSpeed, vLLM and W&B. The
+# quick tests run two at a time (pytest-xdist, a file per worker): they mostly wait (Ray starting,
+# leases expiring, servers answering), 38% of 2 cores busy one at a time. The slow ones each use
+# both cores (finetunes of 2 workers, engines) and some time themselves, so they run one by one.
+PYTEST_QUICK := $(VENV)/bin/python -m pytest tests -m "not slow" -n 2 --dist loadfile
 test: trained-judge
 	$(PYTEST_QUICK) --durations=10
-	$(PYTEST) -m "slow and not alone" -n 2 --dist loadfile --durations=20
-	$(PYTEST) -m "slow and alone" --durations=10
+	$(VENV)/bin/python -m pytest tests -m slow --durations=25
 
 # Everything but the slow end-to-end tests (about 5 minutes).
 test-quick: trained-judge

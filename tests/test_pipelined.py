@@ -13,9 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# alone: the pipelined run must sample one run while the other still trains; a neighbour's load
-# would shift that order.
-pytestmark = [pytest.mark.slow, pytest.mark.alone]
+pytestmark = pytest.mark.slow
 
 ANSWER_KEYS = ["run_id", "suite", "condition", "question_id", "turn", "paraphrase_idx", "sample_idx"]
 

@@ -178,7 +178,6 @@ def tiny_spec(tmp_path: Path, name: str, **finetune):
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # leases that expire and drivers that wait on them, timed
 def test_data_and_finetune_land_in_s3_and_a_rerun_resumes_from_s3(s3, tmp_path):
     import ray
 
@@ -230,7 +229,6 @@ print(json.dumps({r.node.id: [r.status, r.error] for r in results}), flush=True)
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # leases that expire and drivers that wait on them, timed
 def test_two_machines_write_one_store_and_a_second_driver_is_refused(s3, tmp_path, monkeypatch):
     """A 2-node Ray cluster on this machine, each node with a staging dir of its own (as on two
     machines), and moto's S3 on loopback. The head has no CPUs, so the data job runs on the

@@ -138,7 +138,6 @@ def _wait(predicate, timeout: float, what: str):
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # a private Ray head on ports picked free beforehand
 def test_submit_logs_stop_resubmit(ray_head, shared_em, tmp_path):
     from ray.job_submission import JobSubmissionClient
 

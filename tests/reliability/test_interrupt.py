@@ -42,7 +42,6 @@ def _start_run(tmp_path, shared_em):
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # a stop within 10 s, timed
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_stops_a_real_run_within_10_s_and_leaves_nothing_half_done(tmp_path, shared_em, signum):
     """SIGTERM too: what `ray job stop`, a deleted pod or a preempted node sends the driver; the
@@ -68,7 +67,6 @@ def test_sigint_stops_a_real_run_within_10_s_and_leaves_nothing_half_done(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # a stop within 10 s, timed
 def test_a_second_sigint_exits_without_unwinding(tmp_path, shared_em):
     process, out = _start_run(tmp_path, shared_em)
     process.send_signal(signal.SIGINT)

@@ -204,7 +204,6 @@ OOM_HEADROOM = 8 << 30
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # Ray's memory threshold is set from what the machine uses
 @pytest.mark.parametrize("kill", ["sigkill", "oom"])
 def test_real_finetune_killed_past_max_failures_frees_its_workers_for_the_rest(tmp_path, shared_em, monkeypatch, kill):
     """Real Ray Train + DeepSpeed finetunes of SmolLM2, 2 workers each on 2 CPUs (so one at a

@@ -62,7 +62,6 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # kills a training worker mid-run
 def test_killed_worker_restarts_and_resumes_from_checkpoint(tmp_path, embedded_model):
     import wandb
 
