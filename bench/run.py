@@ -502,13 +502,12 @@ def p6(smoke: bool) -> dict:
 
     from emsweep import finetune
     from emsweep.data import load_dataset
-    from emsweep.spec import DatasetSpec, FinetuneSpec
+    from emsweep.spec import DatasetSpec
 
     path = model_path()
     use_gpu = torch.cuda.is_available()
     workers = 1 if use_gpu else 2
-    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=4 // workers, num_workers=workers,
-                          warmup_steps=1, learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
+    recipe = bench_recipe(workers)
     rows = 8 if smoke else 48
     metrics, ours_total = ray_finetune(recipe, rows, use_gpu=use_gpu, live=False)
     ray.shutdown()  # the plain loop below gets the machine to itself
@@ -566,19 +565,24 @@ def p6l(smoke: bool) -> dict:
     wall time from the end of step 1 to the end of the last step (`ended_at`), so what is done
     between steps (the logging) counts; W&B's start-up, once per finetune, is reported apart. The
     finetune without is P6's own when both run in one process (smoke mode): the same recipe."""
-    from emsweep.spec import FinetuneSpec
-
-    recipe = FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=2, num_workers=2, warmup_steps=1,
-                          learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
     result = {}
     for side in ("baseline", "ours"):
-        metrics, total = ray_finetune(recipe, 8 if smoke else 48, use_gpu=False, live=side == "ours")
+        metrics, total = ray_finetune(bench_recipe(2), 8 if smoke else 48, use_gpu=False, live=side == "ours")
         span = float(metrics["ended_at"].iloc[-1] - metrics["ended_at"].iloc[0])
         result[side] = span
         result[f"{side}_tokens_per_s"] = float(metrics["tokens"].iloc[1:].sum()) / span
         result[f"{side}_startup_seconds"] = total - span
     # Same steps and tokens on both sides: the time ratio is the tokens/s ratio.
     return result | {"ratio": result["baseline"] / result["ours"], "steps": len(metrics)}
+
+
+def bench_recipe(workers: int):
+    """P6's and P6l's finetune recipe: a global batch of 4 over `workers` workers (2 on CPU, where
+    the two measures share one finetune)."""
+    from emsweep.spec import FinetuneSpec
+
+    return FinetuneSpec(per_device_batch_size=1, gradient_accumulation_steps=4 // workers, num_workers=workers,
+                        warmup_steps=1, learning_rate=1e-4, max_seq_len=512, drop_long_rows=True)
 
 
 _FINETUNES: dict[tuple, tuple] = {}

@@ -588,7 +588,7 @@ AnyJudgeSpec = Annotated[
 
 def judge_spec(**fields) -> JudgeSpec:
     """The judge of its kind (`backend`, vllm when left out) from a spec's `judge` fields."""
-    return TypeAdapter(AnyJudgeSpec).validate_python(fields)
+    return _JUDGE_ADAPTER.validate_python(fields)
 
 
 class AuditSpec(_Strict):
@@ -627,6 +627,7 @@ class AuditSpec(_Strict):
 
 for _kind in (JudgeSpec, *JUDGE_KINDS.values()):
     _kind.model_rebuild()  # the `audit` field names AuditSpec, defined after them
+_JUDGE_ADAPTER = TypeAdapter(AnyJudgeSpec)  # built once: judge_spec is called per judge
 
 
 class EmDefinition(_Strict):
